@@ -1,0 +1,1 @@
+"""Pallas kernels (installed as `sere_jax.kernels`)."""

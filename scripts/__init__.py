@@ -1,0 +1,1 @@
+"""absl entry points (installed as `sere_jax.scripts`)."""
