@@ -1,0 +1,147 @@
+"""Fused SERE re-routing + expert-skip schedule for NVIDIA GPUs (Pallas Triton).
+
+One program holds the batch's `T*K` slots in registers (padded to a power of two,
+as Triton requires) and does, without leaving the kernel:
+primary set -> most similar primary per expert (masked argmax over the `[E, E]`
+similarity) -> critical experts -> re-routed ids -> counting sort by expert
+(one-hot prefix sums) -> group offsets, the active-expert list and statistics.
+Its outputs equal `schedule.reference_schedule` exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from sere_jax.config import RerouteConfig
+from sere_jax.kernels import schedule as schedule_lib
+
+
+def _pow2_at_least(x: int) -> int:
+  return 1 << (max(x, 1) - 1).bit_length()
+
+
+def _count(mask) -> jax.Array:
+  return jnp.sum(jnp.where(mask, 1, 0))
+
+
+def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
+                     row_token_ref, offsets_ref, active_ref, stats_ref, *,
+                     num_tokens, top_k, num_experts, select_top_k, threshold, min_batch,
+                     slots_pad, experts_pad):
+  num_slots = num_tokens * top_k
+  slot = jnp.arange(slots_pad)
+  in_range = slot < num_slots
+  token = slot // top_k
+  rank_in_token = slot % top_k
+  ids = plt.load(ids_ref.at[slot], mask=in_range, other=0)
+  valid = (plt.load(valid_ref.at[token], mask=in_range, other=0) != 0) & in_range
+  expert = jnp.arange(experts_pad)
+  onehot = ids[:, None] == expert[None, :]  # [slots, experts]
+  distinct_before = _count(jnp.max(jnp.where(onehot & valid[:, None], 1, 0), axis=0) > 0)
+
+  if select_top_k > 0:
+    primary_slot = valid & (rank_in_token < select_top_k)
+    is_primary = jnp.max(jnp.where(onehot & primary_slot[:, None], 1, 0), axis=0) > 0
+    valid_tokens = _count(valid & (rank_in_token == 0))
+    apply = (_count(is_primary) > 0) & (valid_tokens >= max(min_batch, 1))
+    real = expert < num_experts
+    sim = plt.load(sim_ref.at[expert[:, None], expert[None, :]],
+                   mask=real[:, None] & real[None, :], other=-jnp.inf)
+    masked = jnp.where(is_primary[None, :], sim, -jnp.inf)
+    nearest = jnp.argmax(masked, axis=1).astype(jnp.int32)
+    critical = ~is_primary & apply
+    if threshold > 0:
+      critical &= jnp.max(masked, axis=1) < threshold
+    else:
+      critical &= False
+    target = jnp.where(is_primary | critical | ~apply, expert, nearest)
+    mapped = jnp.sum(jnp.where(onehot, target[None, :], 0), axis=1)
+    secondary = rank_in_token >= select_top_k
+    new_ids = jnp.where(secondary, mapped, ids)
+    secondary_used = jnp.max(
+        jnp.where(onehot & (valid & secondary)[:, None], 1, 0), axis=0) > 0
+    critical_kept = _count(critical & secondary_used)
+    slots_rerouted = _count(valid & (new_ids != ids))
+  else:
+    new_ids, critical_kept, slots_rerouted = ids, 0, 0
+
+  # Counting sort of the valid slots by expert (stable).
+  member = (new_ids[:, None] == expert[None, :]) & valid[:, None]
+  member_i = jnp.where(member, 1, 0)
+  sizes = jnp.sum(member_i, axis=0)
+  rank = jnp.sum(jnp.where(member, jnp.cumsum(member_i, axis=0), 0), axis=1) - 1
+  offsets_excl = jnp.cumsum(sizes) - sizes
+  row = jnp.sum(jnp.where(member, offsets_excl[None, :], 0), axis=1) + rank
+  total = jnp.sum(sizes)
+
+  plt.store(new_ids_ref.at[slot], new_ids, mask=in_range)
+  plt.store(slot_row_ref.at[slot], jnp.where(valid, row, 0), mask=in_range)
+  plt.store(row_token_ref.at[slot], jnp.zeros_like(slot), mask=in_range & (slot >= total))
+  # Masked-off lanes point past the end: no write on GPU, dropped in interpret mode.
+  plt.store(row_token_ref.at[jnp.where(valid, row, num_slots)], token, mask=valid)
+  plt.store(offsets_ref.at[expert], offsets_excl, mask=expert < num_experts)
+  plt.store(offsets_ref.at[expert], jnp.full_like(expert, total), mask=expert == num_experts)
+
+  active = sizes > 0
+  num_distinct = _count(active)
+  last_active = jnp.maximum(jnp.max(jnp.where(active, expert, -1)), 0)
+  active_rank = jnp.cumsum(jnp.where(active, 1, 0)) - 1
+  plt.store(active_ref.at[expert], jnp.full_like(expert, last_active),
+            mask=(expert >= num_distinct) & (expert < num_experts))
+  plt.store(active_ref.at[jnp.where(active, active_rank, num_experts)], expert, mask=active)
+
+  stat_index = jnp.arange(8)
+  stats = jnp.zeros((8,), jnp.int32)
+  for i, value in enumerate((distinct_before, num_distinct, critical_kept,
+                             slots_rerouted, total)):
+    stats = jnp.where(stat_index == i, value, stats)
+  plt.store(stats_ref.at[stat_index], stats, mask=stat_index < len(schedule_lib.STAT_NAMES))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_experts", "num_warps",
+                                             "interpret"))
+def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | None,
+                    config: RerouteConfig, *, num_experts: int, num_warps: int = 8,
+                    interpret: bool = False) -> schedule_lib.Schedule:
+  """Re-routes `ids [T, K]` (policy `none` or `sere`) and builds the schedule.
+
+  Args:
+    ids: `[T, K]` top-K expert ids sorted by score.
+    valid: `[T]` bool mask of real tokens.
+    similarity: `[E, E]` similarity (ignored when the config does not re-route).
+    config: the re-routing config.
+    num_experts: E.
+  """
+  num_tokens, top_k = ids.shape
+  select_top_k, threshold, min_batch = schedule_lib.sere_kernel_config(config, top_k)
+  # The offsets need E + 1 entries, so the expert axis is padded past E.
+  experts_pad = _pow2_at_least(num_experts + 1)
+  if similarity is None or not select_top_k:
+    similarity = jnp.zeros((1, 1), jnp.float32)
+  num_slots = num_tokens * top_k
+  kernel = functools.partial(
+      _schedule_kernel, num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
+      select_top_k=select_top_k, threshold=threshold, min_batch=min_batch,
+      slots_pad=_pow2_at_least(num_slots), experts_pad=experts_pad)
+  i32 = jnp.int32
+  new_ids, slot_row, row_token, offsets, active, stats = pl.pallas_call(
+      kernel,
+      grid=(1,),
+      out_shape=(jax.ShapeDtypeStruct((num_slots,), i32),
+                 jax.ShapeDtypeStruct((num_slots,), i32),
+                 jax.ShapeDtypeStruct((num_slots,), i32),
+                 jax.ShapeDtypeStruct((num_experts + 1,), i32),
+                 jax.ShapeDtypeStruct((num_experts,), i32),
+                 jax.ShapeDtypeStruct((len(schedule_lib.STAT_NAMES),), i32)),
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="sere_schedule",
+  )(ids.reshape(-1).astype(i32), valid.astype(i32), similarity.astype(jnp.float32))
+  return schedule_lib.Schedule(new_ids.reshape(num_tokens, top_k),
+                               slot_row.reshape(num_tokens, top_k), row_token, offsets,
+                               active, stats)
