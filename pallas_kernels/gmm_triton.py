@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as plt
 
 def _gmm_kernel(num_active_ref, active_ref, offsets_ref, row_token_ref, x_ref, w_ref,
                 out_ref, *, block_m, block_n, block_k, chunks_per_split, num_chunks,
-                contract, n, gather):
+                contract, n, gather, interpret):
   n_block, split, slot = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
   @pl.when(slot < num_active_ref[0])
@@ -48,6 +48,8 @@ def _gmm_kernel(num_active_ref, active_ref, offsets_ref, row_token_ref, x_ref, w
                        other=0)
         rhs = plt.load(w_ref.at[expert, ks[:, None], cols[None, :]],
                        mask=k_ok[:, None] & col_ok[None, :], other=0)
+        if interpret:  # CPU dots take no bf16 x bf16 -> f32; the f32 product is exact.
+          lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
         return acc + jnp.dot(lhs, rhs, preferred_element_type=jnp.float32)
 
       acc = jax.lax.fori_loop(first, last, k_step,
@@ -103,7 +105,7 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
   kernel = functools.partial(
       _gmm_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
       chunks_per_split=chunks_per_split, num_chunks=num_chunks, contract=contract, n=n,
-      gather=gather)
+      gather=gather, interpret=bool(interpret))
   partials = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, block_n), k_splits, num_experts),

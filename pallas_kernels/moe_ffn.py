@@ -97,7 +97,7 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
 
   fused_policy = config.policy in ("none", "sere") or not config.is_active(ids.shape[1])
   if impl in ("triton", "interpret", "tpu") and fused_policy:
-    sched = _kernel_schedule(impl, ids, valid, similarity, config, num_experts)
+    sched = kernel_schedule(impl, ids, valid, similarity, config, num_experts)
   else:
     ids, weights, stats = policies.reroute(
         ids, weights, valid, similarity, config, num_experts=num_experts,
@@ -115,7 +115,10 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
   return MoeOutput(y, sched.ids, weights, stats)
 
 
-def _kernel_schedule(impl, ids, valid, similarity, config, num_experts):
+def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
+                    similarity: jax.Array | None, config: RerouteConfig,
+                    num_experts: int) -> schedule_lib.Schedule:
+  """The fused re-routing + schedule kernel of `impl` (policies `none`, `sere`)."""
   if impl == "tpu":
     from sere_jax.kernels.schedule_tpu import schedule_tpu  # pylint: disable=g-import-not-at-top
     return schedule_tpu(ids, valid, similarity, config, num_experts=num_experts)
@@ -150,12 +153,19 @@ def _grouped_ffn(impl, x, weights, valid, sched, w_gate_up, w_down):
   return _combine(down, weights, valid, sched.slot_row, x.dtype)
 
 
+def _mixed_dot_operands(*arrays):
+  """Operands for a bf16 x bf16 -> f32 dot: the CPU backend lacks it, so upcast there."""
+  if jax.default_backend() == "cpu":
+    return tuple(a.astype(jnp.float32) for a in arrays)
+  return arrays
+
+
 def _ragged_dot_ffn(x, weights, valid, sched, w_gate_up, w_down):
   # Rows past the last group belong to no expert: ragged_dot leaves them zero.
   sizes = sched.group_sizes
-  lhs = x[sched.row_token]
+  lhs, w_gate_up = _mixed_dot_operands(x[sched.row_token], w_gate_up)
   gate_up = jax.lax.ragged_dot(lhs, w_gate_up, sizes, preferred_element_type=jnp.float32)
-  hidden = swiglu(gate_up).astype(w_down.dtype)
+  hidden, w_down = _mixed_dot_operands(swiglu(gate_up).astype(w_down.dtype), w_down)
   down = jax.lax.ragged_dot(hidden, w_down, sizes, preferred_element_type=jnp.float32)
   return _combine(down, weights, valid, sched.slot_row, x.dtype)
 
@@ -165,7 +175,8 @@ def _dense_ffn(x, ids, weights, valid, w_gate_up, w_down):
   combine = jnp.sum(jax.nn.one_hot(ids, num_experts, dtype=jnp.float32)
                     * weights[..., None].astype(jnp.float32), axis=1)
   combine = jnp.where(valid[:, None], combine, 0.0)  # [T, E]
-  gate_up = jnp.einsum("td,edf->tef", x, w_gate_up, preferred_element_type=jnp.float32)
-  hidden = swiglu(gate_up).astype(w_down.dtype)
+  lhs, w_gate_up = _mixed_dot_operands(x, w_gate_up)
+  gate_up = jnp.einsum("td,edf->tef", lhs, w_gate_up, preferred_element_type=jnp.float32)
+  hidden, w_down = _mixed_dot_operands(swiglu(gate_up).astype(w_down.dtype), w_down)
   out = jnp.einsum("tef,efd->ted", hidden, w_down, preferred_element_type=jnp.float32)
   return jnp.einsum("ted,te->td", out, combine).astype(x.dtype)

@@ -1,0 +1,276 @@
+r"""Benchmarks of the MoE kernels (and, later, of whole-model decoding).
+
+  python -m sere_jax.scripts.benchmark --suite=kernels --out=docs/benchmarks/kernels_h200
+
+Suite `kernels` (DESIGN.md §7): one MoE layer at Qwen3-30B-A3B shapes, timed inside
+one jit over a chain of layers with different weights. For every batch size, forced
+distinct-expert counts and natural (uniform) routing under `none` and `sere`: our op
+(`impl`), the fused routing+schedule kernel alone, `jax.lax.ragged_dot`, the dense
+einsum, and the roofline from the read bandwidth measured in the same process.
+Writes `<out>.json` and `<out>.md`. `--torch_peer` adds PyTorch's `torch._grouped_mm`
+on the same routings, run in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sere_jax import benchmarking
+from sere_jax import policies
+from sere_jax import routing
+from sere_jax.config import RerouteConfig
+from sere_jax.kernels import moe_ffn as moe_ffn_lib
+from sere_jax.kernels import schedule as schedule_lib
+
+_SUITE = flags.DEFINE_enum("suite", "kernels", ["kernels", "gmm_sweep"], "What to run.")
+_OUT = flags.DEFINE_string("out", "docs/benchmarks/kernels", "Output path prefix (.json/.md).")
+_BATCHES = flags.DEFINE_list("batch", ["1", "8", "16", "32", "64", "128", "256"],
+                             "Batch sizes (tokens per decode step).")
+_DISTINCT = flags.DEFINE_list("distinct", ["8", "16", "32", "64", "128"],
+                              "Forced distinct-expert counts.")
+_SCALE = flags.DEFINE_enum("scale", "qwen3_30b", ["qwen3_30b", "tiny"],
+                           "Layer shapes: Qwen3-30B-A3B, or tiny ones for CPU smoke runs.")
+_LAYERS = flags.DEFINE_integer("layers", 8, "Weight sets rotated through (defeats the L2).")
+_IMPL = flags.DEFINE_string("impl", "auto", "Our op's implementation (see moe_ffn.IMPLS).")
+_PEERS = flags.DEFINE_list("peers", ["ragged_dot", "xla_dense"], "Reference impls timed too.")
+_TORCH = flags.DEFINE_bool("torch_peer", False, "Also time torch._grouped_mm (child process).")
+_MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.03, "Minimum timed span per repeat.")
+
+SCALES = {
+    "qwen3_30b": dict(dim=2048, ffn=768, experts=128, top_k=8, bandwidth_bytes=4 << 30),
+    "tiny": dict(dim=64, ffn=48, experts=16, top_k=4, bandwidth_bytes=64 << 20),
+}
+NATURAL = (("none", 0), ("sere", 1), ("sere", 2))
+
+
+def forced_ids(rng, batch, top_k, experts, distinct):
+  """`[B, K]` ids using exactly `distinct` experts (each token K distinct ones)."""
+  subset = rng.permutation(experts)[:distinct]
+  slots = (np.arange(batch)[:, None] * top_k + np.arange(top_k)[None, :]) % distinct
+  return subset[slots].astype(np.int32)
+
+
+def synthetic_similarity(rng, experts):
+  sim = rng.random((experts, experts)).astype(np.float32)
+  sim = (sim + sim.T) / 2
+  np.fill_diagonal(sim, 1.0)
+  return sim
+
+
+def make_weights(shape, layers, dtype=jnp.bfloat16):
+  keys = jax.random.split(jax.random.PRNGKey(0), 2 * layers)
+  d, f, e = shape["dim"], shape["ffn"], shape["experts"]
+  return [(jax.random.normal(keys[2 * i], (e, d, 2 * f), dtype) * d ** -0.5,
+           jax.random.normal(keys[2 * i + 1], (e, f, d), dtype) * f ** -0.5)
+          for i in range(layers)]
+
+
+def kernels_suite(env):
+  shape = SCALES[_SCALE.value]
+  d, f, e, k = shape["dim"], shape["ffn"], shape["experts"], shape["top_k"]
+  expert_bytes = 3 * d * f * 2
+  layers = _LAYERS.value
+  read_bw = benchmarking.read_bandwidth(shape["bandwidth_bytes"])
+  copy_bw = benchmarking.copy_bandwidth(shape["bandwidth_bytes"] // 2)
+  logging.info("read %.2f TB/s, copy %.2f TB/s", read_bw / 1e12, copy_bw / 1e12)
+  weights = make_weights(shape, layers)
+  rng = np.random.default_rng(0)
+  sims = [jnp.asarray(synthetic_similarity(rng, e)) for _ in range(layers)]
+  impl = moe_ffn_lib.resolve_impl(_IMPL.value)
+  chains = {}
+
+  def op_chain(name, config):
+    key = (name, config)
+    if key not in chains:
+      if name == "schedule":
+        def step(x, logits, sim):
+          ids, _ = routing.route(logits, k)
+          sched = moe_ffn_lib.kernel_schedule(impl, ids, jnp.ones(ids.shape[:1], bool),
+                                              sim, config, e)
+          return jnp.broadcast_to(sched.stats[1].astype(x.dtype) * 1e-9, x.shape)
+      else:
+        def step(x, ids, w, wg, wd, sim):
+          return moe_ffn_lib.moe_ffn(x, ids, w, wg, wd, similarity=sim, config=config,
+                                     impl=name).y
+      chains[key] = benchmarking.LayerChain(step)
+    return chains[key]
+
+  rows = []
+  torch_cases = []
+  for batch in [int(b) for b in _BATCHES.value]:
+    x = jax.random.normal(jax.random.PRNGKey(batch), (batch, d), jnp.bfloat16)
+    overhead = benchmarking.chain_overhead(x, layers, min_seconds=_MIN_SECONDS.value)
+    cases = [("forced", "none", 0, n) for n in (int(v) for v in _DISTINCT.value)
+             if k <= n <= min(e, batch * k)]
+    cases += [("natural", p, s, None) for p, s in NATURAL]
+    for mode, policy, s, n in cases:
+      config = RerouteConfig(policy=policy, select_top_k=s) if policy != "none" \
+          else RerouteConfig(policy="none")
+      logits = [jnp.asarray(rng.normal(size=(batch, e)), jnp.float32) for _ in range(layers)]
+      routed = [routing.route(lg, k) for lg in logits]
+      if mode == "forced":
+        routed = [(jnp.asarray(forced_ids(rng, batch, k, e, n)), w) for _, w in routed]
+      valid = jnp.ones((batch,), bool)
+      final_ids, distinct = [], []
+      for (ids, w), sim in zip(routed, sims):
+        new_ids, _, st = policies.reroute(ids, w, valid, sim, config, num_experts=e)
+        final_ids.append(np.asarray(new_ids))
+        distinct.append(int(st.distinct_after))
+      mean_distinct = float(np.mean(distinct))
+      roofline = mean_distinct * expert_bytes / read_bw
+      layer_args = [(ids, w, wg, wd, sim) for (ids, w), (wg, wd), sim
+                    in zip(routed, weights, sims)]
+      row = dict(batch=batch, mode=mode, policy=policy, select_top_k=s,
+                 distinct=mean_distinct, roofline_us=roofline * 1e6,
+                 chain_overhead_us=overhead * 1e6)
+      for name in [impl] + list(_PEERS.value):
+        t = op_chain(name, config).seconds_per_layer(x, layer_args,
+                                                     min_seconds=_MIN_SECONDS.value)
+        row[f"{name}_us"] = (t - overhead) * 1e6
+      t = op_chain("schedule", config).seconds_per_layer(
+          x, [(lg, sim) for lg, sim in zip(logits, sims)], min_seconds=_MIN_SECONDS.value)
+      row["routing_schedule_us"] = (t - overhead) * 1e6
+      row["ours_over_roofline"] = row[f"{impl}_us"] / row["roofline_us"]
+      rows.append(row)
+      torch_cases.append(dict(row_index=len(rows) - 1, batch=batch,
+                              ids=[i.tolist() for i in final_ids],
+                              weights=[np.asarray(w).tolist() for _, w in routed]))
+      logging.info("B=%d %s %s S=%d distinct=%.1f roofline=%.1fus ours=%.1fus", batch,
+                   mode, policy, s, mean_distinct, row["roofline_us"], row[f"{impl}_us"])
+  result = dict(suite="kernels", env=env, shape=shape, impl=impl, layers=layers,
+                read_bandwidth_tbs=read_bw / 1e12, copy_bandwidth_tbs=copy_bw / 1e12,
+                expert_bytes=expert_bytes, rows=rows)
+  if _TORCH.value:
+    torch_times, torch_env = run_torch_peer(shape, layers, torch_cases)
+    result["torch_env"] = torch_env
+    for case, t in zip(torch_cases, torch_times):
+      rows[case["row_index"]]["torch_grouped_mm_us"] = t
+  return result
+
+
+def run_torch_peer(shape, layers, cases):
+  """Times torch._grouped_mm on the same routings in a child process."""
+  with tempfile.TemporaryDirectory() as tmp:
+    spec = os.path.join(tmp, "cases.json")
+    out = os.path.join(tmp, "torch.json")
+    with open(spec, "w") as fh:
+      json.dump(dict(shape=shape, layers=layers, cases=cases,
+                     min_seconds=_MIN_SECONDS.value), fh)
+    subprocess.run([sys.executable, "-m", "sere_jax.scripts.torch_peer", spec, out],
+                   check=True)
+    with open(out) as fh:
+      result = json.load(fh)
+  return result["times_us"], result["env"]
+
+
+def gmm_sweep(env):
+  """Tile configurations of the Triton grouped matmul on the gate+up projection."""
+  from sere_jax.kernels.gmm_triton import gmm_triton  # pylint: disable=g-import-not-at-top
+  shape = SCALES[_SCALE.value]
+  d, f, e, k = shape["dim"], shape["ffn"], shape["experts"], shape["top_k"]
+  layers = _LAYERS.value
+  read_bw = benchmarking.read_bandwidth(shape["bandwidth_bytes"])
+  weights = make_weights(shape, layers)
+  rng = np.random.default_rng(0)
+  configs = [dict(block_m=bm, block_n=bn, block_k=bk, k_splits=ks, num_warps=nw,
+                  num_stages=ns)
+             for bm, bn, bk, ks, nw, ns in [
+                 (64, 128, 64, 4, 4, 3), (16, 128, 64, 4, 4, 3), (32, 128, 64, 4, 4, 3),
+                 (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 4), (16, 128, 64, 8, 4, 3),
+                 (16, 64, 64, 4, 4, 4), (32, 64, 128, 2, 4, 3), (16, 256, 64, 4, 8, 3),
+                 (64, 128, 64, 1, 4, 3), (16, 128, 64, 2, 4, 4), (16, 128, 256, 4, 8, 3)]]
+  rows = []
+  for batch in [int(b) for b in _BATCHES.value]:
+    x = jax.random.normal(jax.random.PRNGKey(batch), (batch, d), jnp.bfloat16)
+    overhead = benchmarking.chain_overhead(x, layers, min_seconds=_MIN_SECONDS.value)
+    for n in [int(v) for v in _DISTINCT.value]:
+      if not k <= n <= min(e, batch * k):
+        continue
+      layer_args = []
+      for wg, _ in weights:
+        ids = jnp.asarray(forced_ids(rng, batch, k, e, n))
+        sched = schedule_lib.build_schedule(ids, jnp.ones((batch,), bool), e)
+        layer_args.append((sched.group_offsets, sched.active_experts, sched.num_distinct,
+                           sched.row_token, wg))
+      roofline = n * d * 2 * f * 2 / read_bw
+      for cfg in configs:
+        def step(x, offsets, active, num, row_token, wg, cfg=cfg):
+          out = gmm_triton(x, wg, offsets, active, num, row_token, **cfg)
+          return x + jnp.sum(out[:1, :1]).astype(x.dtype) * 0
+        t = benchmarking.LayerChain(step).seconds_per_layer(
+            x, layer_args, min_seconds=_MIN_SECONDS.value) - overhead
+        rows.append(dict(batch=batch, distinct=n, roofline_us=roofline * 1e6,
+                         us=t * 1e6, ratio=t / roofline, **cfg))
+        logging.info("%s", rows[-1])
+  return dict(suite="gmm_sweep", env=env, shape=shape, read_bandwidth_tbs=read_bw / 1e12,
+              rows=rows)
+
+
+def markdown(result, command):
+  env = result["env"]
+  lines = [f"# Benchmark: {result['suite']}", "",
+           f"- device: {env['device_kind']} ({env['backend']}), jax {env['jax']}",
+           f"- command: `{command}`"]
+  if "read_bandwidth_tbs" in result:
+    lines.append(f"- measured read bandwidth {result['read_bandwidth_tbs']:.2f} TB/s"
+                 + (f", copy {result['copy_bandwidth_tbs']:.2f} TB/s"
+                    if "copy_bandwidth_tbs" in result else ""))
+  lines.append("")
+  rows = result["rows"]
+  if result["suite"] == "kernels":
+    impl = result["impl"]
+    cols = ["batch", "mode", "policy", "select_top_k", "distinct", "roofline_us",
+            f"{impl}_us", "ours_over_roofline", "routing_schedule_us"]
+    cols += [c for c in ("ragged_dot_us", "xla_dense_us", "torch_grouped_mm_us")
+             if any(c in r for r in rows)]
+    lines.append("Times are µs per MoE layer (gate+up, SwiGLU, down, combine), chain "
+                 "update subtracted.")
+  else:
+    cols = list(rows[0].keys()) if rows else []
+  lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for r in rows:
+    cells = [f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_atomic(path, text):
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    fh.write(text)
+  os.replace(tmp, path)
+
+
+def main(argv):
+  del argv
+  env = benchmarking.environment()
+  logging.info("environment: %s", env)
+  start = time.time()
+  result = kernels_suite(env) if _SUITE.value == "kernels" else gmm_sweep(env)
+  result["seconds"] = time.time() - start
+  command = "python -m sere_jax.scripts.benchmark " + " ".join(sys.argv[1:])
+  result["command"] = command
+  write_atomic(_OUT.value + ".json", json.dumps(result, indent=1))
+  write_atomic(_OUT.value + ".md", markdown(result, command))
+  print(markdown(result, command))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,108 @@
+"""Timing helpers for benchmarks on any backend (DESIGN.md §7).
+
+Everything is timed inside one jit: a `fori_loop` over rounds, each round running a
+chain of layers whose weights differ (so caches never serve a repeat), with a data
+dependency from each layer to the next. The chain update itself is timed with a
+trivial step and subtracted.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def environment() -> dict[str, Any]:
+  """Device kind, backend and library versions for a benchmark record."""
+  device = jax.devices()[0]
+  import flax  # pylint: disable=g-import-not-at-top
+  return {
+      "backend": jax.default_backend(),
+      "device_kind": device.device_kind,
+      "device_count": jax.device_count(),
+      "jax": jax.__version__,
+      "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
+      "flax": flax.__version__,
+      "python": platform.python_version(),
+      "host": platform.node(),
+  }
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def read_bandwidth(num_bytes: int = 4 << 30, repeats: int = 10) -> float:
+  """HBM read bandwidth in bytes/s: a read-only reduction over a large buffer."""
+  n = num_bytes // 4
+  buf = jax.random.uniform(jax.random.PRNGKey(1), (n,), jnp.float32)
+  reduce = jax.jit(lambda b: jnp.sum(b))
+  jax.block_until_ready(reduce(buf))
+  seconds = _median_seconds(lambda: reduce(buf), repeats)
+  del buf
+  return n * 4 / seconds
+
+
+def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 10) -> float:
+  """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+  n = num_bytes // 4
+  buf = jax.random.uniform(jax.random.PRNGKey(2), (n,), jnp.float32)
+  copy = jax.jit(lambda b: b * 1.0001)
+  jax.block_until_ready(copy(buf))
+  seconds = _median_seconds(lambda: copy(buf), repeats)
+  del buf
+  return 2 * n * 4 / seconds
+
+
+def _normalise(x: jax.Array) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  return (xf * jax.lax.rsqrt(jnp.mean(xf * xf) + 1e-6)).astype(x.dtype)
+
+
+class LayerChain:
+  """Times `step(x, *layer_args[i])` over a chain of layers inside one jit.
+
+  `step` returns an array shaped like `x` (or a tuple whose first element is);
+  the next layer's input is the normalised sum, as a residual stream would be.
+  """
+
+  def __init__(self, step: Callable[..., Any]):
+    def run(x, rounds, layer_args):
+      def one_round(_, x):
+        for args in layer_args:
+          # The barrier ties each layer's inputs to the running x, so that no
+          # layer's work is hoisted out of the loop as invariant.
+          x, args = jax.lax.optimization_barrier((x, args))
+          y = step(x, *args)
+          y = y[0] if isinstance(y, tuple) else y
+          x = _normalise(x + y.astype(x.dtype))
+        return x
+      return jax.lax.fori_loop(0, rounds, one_round, x)
+    self._run = jax.jit(run)
+
+  def seconds_per_layer(self, x: jax.Array, layer_args: Sequence[tuple],
+                        min_seconds: float = 0.03, repeats: int = 5) -> float:
+    """Median seconds per layer step (chain update included)."""
+    layer_args = tuple(tuple(a) for a in layer_args)
+    jax.block_until_ready(self._run(x, 1, layer_args))  # compile + warm up
+    once = _median_seconds(lambda: self._run(x, 1, layer_args), 3)
+    rounds = max(1, int(np.ceil(min_seconds / max(once, 1e-6))))
+    total = _median_seconds(lambda: self._run(x, rounds, layer_args), repeats)
+    return total / (rounds * len(layer_args))
+
+
+def chain_overhead(x: jax.Array, num_layers: int, **kwargs) -> float:
+  """Seconds per layer of the chain update alone (to subtract from step times)."""
+  chain = LayerChain(lambda x, dummy: x)
+  return chain.seconds_per_layer(x, [(jnp.zeros((), x.dtype),)] * num_layers, **kwargs)
