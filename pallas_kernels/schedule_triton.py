@@ -1,10 +1,11 @@
 """Fused SERE re-routing + expert-skip schedule for NVIDIA GPUs (Pallas Triton).
 
-One program holds the batch's `T*K` slots in registers (padded to a power of two,
-as Triton requires) and does, without leaving the kernel:
+One program walks the batch's `T*K` slots in register chunks (a power of two, as
+Triton requires) and does, without leaving the kernel:
 primary set -> most similar primary per expert (masked argmax over the `[E, E]`
-similarity) -> critical experts -> re-routed ids -> counting sort by expert
-(one-hot prefix sums) -> group offsets, the active-expert list and statistics.
+similarity) -> critical experts -> re-routed ids -> stable counting sort by expert
+(one-hot prefix sums, carried across chunks) -> group offsets, the active-expert
+list and statistics.
 Its outputs equal `schedule.reference_schedule` exactly.
 """
 
@@ -32,22 +33,39 @@ def _count(mask) -> jax.Array:
 def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
                      row_token_ref, offsets_ref, active_ref, stats_ref, *,
                      num_tokens, top_k, num_experts, select_top_k, threshold, min_batch,
-                     slots_pad, experts_pad):
+                     chunk, num_chunks, experts_pad):
   num_slots = num_tokens * top_k
-  slot = jnp.arange(slots_pad)
-  in_range = slot < num_slots
-  token = slot // top_k
-  rank_in_token = slot % top_k
-  ids = plt.load(ids_ref.at[slot], mask=in_range, other=0)
-  valid = (plt.load(valid_ref.at[token], mask=in_range, other=0) != 0) & in_range
   expert = jnp.arange(experts_pad)
-  onehot = ids[:, None] == expert[None, :]  # [slots, experts]
-  distinct_before = _count(jnp.max(jnp.where(onehot & valid[:, None], 1, 0), axis=0) > 0)
 
+  def load_chunk(c):
+    """Slot indices, ids, token, rank within token and validity of chunk `c`."""
+    slot = c * chunk + jnp.arange(chunk)
+    in_range = slot < num_slots
+    token = slot // top_k
+    ids = plt.load(ids_ref.at[slot], mask=in_range, other=0)
+    valid = (plt.load(valid_ref.at[token], mask=in_range, other=0) != 0) & in_range
+    return slot, in_range, ids, token, slot % top_k, valid
+
+  def any_expert(mask):  # [chunk, experts] -> [experts] bool
+    return jnp.max(jnp.where(mask, 1, 0), axis=0) > 0
+
+  # Pass 1: which experts are used, primary, and used by secondary slots.
+  used = is_primary = secondary_used = expert < 0
+  valid_tokens = 0
+  for c in range(num_chunks):
+    _, _, ids, _, j, valid = load_chunk(c)
+    onehot = ids[:, None] == expert[None, :]
+    used |= any_expert(onehot & valid[:, None])
+    if select_top_k > 0:
+      is_primary |= any_expert(onehot & (valid & (j < select_top_k))[:, None])
+      secondary_used |= any_expert(onehot & (valid & (j >= select_top_k))[:, None])
+      valid_tokens += _count(valid & (j == 0))
+  distinct_before = _count(used)
+
+  # Per-expert target: itself, or its most similar primary expert.
+  critical_kept = 0
+  target = expert
   if select_top_k > 0:
-    primary_slot = valid & (rank_in_token < select_top_k)
-    is_primary = jnp.max(jnp.where(onehot & primary_slot[:, None], 1, 0), axis=0) > 0
-    valid_tokens = _count(valid & (rank_in_token == 0))
     apply = (_count(is_primary) > 0) & (valid_tokens >= max(min_batch, 1))
     real = expert < num_experts
     sim = plt.load(sim_ref.at[expert[:, None], expert[None, :]],
@@ -60,39 +78,53 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     else:
       critical &= False
     target = jnp.where(is_primary | critical | ~apply, expert, nearest)
-    mapped = jnp.sum(jnp.where(onehot, target[None, :], 0), axis=1)
-    secondary = rank_in_token >= select_top_k
-    new_ids = jnp.where(secondary, mapped, ids)
-    secondary_used = jnp.max(
-        jnp.where(onehot & (valid & secondary)[:, None], 1, 0), axis=0) > 0
     critical_kept = _count(critical & secondary_used)
-    slots_rerouted = _count(valid & (new_ids != ids))
-  else:
-    new_ids, critical_kept, slots_rerouted = ids, 0, 0
 
-  # Counting sort of the valid slots by expert (stable).
-  member = (new_ids[:, None] == expert[None, :]) & valid[:, None]
-  member_i = jnp.where(member, 1, 0)
-  sizes = jnp.sum(member_i, axis=0)
-  rank = jnp.sum(jnp.where(member, jnp.cumsum(member_i, axis=0), 0), axis=1) - 1
-  offsets_excl = jnp.cumsum(sizes) - sizes
-  row = jnp.sum(jnp.where(member, offsets_excl[None, :], 0), axis=1) + rank
+  def rerouted_chunk(c):
+    slot, in_range, ids, token, j, valid = load_chunk(c)
+    if select_top_k > 0:
+      mapped = jnp.sum(jnp.where(ids[:, None] == expert[None, :], target[None, :], 0),
+                       axis=1)
+      new_ids = jnp.where(j >= select_top_k, mapped, ids)
+    else:
+      new_ids = ids
+    member = (new_ids[:, None] == expert[None, :]) & valid[:, None]
+    return slot, in_range, ids, new_ids, token, valid, member
+
+  # Pass 2: re-routed ids and group sizes.
+  sizes = jnp.zeros_like(expert)
+  slots_rerouted = 0
+  for c in range(num_chunks):
+    slot, in_range, ids, new_ids, _, valid, member = rerouted_chunk(c)
+    plt.store(new_ids_ref.at[slot], new_ids, mask=in_range)
+    sizes += jnp.sum(jnp.where(member, 1, 0), axis=0)
+    slots_rerouted += _count(valid & (new_ids != ids))
   total = jnp.sum(sizes)
+  offsets_excl = jnp.cumsum(sizes) - sizes
 
-  plt.store(new_ids_ref.at[slot], new_ids, mask=in_range)
-  plt.store(slot_row_ref.at[slot], jnp.where(valid, row, 0), mask=in_range)
-  plt.store(row_token_ref.at[slot], jnp.zeros_like(slot), mask=in_range & (slot >= total))
-  # Masked-off lanes point past the end: no write on GPU, dropped in interpret mode.
-  plt.store(row_token_ref.at[jnp.where(valid, row, num_slots)], token, mask=valid)
-  plt.store(offsets_ref.at[expert], offsets_excl, mask=expert < num_experts)
-  plt.store(offsets_ref.at[expert], jnp.full_like(expert, total), mask=expert == num_experts)
+  # Pass 3: stable counting sort: row = group offset + rank among the group's slots.
+  before = offsets_excl
+  for c in range(num_chunks):
+    slot, in_range, _, _, token, valid, member = rerouted_chunk(c)
+    member_i = jnp.where(member, 1, 0)
+    position = jnp.cumsum(member_i, axis=0) - 1 + before[None, :]
+    row = jnp.sum(jnp.where(member, position, 0), axis=1)
+    before += jnp.sum(member_i, axis=0)
+    plt.store(slot_row_ref.at[slot], jnp.where(valid, row, 0), mask=in_range)
+    plt.store(row_token_ref.at[slot], jnp.zeros_like(slot),
+              mask=in_range & (slot >= total))
+    # Masked-off lanes point past the end: no write on GPU, dropped in interpret mode.
+    plt.store(row_token_ref.at[jnp.where(valid, row, num_slots)], token, mask=valid)
 
+  real = expert < num_experts
+  plt.store(offsets_ref.at[expert], offsets_excl, mask=real)
+  offsets_ref[num_experts] = total
   active = sizes > 0
   num_distinct = _count(active)
   last_active = jnp.maximum(jnp.max(jnp.where(active, expert, -1)), 0)
   active_rank = jnp.cumsum(jnp.where(active, 1, 0)) - 1
   plt.store(active_ref.at[expert], jnp.full_like(expert, last_active),
-            mask=(expert >= num_distinct) & (expert < num_experts))
+            mask=(expert >= num_distinct) & real)
   plt.store(active_ref.at[jnp.where(active, active_rank, num_experts)], expert, mask=active)
 
   stat_index = jnp.arange(8)
@@ -103,10 +135,11 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
   plt.store(stats_ref.at[stat_index], stats, mask=stat_index < len(schedule_lib.STAT_NAMES))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_experts", "num_warps",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "num_experts", "max_chunk",
+                                             "num_warps", "interpret"))
 def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | None,
-                    config: RerouteConfig, *, num_experts: int, num_warps: int = 8,
+                    config: RerouteConfig, *, num_experts: int, max_chunk: int = 256,
+                    num_warps: int = 8,
                     interpret: bool = False) -> schedule_lib.Schedule:
   """Re-routes `ids [T, K]` (policy `none` or `sere`) and builds the schedule.
 
@@ -119,15 +152,17 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
   """
   num_tokens, top_k = ids.shape
   select_top_k, threshold, min_batch = schedule_lib.sere_kernel_config(config, top_k)
-  # The offsets need E + 1 entries, so the expert axis is padded past E.
-  experts_pad = _pow2_at_least(num_experts + 1)
+  # Triton tiles hold a power of two of elements; tiny slot tiles mis-lowered on an
+  # H200 (T=1, K=8), so a chunk holds at least 64 slots and at most `max_chunk`.
+  chunk = min(max(64, _pow2_at_least(num_tokens * top_k)), max_chunk)
   if similarity is None or not select_top_k:
     similarity = jnp.zeros((1, 1), jnp.float32)
   num_slots = num_tokens * top_k
   kernel = functools.partial(
       _schedule_kernel, num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
       select_top_k=select_top_k, threshold=threshold, min_batch=min_batch,
-      slots_pad=_pow2_at_least(num_slots), experts_pad=experts_pad)
+      chunk=chunk, num_chunks=pl.cdiv(num_slots, chunk),
+      experts_pad=_pow2_at_least(num_experts))
   i32 = jnp.int32
   new_ids, slot_row, row_token, offsets, active, stats = pl.pallas_call(
       kernel,
