@@ -127,14 +127,6 @@ def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
                          interpret=impl == "interpret")
 
 
-def _gmm_fn(impl):
-  if impl == "tpu":
-    from sere_jax.kernels.gmm_tpu import gmm_tpu  # pylint: disable=g-import-not-at-top
-    return gmm_tpu
-  from sere_jax.kernels.gmm_triton import gmm_triton  # pylint: disable=g-import-not-at-top
-  return functools.partial(gmm_triton, interpret=impl == "interpret")
-
-
 def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
   """`y[t] = sum_j weights[t, j] * rows[slot_row[t, j]]` over valid tokens."""
   gathered = rows[slot_row]  # [T, K, D]
@@ -143,8 +135,17 @@ def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
   return y.astype(dtype)
 
 
+def _gmm_fn(impl, num_rows):
+  if impl == "tpu":
+    from sere_jax.kernels.gmm_tpu import gmm_tpu  # pylint: disable=g-import-not-at-top
+    return gmm_tpu
+  from sere_jax.kernels.gmm_triton import gmm_triton, tile_config  # pylint: disable=g-import-not-at-top
+  return functools.partial(gmm_triton, interpret=impl == "interpret",
+                           **tile_config(num_rows))
+
+
 def _grouped_ffn(impl, x, weights, valid, sched, w_gate_up, w_down):
-  gmm = _gmm_fn(impl)
+  gmm = _gmm_fn(impl, sched.row_token.shape[0])
   num_active = sched.num_distinct
   gate_up = gmm(x, w_gate_up, sched.group_offsets, sched.active_experts, num_active,
                 sched.row_token)

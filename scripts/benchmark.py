@@ -47,6 +47,8 @@ _IMPL = flags.DEFINE_string("impl", "auto", "Our op's implementation (see moe_ff
 _PEERS = flags.DEFINE_list("peers", ["ragged_dot", "xla_dense"], "Reference impls timed too.")
 _TORCH = flags.DEFINE_bool("torch_peer", False, "Also time torch._grouped_mm (child process).")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.03, "Minimum timed span per repeat.")
+_MERGE = flags.DEFINE_list("merge", [], "Instead of running: merge these result JSON files "
+                           "of one suite (e.g. runs over different batch sizes).")
 
 SCALES = {
     "qwen3_30b": dict(dim=2048, ffn=768, experts=128, top_k=8, bandwidth_bytes=4 << 30),
@@ -135,7 +137,9 @@ def kernels_suite(env):
       row = dict(batch=batch, mode=mode, policy=policy, select_top_k=s,
                  distinct=mean_distinct, roofline_us=roofline * 1e6,
                  chain_overhead_us=overhead * 1e6)
-      for name in [impl] + list(_PEERS.value):
+      # The dense einsum's time does not depend on routing: timed for `none` only.
+      peers = [p for p in _PEERS.value if p != "xla_dense" or policy == "none"]
+      for name in [impl] + peers:
         t = op_chain(name, config).seconds_per_layer(x, layer_args,
                                                      min_seconds=_MIN_SECONDS.value)
         row[f"{name}_us"] = (t - overhead) * 1e6
@@ -153,10 +157,15 @@ def kernels_suite(env):
                 read_bandwidth_tbs=read_bw / 1e12, copy_bandwidth_tbs=copy_bw / 1e12,
                 expert_bytes=expert_bytes, rows=rows)
   if _TORCH.value:
-    torch_times, torch_env = run_torch_peer(shape, layers, torch_cases)
-    result["torch_env"] = torch_env
-    for case, t in zip(torch_cases, torch_times):
-      rows[case["row_index"]]["torch_grouped_mm_us"] = t
+    try:
+      torch_times, torch_env = run_torch_peer(shape, layers, torch_cases)
+    except subprocess.CalledProcessError as err:  # keep the JAX results; say why
+      logging.error("torch peer failed: %s", err)
+      result["torch_error"] = str(err)
+    else:
+      result["torch_env"] = torch_env
+      for case, t in zip(torch_cases, torch_times):
+        rows[case["row_index"]]["torch_grouped_mm_us"] = t
   return result
 
 
@@ -218,6 +227,27 @@ def gmm_sweep(env):
               rows=rows)
 
 
+def merge_results(paths):
+  """Concatenates the rows of several result files of one suite and device."""
+  results = []
+  for path in paths:
+    with open(path) as fh:
+      results.append(json.load(fh))
+  first = results[0]
+  for other in results[1:]:
+    for key in ("suite", "shape"):
+      if other[key] != first[key]:
+        raise ValueError(f"cannot merge results with different {key}: {paths}")
+    if other["env"]["device_kind"] != first["env"]["device_kind"]:
+      raise ValueError(f"cannot merge results from different devices: {paths}")
+  merged = dict(first)
+  merged["rows"] = [row for r in results for row in r["rows"]]
+  merged["commands"] = [r["command"] for r in results]
+  merged["runs"] = [{k: r.get(k) for k in ("read_bandwidth_tbs", "copy_bandwidth_tbs",
+                                           "seconds", "torch_env")} for r in results]
+  return merged
+
+
 def markdown(result, command):
   env = result["env"]
   lines = [f"# Benchmark: {result['suite']}", "",
@@ -258,11 +288,15 @@ def main(argv):
   del argv
   env = benchmarking.environment()
   logging.info("environment: %s", env)
-  start = time.time()
-  result = kernels_suite(env) if _SUITE.value == "kernels" else gmm_sweep(env)
-  result["seconds"] = time.time() - start
   command = "python -m sere_jax.scripts.benchmark " + " ".join(sys.argv[1:])
-  result["command"] = command
+  if _MERGE.value:
+    result = merge_results(_MERGE.value)
+    command = " && ".join(result["commands"])
+  else:
+    start = time.time()
+    result = kernels_suite(env) if _SUITE.value == "kernels" else gmm_sweep(env)
+    result["seconds"] = time.time() - start
+    result["command"] = command
   write_atomic(_OUT.value + ".json", json.dumps(result, indent=1))
   write_atomic(_OUT.value + ".md", markdown(result, command))
   print(markdown(result, command))

@@ -44,14 +44,15 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def read_bandwidth(num_bytes: int = 4 << 30, repeats: int = 10) -> float:
-  """HBM read bandwidth in bytes/s: a read-only reduction over a large buffer."""
-  n = num_bytes // 4
-  buf = jax.random.uniform(jax.random.PRNGKey(1), (n,), jnp.float32)
-  reduce = jax.jit(lambda b: jnp.sum(b))
+  """HBM read bandwidth in bytes/s: row sums over a large buffer (output is tiny)."""
+  cols = 8192
+  rows = max(1, num_bytes // (4 * cols))
+  buf = jax.random.uniform(jax.random.PRNGKey(1), (rows, cols), jnp.float32)
+  reduce = jax.jit(lambda b: jnp.sum(b, axis=1))
   jax.block_until_ready(reduce(buf))
   seconds = _median_seconds(lambda: reduce(buf), repeats)
   del buf
-  return n * 4 / seconds
+  return rows * cols * 4 / seconds
 
 
 def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 10) -> float:

@@ -1,6 +1,6 @@
 """Checks the Triton MoE op against the f32 dense reference at real shapes on a GPU.
 
-  python tools/gpu_check.py   (prints one line per case; exits 1 on a mismatch)
+  python tools/gpu_check.py [BATCH ...]   (prints one line per case; exits 1 on a mismatch)
 """
 
 import sys
@@ -25,7 +25,8 @@ def main():
   sim = rng.random((e, e)).astype(np.float32)
   sim = jnp.asarray((sim + sim.T) / 2).at[jnp.arange(e), jnp.arange(e)].set(1.0)
   ok = True
-  for batch in (1, 5, 16, 64, 256):
+  batches = [int(b) for b in sys.argv[1:]] or [1, 5, 16, 64, 256]
+  for batch in batches:
     x = jax.random.normal(kx, (batch, d), jnp.bfloat16)
     ids, w = route(jnp.asarray(rng.normal(size=(batch, e)), jnp.float32), k)
     valid = jnp.asarray(rng.random(batch) < 0.9)
