@@ -153,9 +153,10 @@ def kernels_suite(env):
                               weights=[np.asarray(w).tolist() for _, w in routed]))
       logging.info("B=%d %s %s S=%d distinct=%.1f roofline=%.1fus ours=%.1fus", batch,
                    mode, policy, s, mean_distinct, row["roofline_us"], row[f"{impl}_us"])
-  result = dict(suite="kernels", env=env, shape=shape, impl=impl, layers=layers,
-                read_bandwidth_tbs=read_bw / 1e12, copy_bandwidth_tbs=copy_bw / 1e12,
-                expert_bytes=expert_bytes, rows=rows)
+    result = dict(suite="kernels", env=env, shape=shape, impl=impl, layers=layers,
+                  read_bandwidth_tbs=read_bw / 1e12, copy_bandwidth_tbs=copy_bw / 1e12,
+                  expert_bytes=expert_bytes, rows=rows)
+    write_result(dict(result, partial=True))  # a long run keeps what it measured
   if _TORCH.value:
     try:
       torch_times, torch_env = run_torch_peer(shape, layers, torch_cases)
@@ -288,7 +289,7 @@ def main(argv):
   del argv
   env = benchmarking.environment()
   logging.info("environment: %s", env)
-  command = "python -m sere_jax.scripts.benchmark " + " ".join(sys.argv[1:])
+  command = _command()
   if _MERGE.value:
     result = merge_results(_MERGE.value)
     command = " && ".join(result["commands"])
@@ -297,9 +298,19 @@ def main(argv):
     result = kernels_suite(env) if _SUITE.value == "kernels" else gmm_sweep(env)
     result["seconds"] = time.time() - start
     result["command"] = command
+  write_result(result)
+  print(markdown(result, result.get("command", command)))
+
+
+def _command():
+  return "python -m sere_jax.scripts.benchmark " + " ".join(sys.argv[1:])
+
+
+def write_result(result):
+  """Writes `<out>.json` and `<out>.md`."""
+  command = result.get("command", _command())
   write_atomic(_OUT.value + ".json", json.dumps(result, indent=1))
   write_atomic(_OUT.value + ".md", markdown(result, command))
-  print(markdown(result, command))
 
 
 def run():
