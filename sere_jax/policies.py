@@ -97,15 +97,17 @@ def _oea(ids, weights, is_primary, router_scores, select_top_k, renormalize):
   found = jnp.isfinite(best)
   new_ids = jnp.concatenate(
       [ids[:, :select_top_k], jnp.where(found, picked, ids[:, :1])], axis=1)
-  raw = jnp.where(jnp.concatenate([jnp.ones_like(found[:, :select_top_k]), found], 1),
+  raw = jnp.where(jnp.concatenate([jnp.ones((num_tokens, select_top_k), jnp.bool_), found], 1),
                   jnp.take_along_axis(scores, new_ids, axis=1), 0.0)
   if renormalize:
     total = jnp.sum(weights, axis=1, keepdims=True)
     new_w = raw * total / jnp.sum(raw, axis=1, keepdims=True)
   else:
-    # Keep the original per-token scale between scores and weights.
+    # Top-S weights stay as they are; new slots get their score on the same
+    # per-token scale as the original weights.
     scale = weights[:, :1] / jnp.take_along_axis(scores, ids[:, :1], axis=1)
-    new_w = raw * scale
+    new_w = jnp.concatenate([weights[:, :select_top_k],
+                             raw[:, select_top_k:] * scale], axis=1)
   return new_ids.astype(ids.dtype), new_w.astype(weights.dtype)
 
 

@@ -1,0 +1,126 @@
+"""Brute-force NumPy oracle of SERE re-routing (DESIGN.md §4).
+
+Written from the spec alone, with plain Python loops, so that it shares no code
+(and no vectorisation tricks) with `sere_jax.policies`. It is slow on purpose:
+every step of §4 is spelled out literally.
+
+Convention: similarity values are compared with the threshold in the precision of
+the similarity matrix (float32); tests draw thresholds that are exactly
+representable in float32, so the convention never decides a case there.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class OracleStats(NamedTuple):
+  distinct_before: int
+  distinct_after: int
+  critical_kept: int
+  slots_rerouted: int
+
+
+class OracleResult(NamedTuple):
+  ids: np.ndarray  # [T, K] int
+  weights: np.ndarray  # [T, K], identical to the input weights
+  stats: OracleStats
+  primary: frozenset  # P (empty when the policy is off)
+  target: dict  # expert -> target, for every expert 0..E-1 (identity when off)
+  critical: frozenset  # critical experts (empty when off)
+
+
+def _distinct_valid(ids: np.ndarray, valid: np.ndarray) -> int:
+  seen = set()
+  for t in range(ids.shape[0]):
+    if valid[t]:
+      for j in range(ids.shape[1]):
+        seen.add(int(ids[t, j]))
+  return len(seen)
+
+
+def sere_oracle(ids, weights, valid, similarity, select_top_k: int, threshold: float,
+                min_batch: int = 1) -> OracleResult:
+  """SERE on one batch, exactly as DESIGN.md §4 states it.
+
+  Args:
+    ids: [T, K] integer expert ids.
+    weights: [T, K] routing weights (returned unchanged).
+    valid: [T] bools.
+    similarity: [E, E] similarity matrix.
+    select_top_k: S.
+    threshold: rho.
+    min_batch: re-routing is off when fewer than max(min_batch, 1) tokens are valid.
+  """
+  ids = np.asarray(ids)
+  weights = np.asarray(weights)
+  valid = [bool(v) for v in np.asarray(valid).reshape(-1)]
+  sim = np.asarray(similarity, dtype=np.float32)
+  num_tokens, top_k = ids.shape
+  num_experts = sim.shape[0]
+  s = int(select_top_k)
+  rho = float(np.float32(threshold))
+
+  before = _distinct_valid(ids, valid)
+  identity = {e: e for e in range(num_experts)}
+  unchanged = OracleResult(ids.copy(), weights.copy(),
+                           OracleStats(before, before, 0, 0),
+                           frozenset(), identity, frozenset())
+
+  # Minimum batch size: too few valid tokens -> nothing changes.
+  if sum(valid) < max(int(min_batch), 1):
+    return unchanged
+  # Step 1.
+  if s <= 0 or s >= top_k:
+    return unchanged
+  # Step 2: primary set over valid tokens' top-S slots.
+  primary = set()
+  for t in range(num_tokens):
+    if not valid[t]:
+      continue
+    for j in range(s):
+      primary.add(int(ids[t, j]))
+  if not primary:
+    return unchanged
+
+  # Step 3: a target for every expert.
+  target = {}
+  critical = set()
+  for e in range(num_experts):
+    if e in primary:
+      target[e] = e
+      continue
+    best_p, best_sim = None, None
+    for p in sorted(primary):  # ascending, strict '>' -> ties go to the lowest index
+      value = float(sim[e, p])
+      if best_sim is None or value > best_sim:
+        best_p, best_sim = p, value
+    if rho > 0 and best_sim < rho:
+      critical.add(e)
+      target[e] = e
+    else:
+      target[e] = best_p
+
+  # Step 4: primary slots are kept, secondary slots follow their expert's target.
+  new_ids = ids.copy()
+  for t in range(num_tokens):  # every row, valid or not
+    for j in range(s, top_k):
+      new_ids[t, j] = target[int(ids[t, j])]
+
+  # Step 5: statistics over valid tokens.
+  critical_used = set()
+  rerouted = 0
+  for t in range(num_tokens):
+    if not valid[t]:
+      continue
+    for j in range(top_k):
+      if j >= s and int(ids[t, j]) in critical:
+        critical_used.add(int(ids[t, j]))
+      if new_ids[t, j] != ids[t, j]:
+        rerouted += 1
+  stats = OracleStats(before, _distinct_valid(new_ids, valid), len(critical_used),
+                      rerouted)
+  return OracleResult(new_ids, weights.copy(), stats, frozenset(primary), target,
+                      frozenset(critical))
