@@ -1,0 +1,242 @@
+"""TPU (Mosaic) Pallas kernels: interpret-mode correctness and TPU lowering.
+
+Correctness runs in TPU interpret mode (`pltpu.InterpretParams`), which simulates
+TPU DMAs and fills fresh buffers with NaN, so unwritten output rows are caught. The
+lowering tests run the real Pallas -> Mosaic lowering for a TPU on this CPU machine
+(Mosaic's own layout passes run only on a TPU host).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+from jax.experimental.pallas import tpu as pltpu
+
+from sere_jax.config import RerouteConfig
+from sere_jax.kernels import gmm_tpu as gmm_tpu_lib
+from sere_jax.kernels.gmm_reference import gmm_reference
+from sere_jax.kernels.gmm_tpu import gmm_tpu
+from sere_jax.kernels.lowering_check import export_for
+from sere_jax.kernels.schedule import build_schedule, reference_schedule
+from sere_jax.kernels.schedule_tpu import schedule_tpu
+
+INTERPRET = pltpu.InterpretParams()
+GMM_INTERPRET = pltpu.InterpretParams(detect_races=True)  # also checks the pipeline's DMAs
+T, K, E = 12, 3, 8  # grouped-matmul batches: 36 rows over 8 experts
+
+
+def _routing(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """`ids [T, K]`, `valid [T]` of one routing scenario."""
+  valid = np.ones(T, bool)
+  if kind == "random":  # duplicate (token, expert) slots, invalid tokens, empty experts
+    ids = rng.integers(1, E - 2, (T, K))
+    valid = rng.random(T) < 0.75
+  elif kind == "one_expert":
+    ids = np.full((T, K), 5)
+  elif kind == "all_active":
+    ids = (np.arange(T * K).reshape(T, K) * 5) % E
+  elif kind == "big_group":  # one group longer than a row block
+    ids = np.where(rng.random((T, K)) < 0.8, 2, rng.integers(0, E, (T, K)))
+  elif kind == "no_valid":
+    ids, valid = rng.integers(0, E, (T, K)), np.zeros(T, bool)
+  else:
+    raise ValueError(kind)
+  return ids.astype(np.int32), valid
+
+
+SCENARIOS = ("random", "one_expert", "all_active", "big_group", "no_valid")
+
+# (x dtype, w dtype, N, D, gather rows by token, kernel options)
+GMM_CASES = {
+    # 3 row blocks of one row tile, 2 K blocks
+    "f32_gather_row_blocks": (jnp.float32, jnp.float32, 24, 256, True,
+                              dict(block_m=16, tile_m=16, block_k=128)),
+    # 2 row blocks of two row tiles, a static slot axis
+    "bf16_sorted_static_grid": (jnp.bfloat16, jnp.bfloat16, 48, 128, False,
+                                dict(block_m=32, tile_m=16, dynamic_grid=False)),
+    # one row block, 3 N blocks
+    "mixed_gather_n_blocks": (jnp.float32, jnp.bfloat16, 384, 128, True,
+                              dict(block_n=128)),
+}
+
+
+@pytest.mark.parametrize("case", GMM_CASES)
+def test_gmm_matches_reference(case):
+  x_dtype, w_dtype, n, d, gather, options = GMM_CASES[case]
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(E, d, n)), w_dtype)
+  if not gather:
+    options = dict(options, num_rows=T * K)
+  for kind in SCENARIOS:
+    ids, valid = _routing(kind, rng)
+    sched = build_schedule(jnp.asarray(ids), jnp.asarray(valid), E)
+    rows = int(sched.stats[4])
+    if gather:
+      x = jnp.asarray(rng.normal(size=(T, d)), x_dtype)
+      args = (sched.row_token,)
+    else:  # sorted rows plus extra rows that must be ignored
+      x = jnp.asarray(rng.normal(size=(T * K + 5, d)), x_dtype)
+      args = (None,)
+    out = gmm_tpu(x, w, sched.group_offsets, sched.active_experts, sched.num_distinct,
+                  *args, interpret=GMM_INTERPRET, **options)
+    assert not tpu_interpret.races.races_found, kind
+    want = gmm_reference(x if gather else x[:T * K], w, sched.group_offsets, *args)
+    assert out.shape == (T * K, n) and out.dtype == jnp.float32
+    got = np.asarray(out[:rows])
+    assert np.all(np.isfinite(got)), kind
+    np.testing.assert_allclose(got, np.asarray(want[:rows]), rtol=1e-5, atol=1e-3,
+                               err_msg=kind)
+
+
+# 36 rows in one block, or in 6 blocks of 8 rows (the last one without rows).
+@pytest.mark.parametrize("num_blocks,block_m,n_blocks,k_blocks", [(1, 36, 3, 1),
+                                                                  (6, 8, 2, 3)])
+def test_gmm_reads_each_active_weight_block_once_per_row_block(num_blocks, block_m,
+                                                               n_blocks, k_blocks):
+  """Walks the static grid in order: a weight DMA happens when the block index changes."""
+  rng = np.random.default_rng(2)
+  for kind in SCENARIOS:
+    ids, valid = _routing(kind, rng)
+    sched = build_schedule(jnp.asarray(ids), jnp.asarray(valid), E)
+    rows = int(sched.stats[4])
+    offsets = np.asarray(sched.group_offsets)
+    active = np.asarray(sched.active_experts)
+    first, count = (np.asarray(a) for a in gmm_tpu_lib._block_metadata(
+        sched.group_offsets, sched.active_experts, sched.num_distinct, num_blocks, block_m))
+    index = functools.partial(gmm_tpu_lib._weight_block_index, n_blocks=n_blocks,
+                              k_blocks=k_blocks)
+    fetched, previous = [], None
+    for b, j, k, s in itertools.product(range(num_blocks), range(n_blocks),
+                                        range(k_blocks), range(E)):
+      block = tuple(int(v) for v in index(b, j, k, s, active, offsets, first, count))
+      if block != previous:
+        fetched.append((b, block))
+        previous = block
+    want = {(b, (e, k, j)) for b in range(num_blocks) for e in range(E)
+            for k in range(k_blocks) for j in range(n_blocks)
+            if max(offsets[e], b * block_m) < min(offsets[e + 1], (b + 1) * block_m)}
+    if rows:
+      assert sorted(fetched) == sorted(want), kind
+    else:  # nothing to compute: only the pipeline's first fetch
+      assert len(fetched) == 1
+
+
+SCHEDULE_CONFIGS = [
+    RerouteConfig(policy="none"),
+    RerouteConfig(select_top_k=4),  # S >= K: no change
+    RerouteConfig(select_top_k=1, threshold=0.0),
+    RerouteConfig(select_top_k=2, threshold=0.5),
+    RerouteConfig(select_top_k=2, threshold=1.0),
+    RerouteConfig(select_top_k=3, threshold=0.25, min_batch=6),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_reference(config, num_experts):
+  return jax.jit(lambda ids, valid, sim: reference_schedule(
+      ids, jnp.ones(ids.shape, jnp.float32), valid, sim, config, num_experts))
+
+
+def _check_schedule(got, want, valid):
+  rows = int(want.stats[4])
+  np.testing.assert_array_equal(got.ids, want.ids)
+  np.testing.assert_array_equal(got.group_offsets, want.group_offsets)
+  np.testing.assert_array_equal(got.active_experts, want.active_experts)
+  np.testing.assert_array_equal(got.stats, want.stats)
+  np.testing.assert_array_equal(got.row_token[:rows], want.row_token[:rows])
+  np.testing.assert_array_equal(np.asarray(got.slot_row)[valid],
+                                np.asarray(want.slot_row)[valid])
+
+
+# (T, K, E, configs, cases): the second shape spans three sort chunks (640 padded
+# slots) and 256 expert lanes.
+@pytest.mark.parametrize("shape", [(12, 4, 16, SCHEDULE_CONFIGS, 36),
+                                   (70, 8, 130, SCHEDULE_CONFIGS[3:4], 3)],
+                         ids=["small", "multi_chunk"])
+def test_schedule_matches_reference(shape):
+  num_tokens, top_k, num_experts, configs, cases = shape
+  rng = np.random.default_rng(num_tokens)
+  for case in range(cases):
+    config = configs[case % len(configs)]
+    valid = rng.random(num_tokens) < (0.0, 0.6, 1.0)[case % 3]
+    if case % 2:  # distinct experts per token, as a router gives
+      ids = np.argsort(rng.random((num_tokens, num_experts)), axis=1)[:, :top_k]
+    else:  # repeats within a token and few experts
+      ids = rng.integers(0, min(num_experts, 9), (num_tokens, top_k))
+    # Quarter steps: similarity ties, and values equal to the thresholds.
+    sim = rng.integers(0, 5, (num_experts, num_experts)).astype(np.float32) / 4
+    np.fill_diagonal(sim, 1.0)
+    args = (jnp.asarray(ids, jnp.int32), jnp.asarray(valid), jnp.asarray(sim))
+    got = schedule_tpu(*args, config, num_experts=num_experts, interpret=INTERPRET)
+    _check_schedule(got, _jitted_reference(config, num_experts)(*args), valid)
+
+
+def test_schedule_rejects_bad_inputs():
+  ids, valid = jnp.zeros((4, 2), jnp.int32), jnp.ones((4,), bool)
+  sere = RerouteConfig(select_top_k=1)
+  with pytest.raises(ValueError, match="similarity"):
+    schedule_tpu(ids, valid, None, sere, num_experts=8)
+  with pytest.raises(ValueError, match="similarity"):
+    schedule_tpu(ids, valid, jnp.eye(7), sere, num_experts=8)
+  with pytest.raises(ValueError, match="valid"):
+    schedule_tpu(ids, valid[:3], jnp.eye(8), sere, num_experts=8)
+  with pytest.raises(ValueError, match="policies"):
+    schedule_tpu(ids, valid, jnp.eye(8), RerouteConfig(policy="oea", select_top_k=1),
+                 num_experts=8)
+
+
+def test_gmm_rejects_bad_shapes():
+  x, w = jnp.zeros((6, 16)), jnp.zeros((4, 16, 8))
+  offsets, active, num = jnp.zeros((5,), jnp.int32), jnp.zeros((4,), jnp.int32), 0
+  with pytest.raises(ValueError, match="contracts"):
+    gmm_tpu(jnp.zeros((6, 8)), w, offsets, active, num)
+  with pytest.raises(ValueError, match="group_offsets"):
+    gmm_tpu(x, w, offsets[:4], active, num)
+  with pytest.raises(ValueError, match="num_rows"):
+    gmm_tpu(x, w, offsets, active, num, num_rows=7)
+  with pytest.raises(ValueError, match="tile_m"):
+    gmm_tpu(x, w, offsets, active, num, tile_m=8)
+
+
+def _spec(shape, dtype=jnp.int32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _gmm_specs(tokens, top_k, experts, d, n, dtype, gather):
+  rows = tokens * top_k
+  x = _spec((tokens if gather else rows, d), dtype)
+  specs = [x, _spec((experts, d, n), dtype), _spec((experts + 1,)), _spec((experts,)),
+           _spec(())]
+  return specs + [_spec((rows,))] if gather else specs
+
+
+# Qwen3-30B-A3B: D=2048, F=768, E=128, K=8; 64 tokens of decode.
+@pytest.mark.parametrize("tokens,top_k,experts,d,n,dtype,gather,dynamic", [
+    (4, 2, 8, 256, 24, jnp.float32, True, True),
+    (64, 8, 128, 2048, 1536, jnp.bfloat16, True, True),  # w_gate_up [E, D, 2F]
+    (64, 8, 128, 768, 2048, jnp.bfloat16, False, True),  # w_down [E, F, D]
+    (64, 8, 128, 768, 2048, jnp.bfloat16, False, False),
+])
+def test_gmm_lowers_for_tpu(tokens, top_k, experts, d, n, dtype, gather, dynamic):
+  fn = functools.partial(gmm_tpu, dynamic_grid=dynamic)
+  exported = export_for("tpu", fn, *_gmm_specs(tokens, top_k, experts, d, n, dtype, gather))
+  assert exported.platforms == ("tpu",)
+  assert "tpu_custom_call" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,config", [
+    (4, 2, 8, RerouteConfig(policy="none")),
+    (4, 2, 8, RerouteConfig(select_top_k=1, threshold=0.3)),
+    (64, 8, 128, RerouteConfig(select_top_k=2, threshold=0.3)),
+])
+def test_schedule_lowers_for_tpu(tokens, top_k, experts, config):
+  fn = lambda ids, valid, sim: schedule_tpu(ids, valid, sim, config, num_experts=experts)
+  exported = export_for("tpu", fn, _spec((tokens, top_k)), _spec((tokens,), jnp.bool_),
+                        _spec((experts, experts), jnp.float32))
+  assert "tpu_custom_call" in exported.mlir_module()
