@@ -244,8 +244,10 @@ def merge_results(paths):
   merged = dict(first)
   merged["rows"] = [row for r in results for row in r["rows"]]
   merged["commands"] = [r["command"] for r in results]
-  merged["runs"] = [{k: r.get(k) for k in ("read_bandwidth_tbs", "copy_bandwidth_tbs",
-                                           "seconds", "torch_env")} for r in results]
+  merged["command"] = " ; ".join(merged["commands"])
+  merged["runs"] = [{k: r.get(k) for k in ("command", "read_bandwidth_tbs",
+                                           "copy_bandwidth_tbs", "seconds", "torch_env",
+                                           "partial")} for r in results]
   return merged
 
 
@@ -254,7 +256,11 @@ def markdown(result, command):
   lines = [f"# Benchmark: {result['suite']}", "",
            f"- device: {env['device_kind']} ({env['backend']}), jax {env['jax']}",
            f"- command: `{command}`"]
-  if "read_bandwidth_tbs" in result:
+  for run in result.get("runs", []):
+    lines.append(f"- run: read bandwidth {run['read_bandwidth_tbs']:.2f} TB/s, copy "
+                 f"{run['copy_bandwidth_tbs']:.2f} TB/s, {run.get('seconds') or 0:.0f} s"
+                 + (f", torch {run['torch_env']['torch']}" if run.get("torch_env") else ""))
+  if "read_bandwidth_tbs" in result and "runs" not in result:
     lines.append(f"- measured read bandwidth {result['read_bandwidth_tbs']:.2f} TB/s"
                  + (f", copy {result['copy_bandwidth_tbs']:.2f} TB/s"
                     if "copy_bandwidth_tbs" in result else ""))
@@ -292,7 +298,6 @@ def main(argv):
   command = _command()
   if _MERGE.value:
     result = merge_results(_MERGE.value)
-    command = " && ".join(result["commands"])
   else:
     start = time.time()
     result = kernels_suite(env) if _SUITE.value == "kernels" else gmm_sweep(env)
@@ -308,7 +313,8 @@ def _command():
 
 def write_result(result):
   """Writes `<out>.json` and `<out>.md`."""
-  command = result.get("command", _command())
+  result.setdefault("command", _command())
+  command = result["command"]
   write_atomic(_OUT.value + ".json", json.dumps(result, indent=1))
   write_atomic(_OUT.value + ".md", markdown(result, command))
 
