@@ -30,7 +30,7 @@ _EXPERTS = flags.DEFINE_integer("experts", 32, "Routed experts E.")
 _FAMILIES = flags.DEFINE_integer("families", 8, "Prototype experts the experts derive from.")
 _TOP_K = flags.DEFINE_integer("top_k", 4, "Experts per token K.")
 _SELECT = flags.DEFINE_integer("select_top_k", 2, "Primary experts per token S.")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Critical-expert threshold rho of `sere`.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.6, "Critical-expert threshold rho of `sere`.")
 _DIM = flags.DEFINE_integer("dim", 64, "Model width D.")
 _FFN = flags.DEFINE_integer("ffn", 48, "Expert hidden width F (not a power of two on purpose).")
 _IMPL = flags.DEFINE_string("impl", "auto", "MoE op implementation (see moe_ffn.IMPLS).")
@@ -113,8 +113,12 @@ def main(argv):
     print(f"{r['policy']:24s} {r['distinct']:8d} {r['slots_rerouted']:8d} "
           f"{r['critical_kept']:8d} {r['rel_error_vs_none']:8.3f}")
   print("\ndistinct = experts whose weights the step reads; rel.err = ||y - y_none|| / "
-        "||y_none||.\nSERE reads fewer experts than `none` and errs less than truncating "
-        "to the same S when substitutes are similar.")
+        "||y_none||.")
+  by_name = {r["policy"]: r for r in results}
+  sere, trunc = by_name[f"sere S={s} rho=0"], by_name[f"topk_truncate S={s}"]
+  print(f"SERE S={s} reads {sere['distinct']} of the {results[0]['distinct']} experts "
+        f"`none` reads, at error {sere['rel_error_vs_none']:.3f}; truncating to top-{s} "
+        f"reads {trunc['distinct']} at error {trunc['rel_error_vs_none']:.3f}.")
   if _JSON_OUT.value:
     with open(_JSON_OUT.value + ".tmp", "w") as fh:
       json.dump(results, fh, indent=1)
