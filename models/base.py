@@ -1,0 +1,25 @@
+"""The interface every decoder model implements (see `layers.py` for conventions).
+
+    out = model(tokens, positions, token_valid, cache, cache_valid, cache_index,
+                decode=False)
+    out.logits  # [B, L, V] float32
+    out.cache   # list of per-layer caches, updated at [cache_index, cache_index + L)
+    out.stats   # tuple of RerouteStats, one per MoE layer
+
+`model.init_cache(batch, length, dtype)` makes an empty cache; `model.config` is the
+model's frozen config (with `vocab_size` and `architecture`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+from sere_jax import policies
+
+
+class ForwardOutput(NamedTuple):
+  logits: jax.Array
+  cache: list[Any]
+  stats: tuple[policies.RerouteStats, ...]

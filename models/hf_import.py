@@ -1,0 +1,82 @@
+"""Streaming reads of Hugging Face checkpoint directories (safetensors only, no pickle).
+
+`CheckpointReader(directory)` opens `model.safetensors` or the shards listed in
+`model.safetensors.index.json` and hands out tensors one at a time as NumPy arrays
+(bf16 arrives as `ml_dtypes.bfloat16`). It remembers which tensors were taken, so the
+importer can reject checkpoints with tensors it did not expect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def read_config(directory: str) -> dict[str, Any]:
+  """The checkpoint's `config.json` as a dict."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config.json in {directory}")
+  with open(path) as fh:
+    return json.load(fh)
+
+
+class CheckpointReader:
+  """Tensor-by-tensor access to a (possibly sharded) safetensors checkpoint."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    index_path = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index_path):
+      with open(index_path) as fh:
+        weight_map = json.load(fh)["weight_map"]
+    elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
+      with safe_open(os.path.join(directory, SINGLE_FILE), framework="numpy") as f:
+        weight_map = {name: SINGLE_FILE for name in f.keys()}
+    else:
+      raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
+    self._file_of = dict(weight_map)
+    self._handles: dict[str, Any] = {}
+    self.taken: set[str] = set()
+
+  def names(self) -> set[str]:
+    return set(self._file_of)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._file_of
+
+  def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Tensor `name`; raises KeyError / ValueError naming it if missing or mis-shaped."""
+    if name not in self._file_of:
+      raise KeyError(f"checkpoint {self.directory} has no tensor {name!r}")
+    file = self._file_of[name]
+    if file not in self._handles:
+      path = os.path.join(self.directory, file)
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard {file} listed for {name!r} is missing")
+      self._handles[file] = safe_open(path, framework="numpy")
+    array = self._handles[file].get_tensor(name)
+    if shape is not None and tuple(array.shape) != tuple(shape):
+      raise ValueError(f"tensor {name!r} has shape {tuple(array.shape)}, expected "
+                       f"{tuple(shape)}")
+    self.taken.add(name)
+    return array
+
+  def stack(self, names: list[str], shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Stacks tensors (e.g. one per expert) into `[len(names), ...]`."""
+    return np.stack([self.get(n, shape) for n in names])
+
+  def check_all_taken(self, ignore: tuple[str, ...] = ()) -> None:
+    """Raises ValueError naming tensors that the importer did not use."""
+    left = sorted(n for n in self.names() - self.taken
+                  if not any(n.startswith(p) or n.endswith(p) for p in ignore))
+    if left:
+      shown = ", ".join(left[:8]) + (" ..." if len(left) > 8 else "")
+      raise ValueError(f"unexpected tensors in {self.directory}: {shown}")

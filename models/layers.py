@@ -1,0 +1,125 @@
+"""Building blocks shared by the decoder models: norms, RoPE, MLP, cached attention.
+
+Conventions (every model follows them, so one generation loop serves all):
+  * Prompts are LEFT-padded to a common length, so a step writes the same cache slot
+    `cache_index` for every sequence; `positions [B, L]` count from 0 at each
+    sequence's first real token.
+  * `KVCache` holds keys and values `[B, S, H_kv, D_head]`; `cache_valid [B, S]` marks
+    slots holding real tokens (the attention mask is that and causality).
+  * `token_valid [B, L]` marks tokens that count for routing (padding and finished
+    sequences do not add experts to SERE's primary set).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+
+class KVCache(NamedTuple):
+  """One layer's keys and values, `[B, S, H_kv, D]` each."""
+
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, batch: int, length: int, kv_heads: int, k_dim: int, v_dim: int,
+            dtype) -> KVCache:
+    return cls(jnp.zeros((batch, length, kv_heads, k_dim), dtype),
+               jnp.zeros((batch, length, kv_heads, v_dim), dtype))
+
+  def update(self, k: jax.Array, v: jax.Array, index: jax.Array) -> KVCache:
+    """Writes `k, v [B, L, H_kv, D]` at slots `[index, index + L)`."""
+    start = (0, index, 0, 0)
+    return KVCache(jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
+                   jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start))
+
+
+class RMSNorm(nnx.Module):
+  """RMS normalisation in float32 with a learned scale (HF `*RMSNorm`)."""
+
+  def __init__(self, dim: int, eps: float = 1e-6, param_dtype=jnp.float32):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (self.weight[...].astype(jnp.float32) * xf).astype(x.dtype)
+
+
+def linear_param(rngs: nnx.Rngs, shape: tuple[int, ...], param_dtype) -> nnx.Param:
+  """A weight `[in, out]` (or `[..., in, out]`) initialised with std 1/sqrt(in)."""
+  return nnx.Param(nnx.initializers.normal(stddev=shape[-2] ** -0.5)(
+      rngs.params(), shape, param_dtype))
+
+
+class Linear(nnx.Module):
+  """`x @ kernel (+ bias)`; kernel stored `[in, out]` (HF's transposed)."""
+
+  def __init__(self, d_in: int, d_out: int, *, bias: bool = False, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.kernel = linear_param(rngs, (d_in, d_out), param_dtype)
+    self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """Dense gated MLP: `down(silu(gate(x)) * up(x))`."""
+
+  def __init__(self, dim: int, hidden: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.gate = Linear(dim, hidden, param_dtype=param_dtype, rngs=rngs)
+    self.up = Linear(dim, hidden, param_dtype=param_dtype, rngs=rngs)
+    self.down = Linear(hidden, dim, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def rope_inv_freq(rotary_dim: int, theta: float) -> jax.Array:
+  """Standard RoPE inverse frequencies `[rotary_dim // 2]`."""
+  return 1.0 / theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               scale: float = 1.0) -> jax.Array:
+  """Rotates `x [B, L, H, R]` by `positions [B, L]` (rotate-half layout, as HF Llama/Qwen).
+
+  `scale` multiplies cos and sin (YaRN's attention factor).
+  """
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, R/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_mask(cache_valid: jax.Array, cache_index: jax.Array, length: int) -> jax.Array:
+  """`[B, L, S]` bool: query `l` (at slot `cache_index + l`) sees valid slots `<=` it."""
+  slots = jnp.arange(cache_valid.shape[1])
+  query_slots = cache_index + jnp.arange(length)
+  causal = slots[None, :] <= query_slots[:, None]  # [L, S]
+  return causal[None] & cache_valid[:, None, :]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+           ) -> jax.Array:
+  """Grouped-query attention. `q [B, L, H, Dk]`, `k [B, S, Hkv, Dk]`, `v [B, S, Hkv, Dv]`,
+  `mask [B, L, S]` -> `[B, L, H, Dv]` (softmax in float32)."""
+  b, l, h, dk = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, l, kv_heads, h // kv_heads, dk)
+  logits = jnp.einsum("blgrd,bsgd->bgrls", q.astype(jnp.float32), k.astype(jnp.float32))
+  logits = jnp.where(mask[:, None, None], logits * scale, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows with no visible slot
+  out = jnp.einsum("bgrls,bsgd->blgrd", probs, v.astype(jnp.float32))
+  return out.reshape(b, l, h, v.shape[-1]).astype(q.dtype)
