@@ -1,0 +1,430 @@
+"""DeepSeek-V2 / V2-Lite in Flax NNX, with Hugging Face weight import.
+
+    model = load_hf("/path/to/DeepSeek-V2-Lite")         # safetensors directory
+    cache = model.init_cache(batch, length, jnp.float32)
+    out = model(tokens, positions, token_valid, cache, cache_valid, cache_index)
+
+Multi-head latent attention (MLA): queries come from `q_proj` (or the low-rank
+`q_a_proj -> q_a_layernorm -> q_b_proj`), keys and values from a compressed latent
+(`kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj`) plus one decoupled RoPE key
+shared by all heads; RoPE may be YaRN-scaled. The cache stores the expanded per-head
+keys and values. MoE layers route with softmax scores, greedy or group-limited greedy
+top-K (`DeepseekV2Config.topk_method`), and add `n_shared_experts` as one dense MLP.
+
+Semantics follow DeepSeek's reference code, which the Hugging Face implementation
+matches for every released checkpoint; where they differ (transformers ignores
+`norm_topk_prob` and `moe_layer_freq`), the reference code wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sere_jax import policies
+from sere_jax.config import RerouteConfig
+from sere_jax.models import base
+from sere_jax.models import hf_import
+from sere_jax.models.layers import KVCache, Linear, RMSNorm, SwiGLU
+from sere_jax.models.layers import apply_rope, attend, attention_mask
+from sere_jax.moe import MoeBlock, Router, moe_blocks
+
+NO_REROUTE = RerouteConfig(policy="none")
+TOPK_METHODS = ("greedy", "group_limited_greedy")
+ROPE_TYPES = ("default", "yarn")
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in HF
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepseekV2Config:
+  """DeepSeek-V2 hyper-parameters (HF names; YaRN settings flattened into `rope_*`)."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  moe_intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  kv_lora_rank: int
+  qk_nope_head_dim: int
+  qk_rope_head_dim: int
+  v_head_dim: int
+  n_routed_experts: int
+  num_experts_per_tok: int
+  q_lora_rank: int | None = None
+  n_shared_experts: int = 0
+  first_k_dense_replace: int = 0
+  moe_layer_freq: int = 1
+  routed_scaling_factor: float = 1.0
+  norm_topk_prob: bool = False
+  topk_method: str = "greedy"
+  n_group: int = 1
+  topk_group: int = 1
+  attention_bias: bool = False
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 2048
+  rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_original_max_position_embeddings: int = 2048
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_mscale: float | None = None
+  rope_mscale_all_dim: float | None = None
+  rope_attention_factor: float | None = None
+  rope_truncate: bool = True
+  architecture: str = "deepseek_v2"
+
+  def __post_init__(self):
+    if self.architecture != "deepseek_v2":
+      raise ValueError(f"architecture must be 'deepseek_v2', got {self.architecture!r}")
+    if self.topk_method not in TOPK_METHODS:
+      raise ValueError(f"topk_method must be one of {TOPK_METHODS}, got "
+                       f"{self.topk_method!r}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_scaling type must be one of {ROPE_TYPES}, got "
+                       f"{self.rope_type!r}")
+    if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+      raise ValueError(f"num_experts_per_tok must be in [1, {self.n_routed_experts}], "
+                       f"got {self.num_experts_per_tok}")
+    if self.n_routed_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+      raise ValueError(f"n_group {self.n_group} must divide n_routed_experts "
+                       f"{self.n_routed_experts} and topk_group {self.topk_group} must "
+                       f"be in [1, n_group]")
+    if self.qk_rope_head_dim % 2:
+      raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+  @classmethod
+  def from_hf(cls, config: dict[str, Any]) -> DeepseekV2Config:
+    """Maps a Hugging Face `config.json` dict; ValueError on options we do not support."""
+    if config.get("n_routed_experts") is None:
+      raise ValueError("unsupported DeepSeek-V2 option n_routed_experts=None (no MoE)")
+    checks = {
+        "model_type": (config.get("model_type", "deepseek_v2"), ("deepseek_v2",)),
+        "scoring_func": (config.get("scoring_func", "softmax"), ("softmax",)),
+        "hidden_act": (config.get("hidden_act", "silu"), ("silu",)),
+        "mlp_bias": (config.get("mlp_bias", False), (False,)),
+        "num_key_value_heads": (config.get("num_key_value_heads"),
+                                (None, config["num_attention_heads"])),
+    }
+    for key, (value, allowed) in checks.items():
+      if value not in allowed:
+        raise ValueError(f"unsupported DeepSeek-V2 option {key}={value!r}")
+    topk_method = config.get("topk_method") or "greedy"
+    grouped = topk_method == "group_limited_greedy"
+    fields = {k: config[k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+        "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok")}
+    for key in ("q_lora_rank", "n_shared_experts", "first_k_dense_replace",
+                "moe_layer_freq", "routed_scaling_factor", "norm_topk_prob",
+                "attention_bias", "rms_norm_eps", "tie_word_embeddings",
+                "max_position_embeddings"):
+      if config.get(key) is not None:
+        fields[key] = config[key]
+    return cls(**fields, topk_method=topk_method,
+               n_group=config["n_group"] if grouped else 1,
+               topk_group=config["topk_group"] if grouped else 1,
+               **_rope_fields(config))
+
+
+def _rope_fields(config: dict[str, Any]) -> dict[str, Any]:
+  """The `rope_*` fields from HF's `rope_parameters` (v5) or `rope_theta` + `rope_scaling`."""
+  params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  fields = {"rope_type": rope_type,
+            "rope_theta": params.get("rope_theta", config.get("rope_theta", 10000.0))}
+  if rope_type == "yarn":
+    max_pos = config.get("max_position_embeddings", 2048)
+    original = config.get("original_max_position_embeddings",
+                          params.get("original_max_position_embeddings", max_pos))
+    fields.update(
+        rope_factor=params.get("factor") or max_pos / original,
+        rope_original_max_position_embeddings=original,
+        rope_beta_fast=params.get("beta_fast") or 32.0,
+        rope_beta_slow=params.get("beta_slow") or 1.0,
+        rope_mscale=params.get("mscale"),
+        rope_mscale_all_dim=params.get("mscale_all_dim"),
+        rope_attention_factor=params.get("attention_factor"),
+        rope_truncate=params.get("truncate", True))
+  return fields
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+  """YaRN's attention magnitude correction `0.1 * mscale * ln(scale) + 1` (1 if scale <= 1)."""
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(config: DeepseekV2Config) -> tuple[np.ndarray, float]:
+  """RoPE inverse frequencies `[qk_rope_head_dim // 2]` (f32) and the cos/sin factor."""
+  dim, base = config.qk_rope_head_dim, config.rope_theta
+  pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+  if config.rope_type == "default":
+    return (1.0 / pos_freqs).astype(np.float32), 1.0
+  factor = config.rope_factor
+  mscale, mscale_all_dim = config.rope_mscale, config.rope_mscale_all_dim
+  attention_factor = config.rope_attention_factor
+  if attention_factor is None:
+    attention_factor = (yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+                        if mscale and mscale_all_dim else yarn_get_mscale(factor))
+
+  def correction_dim(rotations: float) -> float:
+    ratio = config.rope_original_max_position_embeddings / (rotations * 2 * math.pi)
+    return dim * math.log(ratio) / (2 * math.log(base))
+
+  low, high = correction_dim(config.rope_beta_fast), correction_dim(config.rope_beta_slow)
+  if config.rope_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+  extrapolation = 1 - ramp.astype(np.float32)
+  inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+  return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def softmax_scale(config: DeepseekV2Config) -> float:
+  """`qk_head_dim ** -0.5`, times `yarn_get_mscale(factor, mscale_all_dim) ** 2` under YaRN."""
+  scale = config.qk_head_dim ** -0.5
+  if config.rope_type == "yarn" and config.rope_mscale_all_dim:
+    scale *= yarn_get_mscale(config.rope_factor, config.rope_mscale_all_dim) ** 2
+  return scale
+
+
+def deepseek_router(config: DeepseekV2Config) -> Router:
+  """Softmax scores -> (group-limited) greedy top-K -> normalised or scaled weights.
+
+  Under `group_limited_greedy`, each token keeps the `topk_group` groups of experts with
+  the highest maximum score; experts of other groups score 0 (as in DeepSeek's code).
+  Weights are renormalised when `norm_topk_prob` (and K > 1), else multiplied by
+  `routed_scaling_factor`. The scores handed back are the masked softmax scores.
+  """
+  top_k, num_groups = config.num_experts_per_tok, config.n_group
+
+  def route(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if config.topk_method == "group_limited_greedy":
+      tokens, experts = scores.shape
+      group_max = jnp.max(scores.reshape(tokens, num_groups, -1), axis=-1)
+      _, top_groups = jax.lax.top_k(group_max, config.topk_group)
+      keep = jnp.zeros((tokens, num_groups), jnp.bool_).at[
+          jnp.arange(tokens)[:, None], top_groups].set(True)
+      scores = jnp.where(jnp.repeat(keep, experts // num_groups, axis=1), scores, 0.0)
+    weights, ids = jax.lax.top_k(scores, top_k)
+    if config.norm_topk_prob and top_k > 1:
+      weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    else:
+      weights = weights * config.routed_scaling_factor
+    return ids.astype(jnp.int32), weights, scores
+
+  return route
+
+
+def _deinterleave(x: jax.Array) -> jax.Array:
+  """`[..., (r, 2)]` pairs -> `[even | odd]`, so rotate-half RoPE equals HF's complex RoPE."""
+  return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+class MlaAttention(nnx.Module):
+  """Multi-head latent attention with decoupled RoPE and an expanded-KV cache."""
+
+  def __init__(self, config: DeepseekV2Config, *, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    c, dim, heads = config, config.hidden_size, config.num_attention_heads
+    kw = dict(param_dtype=param_dtype, rngs=rngs)
+    self.config = config
+    if c.q_lora_rank is None:
+      self.q_proj = Linear(dim, heads * c.qk_head_dim, **kw)
+    else:
+      self.q_a_proj = Linear(dim, c.q_lora_rank, bias=c.attention_bias, **kw)
+      self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS, param_dtype)
+      self.q_b_proj = Linear(c.q_lora_rank, heads * c.qk_head_dim, **kw)
+    self.kv_a_proj_with_mqa = Linear(dim, c.kv_lora_rank + c.qk_rope_head_dim,
+                                     bias=c.attention_bias, **kw)
+    self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS, param_dtype)
+    self.kv_b_proj = Linear(c.kv_lora_rank, heads * (c.qk_nope_head_dim + c.v_head_dim), **kw)
+    self.o_proj = Linear(heads * c.v_head_dim, dim, bias=c.attention_bias, **kw)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache,
+               mask: jax.Array, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+    c = self.config
+    b, l, _ = x.shape
+    heads = c.num_attention_heads
+    q = (self.q_proj(x) if c.q_lora_rank is None
+         else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))))
+    q_nope, q_pe = jnp.split(q.reshape(b, l, heads, c.qk_head_dim), [c.qk_nope_head_dim], -1)
+    latent, k_pe = jnp.split(self.kv_a_proj_with_mqa(x), [c.kv_lora_rank], -1)
+    kv = self.kv_b_proj(self.kv_a_layernorm(latent)).reshape(b, l, heads, -1)
+    k_nope, v = jnp.split(kv, [c.qk_nope_head_dim], -1)
+    inv_freq, rope_scale = rope_frequencies(c)
+    q_pe = apply_rope(_deinterleave(q_pe), positions, inv_freq, rope_scale)
+    k_pe = apply_rope(_deinterleave(k_pe[:, :, None, :]), positions, inv_freq, rope_scale)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, l, heads, c.qk_rope_head_dim))],
+                        axis=-1)
+    cache = cache.update(k, v, cache_index)
+    out = attend(jnp.concatenate([q_nope, q_pe], -1), cache.k, cache.v, mask,
+                 softmax_scale(c))
+    return self.o_proj(out.reshape(b, l, heads * c.v_head_dim)), cache
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm MLA + (dense SwiGLU | routed MoE + shared experts)."""
+
+  def __init__(self, config: DeepseekV2Config, layer: int, *, reroute: RerouteConfig,
+               impl: str, param_dtype, rngs: nnx.Rngs):
+    dim, kw = config.hidden_size, dict(param_dtype=param_dtype, rngs=rngs)
+    self.input_layernorm = RMSNorm(dim, config.rms_norm_eps, param_dtype)
+    self.self_attn = MlaAttention(config, **kw)
+    self.post_attention_layernorm = RMSNorm(dim, config.rms_norm_eps, param_dtype)
+    if config.is_moe_layer(layer):
+      self.mlp = MoeBlock(
+          dim, config.moe_intermediate_size, config.n_routed_experts,
+          config.num_experts_per_tok, reroute=reroute,
+          normalize=config.norm_topk_prob and config.num_experts_per_tok > 1,
+          router=deepseek_router(config), impl=impl, **kw)
+    else:
+      self.mlp = SwiGLU(dim, config.intermediate_size, **kw)
+    shared = config.moe_intermediate_size * config.n_shared_experts
+    self.shared_experts = (SwiGLU(dim, shared, **kw)
+                           if config.is_moe_layer(layer) and shared else None)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
+               cache: KVCache, mask: jax.Array, cache_index: jax.Array, decode: bool
+               ) -> tuple[jax.Array, KVCache, policies.RerouteStats | None]:
+    h, cache = self.self_attn(self.input_layernorm(x), positions, cache, mask, cache_index)
+    x = x + h
+    h = self.post_attention_layernorm(x)
+    stats = None
+    if isinstance(self.mlp, MoeBlock):
+      b, l, d = h.shape
+      y, stats = self.mlp(h.reshape(b * l, d), token_valid.reshape(b * l), decode=decode)
+      y = y.reshape(b, l, d)
+      if self.shared_experts is not None:
+        y = y + self.shared_experts(h)
+    else:
+      y = self.mlp(h)
+    return x + y, cache, stats
+
+
+class DeepseekV2ForCausalLM(nnx.Module):
+  """DeepSeek-V2 decoder with LM head; see `sere_jax.models.base` for the interface."""
+
+  def __init__(self, config: DeepseekV2Config, *, reroute: RerouteConfig = NO_REROUTE,
+               impl: str = "auto", param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.embed_tokens = nnx.Param(nnx.initializers.normal(stddev=0.02)(
+        rngs.params(), (config.vocab_size, config.hidden_size), param_dtype))
+    self.layers = nnx.List([
+        DecoderLayer(config, i, reroute=reroute, impl=impl, param_dtype=param_dtype,
+                     rngs=rngs) for i in range(config.num_hidden_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    Linear(config.hidden_size, config.vocab_size, param_dtype=param_dtype,
+                           rngs=rngs))
+
+  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> list[KVCache]:
+    c = self.config
+    return [KVCache.zeros(batch, length, c.num_attention_heads, c.qk_head_dim,
+                          c.v_head_dim, dtype) for _ in range(c.num_hidden_layers)]
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
+               cache: list[KVCache], cache_valid: jax.Array, cache_index: jax.Array, *,
+               decode: bool = False) -> base.ForwardOutput:
+    x = self.embed_tokens[...][tokens]
+    mask = attention_mask(cache_valid, cache_index, tokens.shape[1])
+    new_cache, stats = [], []
+    for layer, layer_cache in zip(self.layers, cache):
+      x, layer_cache, layer_stats = layer(x, positions, token_valid, layer_cache, mask,
+                                          cache_index, decode)
+      new_cache.append(layer_cache)
+      if layer_stats is not None:
+        stats.append(layer_stats)
+    x = self.norm(x)
+    logits = (self.lm_head(x) if self.lm_head is not None
+              else jnp.dot(x, self.embed_tokens[...].T.astype(x.dtype)))
+    return base.ForwardOutput(logits.astype(jnp.float32), new_cache, tuple(stats))
+
+
+def load_hf(directory: str, *, param_dtype=jnp.float32, reroute: RerouteConfig = NO_REROUTE,
+            impl: str = "auto") -> DeepseekV2ForCausalLM:
+  """Builds the model of a HF DeepSeek-V2 checkpoint directory and fills every weight.
+
+  Raises KeyError / ValueError naming a missing, mis-shaped or unexpected tensor.
+  """
+  config = DeepseekV2Config.from_hf(hf_import.read_config(directory))
+  model = nnx.eval_shape(lambda: DeepseekV2ForCausalLM(
+      config, reroute=reroute, impl=impl, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  reader = hf_import.CheckpointReader(directory)
+
+  def put(var: nnx.Variable, array: np.ndarray) -> None:
+    var.set_value(jnp.asarray(array, dtype=param_dtype))
+
+  def linear(name: str, module: Linear) -> None:
+    d_in, d_out = module.kernel.shape
+    put(module.kernel, reader.get(f"{name}.weight", (d_out, d_in)).T)
+    if module.bias is not None:
+      put(module.bias, reader.get(f"{name}.bias", (d_out,)))
+
+  def norm(name: str, module: RMSNorm) -> None:
+    put(module.weight, reader.get(f"{name}.weight", module.weight.shape))
+
+  def swiglu(name: str, module: SwiGLU) -> None:
+    for part in ("gate", "up", "down"):
+      linear(f"{name}.{part}_proj", getattr(module, part))
+
+  put(model.embed_tokens, reader.get("model.embed_tokens.weight", model.embed_tokens.shape))
+  norm("model.norm", model.norm)
+  if model.lm_head is not None:
+    linear("lm_head", model.lm_head)
+  for i, layer in enumerate(model.layers):
+    name, attn = f"model.layers.{i}", layer.self_attn
+    norm(f"{name}.input_layernorm", layer.input_layernorm)
+    norm(f"{name}.post_attention_layernorm", layer.post_attention_layernorm)
+    if config.q_lora_rank is None:
+      linear(f"{name}.self_attn.q_proj", attn.q_proj)
+    else:
+      linear(f"{name}.self_attn.q_a_proj", attn.q_a_proj)
+      norm(f"{name}.self_attn.q_a_layernorm", attn.q_a_layernorm)
+      linear(f"{name}.self_attn.q_b_proj", attn.q_b_proj)
+    for part in ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
+      linear(f"{name}.self_attn.{part}", getattr(attn, part))
+    norm(f"{name}.self_attn.kv_a_layernorm", attn.kv_a_layernorm)
+    if isinstance(layer.mlp, MoeBlock):
+      _load_experts(reader, f"{name}.mlp", layer.mlp, put)
+      if layer.shared_experts is not None:
+        swiglu(f"{name}.mlp.shared_experts", layer.shared_experts)
+    else:
+      swiglu(f"{name}.mlp", layer.mlp)
+  for block in moe_blocks(model):
+    block.similarity.set_value(jnp.full(block.similarity.shape, jnp.nan, jnp.float32))
+  tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
+  reader.check_all_taken(ignore=("rotary_emb.inv_freq",) + tied)
+  return model
+
+
+def _load_experts(reader: hf_import.CheckpointReader, name: str, block: MoeBlock, put) -> None:
+  """Router `[E, D]` and per-expert `gate/up [F, D]`, `down [D, F]` -> the block's layout."""
+  num_experts, dim, two_f = block.w_gate_up.shape
+  ffn = two_f // 2
+  put(block.router_kernel, reader.get(f"{name}.gate.weight", (num_experts, dim)).T)
+  expert = [f"{name}.experts.{e}" for e in range(num_experts)]
+  gate = reader.stack([f"{n}.gate_proj.weight" for n in expert], (ffn, dim))
+  up = reader.stack([f"{n}.up_proj.weight" for n in expert], (ffn, dim))
+  down = reader.stack([f"{n}.down_proj.weight" for n in expert], (dim, ffn))
+  put(block.w_gate_up, np.concatenate([gate, up], axis=1).transpose(0, 2, 1))
+  put(block.w_down, down.transpose(0, 2, 1))

@@ -1,0 +1,192 @@
+"""DeepSeek-V2: config mapping, router rules, HF import errors, parity with HF."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from sere_jax.models import deepseek_v2 as ds
+from sere_jax.models import hf_import
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "parity")
+PARITY_MODELS = ("deepseek_v2", "deepseek_v2_lite")
+SMALL = dict(vocab_size=32, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+             num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=8,
+             qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=16,
+             num_experts_per_tok=4)
+
+
+def _fixture(name: str) -> str:
+  path = os.path.join(FIXTURES, name)
+  if not os.path.isfile(os.path.join(path, "reference.safetensors")):
+    pytest.skip(f"parity fixture {name} not generated")
+  return path
+
+
+# --- config -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_config_from_hf_round_trips_through_json(name):
+  config = ds.DeepseekV2Config.from_hf(hf_import.read_config(_fixture(name)))
+  assert config.rope_type == "yarn"
+  rebuilt = ds.DeepseekV2Config(**json.loads(json.dumps(dataclasses.asdict(config))))
+  assert rebuilt == config and hash(rebuilt) == hash(config)
+
+
+def test_legacy_rope_scaling_maps_like_rope_parameters():
+  yarn = dict(factor=40.0, beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707,
+              original_max_position_embeddings=4096)
+  new = ds.DeepseekV2Config.from_hf(
+      dict(SMALL, rope_parameters=dict(yarn, rope_type="yarn", rope_theta=1e4)))
+  old = ds.DeepseekV2Config.from_hf(
+      dict(SMALL, rope_theta=1e4, rope_scaling=dict(yarn, type="yarn")))
+  assert new == old and new.rope_factor == 40.0
+
+
+@pytest.mark.parametrize("key, value", [
+    ("topk_method", "noaux_tc"), ("scoring_func", "sigmoid"), ("hidden_act", "gelu"),
+    ("mlp_bias", True), ("num_key_value_heads", 1), ("n_routed_experts", None),
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0})])
+def test_from_hf_rejects_unsupported_options(key, value):
+  with pytest.raises(ValueError, match=key.split("_scaling")[0]):
+    ds.DeepseekV2Config.from_hf(dict(SMALL, **{key: value}))
+
+
+def test_config_validates_groups():
+  with pytest.raises(ValueError, match="n_group"):
+    ds.DeepseekV2Config(**SMALL, topk_method="group_limited_greedy", n_group=3, topk_group=1)
+
+
+def test_yarn_frequencies_interpolate_low_frequencies():
+  config = ds.DeepseekV2Config(**dict(SMALL, qk_rope_head_dim=16), rope_type="yarn",
+                               rope_factor=8.0, rope_original_max_position_embeddings=64)
+  inv_freq, _ = ds.rope_frequencies(config)
+  plain, _ = ds.rope_frequencies(dataclasses.replace(config, rope_type="default"))
+  np.testing.assert_allclose(inv_freq[0], plain[0])  # fast dims extrapolate
+  np.testing.assert_allclose(inv_freq[-1], plain[-1] / 8.0, rtol=1e-6)  # slow interpolate
+
+
+# --- router -------------------------------------------------------------------------
+
+def _route(logits, **fields):
+  config = ds.DeepseekV2Config(**SMALL, **fields)
+  return [np.asarray(a) for a in ds.deepseek_router(config)(jnp.asarray(logits))]
+
+
+def test_group_limited_greedy_picks_only_from_top_groups():
+  logits = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32) * 3
+  ids, weights, _ = _route(logits, topk_method="group_limited_greedy", n_group=4,
+                           topk_group=2, routed_scaling_factor=2.5)
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  top_groups = np.argsort(-probs.reshape(64, 4, 4).max(-1), axis=-1)[:, :2]
+  for t in range(64):
+    assert set(ids[t] // 4) <= set(top_groups[t])
+    allowed = np.isin(np.arange(16) // 4, top_groups[t])
+    best = np.sort(np.where(allowed, probs[t], -1.0))[::-1][:4]
+    np.testing.assert_allclose(weights[t], 2.5 * best, rtol=1e-6)
+  assert np.all(np.diff(weights, axis=1) <= 0)  # sorted by score
+
+
+def test_greedy_router_matches_plain_top_k_and_normalises():
+  logits = np.random.default_rng(1).normal(size=(32, 16)).astype(np.float32)
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  ids, weights, scores = _route(logits, norm_topk_prob=True, routed_scaling_factor=3.0)
+  np.testing.assert_array_equal(ids, np.argsort(-probs, axis=-1)[:, :4])
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(scores, probs, rtol=1e-6)
+
+
+# --- import errors ------------------------------------------------------------------
+
+@pytest.fixture
+def checkpoint_copy(tmp_path):
+  """A writable copy of the small q-LoRA fixture: `(directory, tensors)`."""
+  src = _fixture("deepseek_v2")
+  shutil.copy(os.path.join(src, "config.json"), tmp_path)
+  return str(tmp_path), load_file(os.path.join(src, "model.safetensors"))
+
+
+def test_load_hf_fills_every_parameter(checkpoint_copy):
+  directory, tensors = checkpoint_copy
+  save_file(tensors, os.path.join(directory, "model.safetensors"))
+  model = ds.load_hf(directory, impl="xla_dense")
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(isinstance(x, jax.Array) for x in leaves)
+  np.testing.assert_array_equal(
+      model.layers[1].self_attn.kv_b_proj.kernel[...],
+      tensors["model.layers.1.self_attn.kv_b_proj.weight"].T)
+  np.testing.assert_array_equal(model.layers[2].mlp.w_down[...][3],
+                                tensors["model.layers.2.mlp.experts.3.down_proj.weight"].T)
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    ("missing", KeyError, "model.layers.2.mlp.experts.5.up_proj.weight"),
+    ("misshaped", ValueError, "model.layers.1.self_attn.q_b_proj.weight"),
+    ("unexpected", ValueError, "model.layers.0.mlp.extra.weight"),
+])
+def test_load_hf_names_bad_tensors(checkpoint_copy, edit, error, match):
+  directory, tensors = checkpoint_copy
+  if edit == "missing":
+    del tensors[match]
+  elif edit == "misshaped":
+    tensors[match] = tensors[match][:-1]
+  else:
+    tensors[match] = np.zeros((2,), np.float32)
+  save_file(tensors, os.path.join(directory, "model.safetensors"))
+  with pytest.raises(error, match=match.replace(".", r"\.")):
+    ds.load_hf(directory, impl="xla_dense")
+
+
+# --- parity with Hugging Face -------------------------------------------------------
+
+@nnx.jit(static_argnames="decode")
+def _forward(model, tokens, positions, token_valid, cache, cache_valid, cache_index, *,
+             decode):
+  return model(tokens, positions, token_valid, cache, cache_valid, cache_index,
+               decode=decode)
+
+
+def _assert_close(logits, ref, what):
+  diff = float(np.max(np.abs(np.asarray(logits) - ref)))
+  assert diff <= 1e-4 * float(np.max(np.abs(ref))), f"{what}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_parity_with_hugging_face(name):
+  directory = _fixture(name)
+  ref = load_file(os.path.join(directory, "reference.safetensors"))
+  model = ds.load_hf(directory, impl="xla_dense")
+  mask = ref["attention_mask"].astype(bool)
+  batch, prompt_len = mask.shape
+  steps = ref["generated_ids"].shape[1]
+  cache_valid = np.zeros((batch, prompt_len + steps - 1), bool)
+  cache_valid[:, :prompt_len] = mask
+  out = _forward(model, jnp.asarray(ref["input_ids"]), jnp.asarray(ref["position_ids"]),
+                 jnp.asarray(mask), model.init_cache(batch, cache_valid.shape[1]),
+                 jnp.asarray(cache_valid), jnp.int32(0), decode=False)
+  _assert_close(np.asarray(out.logits)[mask], ref["prefill_logits"][mask], "prefill")
+
+  logits, cache = np.asarray(out.logits)[:, -1], out.cache
+  positions = ref["position_ids"][:, -1]
+  for t in range(steps):
+    _assert_close(logits, ref["decode_logits"][:, t], f"decode step {t}")
+    token = logits.argmax(-1)
+    np.testing.assert_array_equal(token, ref["generated_ids"][:, t])
+    if t == steps - 1:
+      break
+    slot = prompt_len + t
+    cache_valid[:, slot] = True
+    positions = positions + 1
+    out = _forward(model, jnp.asarray(token[:, None]), jnp.asarray(positions[:, None]),
+                   jnp.ones((batch, 1), bool), cache, jnp.asarray(cache_valid),
+                   jnp.int32(slot), decode=True)
+    logits, cache = np.asarray(out.logits)[:, 0], out.cache
