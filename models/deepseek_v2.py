@@ -33,7 +33,7 @@ from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models.layers import KVCache, Linear, RMSNorm, SwiGLU
 from sere_jax.models.layers import apply_rope, attend, attention_mask
-from sere_jax.moe import MoeBlock, Router, moe_blocks
+from sere_jax.moe import MoeBlock, Router
 
 NO_REROUTE = RerouteConfig(policy="none")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -370,61 +370,30 @@ def load_hf(directory: str, *, param_dtype=jnp.float32, reroute: RerouteConfig =
   model = nnx.eval_shape(lambda: DeepseekV2ForCausalLM(
       config, reroute=reroute, impl=impl, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   reader = hf_import.CheckpointReader(directory)
-
-  def put(var: nnx.Variable, array: np.ndarray) -> None:
-    var.set_value(jnp.asarray(array, dtype=param_dtype))
-
-  def linear(name: str, module: Linear) -> None:
-    d_in, d_out = module.kernel.shape
-    put(module.kernel, reader.get(f"{name}.weight", (d_out, d_in)).T)
-    if module.bias is not None:
-      put(module.bias, reader.get(f"{name}.bias", (d_out,)))
-
-  def norm(name: str, module: RMSNorm) -> None:
-    put(module.weight, reader.get(f"{name}.weight", module.weight.shape))
-
-  def swiglu(name: str, module: SwiGLU) -> None:
-    for part in ("gate", "up", "down"):
-      linear(f"{name}.{part}_proj", getattr(module, part))
-
-  put(model.embed_tokens, reader.get("model.embed_tokens.weight", model.embed_tokens.shape))
-  norm("model.norm", model.norm)
+  load = hf_import.WeightLoader(reader, param_dtype)
+  load.tensor(model.embed_tokens, "model.embed_tokens.weight")
+  load.norm(model.norm, "model.norm")
   if model.lm_head is not None:
-    linear("lm_head", model.lm_head)
+    load.linear(model.lm_head, "lm_head")
   for i, layer in enumerate(model.layers):
     name, attn = f"model.layers.{i}", layer.self_attn
-    norm(f"{name}.input_layernorm", layer.input_layernorm)
-    norm(f"{name}.post_attention_layernorm", layer.post_attention_layernorm)
+    load.norm(layer.input_layernorm, f"{name}.input_layernorm")
+    load.norm(layer.post_attention_layernorm, f"{name}.post_attention_layernorm")
     if config.q_lora_rank is None:
-      linear(f"{name}.self_attn.q_proj", attn.q_proj)
+      load.linear(attn.q_proj, f"{name}.self_attn.q_proj")
     else:
-      linear(f"{name}.self_attn.q_a_proj", attn.q_a_proj)
-      norm(f"{name}.self_attn.q_a_layernorm", attn.q_a_layernorm)
-      linear(f"{name}.self_attn.q_b_proj", attn.q_b_proj)
+      load.linear(attn.q_a_proj, f"{name}.self_attn.q_a_proj")
+      load.norm(attn.q_a_layernorm, f"{name}.self_attn.q_a_layernorm")
+      load.linear(attn.q_b_proj, f"{name}.self_attn.q_b_proj")
     for part in ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
-      linear(f"{name}.self_attn.{part}", getattr(attn, part))
-    norm(f"{name}.self_attn.kv_a_layernorm", attn.kv_a_layernorm)
+      load.linear(getattr(attn, part), f"{name}.self_attn.{part}")
+    load.norm(attn.kv_a_layernorm, f"{name}.self_attn.kv_a_layernorm")
     if isinstance(layer.mlp, MoeBlock):
-      _load_experts(reader, f"{name}.mlp", layer.mlp, put)
+      load.moe(layer.mlp, f"{name}.mlp")
       if layer.shared_experts is not None:
-        swiglu(f"{name}.mlp.shared_experts", layer.shared_experts)
+        load.swiglu(layer.shared_experts, f"{name}.mlp.shared_experts")
     else:
-      swiglu(f"{name}.mlp", layer.mlp)
-  for block in moe_blocks(model):
-    block.similarity.set_value(jnp.full(block.similarity.shape, jnp.nan, jnp.float32))
+      load.swiglu(layer.mlp, f"{name}.mlp")
   tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
   reader.check_all_taken(ignore=("rotary_emb.inv_freq",) + tied)
   return model
-
-
-def _load_experts(reader: hf_import.CheckpointReader, name: str, block: MoeBlock, put) -> None:
-  """Router `[E, D]` and per-expert `gate/up [F, D]`, `down [D, F]` -> the block's layout."""
-  num_experts, dim, two_f = block.w_gate_up.shape
-  ffn = two_f // 2
-  put(block.router_kernel, reader.get(f"{name}.gate.weight", (num_experts, dim)).T)
-  expert = [f"{name}.experts.{e}" for e in range(num_experts)]
-  gate = reader.stack([f"{n}.gate_proj.weight" for n in expert], (ffn, dim))
-  up = reader.stack([f"{n}.up_proj.weight" for n in expert], (ffn, dim))
-  down = reader.stack([f"{n}.down_proj.weight" for n in expert], (dim, ffn))
-  put(block.w_gate_up, np.concatenate([gate, up], axis=1).transpose(0, 2, 1))
-  put(block.w_down, down.transpose(0, 2, 1))

@@ -80,3 +80,58 @@ class CheckpointReader:
     if left:
       shown = ", ".join(left[:8]) + (" ..." if len(left) > 8 else "")
       raise ValueError(f"unexpected tensors in {self.directory}: {shown}")
+
+
+class WeightLoader:
+  """Fills an (abstract) NNX model's variables from a `CheckpointReader`.
+
+  HF stores linear weights `[out, in]`; ours are `[in, out]`. Experts are stored one
+  tensor per expert and become the MoE block's `w_gate_up [E, D, 2F]` (gate then up)
+  and `w_down [E, F, D]`. Every read checks the tensor's shape.
+  """
+
+  def __init__(self, reader: CheckpointReader, param_dtype):
+    self.reader = reader
+    self.param_dtype = param_dtype
+
+  def put(self, var, array: np.ndarray) -> None:
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    var.set_value(jnp.asarray(array, self.param_dtype))
+
+  def tensor(self, var, name: str) -> None:
+    """A tensor stored as is (embeddings, norm scales)."""
+    self.put(var, self.reader.get(name, var.shape))
+
+  def norm(self, module, name: str) -> None:
+    """`models.layers.RMSNorm` from `{name}.weight`."""
+    self.tensor(module.weight, f"{name}.weight")
+
+  def linear(self, module, name: str) -> None:
+    """`models.layers.Linear` from `{name}.weight` (and `{name}.bias`)."""
+    d_in, d_out = module.kernel.shape
+    self.put(module.kernel, self.reader.get(f"{name}.weight", (d_out, d_in)).T)
+    if module.bias is not None:
+      self.put(module.bias, self.reader.get(f"{name}.bias", (d_out,)))
+
+  def swiglu(self, module, name: str) -> None:
+    """`models.layers.SwiGLU` from `{name}.{gate,up,down}_proj`."""
+    for part in ("gate", "up", "down"):
+      self.linear(getattr(module, part), f"{name}.{part}_proj")
+
+  def moe(self, block, name: str) -> None:
+    """`sere_jax.moe.MoeBlock` from `{name}.gate` and `{name}.experts.{e}.*_proj`.
+
+    The similarity is reset to NaN: an imported model is not calibrated.
+    """
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    num_experts, dim, two_f = block.w_gate_up.shape
+    ffn = two_f // 2
+    self.put(block.router_kernel,
+             self.reader.get(f"{name}.gate.weight", (num_experts, dim)).T)
+    experts = [f"{name}.experts.{e}" for e in range(num_experts)]
+    gate = self.reader.stack([f"{x}.gate_proj.weight" for x in experts], (ffn, dim))
+    up = self.reader.stack([f"{x}.up_proj.weight" for x in experts], (ffn, dim))
+    down = self.reader.stack([f"{x}.down_proj.weight" for x in experts], (dim, ffn))
+    self.put(block.w_gate_up, np.concatenate([gate, up], axis=1).transpose(0, 2, 1))
+    self.put(block.w_down, down.transpose(0, 2, 1))
+    block.similarity.set_value(jnp.full((num_experts, num_experts), jnp.nan, jnp.float32))

@@ -20,7 +20,6 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sere_jax.config import RerouteConfig
 from sere_jax.models import base
@@ -243,57 +242,28 @@ def load_hf(directory: str, *, param_dtype=jnp.float32, reroute: RerouteConfig =
   model = nnx.eval_shape(lambda: QwenMoeForCausalLM(
       config, reroute=reroute, impl=impl, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   reader = hf_import.CheckpointReader(directory)
-
-  def put(var: nnx.Variable, array: np.ndarray) -> None:
-    var.set_value(jnp.asarray(array, param_dtype))
-
-  def linear(module: layers.Linear, name: str) -> None:
-    d_in, d_out = module.kernel.shape
-    put(module.kernel, reader.get(f"{name}.weight", (d_out, d_in)).T)
-    if module.bias is not None:
-      put(module.bias, reader.get(f"{name}.bias", (d_out,)))
-
-  def norm(module: layers.RMSNorm, name: str) -> None:
-    put(module.weight, reader.get(f"{name}.weight", module.weight.shape))
-
-  def swiglu(module: layers.SwiGLU, name: str) -> None:
-    for part, hf_part in ((module.gate, "gate_proj"), (module.up, "up_proj"),
-                          (module.down, "down_proj")):
-      linear(part, f"{name}.{hf_part}")
-
-  def moe(block: MoeBlock, name: str) -> None:
-    e, d, f2 = block.w_gate_up.shape
-    f = f2 // 2
-    put(block.router_kernel, reader.get(f"{name}.gate.weight", (e, d)).T)
-    experts = [f"{name}.experts.{j}" for j in range(e)]
-    gate = reader.stack([f"{x}.gate_proj.weight" for x in experts], (f, d))
-    up = reader.stack([f"{x}.up_proj.weight" for x in experts], (f, d))
-    put(block.w_gate_up, np.concatenate([gate, up], axis=1).transpose(0, 2, 1))
-    put(block.w_down, reader.stack([f"{x}.down_proj.weight" for x in experts],
-                                   (d, f)).transpose(0, 2, 1))
-    block.similarity.set_value(jnp.full((e, e), jnp.nan, jnp.float32))
-
-  put(model.embed, reader.get("model.embed_tokens.weight", model.embed.shape))
+  load = hf_import.WeightLoader(reader, param_dtype)
+  load.tensor(model.embed, "model.embed_tokens.weight")
   for i, layer in enumerate(model.layers):
     name = f"model.layers.{i}"
-    norm(layer.input_norm, f"{name}.input_layernorm")
-    norm(layer.post_attn_norm, f"{name}.post_attention_layernorm")
+    load.norm(layer.input_norm, f"{name}.input_layernorm")
+    load.norm(layer.post_attn_norm, f"{name}.post_attention_layernorm")
     attn = layer.attn
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      linear(getattr(attn, proj), f"{name}.self_attn.{proj}")
+      load.linear(getattr(attn, proj), f"{name}.self_attn.{proj}")
     if attn.q_norm is not None:
-      norm(attn.q_norm, f"{name}.self_attn.q_norm")
-      norm(attn.k_norm, f"{name}.self_attn.k_norm")
+      load.norm(attn.q_norm, f"{name}.self_attn.q_norm")
+      load.norm(attn.k_norm, f"{name}.self_attn.k_norm")
     if isinstance(layer.mlp, MoeBlock):
-      moe(layer.mlp, f"{name}.mlp")
+      load.moe(layer.mlp, f"{name}.mlp")
     else:
-      swiglu(layer.mlp, f"{name}.mlp")
+      load.swiglu(layer.mlp, f"{name}.mlp")
     if layer.shared_expert is not None:
-      swiglu(layer.shared_expert, f"{name}.mlp.shared_expert")
-      linear(layer.shared_expert_gate, f"{name}.mlp.shared_expert_gate")
-  norm(model.norm, "model.norm")
+      load.swiglu(layer.shared_expert, f"{name}.mlp.shared_expert")
+      load.linear(layer.shared_expert_gate, f"{name}.mlp.shared_expert_gate")
+  load.norm(model.norm, "model.norm")
   if model.lm_head is not None:
-    linear(model.lm_head, "lm_head")
+    load.linear(model.lm_head, "lm_head")
   ignore = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if config.tie_word_embeddings
                                         else ())
   reader.check_all_taken(ignore=ignore)

@@ -59,7 +59,6 @@ def read_bandwidth(num_bytes: int = 4 << 30, repeats: int = 10) -> float:
     reduce = jax.jit(fn)
     jax.block_until_ready(reduce(buf))
     best = max(best, rows * cols * 4 / _median_seconds(lambda: reduce(buf), repeats))
-  del buf
   return best
 
 
@@ -70,7 +69,6 @@ def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 10) -> float:
   copy = jax.jit(lambda b: b * 1.0001)
   jax.block_until_ready(copy(buf))
   seconds = _median_seconds(lambda: copy(buf), repeats)
-  del buf
   return 2 * n * 4 / seconds
 
 

@@ -1,6 +1,5 @@
 """Similarity metrics against direct NumPy computations, streaming and invariances."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
