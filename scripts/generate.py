@@ -1,0 +1,250 @@
+r"""Batched generation with SERE re-routing over a model directory.
+
+  python -m sere_jax.scripts.generate --model_dir=/path/to/model \
+      --prompts=prompts.txt --batch_size=16 --max_new_tokens=64 \
+      --policy=sere --select_top_k=2 --threshold=0.3 \
+      --output=generations.jsonl --stats_output=stats.json
+
+`--model_dir` is a sere-jax checkpoint (`sere_jax.checkpoint.save`; it keeps the
+calibrated expert similarity that `--policy=sere` needs) or a Hugging Face directory
+(Qwen1.5/2-MoE, Qwen3-MoE, DeepSeek-V2).
+
+`--prompts` is either a text file (one prompt per non-empty line) or JSONL (`*.jsonl`,
+or a file whose first line is a JSON object) with a "prompt" (text) or "tokens" (list
+of token ids) field per line. Text is tokenised with the model directory's
+`tokenizer.json` (needs the `tokenizers` package); without one, give "tokens".
+
+Prompts are decoded in consecutive batches of `--batch_size` (SERE's choices depend on
+a token's batch neighbours, so the batching is part of the result). The output JSONL
+has one line per prompt, in input order; `--stats_output` gets per-layer means over
+decode steps of the distinct experts before/after re-routing, critical experts kept
+and slots re-routed. Both are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax.numpy as jnp
+import numpy as np
+
+from sere_jax import checkpoint
+from sere_jax import generation
+from sere_jax.config import POLICIES, RerouteConfig
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "sere-jax checkpoint or HF directory.",
+                                 required=True)
+_PROMPTS = flags.DEFINE_string("prompts", None, "Text lines or JSONL of prompts.",
+                               required=True)
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (batch i uses seed + i).")
+_POLICY = flags.DEFINE_enum("policy", "sere", POLICIES, "Re-routing policy.")
+_SELECT = flags.DEFINE_integer("select_top_k", 2, "Primary experts per token S.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.0, "SERE critical-expert threshold rho.")
+_REROUTE_PREFILL = flags.DEFINE_bool("reroute_prefill", False,
+                                     "Re-route in prefill too (default: decode only).")
+_MIN_BATCH = flags.DEFINE_integer("min_batch", 1, "No re-routing below this many tokens.")
+_IMPL = flags.DEFINE_string("impl", "auto", "MoE op implementation.")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
+                                 "Parameter dtype.")
+_EOS = flags.DEFINE_list("eos_ids", None, "EOS token ids (default: from config.json / "
+                         "generation_config.json).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSONL of generations.")
+_STATS_OUTPUT = flags.DEFINE_string("stats_output", None, "JSON of routing statistics.")
+
+
+def _write_atomic(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as fh:
+    fh.write(text)
+  os.replace(tmp, path)
+
+
+def load_tokenizer(model_dir: str):
+  """The directory's `tokenizer.json` as a `tokenizers.Tokenizer`, or None."""
+  path = os.path.join(model_dir, "tokenizer.json")
+  if not os.path.isfile(path):
+    return None
+  try:
+    import tokenizers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("%s exists but the `tokenizers` package is missing", path)
+    return None
+  return tokenizers.Tokenizer.from_file(path)
+
+
+def read_prompts(path: str) -> list[dict[str, Any]]:
+  """Prompts as dicts with "prompt" (text) and/or "tokens"."""
+  with open(path) as fh:
+    lines = [line.rstrip("\n") for line in fh]
+  nonempty = [line for line in lines if line.strip()]
+  if not nonempty:
+    raise ValueError(f"{path} holds no prompts")
+  is_jsonl = path.endswith(".jsonl") or nonempty[0].lstrip().startswith("{")
+  if not is_jsonl:
+    return [{"prompt": line} for line in nonempty]
+  prompts = []
+  for n, line in enumerate(nonempty, 1):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: line {n} is not JSON: {e}") from e
+    if not isinstance(row, dict) or ("prompt" not in row and "tokens" not in row):
+      raise ValueError(f"{path}: line {n} needs a \"prompt\" or \"tokens\" field")
+    prompts.append(row)
+  return prompts
+
+
+def tokenize(prompts: list[dict[str, Any]], tokenizer) -> list[list[int]]:
+  out = []
+  for i, row in enumerate(prompts):
+    if "tokens" in row:
+      tokens = row["tokens"]
+      if not isinstance(tokens, list) or not all(
+          isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ValueError(f"prompt {i}: \"tokens\" must be a list of integers")
+      out.append(list(tokens))
+    elif tokenizer is None:
+      raise ValueError(f"prompt {i} is text but the model directory has no usable "
+                       "tokenizer.json (or `tokenizers` is not installed); give JSONL "
+                       "with \"tokens\" lists instead")
+    else:
+      out.append(tokenizer.encode(row["prompt"]).ids)
+  return out
+
+
+def default_eos_ids(model_dir: str) -> tuple[int, ...]:
+  ids: list[int] = []
+  for name in ("generation_config.json", "config.json"):
+    path = os.path.join(model_dir, name)
+    if not os.path.isfile(path):
+      continue
+    with open(path) as fh:
+      value = json.load(fh).get("eos_token_id")
+    if value is None:
+      continue
+    ids.extend(value if isinstance(value, list) else [value])
+    break
+  return tuple(int(i) for i in ids)
+
+
+def main(argv):
+  del argv
+  model_dir = _MODEL_DIR.value
+  if _BATCH.value < 1:
+    raise app.UsageError("--batch_size must be >= 1")
+  sampling = generation.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                       top_p=_TOP_P.value, seed=_SEED.value)
+  reroute = RerouteConfig(policy=_POLICY.value, select_top_k=_SELECT.value,
+                          threshold=_THRESHOLD.value,
+                          decode_only=not _REROUTE_PREFILL.value,
+                          min_batch=_MIN_BATCH.value, seed=_SEED.value)
+  param_dtype = jnp.dtype(_PARAM_DTYPE.value)
+
+  rows = read_prompts(_PROMPTS.value)
+  tokenizer = load_tokenizer(model_dir)
+  prompts = tokenize(rows, tokenizer)
+  eos_ids = (tuple(int(i) for i in _EOS.value) if _EOS.value is not None
+             else default_eos_ids(model_dir))
+
+  t0 = time.time()
+  model = checkpoint.load_model(model_dir, param_dtype=param_dtype, reroute=reroute,
+                                impl=_IMPL.value)
+  logging.info("loaded %s (%s) in %.1f s", model_dir, model.config.architecture,
+               time.time() - t0)
+  # One cache length for all batches, so the decode step compiles once.
+  cache_length = max(len(p) for p in prompts) + _MAX_NEW.value - 1
+
+  results: list[dict[str, Any]] = []
+  all_steps: list[np.ndarray] = []
+  prefill: list[np.ndarray] = []
+  new_tokens = 0
+  t_start = time.time()
+  num_batches = (len(prompts) + _BATCH.value - 1) // _BATCH.value
+  for b in range(num_batches):
+    lo, hi = b * _BATCH.value, min(len(prompts), (b + 1) * _BATCH.value)
+    tb = time.time()
+    res = generation.generate(
+        model, prompts[lo:hi], max_new_tokens=_MAX_NEW.value,
+        sampling=dataclasses.replace(sampling, seed=(sampling.seed + b) % 2**32),
+        eos_ids=eos_ids, cache_length=cache_length)
+    for i, (toks, reason) in enumerate(zip(res.tokens, res.finish_reason)):
+      row = {"index": lo + i, "prompt_tokens": prompts[lo + i], "tokens": toks,
+             "finish_reason": reason}
+      if "prompt" in rows[lo + i]:
+        row["prompt"] = rows[lo + i]["prompt"]
+      if tokenizer is not None:
+        row["text"] = tokenizer.decode(toks)
+      results.append(row)
+      new_tokens += len(toks)
+    all_steps.append(res.decode_stats)
+    prefill.append(res.prefill_stats)
+    step_mean = res.decode_stats.mean(axis=(0, 1)) if res.decode_stats.size else None
+    logging.info("batch %d/%d: %d prompts, %d decode steps, %.2f s%s", b + 1, num_batches,
+                 hi - lo, res.decode_stats.shape[0], time.time() - tb,
+                 "" if step_mean is None else
+                 f", distinct experts/layer {step_mean[0]:.1f} -> {step_mean[1]:.1f}")
+  elapsed = time.time() - t_start
+
+  steps = (np.concatenate(all_steps) if all_steps else np.zeros((0, 0, 4), np.int64))
+  per_layer = generation.summarize_stats(steps)
+  num_layers = steps.shape[1]
+  stats = {
+      "model_dir": model_dir,
+      "architecture": model.config.architecture,
+      "reroute": dataclasses.asdict(reroute),
+      "sampling": dataclasses.asdict(sampling),
+      "batch_size": _BATCH.value,
+      "max_new_tokens": _MAX_NEW.value,
+      "num_prompts": len(prompts),
+      "new_tokens": new_tokens,
+      "decode_steps": int(steps.shape[0]),
+      "seconds": elapsed,
+      "num_moe_layers": num_layers,
+      "per_layer_mean": {f"{k}": v for k, v in per_layer.items()},
+      "mean": {k: (float(np.mean(v)) if v else None) for k, v in per_layer.items()},
+      "prefill_per_layer_mean": {
+          f: [float(x) for x in np.mean(np.stack(prefill), axis=0)[:, j]]
+          for j, f in enumerate(generation.STAT_FIELDS)} if prefill else {},
+      "finish_reasons": {r: sum(1 for row in results if row["finish_reason"] == r)
+                         for r in generation.FINISH_REASONS},
+  }
+  if _OUTPUT.value:
+    _write_atomic(_OUTPUT.value, "".join(json.dumps(r) + "\n" for r in results))
+  if _STATS_OUTPUT.value:
+    _write_atomic(_STATS_OUTPUT.value, json.dumps(stats, indent=2) + "\n")
+
+  mean = stats["mean"]
+  print(f"{len(prompts)} prompts in {num_batches} batches, {new_tokens} new tokens in "
+        f"{elapsed:.1f} s (including compilation); finish reasons "
+        f"{stats['finish_reasons']}")
+  print(f"policy {reroute.policy} (S={reroute.select_top_k}, rho={reroute.threshold}); "
+        f"{num_layers} MoE layers, {steps.shape[0]} decode steps")
+  if mean["distinct_before"] is not None:
+    print(f"mean distinct experts per layer and step: {mean['distinct_before']:.2f} -> "
+          f"{mean['distinct_after']:.2f}; critical kept {mean['critical_kept']:.2f}; "
+          f"slots re-routed {mean['slots_rerouted']:.2f}")
+  if _OUTPUT.value:
+    print(f"generations: {_OUTPUT.value}")
+  if _STATS_OUTPUT.value:
+    print(f"stats: {_STATS_OUTPUT.value}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,281 @@
+"""Batched autoregressive generation for any model following `models/base.py`.
+
+    result = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=32,
+                      sampling=SamplingConfig(temperature=0.7, top_p=0.9, seed=1),
+                      eos_ids=(2,))
+    result.tokens          # new tokens per prompt (EOS / stop sequence not included)
+    result.finish_reason   # "eos" | "stop" | "length" per prompt
+    result.decode_stats    # [steps, num_moe_layers, 4] int: distinct_before,
+                           #   distinct_after, critical_kept, slots_rerouted
+
+How it runs: prompts are left-padded to a common length `P` (layers.py conventions),
+so every sequence writes cache slot `cache_index`. The prefill is one jitted call of
+the whole model (all layers) over `[B, P]`; each decode step is one jitted call over
+`[B, 1]` that runs the model and samples the next token, with the KV cache donated so
+XLA updates it in place. The model is passed to the jitted functions as
+`nnx.split` state (a pytree argument) and its graph definition (a static argument),
+so a second `generate` on the same model reuses the compiled steps. EOS and stop
+sequences are checked on the host after each step (one `[B]` int transfer); a
+finished sequence is fed padding with `token_valid = False` and `cache_valid = False`
+from then on, so it no longer adds experts to the batch's routing (nor its stats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sere_jax import moe
+
+STAT_FIELDS = ("distinct_before", "distinct_after", "critical_kept", "slots_rerouted")
+FINISH_REASONS = ("eos", "stop", "length")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How the next token is drawn from the logits.
+
+  Attributes:
+    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    top_k: keep only the `top_k` most likely tokens (0 = off).
+    top_p: nucleus sampling: keep the smallest set of most likely tokens whose
+      probability sums to at least `top_p` (1 = off). In (0, 1].
+    seed: seed of the sampling key.
+  """
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+      raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+      raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+    if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+      raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+    if not 0.0 < float(self.top_p) <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+        0 <= self.seed < 2**32):
+      raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+  """Temperature-scaled `[B, V]` float32 logits with tokens outside top-k / top-p at -inf."""
+  logits = logits.astype(jnp.float32) / config.temperature
+  vocab = logits.shape[-1]
+  if 0 < config.top_k < vocab:
+    kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  if config.top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < config.top_p  # the top token is always kept
+    keep = jnp.zeros_like(keep_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return logits
+
+
+def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
+  """Draws one token per row of `logits [B, V]` -> `[B]` int32."""
+  if config.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, filter_logits(logits, config), axis=-1).astype(
+      jnp.int32)
+
+
+class GenerationResult(NamedTuple):
+  tokens: list[list[int]]  # new tokens per prompt, without the EOS / stop sequence
+  finish_reason: list[str]  # "eos", "stop" or "length" per prompt
+  decode_stats: np.ndarray  # [steps, num_moe_layers, 4] int64 (STAT_FIELDS)
+  prefill_stats: np.ndarray  # [num_moe_layers, 4] int64
+
+
+def _stats_array(stats) -> jax.Array:
+  """A tuple of RerouteStats -> `[num_layers, 4]` int32."""
+  if not stats:
+    return jnp.zeros((0, 4), jnp.int32)
+  return jnp.stack([jnp.stack([jnp.asarray(getattr(s, f), jnp.int32) for f in STAT_FIELDS])
+                    for s in stats])
+
+
+def _sampling_static(config: SamplingConfig) -> SamplingConfig:
+  # The seed enters through the key; keep it out of the jit cache key.
+  return dataclasses.replace(config, seed=0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "decode"),
+                   donate_argnames=("cache", "cache_valid"))
+def _model_step(graphdef, state, tokens, positions, token_valid, cache, cache_valid,
+                cache_index, key, *, sampling: SamplingConfig, decode: bool):
+  """One jitted call: marks slots `[cache_index, cache_index + L)` valid where
+  `token_valid`, runs the whole model on `tokens [B, L]`, samples from the last
+  position's logits. Returns `(next_token [B], cache, cache_valid, stats [layers, 4])`."""
+  cache_valid = jax.lax.dynamic_update_slice(cache_valid, token_valid, (0, cache_index))
+  model = nnx.merge(graphdef, state)
+  out = model(tokens, positions, token_valid, cache, cache_valid, cache_index,
+              decode=decode)
+  next_token = sample(out.logits[:, -1, :], key, sampling)
+  return next_token, out.cache, cache_valid, _stats_array(out.stats)
+
+
+def _param_dtype(model) -> Any:
+  """The dtype of the model's first floating-point parameter (float32 if none)."""
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+      return dtype
+  return jnp.float32
+
+
+def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length):
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
+      max_new_tokens < 1):
+    raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+  if not prompts:
+    raise ValueError("prompts is empty: give at least one prompt")
+  vocab = getattr(model.config, "vocab_size", None)
+  for i, prompt in enumerate(prompts):
+    if len(prompt) == 0:
+      raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+    for tok in prompt:
+      if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)):
+        raise ValueError(f"prompt {i} holds a non-integer token {tok!r}")
+      if tok < 0 or (vocab is not None and tok >= vocab):
+        raise ValueError(f"prompt {i} holds token id {tok}, outside [0, {vocab})")
+  for e in eos_ids:
+    if vocab is not None and not 0 <= e < vocab:
+      raise ValueError(f"eos id {e} is outside [0, {vocab})")
+  for s in stop_sequences:
+    if len(s) == 0:
+      raise ValueError("stop sequences must not be empty")
+  longest = max(len(p) for p in prompts)
+  max_pos = getattr(model.config, "max_position_embeddings", None)
+  if max_pos is not None and longest + max_new_tokens > max_pos:
+    raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
+                     f"({max_new_tokens}) exceeds the model's max positions ({max_pos})")
+  # The last sampled token is never fed back, so the cache needs P + N - 1 slots.
+  needed = longest + max_new_tokens - 1
+  if cache_length is not None and needed > cache_length:
+    raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
+                     f"({max_new_tokens}) needs {needed} cache slots, more than "
+                     f"cache_length={cache_length}")
+
+
+def _ends_with(seq: list[int], stop: Sequence[int]) -> bool:
+  return len(seq) >= len(stop) and list(seq[len(seq) - len(stop):]) == list(stop)
+
+
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] = (),
+             stop_sequences: Sequence[Sequence[int]] = (), cache_length: int | None = None,
+             pad_id: int = 0, cache_dtype: Any = None) -> GenerationResult:
+  """Generates up to `max_new_tokens` tokens for each prompt (see the module docstring).
+
+  A sequence stops at any of `eos_ids` (reason "eos") or when its new tokens end with
+  one of `stop_sequences` (token-id lists; reason "stop"); neither is included in the
+  returned tokens. `cache_length` defaults to the slots needed.
+  """
+  prompts = [list(p) for p in prompts]
+  eos_ids = tuple(int(e) for e in eos_ids)
+  stop_sequences = tuple(tuple(int(t) for t in s) for s in stop_sequences)
+  _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length)
+  moe.check_calibrated(model)
+
+  batch = len(prompts)
+  lengths = np.array([len(p) for p in prompts])
+  prompt_len = int(lengths.max())
+  total = cache_length or prompt_len + max_new_tokens - 1
+  pad = prompt_len - lengths  # left padding per sequence
+
+  tokens = np.full((batch, prompt_len), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, pad[i]:] = p
+  cols = np.arange(prompt_len)[None, :]
+  token_valid = cols >= pad[:, None]
+  positions = np.where(token_valid, cols - pad[:, None], 0).astype(np.int32)
+  graphdef, state = nnx.split(model)
+  sampling_static = _sampling_static(sampling)
+  base_key = jax.random.PRNGKey(sampling.seed)
+  if cache_dtype is None:
+    cache_dtype = _param_dtype(model)
+  cache = model.init_cache(batch, total, cache_dtype)
+  cache_valid = jnp.zeros((batch, total), jnp.bool_)
+
+  next_token, cache, cache_valid, prefill_stats = _model_step(
+      graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
+      jnp.asarray(token_valid), cache, cache_valid,
+      jnp.asarray(0, jnp.int32), jax.random.fold_in(base_key, 0),
+      sampling=sampling_static, decode=False)
+
+  generated: list[list[int]] = [[] for _ in range(batch)]
+  reason: list[str | None] = [None] * batch
+  decode_stats = []
+
+  def accept(token_row: np.ndarray) -> None:
+    for i in range(batch):
+      if reason[i] is not None:
+        continue
+      tok = int(token_row[i])
+      if tok in eos_ids:
+        reason[i] = "eos"
+        continue
+      generated[i].append(tok)
+      for stop in stop_sequences:
+        if _ends_with(generated[i], stop):
+          del generated[i][len(generated[i]) - len(stop):]
+          reason[i] = "stop"
+          break
+      else:
+        if len(generated[i]) >= max_new_tokens:
+          reason[i] = "length"
+
+  accept(np.asarray(next_token))
+  for step in range(max_new_tokens - 1):
+    alive = np.array([r is None for r in reason])
+    if not alive.any():
+      break
+    slot = prompt_len + step
+    feed = np.where(alive, np.asarray(next_token), pad_id).astype(np.int32)[:, None]
+    pos = (lengths + step).astype(np.int32)[:, None]
+    valid = alive[:, None]
+    next_token, cache, cache_valid, step_stats = _model_step(
+        graphdef, state, jnp.asarray(feed), jnp.asarray(pos), jnp.asarray(valid), cache,
+        cache_valid, jnp.asarray(slot, jnp.int32),
+        jax.random.fold_in(base_key, step + 1), sampling=sampling_static, decode=True)
+    decode_stats.append(step_stats)
+    accept(np.asarray(next_token))
+
+  for i in range(batch):
+    if reason[i] is None:  # cannot happen: the loop ends at max_new_tokens
+      reason[i] = "length"
+  num_layers = int(prefill_stats.shape[0])
+  stats = (np.stack([np.asarray(s) for s in decode_stats]).astype(np.int64) if decode_stats
+           else np.zeros((0, num_layers, 4), np.int64))
+  return GenerationResult(generated, reason, stats, np.asarray(prefill_stats, np.int64))
+
+
+def summarize_stats(decode_stats: np.ndarray) -> dict[str, list[float]]:
+  """Per-layer means over decode steps of each stat (for reports)."""
+  if decode_stats.shape[0] == 0:
+    return {f: [] for f in STAT_FIELDS}
+  mean = decode_stats.mean(axis=0)
+  return {f: [float(x) for x in mean[:, j]] for j, f in enumerate(STAT_FIELDS)}
