@@ -5,6 +5,7 @@
              expert-skipping grouped matmul; weights of inactive experts are not read.
   tpu        Pallas Mosaic kernels (TPUs), same structure.
   interpret  the Triton kernels in Pallas interpret mode (any backend; for tests).
+  tpu_interpret  the TPU kernels in Pallas' TPU interpret mode (any backend; tests).
   xla_dense  reference: every expert applied to every token, combined by weight.
   ragged_dot reference: `jax.lax.ragged_dot` over expert-sorted rows.
   auto       triton on GPU, tpu on TPU, interpret on CPU.
@@ -22,7 +23,8 @@ from sere_jax import policies
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import schedule as schedule_lib
 
-IMPLS = ("auto", "triton", "tpu", "interpret", "xla_dense", "ragged_dot")
+IMPLS = ("auto", "triton", "tpu", "interpret", "tpu_interpret", "xla_dense", "ragged_dot")
+_KERNEL_IMPLS = ("triton", "tpu", "interpret", "tpu_interpret")
 _NO_REROUTE = RerouteConfig(policy="none")
 
 
@@ -96,7 +98,7 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
   validation.check_routing(ids, weights, valid, num_experts)
 
   fused_policy = config.policy in ("none", "sere") or not config.is_active(ids.shape[1])
-  if impl in ("triton", "interpret", "tpu") and fused_policy:
+  if impl in _KERNEL_IMPLS and fused_policy:
     sched = kernel_schedule(impl, ids, valid, similarity, config, num_experts)
   else:
     ids, weights, stats = policies.reroute(
@@ -119,12 +121,29 @@ def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
                     similarity: jax.Array | None, config: RerouteConfig,
                     num_experts: int) -> schedule_lib.Schedule:
   """The fused re-routing + schedule kernel of `impl` (policies `none`, `sere`)."""
-  if impl == "tpu":
+  if impl in ("tpu", "tpu_interpret"):
     from sere_jax.kernels.schedule_tpu import schedule_tpu  # pylint: disable=g-import-not-at-top
-    return schedule_tpu(ids, valid, similarity, config, num_experts=num_experts)
+    return schedule_tpu(ids, valid, similarity, config, num_experts=num_experts,
+                        interpret=_tpu_interpret(impl))
   from sere_jax.kernels.schedule_triton import schedule_triton  # pylint: disable=g-import-not-at-top
   return schedule_triton(ids, valid, similarity, config, num_experts=num_experts,
                          interpret=impl == "interpret")
+
+
+def _tpu_interpret(impl):
+  if impl != "tpu_interpret":
+    return False
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  return pltpu.InterpretParams()
+
+
+def _gmm_fn(impl, num_rows):
+  if impl in ("tpu", "tpu_interpret"):
+    from sere_jax.kernels.gmm_tpu import gmm_tpu  # pylint: disable=g-import-not-at-top
+    return functools.partial(gmm_tpu, interpret=_tpu_interpret(impl))
+  from sere_jax.kernels.gmm_triton import gmm_triton, tile_config  # pylint: disable=g-import-not-at-top
+  return functools.partial(gmm_triton, interpret=impl == "interpret",
+                           **tile_config(num_rows))
 
 
 def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
@@ -133,15 +152,6 @@ def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
   scaled = gathered * weights[..., None].astype(jnp.float32)
   y = jnp.sum(jnp.where(valid[:, None, None], scaled, 0.0), axis=1)
   return y.astype(dtype)
-
-
-def _gmm_fn(impl, num_rows):
-  if impl == "tpu":
-    from sere_jax.kernels.gmm_tpu import gmm_tpu  # pylint: disable=g-import-not-at-top
-    return gmm_tpu
-  from sere_jax.kernels.gmm_triton import gmm_triton, tile_config  # pylint: disable=g-import-not-at-top
-  return functools.partial(gmm_triton, interpret=impl == "interpret",
-                           **tile_config(num_rows))
 
 
 def _grouped_ffn(impl, x, weights, valid, sched, w_gate_up, w_down):

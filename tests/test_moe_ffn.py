@@ -98,7 +98,7 @@ def test_impls_agree(policy):
 
 
 @pytest.mark.parametrize("policy", ["none", "sere_rho05"])
-@pytest.mark.parametrize("impl", ["xla_dense", "interpret"])
+@pytest.mark.parametrize("impl", ["xla_dense", "interpret", "tpu_interpret"])
 def test_matches_numpy_ffn(policy, impl):
   problem = _problem()
   out = _run(problem, CONFIGS[policy], impl)
