@@ -8,8 +8,10 @@ trivial step and subtracted.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Any, Callable, Sequence
 
@@ -31,7 +33,21 @@ def environment() -> dict[str, Any]:
       "flax": flax.__version__,
       "python": platform.python_version(),
       "host": platform.node(),
+      "git_commit": _git_commit(),
   }
+
+
+def _git_commit() -> str | None:
+  """The source tree's commit (with `+dirty` for local changes), if it is a git checkout."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit + ("+dirty" if dirty else "")
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
