@@ -17,11 +17,19 @@ import functools
 from typing import NamedTuple
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from sere_jax import policies
+from sere_jax import validation
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import schedule as schedule_lib
+# Imported eagerly: importing Pallas backends registers config state, and doing it
+# during a first trace would change the tracing context and force a recompile.
+from sere_jax.kernels.gmm_tpu import gmm_tpu
+from sere_jax.kernels.gmm_triton import gmm_triton, tile_config
+from sere_jax.kernels.schedule_tpu import schedule_tpu
+from sere_jax.kernels.schedule_triton import schedule_triton
 
 IMPLS = ("auto", "triton", "tpu", "interpret", "tpu_interpret", "xla_dense", "ragged_dot")
 _KERNEL_IMPLS = ("triton", "tpu", "interpret", "tpu_interpret")
@@ -94,7 +102,6 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
   impl = resolve_impl(impl)
   num_experts = w_gate_up.shape[0]
   valid = jnp.ones(x.shape[:1], jnp.bool_) if valid is None else valid.astype(jnp.bool_)
-  from sere_jax import validation  # pylint: disable=g-import-not-at-top
   validation.check_routing(ids, weights, valid, num_experts)
 
   fused_policy = config.policy in ("none", "sere") or not config.is_active(ids.shape[1])
@@ -122,10 +129,8 @@ def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
                     num_experts: int) -> schedule_lib.Schedule:
   """The fused re-routing + schedule kernel of `impl` (policies `none`, `sere`)."""
   if impl in ("tpu", "tpu_interpret"):
-    from sere_jax.kernels.schedule_tpu import schedule_tpu  # pylint: disable=g-import-not-at-top
     return schedule_tpu(ids, valid, similarity, config, num_experts=num_experts,
                         interpret=_tpu_interpret(impl))
-  from sere_jax.kernels.schedule_triton import schedule_triton  # pylint: disable=g-import-not-at-top
   return schedule_triton(ids, valid, similarity, config, num_experts=num_experts,
                          interpret=impl == "interpret")
 
@@ -133,15 +138,12 @@ def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
 def _tpu_interpret(impl):
   if impl != "tpu_interpret":
     return False
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   return pltpu.InterpretParams()
 
 
 def _gmm_fn(impl, num_rows):
   if impl in ("tpu", "tpu_interpret"):
-    from sere_jax.kernels.gmm_tpu import gmm_tpu  # pylint: disable=g-import-not-at-top
     return functools.partial(gmm_tpu, interpret=_tpu_interpret(impl))
-  from sere_jax.kernels.gmm_triton import gmm_triton, tile_config  # pylint: disable=g-import-not-at-top
   return functools.partial(gmm_triton, interpret=impl == "interpret",
                            **tile_config(num_rows))
 
