@@ -4,7 +4,8 @@
     model = checkpoint.restore("/tmp/ckpt")    # same class, same weights, same similarity
     model = checkpoint.load_model(path, param_dtype=jnp.bfloat16,
                                   reroute=RerouteConfig(), impl="auto")
-                                               # our checkpoint or a Hugging Face directory
+                                               # our checkpoint or a Hugging Face directory,
+                                               # + sere_similarity.safetensors if present
 
 Layout of a checkpoint directory:
   config.json  {"sere_jax_architecture": ..., "config": dataclasses.asdict(config),
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from sere_jax import calibration
 from sere_jax import moe
 from sere_jax.config import RerouteConfig
 
@@ -188,7 +190,20 @@ def restore(directory: str, *, param_dtype=None, reroute: RerouteConfig | None =
 
 def load_model(directory: str, *, param_dtype=jnp.float32,
                reroute: RerouteConfig | None = None, impl: str = "auto") -> nnx.Module:
-  """A sere-jax checkpoint (`restore`) or a Hugging Face directory (the model's `load_hf`)."""
+  """A sere-jax checkpoint (`restore`) or a Hugging Face directory (the model's `load_hf`).
+
+  A `sere_similarity.safetensors` in the directory (`calibration.save_similarity`)
+  replaces the model's expert similarity (ValueError if it does not fit the model).
+  """
+  model = _load_weights(directory, param_dtype=param_dtype, reroute=reroute, impl=impl)
+  if os.path.isfile(os.path.join(directory, calibration.SIMILARITY_FILE)):
+    matrices, _ = calibration.load_similarity(directory)
+    calibration.apply_similarity(model, matrices)
+  return model
+
+
+def _load_weights(directory: str, *, param_dtype, reroute: RerouteConfig | None,
+                  impl: str) -> nnx.Module:
   meta = _read_config(directory)
   if ARCH_KEY in meta:
     return restore(directory, param_dtype=param_dtype, reroute=reroute, impl=impl)

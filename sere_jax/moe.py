@@ -29,6 +29,8 @@ from sere_jax.kernels import moe_ffn as moe_ffn_lib
 # `scores` are the per-expert scores on the weights' scale (for the `oea` policy).
 Router = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 NO_REROUTE = RerouteConfig(policy="none")
+# Names under which a block records its input inside `nnx.capture` (calibration).
+CAPTURE_INPUT, CAPTURE_VALID = "moe_input", "moe_valid"
 
 
 class ExpertSimilarity(nnx.Variable):
@@ -71,7 +73,13 @@ class MoeBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, valid: jax.Array, *, decode: bool
                ) -> tuple[jax.Array, policies.RerouteStats]:
-    """`x [T, D]`, `valid [T]` -> `(y [T, D], stats)`."""
+    """`x [T, D]`, `valid [T]` -> `(y [T, D], stats)`.
+
+    Inside `nnx.capture(..., nnx.Intermediate)` the block records its input as
+    `moe_input` and `moe_valid` (for calibration); elsewhere that is a no-op.
+    """
+    self.sow(nnx.Intermediate, CAPTURE_INPUT, x, capture_noop=True)
+    self.sow(nnx.Intermediate, CAPTURE_VALID, valid, capture_noop=True)
     logits = jnp.dot(x.astype(jnp.float32), self.router_kernel[...].astype(jnp.float32))
     ids, weights, scores = self.route(logits)
     config = self.active_config(decode)
