@@ -18,6 +18,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from sere_jax.numerics import mixed_dot_operands
+
 
 class KVCache(NamedTuple):
   """One layer's keys and values, `[B, S, H_kv, D]` each."""
@@ -113,13 +115,15 @@ def attention_mask(cache_valid: jax.Array, cache_index: jax.Array, length: int) 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
            ) -> jax.Array:
   """Grouped-query attention. `q [B, L, H, Dk]`, `k [B, S, Hkv, Dk]`, `v [B, S, Hkv, Dv]`,
-  `mask [B, L, S]` -> `[B, L, H, Dv]` (softmax in float32)."""
+  `mask [B, L, S]` -> `[B, L, H, Dv]` in q's dtype. Products accumulate in float32
+  and the softmax is float32; the cache is read in its own dtype (no f32 copy)."""
   b, l, h, dk = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, l, kv_heads, h // kv_heads, dk)
-  logits = jnp.einsum("blgrd,bsgd->bgrls", q.astype(jnp.float32), k.astype(jnp.float32))
+  kv_heads, dtype = k.shape[2], q.dtype
+  q, k = mixed_dot_operands(q.reshape(b, l, kv_heads, h // kv_heads, dk).astype(k.dtype), k)
+  logits = jnp.einsum("blgrd,bsgd->bgrls", q, k, preferred_element_type=jnp.float32)
   logits = jnp.where(mask[:, None, None], logits * scale, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows with no visible slot
-  out = jnp.einsum("bgrls,bsgd->blgrd", probs, v.astype(jnp.float32))
-  return out.reshape(b, l, h, v.shape[-1]).astype(q.dtype)
+  probs, v = mixed_dot_operands(probs.astype(v.dtype), v)
+  out = jnp.einsum("bgrls,bsgd->blgrd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, l, h, v.shape[-1]).astype(dtype)

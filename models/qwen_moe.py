@@ -26,6 +26,7 @@ from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models import layers
 from sere_jax.moe import MoeBlock
+from sere_jax.numerics import mixed_dot_operands
 from sere_jax.policies import RerouteStats
 
 ARCHITECTURES = ("qwen2_moe", "qwen3_moe")
@@ -227,9 +228,10 @@ class QwenMoeForCausalLM(nnx.Module):
       new_cache.append(layer_cache)
       if layer_stats is not None:
         stats.append(layer_stats)
-    x = self.norm(x).astype(jnp.float32)
     head = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
-    return base.ForwardOutput(jnp.dot(x, head.astype(jnp.float32)), new_cache, tuple(stats))
+    x, head = mixed_dot_operands(self.norm(x).astype(head.dtype), head)
+    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+    return base.ForwardOutput(logits, new_cache, tuple(stats))
 
 
 def load_hf(directory: str, *, param_dtype=jnp.float32, reroute: RerouteConfig = NO_REROUTE,

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from sere_jax import policies
 from sere_jax import validation
+from sere_jax.numerics import mixed_dot_operands
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import schedule as schedule_lib
 # Imported eagerly: importing Pallas backends registers config state, and doing it
@@ -166,19 +167,12 @@ def _grouped_ffn(impl, x, weights, valid, sched, w_gate_up, w_down):
   return _combine(down, weights, valid, sched.slot_row, x.dtype)
 
 
-def _mixed_dot_operands(*arrays):
-  """Operands for a bf16 x bf16 -> f32 dot: the CPU backend lacks it, so upcast there."""
-  if jax.default_backend() == "cpu":
-    return tuple(a.astype(jnp.float32) for a in arrays)
-  return arrays
-
-
 def _ragged_dot_ffn(x, weights, valid, sched, w_gate_up, w_down):
   # Rows past the last group belong to no expert: ragged_dot leaves them zero.
   sizes = sched.group_sizes
-  lhs, w_gate_up = _mixed_dot_operands(x[sched.row_token], w_gate_up)
+  lhs, w_gate_up = mixed_dot_operands(x[sched.row_token], w_gate_up)
   gate_up = jax.lax.ragged_dot(lhs, w_gate_up, sizes, preferred_element_type=jnp.float32)
-  hidden, w_down = _mixed_dot_operands(swiglu(gate_up).astype(w_down.dtype), w_down)
+  hidden, w_down = mixed_dot_operands(swiglu(gate_up).astype(w_down.dtype), w_down)
   down = jax.lax.ragged_dot(hidden, w_down, sizes, preferred_element_type=jnp.float32)
   return _combine(down, weights, valid, sched.slot_row, x.dtype)
 
@@ -188,8 +182,8 @@ def _dense_ffn(x, ids, weights, valid, w_gate_up, w_down):
   combine = jnp.sum(jax.nn.one_hot(ids, num_experts, dtype=jnp.float32)
                     * weights[..., None].astype(jnp.float32), axis=1)
   combine = jnp.where(valid[:, None], combine, 0.0)  # [T, E]
-  lhs, w_gate_up = _mixed_dot_operands(x, w_gate_up)
+  lhs, w_gate_up = mixed_dot_operands(x, w_gate_up)
   gate_up = jnp.einsum("td,edf->tef", lhs, w_gate_up, preferred_element_type=jnp.float32)
-  hidden, w_down = _mixed_dot_operands(swiglu(gate_up).astype(w_down.dtype), w_down)
+  hidden, w_down = mixed_dot_operands(swiglu(gate_up).astype(w_down.dtype), w_down)
   out = jnp.einsum("tef,efd->ted", hidden, w_down, preferred_element_type=jnp.float32)
   return jnp.einsum("ted,te->td", out, combine).astype(x.dtype)
