@@ -1,6 +1,12 @@
-r"""Benchmarks of the MoE kernels (and, later, of whole-model decoding).
+r"""Benchmarks of the MoE kernels and of whole-model decoding.
 
   python -m sere_jax.scripts.benchmark --suite=kernels --out=docs/benchmarks/kernels_h200
+  python -m sere_jax.scripts.benchmark --suite=decode --model=qwen3_30b_a3b \
+      --out=docs/benchmarks/decode_qwen3_30b_a3b_h200
+
+Suite `decode` (scripts/bench_decode.py): a whole model of a real configuration with
+random bf16 weights, prefill + timed decode steps per batch size and policy, the
+roofline of one step, and Hugging Face transformers' `generate()` as the peer.
 
 Suite `kernels` (DESIGN.md §7): one MoE layer at Qwen3-30B-A3B shapes, timed inside
 one jit over a chain of layers with different weights. For every batch size, forced
@@ -28,25 +34,42 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import benchmarking
+from sere_jax.scripts import bench_decode
 from sere_jax import policies
 from sere_jax import routing
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 from sere_jax.kernels import schedule as schedule_lib
 
-_SUITE = flags.DEFINE_enum("suite", "kernels", ["kernels", "gmm_sweep"], "What to run.")
+_SUITE = flags.DEFINE_enum("suite", "kernels", ["kernels", "gmm_sweep", "decode"],
+                           "What to run.")
 _OUT = flags.DEFINE_string("out", "docs/benchmarks/kernels", "Output path prefix (.json/.md).")
 _BATCHES = flags.DEFINE_list("batch", ["1", "8", "16", "32", "64", "128", "256"],
-                             "Batch sizes (tokens per decode step).")
+                             "Batch sizes (tokens per decode step; the decode suite's "
+                             "default is 1,8,16,32,64,128).")
 _DISTINCT = flags.DEFINE_list("distinct", ["8", "16", "32", "64", "128"],
                               "Forced distinct-expert counts.")
-_SCALE = flags.DEFINE_enum("scale", "qwen3_30b", ["qwen3_30b", "tiny"],
-                           "Layer shapes: Qwen3-30B-A3B, or tiny ones for CPU smoke runs.")
+_SCALE = flags.DEFINE_enum("scale", "full", ["full", "qwen3_30b", "tiny"],
+                           "Shapes: the real ones (`full`; `qwen3_30b` is its old name), or "
+                           "tiny ones of the same architecture for CPU runs.")
 _LAYERS = flags.DEFINE_integer("layers", 8, "Weight sets rotated through (defeats the L2).")
 _IMPL = flags.DEFINE_string("impl", "auto", "Our op's implementation (see moe_ffn.IMPLS).")
 _PEERS = flags.DEFINE_list("peers", ["ragged_dot", "xla_dense"], "Reference impls timed too.")
 _TORCH = flags.DEFINE_bool("torch_peer", False, "Also time torch._grouped_mm (child process).")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.03, "Minimum timed span per repeat.")
+_MODEL = flags.DEFINE_enum("model", "qwen3_30b_a3b", list(bench_decode.MODELS),
+                           "decode: the model configuration.")
+_POLICIES = flags.DEFINE_list("policies", list(bench_decode.DEFAULT_POLICIES),
+                              "decode: policies as name[:S[:rho]].")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "decode: new tokens per sequence.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "decode: timed passes of new_tokens-1 steps.")
+_HF_PEER = flags.DEFINE_bool("hf_peer", True, "decode: time transformers generate() too "
+                             "(child process; skipped, with the reason, without torch/CUDA).")
+_PEER_PYTHON = flags.DEFINE_string("peer_python", sys.executable,
+                                   "decode: the Python that has torch + transformers.")
+_PEER_DEVICE = flags.DEFINE_string("peer_device", "cuda", "decode: torch device of the peer.")
+_PEER_TIMEOUT = flags.DEFINE_float("peer_timeout", 1800, "decode: seconds for the peer.")
 _MERGE = flags.DEFINE_list("merge", [], "Instead of running: merge these result JSON files "
                            "of one suite (e.g. runs over different batch sizes).")
 
@@ -54,6 +77,7 @@ SCALES = {
     "qwen3_30b": dict(dim=2048, ffn=768, experts=128, top_k=8, bandwidth_bytes=4 << 30),
     "tiny": dict(dim=64, ffn=48, experts=16, top_k=4, bandwidth_bytes=64 << 20),
 }
+SCALES["full"] = SCALES["qwen3_30b"]
 NATURAL = (("none", 0), ("sere", 1), ("sere", 2))
 
 
@@ -236,18 +260,20 @@ def merge_results(paths):
       results.append(json.load(fh))
   first = results[0]
   for other in results[1:]:
-    for key in ("suite", "shape"):
-      if other[key] != first[key]:
+    for key in ("suite", "shape", "model", "scale"):
+      if other.get(key) != first.get(key):
         raise ValueError(f"cannot merge results with different {key}: {paths}")
     if other["env"]["device_kind"] != first["env"]["device_kind"]:
       raise ValueError(f"cannot merge results from different devices: {paths}")
   merged = dict(first)
   merged["rows"] = [row for r in results for row in r["rows"]]
+  if first["suite"] == "decode":  # `none` and the other policies may come from two runs
+    bench_decode.add_speedups(merged["rows"])
   merged["commands"] = [r["command"] for r in results]
   merged["command"] = " ; ".join(merged["commands"])
   merged["runs"] = [{k: r.get(k) for k in ("command", "read_bandwidth_tbs",
                                            "copy_bandwidth_tbs", "seconds", "torch_env",
-                                           "partial")} for r in results]
+                                           "peer", "partial")} for r in results]
   return merged
 
 
@@ -266,6 +292,8 @@ def markdown(result, command):
                     if "copy_bandwidth_tbs" in result else ""))
   lines.append("")
   rows = result["rows"]
+  if result["suite"] == "decode":
+    return "\n".join(lines + bench_decode.markdown_rows(result)) + "\n"
   if result["suite"] == "kernels":
     impl = result["impl"]
     cols = ["batch", "mode", "policy", "select_top_k", "distinct", "roofline_us",
@@ -293,18 +321,46 @@ def write_atomic(path, text):
 
 def main(argv):
   del argv
-  env = benchmarking.environment()
-  logging.info("environment: %s", env)
   command = _command()
   if _MERGE.value:
     result = merge_results(_MERGE.value)
+  elif _SUITE.value == "decode":
+    start = time.time()
+    result = decode(command)
+    result["seconds"] = time.time() - start
+    result["command"] = command
   else:
+    env = benchmarking.environment()
+    logging.info("environment: %s", env)
     start = time.time()
     result = kernels_suite(env) if _SUITE.value == "kernels" else gmm_sweep(env)
     result["seconds"] = time.time() - start
     result["command"] = command
   write_result(result)
   print(markdown(result, result.get("command", command)))
+
+
+def decode(command):
+  """The decode suite; the transformers peer runs first, before JAX takes the device."""
+  batches = ([int(b) for b in _BATCHES.value] if flags.FLAGS["batch"].present
+             else list(bench_decode.DEFAULT_BATCHES))
+  scale = "tiny" if _SCALE.value == "tiny" else "full"
+  hf = bench_decode.hf_config(_MODEL.value, scale)
+  peer = None
+  if _HF_PEER.value:
+    start = time.time()
+    peer = bench_decode.run_peer(_PEER_PYTHON.value, _PEER_DEVICE.value, hf, batches,
+                                 _PROMPT_LEN.value, _NEW_TOKENS.value, _REPEATS.value,
+                                 _PEER_TIMEOUT.value)
+    peer["seconds"] = time.time() - start
+    logging.info("transformers peer: %s", peer.get("skipped") or peer.get("env"))
+  return bench_decode.decode_suite(
+      model=_MODEL.value, scale=scale, batches=batches,
+      policies=[bench_decode.parse_policy(p) for p in _POLICIES.value],
+      prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value, impl=_IMPL.value,
+      repeats=_REPEATS.value,
+      bandwidth_bytes=(64 << 20) if scale == "tiny" else (4 << 30), peer=peer,
+      write_partial=lambda r: write_result(dict(r, command=command)))
 
 
 def _command():

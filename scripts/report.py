@@ -1,0 +1,267 @@
+r"""Merges benchmark JSON files from several machines into one report.
+
+  python -m sere_jax.scripts.report \
+      --inputs='docs/benchmarks/kernels_h200.json,docs/benchmarks/decode_*.json' \
+      --out_dir=docs/benchmarks
+
+Writes `<out_dir>/README.md` (per suite, one table per model / device, with the command
+and environment of every input) and PNG plots next to it: for `decode`, the speedup
+over policy `none` against batch size (one line per policy; one figure per model and
+device); for `kernels`, our op's time against the number of distinct experts (one line
+per batch size, the roofline dashed). Any subset of suites and devices may be present.
+Every file is written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import io
+import json
+import os
+import re
+
+from absl import app
+from absl import flags
+
+_INPUTS = flags.DEFINE_list("inputs", ["docs/benchmarks/*.json"],
+                            "Result JSON files or globs (comma separated).")
+_OUT_DIR = flags.DEFINE_string("out_dir", "docs/benchmarks", "Where README.md and PNGs go.")
+
+
+def expand(patterns) -> list[str]:
+  paths = []
+  for pattern in patterns:
+    found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    for path in found:
+      if path not in paths:
+        paths.append(path)
+  return paths
+
+
+def load(paths) -> list[dict]:
+  results = []
+  for path in paths:
+    with open(path) as fh:
+      result = json.load(fh)
+    if "suite" not in result or "rows" not in result:
+      continue  # not a benchmark result
+    result["_path"] = path
+    results.append(result)
+  return results
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")
+
+
+def _device(result) -> str:
+  env = result.get("env", {})
+  return f"{env.get('device_kind', '?')} ({env.get('backend', '?')})"
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+  return "" if value is None else str(value)
+
+
+def _table(cols, rows) -> list[str]:
+  lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+  for row in rows:
+    lines.append("| " + " | ".join(_fmt(row.get(key)) for _, key in cols) + " |")
+  return lines
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as fh:
+    fh.write(data)
+  os.replace(tmp, path)
+
+
+def _save_figure(fig, path: str) -> None:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  _write_atomic(path, buf.getvalue())
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _log2_x(ax) -> None:
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+  ax.set_xscale("log", base=2)
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def decode_section(results, out_dir) -> tuple[list[str], list[str]]:
+  groups = collections.defaultdict(list)
+  for r in results:
+    groups[(r["model"], r.get("scale", "full"), _device(r))].append(r)
+  lines, pngs = ["## decode: whole-model decoding", "",
+                 "Random bf16 weights at the model's configuration (`tiny`: the same "
+                 "architecture shrunk), greedy decoding. ms/token is the median decode "
+                 "step; roofline = bytes a step must read / copy bandwidth of the same run; "
+                 "speedups are against `none` (ours) and transformers `generate()` on the "
+                 "same device.", ""], []
+  plt = _pyplot()
+  for (model, scale, device), group in sorted(groups.items()):
+    rows = [dict(row) for r in group for row in r["rows"]]
+    base = {row["batch"]: row["ms_per_token"] for row in rows if row["label"] == "none"}
+    for row in rows:  # across the group's files too (when runs were split by policy)
+      if row.get("speedup_over_none") is None and row["batch"] in base:
+        row["speedup_over_none"] = base[row["batch"]] / row["ms_per_token"]
+    first = group[0]
+    proto = first.get("protocol", {})
+    lines += [f"### {model} ({scale}) on {device}", "",
+              f"- prompt {proto.get('prompt_len')} tokens, {proto.get('new_tokens')} new, "
+              f"impl {first.get('impl')}, copy bandwidth "
+              + ", ".join(f"{r['copy_bandwidth_tbs'] * 1e3:.1f} GB/s" for r in group)]
+    for r in group:
+      peer = r.get("peer") or {}
+      lines.append("- transformers peer: " + (peer.get("skipped") or ", ".join(
+          f"{k} {v}" for k, v in (peer.get("env") or {}).items())))
+    lines.append("")
+    cols = [("B", "batch"), ("policy", "label"), ("ms/token", "ms_per_token"),
+            ("tokens/s", "tokens_per_s"), ("distinct experts/layer", "distinct_experts"),
+            ("roofline ms", "roofline_ms"), ("measured/roofline", "measured_over_roofline"),
+            ("speedup vs none", "speedup_over_none")]
+    if any("hf_ms_per_token" in row for row in rows):
+      cols += [("HF ms/token", "hf_ms_per_token"), ("speedup vs HF", "speedup_over_hf")]
+    rows = sorted(rows, key=lambda row: (row["batch"], row["label"] != "none", row["label"]))
+    lines += _table(cols, rows) + [""]
+    by_policy = collections.defaultdict(dict)
+    for row in rows:
+      if row.get("speedup_over_none") is not None:
+        by_policy[row["label"]][row["batch"]] = row["speedup_over_none"]
+    if by_policy:
+      fig, ax = plt.subplots(figsize=(6, 4))
+      for label, points in sorted(by_policy.items()):
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o",
+                linestyle="--" if label == "none" else "-", label=label)
+      _log2_x(ax)
+      ax.set_xlabel("batch size (sequences)")
+      ax.set_ylabel("speedup over none (time per output token)")
+      ax.set_title(f"{model} ({scale}), {device}", fontsize=9)
+      ax.grid(True, alpha=0.3)
+      ax.legend(fontsize=7)
+      name = f"decode_{_slug(model)}_{_slug(scale)}_{_slug(device)}.png"
+      _save_figure(fig, os.path.join(out_dir, name))
+      plt.close(fig)
+      pngs.append(name)
+      lines += [f"![{model} {device}]({name})", ""]
+  return lines, pngs
+
+
+def kernels_section(results, out_dir) -> tuple[list[str], list[str]]:
+  lines, pngs = ["## kernels: one MoE layer", "",
+                 "µs per MoE layer at Qwen3-30B-A3B shapes (see scripts/benchmark.py); "
+                 "`forced` rows use exactly `distinct` experts, `natural` rows uniform "
+                 "routing under a policy.", ""], []
+  plt = _pyplot()
+  groups = collections.defaultdict(list)
+  for r in results:
+    groups[(json.dumps(r.get("shape"), sort_keys=True), _device(r))].append(r)
+  for (shape, device), group in sorted(groups.items()):
+    rows = [row for r in group for row in r["rows"]]
+    impl = group[0].get("impl", "ours")
+    lines += [f"### {device}, shape {shape}", ""]
+    cols = [("B", "batch"), ("mode", "mode"), ("policy", "policy"), ("S", "select_top_k"),
+            ("distinct", "distinct"), ("roofline µs", "roofline_us"),
+            (f"{impl} µs", f"{impl}_us"), ("ours/roofline", "ours_over_roofline")]
+    cols += [(f"{c[:-3]} µs", c) for c in ("ragged_dot_us", "xla_dense_us",
+                                           "torch_grouped_mm_us")
+             if any(c in row for row in rows)]
+    lines += _table(cols, rows) + [""]
+    forced = collections.defaultdict(list)
+    for row in rows:
+      if row.get("mode") == "forced" and f"{impl}_us" in row:
+        forced[row["batch"]].append(row)
+    if forced:
+      fig, ax = plt.subplots(figsize=(6, 4))
+      for batch, points in sorted(forced.items()):
+        points.sort(key=lambda row: row["distinct"])
+        line, = ax.plot([p["distinct"] for p in points], [p[f"{impl}_us"] for p in points],
+                        marker="o", label=f"B={batch}")
+        ax.plot([p["distinct"] for p in points], [p["roofline_us"] for p in points],
+                linestyle=":", color=line.get_color())
+      _log2_x(ax)
+      ax.set_yscale("log")
+      ax.set_xlabel("distinct experts")
+      ax.set_ylabel(f"µs per layer ({impl}; dotted: roofline)")
+      ax.set_title(f"MoE layer, {device}", fontsize=9)
+      ax.grid(True, alpha=0.3)
+      ax.legend(fontsize=7)
+      name = f"kernels_{_slug(device)}.png"
+      _save_figure(fig, os.path.join(out_dir, name))
+      plt.close(fig)
+      pngs.append(name)
+      lines += [f"![kernels {device}]({name})", ""]
+  return lines, pngs
+
+
+def generic_section(suite, results) -> list[str]:
+  lines = [f"## {suite}", ""]
+  for r in results:
+    rows = r["rows"]
+    cols = [(k, k) for k in (rows[0].keys() if rows else [])]
+    lines += [f"### {_device(r)} ({os.path.basename(r['_path'])})", ""]
+    lines += _table(cols, rows) + [""]
+  return lines
+
+
+def report(paths, out_dir) -> dict:
+  """Writes README.md and the plots; returns {"readme": path, "pngs": [...]}."""
+  results = load(paths)
+  by_suite = collections.defaultdict(list)
+  for r in results:
+    by_suite[r["suite"]].append(r)
+  lines = ["# Benchmarks", "",
+           "Generated by `python -m sere_jax.scripts.report` from the JSON files below; "
+           "do not edit by hand.", "", "## Inputs", "",
+           "| file | suite | device | backend | jax | model | command |",
+           "|---|---|---|---|---|---|---|"]
+  for r in results:
+    env = r.get("env", {})
+    command = r.get("command", "").replace("|", "\\|")
+    lines.append(f"| {os.path.basename(r['_path'])} | {r['suite']} | "
+                 f"{env.get('device_kind')} | {env.get('backend')} | {env.get('jax')} | "
+                 f"{r.get('model', '')} {r.get('scale', '')} | `{command}` |")
+  kinds = sorted({_device(r) for r in results})
+  lines += ["", "Devices: " + (", ".join(kinds) if kinds else "none"), ""]
+  pngs = []
+  for suite in sorted(by_suite):
+    if suite == "decode":
+      section, new = decode_section(by_suite[suite], out_dir)
+    elif suite == "kernels":
+      section, new = kernels_section(by_suite[suite], out_dir)
+    else:
+      section, new = generic_section(suite, by_suite[suite]), []
+    lines += section
+    pngs += new
+  readme = os.path.join(out_dir, "README.md")
+  _write_atomic(readme, ("\n".join(lines) + "\n").encode())
+  return dict(readme=readme, pngs=[os.path.join(out_dir, p) for p in pngs],
+              inputs=[r["_path"] for r in results])
+
+
+def main(argv):
+  del argv
+  out = report(expand(_INPUTS.value), _OUT_DIR.value)
+  print(f"wrote {out['readme']} and {len(out['pngs'])} plots from {len(out['inputs'])} "
+        "inputs")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
