@@ -28,6 +28,15 @@ def read_config(directory: str) -> dict[str, Any]:
     return json.load(fh)
 
 
+def load_tokenizer(directory: str):
+  """A `tokenizers.Tokenizer` from `directory/tokenizer.json`, or None if absent."""
+  path = os.path.join(directory, "tokenizer.json")
+  if not os.path.isfile(path):
+    return None
+  import tokenizers  # pylint: disable=g-import-not-at-top  (loaded only when needed)
+  return tokenizers.Tokenizer.from_file(path)
+
+
 class CheckpointReader:
   """Tensor-by-tensor access to a (possibly sharded) safetensors checkpoint."""
 

@@ -14,7 +14,6 @@ Layers listed in `mlp_only_layers`, or off the `decoder_sparse_step` grid, are d
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 from flax import nnx
@@ -270,12 +269,3 @@ def load_hf(directory: str, *, param_dtype=jnp.float32, reroute: RerouteConfig =
                                         else ())
   reader.check_all_taken(ignore=ignore)
   return model
-
-
-def load_tokenizer(directory: str):
-  """A `tokenizers.Tokenizer` from `directory/tokenizer.json`, or None if absent."""
-  path = os.path.join(directory, "tokenizer.json")
-  if not os.path.isfile(path):
-    return None
-  import tokenizers  # pylint: disable=g-import-not-at-top  (optional dependency)
-  return tokenizers.Tokenizer.from_file(path)

@@ -34,6 +34,8 @@ import numpy as np
 from sere_jax import calibration
 from sere_jax import checkpoint
 from sere_jax import similarity
+from sere_jax import textio
+from sere_jax.models import hf_import
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "sere-jax checkpoint or HF directory.",
                                  required=True)
@@ -57,55 +59,16 @@ STATS_FILE = "sere_similarity_stats.json"
 PLOT_FILE = "sere_similarity.png"
 
 
-def read_documents(path: str) -> list[dict[str, Any]]:
-  """Documents as dicts with "text" and/or "tokens"."""
-  with open(path) as fh:
-    lines = [line.rstrip("\n") for line in fh if line.strip()]
-  if not lines:
-    raise ValueError(f"{path} holds no documents")
-  if not (path.endswith(".jsonl") or lines[0].lstrip().startswith("{")):
-    return [{"text": line} for line in lines]
-  docs = []
-  for n, line in enumerate(lines, 1):
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: line {n} is not JSON: {e}") from e
-    if not isinstance(row, dict) or ("text" not in row and "tokens" not in row):
-      raise ValueError(f"{path}: line {n} needs a \"text\" or \"tokens\" field")
-    docs.append(row)
-  return docs
-
-
-def load_tokenizer(model_dir: str):
-  """The directory's `tokenizer.json` as a `tokenizers.Tokenizer`, or None."""
-  path = os.path.join(model_dir, "tokenizer.json")
-  if not os.path.isfile(path):
-    return None
-  import tokenizers  # pylint: disable=g-import-not-at-top  (only needed for text)
-  return tokenizers.Tokenizer.from_file(path)
-
-
 def tokenize(docs: list[dict[str, Any]], tokenizer, vocab_size: int, seq_len: int
              ) -> list[list[int]]:
   """The first `seq_len` token ids of each non-empty document."""
   out = []
-  for i, row in enumerate(docs):
-    if "tokens" in row:
-      tokens = row["tokens"]
-      if not isinstance(tokens, list) or not all(
-          isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise ValueError(f"document {i}: \"tokens\" must be a list of integers")
-    elif tokenizer is None:
-      raise ValueError(f"document {i} is text but the model directory has no "
-                       "tokenizer.json; give JSONL with \"tokens\" lists instead")
-    else:
-      tokens = tokenizer.encode(row["text"]).ids
+  for i, tokens in enumerate(textio.tokenize_records(docs, "text", tokenizer)):
     bad = [t for t in tokens if not 0 <= t < vocab_size]
     if bad:
       raise ValueError(f"document {i} holds token id {bad[0]}, outside [0, {vocab_size})")
     if tokens:
-      out.append(list(tokens[:seq_len]))
+      out.append(tokens[:seq_len])
   if not out:
     raise ValueError("no document holds any token")
   return out
@@ -178,7 +141,8 @@ def main(argv: list[str]) -> None:
   else:
     if not _DATA.value:
       raise app.UsageError(f"--data is required for --metric={metric}")
-    sequences = tokenize(read_documents(_DATA.value), load_tokenizer(model_dir),
+    sequences = tokenize(textio.read_records(_DATA.value, "text"),
+                         hf_import.load_tokenizer(model_dir),
                          model.config.vocab_size, _SEQ_LEN.value)
     data, data_source = batches(sequences, _BATCH.value, _SEQ_LEN.value), _DATA.value
   used = [0]

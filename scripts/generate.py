@@ -37,7 +37,9 @@ import numpy as np
 
 from sere_jax import checkpoint
 from sere_jax import generation
+from sere_jax import textio
 from sere_jax.config import POLICIES, RerouteConfig
+from sere_jax.models import hf_import
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "sere-jax checkpoint or HF directory.",
                                  required=True)
@@ -72,59 +74,6 @@ def _write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def load_tokenizer(model_dir: str):
-  """The directory's `tokenizer.json` as a `tokenizers.Tokenizer`, or None."""
-  path = os.path.join(model_dir, "tokenizer.json")
-  if not os.path.isfile(path):
-    return None
-  try:
-    import tokenizers  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.warning("%s exists but the `tokenizers` package is missing", path)
-    return None
-  return tokenizers.Tokenizer.from_file(path)
-
-
-def read_prompts(path: str) -> list[dict[str, Any]]:
-  """Prompts as dicts with "prompt" (text) and/or "tokens"."""
-  with open(path) as fh:
-    lines = [line.rstrip("\n") for line in fh]
-  nonempty = [line for line in lines if line.strip()]
-  if not nonempty:
-    raise ValueError(f"{path} holds no prompts")
-  is_jsonl = path.endswith(".jsonl") or nonempty[0].lstrip().startswith("{")
-  if not is_jsonl:
-    return [{"prompt": line} for line in nonempty]
-  prompts = []
-  for n, line in enumerate(nonempty, 1):
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: line {n} is not JSON: {e}") from e
-    if not isinstance(row, dict) or ("prompt" not in row and "tokens" not in row):
-      raise ValueError(f"{path}: line {n} needs a \"prompt\" or \"tokens\" field")
-    prompts.append(row)
-  return prompts
-
-
-def tokenize(prompts: list[dict[str, Any]], tokenizer) -> list[list[int]]:
-  out = []
-  for i, row in enumerate(prompts):
-    if "tokens" in row:
-      tokens = row["tokens"]
-      if not isinstance(tokens, list) or not all(
-          isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise ValueError(f"prompt {i}: \"tokens\" must be a list of integers")
-      out.append(list(tokens))
-    elif tokenizer is None:
-      raise ValueError(f"prompt {i} is text but the model directory has no usable "
-                       "tokenizer.json (or `tokenizers` is not installed); give JSONL "
-                       "with \"tokens\" lists instead")
-    else:
-      out.append(tokenizer.encode(row["prompt"]).ids)
-  return out
-
-
 def default_eos_ids(model_dir: str) -> tuple[int, ...]:
   ids: list[int] = []
   for name in ("generation_config.json", "config.json"):
@@ -153,9 +102,9 @@ def main(argv):
                           min_batch=_MIN_BATCH.value, seed=_SEED.value)
   param_dtype = jnp.dtype(_PARAM_DTYPE.value)
 
-  rows = read_prompts(_PROMPTS.value)
-  tokenizer = load_tokenizer(model_dir)
-  prompts = tokenize(rows, tokenizer)
+  rows = textio.read_records(_PROMPTS.value, "prompt")
+  tokenizer = hf_import.load_tokenizer(model_dir)
+  prompts = textio.tokenize_records(rows, "prompt", tokenizer)
   eos_ids = (tuple(int(i) for i in _EOS.value) if _EOS.value is not None
              else default_eos_ids(model_dir))
 

@@ -393,18 +393,20 @@ def test_restore_rejects_unknown_architecture(tmp_path):
 
 
 def test_generate_script_prompt_reading(tmp_path):
+  from sere_jax import textio  # pylint: disable=g-import-not-at-top
   from sere_jax.scripts import generate as script  # pylint: disable=g-import-not-at-top
   text = tmp_path / "p.txt"
   text.write_text("hello world\n\nsecond prompt\n")
-  rows = script.read_prompts(str(text))
+  rows = textio.read_records(str(text), "prompt")
   assert rows == [{"prompt": "hello world"}, {"prompt": "second prompt"}]
   with pytest.raises(ValueError, match="tokenizer"):
-    script.tokenize(rows, None)
+    textio.tokenize_records(rows, "prompt", None)
   jsonl = tmp_path / "p.jsonl"
   jsonl.write_text('{"tokens": [1, 2]}\n{"tokens": [3]}\n')
-  assert script.tokenize(script.read_prompts(str(jsonl)), None) == [[1, 2], [3]]
+  assert textio.tokenize_records(textio.read_records(str(jsonl), "prompt"), "prompt",
+                                 None) == [[1, 2], [3]]
   jsonl.write_text('{"tokens": [1, 2]}\n{"text": "x"}\n')
   with pytest.raises(ValueError, match="line 2"):
-    script.read_prompts(str(jsonl))
+    textio.read_records(str(jsonl), "prompt")
   (tmp_path / "config.json").write_text('{"eos_token_id": [5, 6]}')
   assert script.default_eos_ids(str(tmp_path)) == (5, 6)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from sere_jax.models import hf_import
 from sere_jax.models import qwen_moe
 from sere_jax.moe import MoeBlock, moe_blocks
 
@@ -211,11 +212,11 @@ def test_load_hf_rejects_unexpected_tensor(tmp_path):
 
 
 def test_load_tokenizer(tmp_path):
-  assert qwen_moe.load_tokenizer(str(tmp_path)) is None
+  assert hf_import.load_tokenizer(str(tmp_path)) is None
   tokenizers = pytest.importorskip("tokenizers")
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, "[UNK]"))
   tok.save(os.path.join(tmp_path, "tokenizer.json"))
-  assert qwen_moe.load_tokenizer(str(tmp_path)).token_to_id("a") == 0
+  assert hf_import.load_tokenizer(str(tmp_path)).token_to_id("a") == 0
 
 
 # ---------------------------------------------------------------- parity with HF

@@ -1,0 +1,50 @@
+"""Reading prompt / document files for the scripts: plain text or JSONL.
+
+A plain-text file gives one record per non-empty line, `{field: line}`. A `.jsonl` file
+(or one whose first line is a JSON object) gives one dict per line, which must hold
+`field` (text) or `"tokens"` (a list of token ids).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def read_records(path: str, field: str) -> list[dict[str, Any]]:
+  """The records of `path`; ValueError names an empty file or a bad line."""
+  with open(path) as fh:
+    lines = [line.rstrip("\n") for line in fh if line.strip()]
+  if not lines:
+    raise ValueError(f"{path} holds no records")
+  if not (path.endswith(".jsonl") or lines[0].lstrip().startswith("{")):
+    return [{field: line} for line in lines]
+  records = []
+  for n, line in enumerate(lines, 1):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: line {n} is not JSON: {e}") from e
+    if not isinstance(row, dict) or (field not in row and "tokens" not in row):
+      raise ValueError(f"{path}: line {n} needs a \"{field}\" or \"tokens\" field")
+    records.append(row)
+  return records
+
+
+def tokenize_records(records: list[dict[str, Any]], field: str, tokenizer
+                     ) -> list[list[int]]:
+  """Token ids of each record: its `"tokens"`, or its text encoded by `tokenizer`."""
+  out = []
+  for i, row in enumerate(records):
+    if "tokens" in row:
+      tokens = row["tokens"]
+      if not isinstance(tokens, list) or not all(
+          isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ValueError(f"record {i}: \"tokens\" must be a list of integers")
+      out.append(list(tokens))
+    elif tokenizer is None:
+      raise ValueError(f"record {i} is text but the model directory has no "
+                       "tokenizer.json; give JSONL with \"tokens\" lists instead")
+    else:
+      out.append(tokenizer.encode(row[field]).ids)
+  return out
