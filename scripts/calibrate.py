@@ -33,6 +33,7 @@ import numpy as np
 
 from sere_jax import calibration
 from sere_jax import checkpoint
+from sere_jax import moe
 from sere_jax import similarity
 from sere_jax import textio
 from sere_jax.models import hf_import
@@ -49,7 +50,9 @@ _TOKEN_CHUNK = flags.DEFINE_integer("token_chunk", 256, "Tokens run at a time.")
 _GRAM_TOKENS = flags.DEFINE_integer("gram_tokens", 1024, "Tokens kept for the CKA metrics.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory (default: --model_dir).")
 _SELECT = flags.DEFINE_integer("select_top_k", 2, "S, recorded in the statistics.")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.3, "rho, for the always-critical fraction.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.3, "rho, for the critical-expert statistics.")
+_STATS_BATCH = flags.DEFINE_integer(
+    "stats_batch", 16, "Decode batch size of the expected-critical-experts estimate.")
 _PLOT = flags.DEFINE_bool("plot", False, "Also write sere_similarity.png.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
                                  "Parameter dtype.")
@@ -122,7 +125,7 @@ def plot(path: str, matrices: list[np.ndarray], title: str) -> None:
 
 
 def _format_table(stats: list[dict[str, float]]) -> str:
-  cols = [k for k in stats[0] if k not in ("layer", "select_top_k", "threshold")]
+  cols = [k for k in stats[0] if k not in ("layer", "select_top_k", "threshold", "batch")]
   lines = ["layer " + " ".join(f"{c:>24}" for c in cols)]
   for row in stats:
     lines.append(f"{row['layer']:>5} " + " ".join(f"{row[c]:>24.4f}" for c in cols))
@@ -157,7 +160,9 @@ def main(argv: list[str]) -> None:
   matrices = [np.asarray(m) for m in matrices]
   path = calibration.save_similarity(
       output, matrices, {"metric": metric, "tokens": used[0], "data_source": data_source})
-  stats = calibration.layer_statistics(matrices, _SELECT.value, _THRESHOLD.value)
+  stats = calibration.layer_statistics(matrices, _SELECT.value, _THRESHOLD.value,
+                                       top_k=moe.moe_blocks(model)[0].top_k,
+                                       batch=_STATS_BATCH.value)
   summary = {"metric": metric, "tokens": used[0], "data_source": data_source,
              "model_dir": model_dir, "layers": stats}
   _replace_atomic(os.path.join(output, STATS_FILE), lambda tmp: _write_json(tmp, summary))

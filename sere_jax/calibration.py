@@ -223,7 +223,9 @@ def load_similarity(directory: str) -> tuple[list[np.ndarray], dict[str, str]]:
 
 
 def layer_statistics(matrices: Sequence[Any], select_top_k: int | None = None,
-                     threshold: float | None = None) -> list[dict[str, float]]:
+                     threshold: float | None = None, *, top_k: int | None = None,
+                     batch: int = 16) -> list[dict[str, float]]:
   """`similarity.summary` of every layer, with its MoE-layer index as `layer`."""
-  return [{"layer": i, **similarity.summary(m, select_top_k, threshold)}
+  return [{"layer": i, **similarity.summary(m, select_top_k, threshold, top_k=top_k,
+                                            batch=batch)}
           for i, m in enumerate(matrices)]

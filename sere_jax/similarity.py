@@ -162,13 +162,37 @@ def weight_similarity(w_gate_up: jax.Array, w_down: jax.Array, *, probe_tokens: 
   return similarity(expert_outputs(probes, w_gate_up, w_down, expert_chunk), "weights")
 
 
+def expected_critical(sim: np.ndarray | jax.Array, select_top_k: int, threshold: float, *,
+                      top_k: int, batch: int, samples: int = 256, seed: int = 0) -> float:
+  """Mean number of critical experts per decode step (DESIGN.md §4), by Monte Carlo.
+
+  Routing is modelled as uniform: each of `batch` tokens picks `top_k` distinct experts
+  at random, the first `select_top_k` of them primary. A critical expert is a secondary
+  expert outside the primary set whose best similarity to it is below `threshold`.
+  """
+  sim = np.asarray(sim, np.float64)
+  num_experts = sim.shape[0]
+  if not 0 < select_top_k < top_k <= num_experts or threshold <= 0:
+    return 0.0
+  rng = np.random.default_rng(seed)
+  ids = np.argsort(rng.random((samples, batch, num_experts)), axis=-1)[..., :top_k]
+  onehot = np.zeros((samples, batch, top_k, num_experts), bool)
+  np.put_along_axis(onehot, ids[..., None], True, axis=-1)
+  primary = onehot[:, :, :select_top_k].any(axis=(1, 2))  # [samples, E]
+  secondary = onehot[:, :, select_top_k:].any(axis=(1, 2)) & ~primary
+  best = np.where(primary[:, None, :], sim[None], -np.inf).max(axis=-1)  # [samples, E]
+  return float(np.mean(np.sum(secondary & (best < threshold), axis=-1)))
+
+
 def summary(sim: np.ndarray | jax.Array, select_top_k: int | None = None,
-            threshold: float | None = None) -> dict[str, float]:
+            threshold: float | None = None, *, top_k: int | None = None,
+            batch: int = 16) -> dict[str, float]:
   """Off-diagonal statistics of one layer's similarity.
 
   With `threshold`, also the fraction of experts whose best match among the others is
-  below it (critical whatever the primary set: an upper bound on critical experts).
-  `select_top_k` is recorded for reference.
+  below it (critical whatever the primary set); with `select_top_k` and `top_k` as
+  well, the expected critical experts per step at `batch` tokens under uniform routing
+  (`expected_critical`).
   """
   sim = np.asarray(sim, np.float64)
   off = sim[~np.eye(sim.shape[0], dtype=bool)]
@@ -180,4 +204,8 @@ def summary(sim: np.ndarray | jax.Array, select_top_k: int | None = None,
     stats["threshold"] = float(threshold)
   if select_top_k is not None:
     stats["select_top_k"] = int(select_top_k)
+  if threshold is not None and select_top_k is not None and top_k is not None:
+    stats["expected_critical"] = expected_critical(
+        sim, select_top_k, threshold, top_k=top_k, batch=batch)
+    stats["batch"] = int(batch)
   return stats

@@ -134,3 +134,26 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="expert_chunk"):
     sim_lib.expert_outputs(jnp.zeros((2, 3)), jnp.zeros((5, 3, 4)), jnp.zeros((5, 2, 3)),
                            expert_chunk=2)
+
+
+def test_expected_critical_exact_cases():
+  s = np.array([[1.0, 0.2, 0.6, 0.4], [0.2, 1.0, 0.3, 0.5],
+                [0.6, 0.3, 1.0, 0.7], [0.4, 0.5, 0.7, 1.0]])
+  # B = 1, K = 2, S = 1: one primary, one secondary expert per step.
+  assert sim_lib.expected_critical(s, 1, 0.9, top_k=2, batch=1) == 1.0
+  assert sim_lib.expected_critical(s, 1, 0.1, top_k=2, batch=1) == 0.0
+  assert sim_lib.expected_critical(s, 0, 0.9, top_k=2, batch=1) == 0.0  # S = 0: off
+  assert sim_lib.expected_critical(s, 1, 0.0, top_k=2, batch=1) == 0.0  # rho = 0: off
+
+
+def test_expected_critical_matches_enumeration():
+  s = np.array([[1.0, 0.2, 0.6, 0.4], [0.2, 1.0, 0.3, 0.5],
+                [0.6, 0.3, 1.0, 0.7], [0.4, 0.5, 0.7, 1.0]])
+  # B = 1, K = 2, S = 1: the ordered pair (primary a, secondary b) is uniform over the
+  # 12 pairs a != b; b is critical iff s[b, a] < rho.
+  rho = 0.45
+  exact = np.mean([s[b, a] < rho for a in range(4) for b in range(4) if a != b])
+  got = sim_lib.expected_critical(s, 1, rho, top_k=2, batch=1, samples=20000)
+  assert abs(got - exact) < 0.02, (got, exact)
+  stats = sim_lib.summary(s, select_top_k=1, threshold=rho, top_k=2, batch=1)
+  assert abs(stats["expected_critical"] - exact) < 0.05 and stats["batch"] == 1
