@@ -30,6 +30,17 @@ def _count(mask) -> jax.Array:
   return jnp.sum(jnp.where(mask, 1, 0))
 
 
+def _over_chunks(num_chunks: int, body, carry):
+  """`carry = body(c, carry)` over the slot chunks: inline for one chunk, else a loop.
+
+  Unrolling many chunks made the kernel too slow to compile on the H200 (T*K = 2048
+  with `sere` did not compile within 100 s).
+  """
+  if num_chunks == 1:
+    return body(0, carry)
+  return jax.lax.fori_loop(0, num_chunks, body, carry)
+
+
 def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
                      row_token_ref, offsets_ref, active_ref, stats_ref, *,
                      num_tokens, top_k, num_experts, select_top_k, threshold, min_batch,
@@ -46,21 +57,28 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     valid = (plt.load(valid_ref.at[token], mask=in_range, other=0) != 0) & in_range
     return slot, in_range, ids, token, slot % top_k, valid
 
-  def any_expert(mask):  # [chunk, experts] -> [experts] bool
-    return jnp.max(jnp.where(mask, 1, 0), axis=0) > 0
+  def expert_hits(mask):  # [chunk, experts] -> [experts] int32, 1 where any slot hits
+    return jnp.max(jnp.where(mask, 1, 0), axis=0)
 
   # Pass 1: which experts are used, primary, and used by secondary slots.
-  used = is_primary = secondary_used = expert < 0
-  valid_tokens = 0
-  for c in range(num_chunks):
+  def pass1(c, carry):
+    used, primary, secondary, valid_tokens = carry
     _, _, ids, _, j, valid = load_chunk(c)
     onehot = ids[:, None] == expert[None, :]
-    used |= any_expert(onehot & valid[:, None])
+    used = jnp.maximum(used, expert_hits(onehot & valid[:, None]))
     if select_top_k > 0:
-      is_primary |= any_expert(onehot & (valid & (j < select_top_k))[:, None])
-      secondary_used |= any_expert(onehot & (valid & (j >= select_top_k))[:, None])
+      primary = jnp.maximum(primary, expert_hits(
+          onehot & (valid & (j < select_top_k))[:, None]))
+      secondary = jnp.maximum(secondary, expert_hits(
+          onehot & (valid & (j >= select_top_k))[:, None]))
       valid_tokens += _count(valid & (j == 0))
-  distinct_before = _count(used)
+    return used, primary, secondary, valid_tokens
+
+  none_hit = jnp.zeros_like(expert)
+  used, is_primary, secondary_used, valid_tokens = _over_chunks(
+      num_chunks, pass1, (none_hit, none_hit, none_hit, jnp.int32(0)))
+  is_primary, secondary_used = is_primary > 0, secondary_used > 0
+  distinct_before = _count(used > 0)
 
   # Per-expert target: itself, or its most similar primary expert.
   critical_kept = 0
@@ -92,29 +110,31 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     return slot, in_range, ids, new_ids, token, valid, member
 
   # Pass 2: re-routed ids and group sizes.
-  sizes = jnp.zeros_like(expert)
-  slots_rerouted = 0
-  for c in range(num_chunks):
+  def pass2(c, carry):
+    sizes, slots_rerouted = carry
     slot, in_range, ids, new_ids, _, valid, member = rerouted_chunk(c)
     plt.store(new_ids_ref.at[slot], new_ids, mask=in_range)
-    sizes += jnp.sum(jnp.where(member, 1, 0), axis=0)
-    slots_rerouted += _count(valid & (new_ids != ids))
+    return (sizes + jnp.sum(jnp.where(member, 1, 0), axis=0),
+            slots_rerouted + _count(valid & (new_ids != ids)))
+
+  sizes, slots_rerouted = _over_chunks(num_chunks, pass2, (none_hit, jnp.int32(0)))
   total = jnp.sum(sizes)
   offsets_excl = jnp.cumsum(sizes) - sizes
 
   # Pass 3: stable counting sort: row = group offset + rank among the group's slots.
-  before = offsets_excl
-  for c in range(num_chunks):
+  def pass3(c, before):
     slot, in_range, _, _, token, valid, member = rerouted_chunk(c)
     member_i = jnp.where(member, 1, 0)
     position = jnp.cumsum(member_i, axis=0) - 1 + before[None, :]
     row = jnp.sum(jnp.where(member, position, 0), axis=1)
-    before += jnp.sum(member_i, axis=0)
     plt.store(slot_row_ref.at[slot], jnp.where(valid, row, 0), mask=in_range)
     plt.store(row_token_ref.at[slot], jnp.zeros_like(slot),
               mask=in_range & (slot >= total))
     # Masked-off lanes point past the end: no write on GPU, dropped in interpret mode.
     plt.store(row_token_ref.at[jnp.where(valid, row, num_slots)], token, mask=valid)
+    return before + jnp.sum(member_i, axis=0)
+
+  _over_chunks(num_chunks, pass3, offsets_excl)
 
   real = expert < num_experts
   plt.store(offsets_ref.at[expert], offsets_excl, mask=real)
