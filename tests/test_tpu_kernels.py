@@ -23,8 +23,9 @@ from sere_jax.kernels import gmm_tpu as gmm_tpu_lib
 from sere_jax.kernels.gmm_reference import gmm_reference
 from sere_jax.kernels.gmm_tpu import gmm_tpu
 from sere_jax.kernels.lowering_check import export_for
-from sere_jax.kernels.schedule import build_schedule, reference_schedule
+from sere_jax.kernels.schedule import build_schedule
 from sere_jax.kernels.schedule_tpu import schedule_tpu
+from tests import kernel_checks
 
 INTERPRET = pltpu.InterpretParams()
 GMM_INTERPRET = pltpu.InterpretParams(detect_races=True)  # also checks the pipeline's DMAs
@@ -137,23 +138,6 @@ SCHEDULE_CONFIGS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_reference(config, num_experts):
-  return jax.jit(lambda ids, valid, sim: reference_schedule(
-      ids, jnp.ones(ids.shape, jnp.float32), valid, sim, config, num_experts))
-
-
-def _check_schedule(got, want, valid):
-  rows = int(want.stats[4])
-  np.testing.assert_array_equal(got.ids, want.ids)
-  np.testing.assert_array_equal(got.group_offsets, want.group_offsets)
-  np.testing.assert_array_equal(got.active_experts, want.active_experts)
-  np.testing.assert_array_equal(got.stats, want.stats)
-  np.testing.assert_array_equal(got.row_token[:rows], want.row_token[:rows])
-  np.testing.assert_array_equal(np.asarray(got.slot_row)[valid],
-                                np.asarray(want.slot_row)[valid])
-
-
 # (T, K, E, configs, cases): the second shape spans three sort chunks (640 padded
 # slots) and 256 expert lanes.
 @pytest.mark.parametrize("shape", [(12, 4, 16, SCHEDULE_CONFIGS, 36),
@@ -174,7 +158,8 @@ def test_schedule_matches_reference(shape):
     np.fill_diagonal(sim, 1.0)
     args = (jnp.asarray(ids, jnp.int32), jnp.asarray(valid), jnp.asarray(sim))
     got = schedule_tpu(*args, config, num_experts=num_experts, interpret=INTERPRET)
-    _check_schedule(got, _jitted_reference(config, num_experts)(*args), valid)
+    want = kernel_checks.jitted_reference_schedule(config, num_experts)(*args)
+    kernel_checks.check_schedule(got, want, valid)
 
 
 def test_schedule_rejects_bad_inputs():

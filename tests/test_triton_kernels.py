@@ -20,8 +20,9 @@ from sere_jax.kernels.gmm_reference import gmm_reference
 from sere_jax.kernels.gmm_triton import gmm_triton, tile_config
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.kernels.moe_ffn import moe_ffn
-from sere_jax.kernels.schedule import build_schedule, reference_schedule
+from sere_jax.kernels.schedule import build_schedule
 from sere_jax.kernels.schedule_triton import schedule_triton
+from tests import kernel_checks
 
 T, K, E = 16, 3, 8  # grouped-matmul batches: 48 rows over 8 experts
 _TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -156,26 +157,6 @@ SCHEDULE_CONFIGS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_reference(config, num_experts):
-  return jax.jit(lambda ids, valid, sim: reference_schedule(
-      ids, jnp.ones(ids.shape, jnp.float32), valid, sim, config, num_experts))
-
-
-def _check_schedule(got, want, valid, msg=""):
-  rows = int(want.stats[4])
-  np.testing.assert_array_equal(got.ids, want.ids, err_msg=f"ids {msg}")
-  np.testing.assert_array_equal(got.group_offsets, want.group_offsets,
-                                err_msg=f"group_offsets {msg}")
-  np.testing.assert_array_equal(got.active_experts, want.active_experts,
-                                err_msg=f"active_experts {msg}")
-  np.testing.assert_array_equal(got.stats, want.stats, err_msg=f"stats {msg}")
-  np.testing.assert_array_equal(got.row_token[:rows], want.row_token[:rows],
-                                err_msg=f"row_token {msg}")
-  np.testing.assert_array_equal(np.asarray(got.slot_row)[valid],
-                                np.asarray(want.slot_row)[valid], err_msg=f"slot_row {msg}")
-
-
 def _schedule_case(rng, num_tokens, top_k, num_experts, case):
   valid = rng.random(num_tokens) < (0.0, 0.6, 1.0)[case % 3]
   if case % 2:  # distinct experts per token, as a router gives
@@ -207,8 +188,8 @@ def test_schedule_matches_reference(shape):
       ids, valid, sim = _schedule_case(rng, num_tokens, top_k, num_experts, case)
       got = schedule_triton(ids, valid, sim, config, num_experts=num_experts,
                             max_chunk=max_chunk, interpret=True)
-      want = _jitted_reference(config, num_experts)(ids, valid, sim)
-      _check_schedule(got, want, np.asarray(valid), f"{config} case {case}")
+      want = kernel_checks.jitted_reference_schedule(config, num_experts)(ids, valid, sim)
+      kernel_checks.check_schedule(got, want, np.asarray(valid), f"{config} case {case}")
 
 
 def test_schedule_reroutes_and_sorts():
