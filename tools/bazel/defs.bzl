@@ -24,3 +24,22 @@ def pytest_test(name, src, deps = [], data = [], size = "medium", **kwargs):
         srcs_version = "PY3",
         **kwargs
     )
+
+def package_library(name, **kwargs):
+    """The Python sources of one installed package folder, plus its non-Python files
+    (shipped with the package, so tests see them too)."""
+    native.py_library(
+        name = name,
+        srcs = native.glob(["**/*.py"]),
+        data = native.glob(
+            ["**"],
+            exclude = [
+                "**/*.py",
+                "**/*.pyc",
+                "**/__pycache__/**",
+                "BUILD.bazel",
+            ],
+        ),
+        visibility = ["//visibility:public"],
+        **kwargs
+    )
