@@ -81,9 +81,13 @@ def _write_atomic(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def _save_figure(fig, path: str) -> None:
+def _finish_figure(fig, ax, path: str) -> None:
+  """Grid and legend, then the PNG written atomically; the figure is closed."""
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  _pyplot().close(fig)
   _write_atomic(path, buf.getvalue())
 
 
@@ -150,11 +154,8 @@ def decode_section(results, out_dir) -> tuple[list[str], list[str]]:
       ax.set_xlabel("batch size (sequences)")
       ax.set_ylabel("speedup over none (time per output token)")
       ax.set_title(f"{model} ({scale}), {device}", fontsize=9)
-      ax.grid(True, alpha=0.3)
-      ax.legend(fontsize=7)
       name = f"decode_{_slug(model)}_{_slug(scale)}_{_slug(device)}.png"
-      _save_figure(fig, os.path.join(out_dir, name))
-      plt.close(fig)
+      _finish_figure(fig, ax, os.path.join(out_dir, name))
       pngs.append(name)
       lines += [f"![{model} {device}]({name})", ""]
   return lines, pngs
@@ -197,11 +198,8 @@ def kernels_section(results, out_dir) -> tuple[list[str], list[str]]:
       ax.set_xlabel("distinct experts")
       ax.set_ylabel(f"µs per layer ({impl}; dotted: roofline)")
       ax.set_title(f"MoE layer, {device}", fontsize=9)
-      ax.grid(True, alpha=0.3)
-      ax.legend(fontsize=7)
       name = f"kernels_{_slug(device)}.png"
-      _save_figure(fig, os.path.join(out_dir, name))
-      plt.close(fig)
+      _finish_figure(fig, ax, os.path.join(out_dir, name))
       pngs.append(name)
       lines += [f"![kernels {device}]({name})", ""]
   return lines, pngs
