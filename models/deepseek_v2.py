@@ -311,9 +311,7 @@ class DecoderLayer(nnx.Module):
     h = self.post_attention_layernorm(x)
     stats = None
     if isinstance(self.mlp, MoeBlock):
-      b, l, d = h.shape
-      y, stats = self.mlp(h.reshape(b * l, d), token_valid.reshape(b * l), decode=decode)
-      y = y.reshape(b, l, d)
+      y, stats = self.mlp(h, token_valid, decode=decode)
       if self.shared_experts is not None:
         y = y + self.shared_experts(h)
     else:

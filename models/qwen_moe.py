@@ -187,11 +187,10 @@ class DecoderLayer(nnx.Module):
     h = self.post_attn_norm(x)
     if not isinstance(self.mlp, MoeBlock):
       return x + self.mlp(h), cache, None
-    flat = h.reshape(-1, h.shape[-1])
-    y, stats = self.mlp(flat, token_valid.reshape(-1), decode=decode)
+    y, stats = self.mlp(h, token_valid, decode=decode)
     if self.shared_expert is not None:
-      y = y + jax.nn.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-    return x + y.reshape(h.shape), cache, stats
+      y = y + jax.nn.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+    return x + y, cache, stats
 
 
 class QwenMoeForCausalLM(nnx.Module):

@@ -5,8 +5,9 @@
                       eos_ids=(2,))
     result.tokens          # new tokens per prompt (EOS / stop sequence not included)
     result.finish_reason   # "eos" | "stop" | "length" per prompt
-    result.decode_stats    # [steps, num_moe_layers, 4] int: distinct_before,
+    result.decode_stats    # [steps, num_moe_layers, 4]: distinct_before,
                            #   distinct_after, critical_kept, slots_rerouted
+                           #   (means over groups if the blocks re-route in groups)
 
 How it runs: prompts are left-padded to a common length `P` (layers.py conventions),
 so every sequence writes cache slot `cache_index`. The prefill is one jitted call of
@@ -105,16 +106,17 @@ def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Arr
 class GenerationResult(NamedTuple):
   tokens: list[list[int]]  # new tokens per prompt, without the EOS / stop sequence
   finish_reason: list[str]  # "eos", "stop" or "length" per prompt
-  decode_stats: np.ndarray  # [steps, num_moe_layers, 4] int64 (STAT_FIELDS)
-  prefill_stats: np.ndarray  # [num_moe_layers, 4] int64
+  decode_stats: np.ndarray  # [steps, num_moe_layers, 4] float64 (STAT_FIELDS)
+  prefill_stats: np.ndarray  # [num_moe_layers, 4] float64
 
 
 def _stats_array(stats) -> jax.Array:
-  """A tuple of RerouteStats -> `[num_layers, 4]` int32."""
+  """A tuple of RerouteStats -> `[num_layers, 4]` float32 (means over re-routing
+  groups when the blocks re-route in groups, else the values themselves)."""
   if not stats:
-    return jnp.zeros((0, 4), jnp.int32)
-  return jnp.stack([jnp.stack([jnp.asarray(getattr(s, f), jnp.int32) for f in STAT_FIELDS])
-                    for s in stats])
+    return jnp.zeros((0, 4), jnp.float32)
+  return jnp.stack([jnp.stack([jnp.mean(jnp.asarray(getattr(s, f), jnp.float32))
+                               for f in STAT_FIELDS]) for s in stats])
 
 
 def _sampling_static(config: SamplingConfig) -> SamplingConfig:
@@ -268,9 +270,9 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
     if reason[i] is None:  # cannot happen: the loop ends at max_new_tokens
       reason[i] = "length"
   num_layers = int(prefill_stats.shape[0])
-  stats = (np.stack([np.asarray(s) for s in decode_stats]).astype(np.int64) if decode_stats
-           else np.zeros((0, num_layers, 4), np.int64))
-  return GenerationResult(generated, reason, stats, np.asarray(prefill_stats, np.int64))
+  stats = (np.stack([np.asarray(s) for s in decode_stats]).astype(np.float64) if decode_stats
+           else np.zeros((0, num_layers, 4), np.float64))
+  return GenerationResult(generated, reason, stats, np.asarray(prefill_stats, np.float64))
 
 
 def summarize_stats(decode_stats: np.ndarray) -> dict[str, list[float]]:

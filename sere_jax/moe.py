@@ -5,6 +5,12 @@
                      normalize=True, rngs=nnx.Rngs(0))
     y, stats = block(x, valid, decode=True)          # x [T, D], valid [T]
 
+Re-routing acts on the tokens of one decode step. A `[T, D]` input is one step. A
+`[B, L, D]` input with `decode=True` is L steps of B tokens (teacher forcing): the
+tokens at one position re-route together, exactly as when decoding one token at a
+time. `group_size` g splits each step's B tokens into B/g consecutive groups that
+re-route independently, so one call evaluates batches of g sequences.
+
 The block owns the router, the fused expert weights (`w_gate_up [E, D, 2F]`,
 `w_down [E, F, D]`) and the layer's expert similarity (an `ExpertSimilarity`
 variable, saved and restored with the model; NaN until calibrated). Shared experts
@@ -29,8 +35,10 @@ from sere_jax.kernels import moe_ffn as moe_ffn_lib
 # `scores` are the per-expert scores on the weights' scale (for the `oea` policy).
 Router = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 NO_REROUTE = RerouteConfig(policy="none")
-# Names under which a block records its input inside `nnx.capture` (calibration).
+# Names under which a block records values inside `nnx.capture`: its input and valid
+# mask (calibration) and its load-balancing loss (training).
 CAPTURE_INPUT, CAPTURE_VALID = "moe_input", "moe_valid"
+CAPTURE_LOAD_BALANCE = "load_balancing_loss"
 
 
 class ExpertSimilarity(nnx.Variable):
@@ -50,7 +58,7 @@ class MoeBlock(nnx.Module):
 
   def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, *,
                reroute: RerouteConfig = NO_REROUTE, normalize: bool = False,
-               router: Router | None = None, impl: str = "auto",
+               router: Router | None = None, impl: str = "auto", group_size: int = 0,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not 0 < top_k <= num_experts:
       raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
@@ -66,6 +74,7 @@ class MoeBlock(nnx.Module):
     self.reroute = reroute
     self.route = router or softmax_router(top_k, normalize)
     self.impl = impl
+    self.group_size = group_size
 
   def active_config(self, decode: bool) -> RerouteConfig:
     """The re-routing config of a decode (or prefill) step."""
@@ -73,22 +82,65 @@ class MoeBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, valid: jax.Array, *, decode: bool
                ) -> tuple[jax.Array, policies.RerouteStats]:
-    """`x [T, D]`, `valid [T]` -> `(y [T, D], stats)`.
+    """`x [T, D]` or `[B, L, D]`, `valid` `[T]` or `[B, L]` -> `(y like x, stats)`.
 
-    Inside `nnx.capture(..., nnx.Intermediate)` the block records its input as
-    `moe_input` and `moe_valid` (for calibration); elsewhere that is a no-op.
+    Stats are int32 scalars for one re-routing batch; with `decode=True` and a
+    `[B, L, D]` input with L > 1, or with `group_size` set, they are `[L, G]`: one
+    value per position and group (see the module docstring).
+
+    Inside `nnx.capture(..., nnx.Intermediate)` the block records its flattened input
+    as `moe_input` and `moe_valid` (calibration) and its load-balancing loss
+    (training); elsewhere that is a no-op.
     """
-    self.sow(nnx.Intermediate, CAPTURE_INPUT, x, capture_noop=True)
-    self.sow(nnx.Intermediate, CAPTURE_VALID, valid, capture_noop=True)
-    logits = jnp.dot(x.astype(jnp.float32), self.router_kernel[...].astype(jnp.float32))
+    if valid.shape != x.shape[:-1]:
+      raise ValueError(f"valid must have shape {x.shape[:-1]} for x of shape {x.shape}, "
+                       f"got {valid.shape}")
+    flat, flat_valid = x.reshape(-1, x.shape[-1]), valid.reshape(-1)
+    self.sow(nnx.Intermediate, CAPTURE_INPUT, flat, capture_noop=True)
+    self.sow(nnx.Intermediate, CAPTURE_VALID, flat_valid, capture_noop=True)
+    logits = jnp.dot(flat.astype(jnp.float32),
+                     self.router_kernel[...].astype(jnp.float32))
     ids, weights, scores = self.route(logits)
+    self.sow(nnx.Intermediate, CAPTURE_LOAD_BALANCE,
+             routing.load_balancing_loss(logits, ids, flat_valid), capture_noop=True)
     config = self.active_config(decode)
+    stepwise = decode and (self.group_size > 0 or (x.ndim == 3 and x.shape[1] > 1))
+    stats = None
+    if stepwise:
+      steps = x.shape[:2] if x.ndim == 3 else (x.shape[0], 1)
+      ids, weights, stats = self._reroute_steps(ids, weights, flat_valid, scores, steps,
+                                                config)
+      config = NO_REROUTE
     similarity = self.similarity[...] if config.policy == "sere" else None
     out = moe_ffn_lib.moe_ffn(
-        x, ids, weights, self.w_gate_up[...], self.w_down[...], valid=valid,
+        flat, ids, weights, self.w_gate_up[...], self.w_down[...], valid=flat_valid,
         similarity=similarity, config=config, router_scores=scores,
         renormalize=self.normalize, impl=self.impl)
-    return out.y, out.stats
+    return out.y.reshape(x.shape), out.stats if stats is None else stats
+
+  def _reroute_steps(self, ids, weights, valid, scores, steps, config):
+    """Re-routes `[B * L]` tokens per position and per group of `group_size` rows."""
+    batch, length = steps
+    group = self.group_size or batch
+    if batch % group:
+      raise ValueError(f"group_size {group} does not divide the batch of {batch} tokens")
+
+    def to_steps(a):  # [B * L, ...] -> [L, G, g, ...]
+      a = a.reshape(batch // group, group, length, *a.shape[1:])
+      return jnp.moveaxis(a, 2, 0)
+
+    def from_steps(a):
+      return jnp.moveaxis(a, 0, 2).reshape(batch * length, *a.shape[3:])
+
+    similarity = self.similarity[...] if config.policy == "sere" else None
+
+    def one_step(i, w, v, s):
+      return policies.reroute(i, w, v, similarity, config, num_experts=self.num_experts,
+                              router_scores=s, renormalize=self.normalize)
+
+    new_ids, new_w, stats = jax.vmap(jax.vmap(one_step))(
+        to_steps(ids), to_steps(weights), to_steps(valid), to_steps(scores))
+    return from_steps(new_ids), from_steps(new_w), stats
 
 
 def moe_blocks(model: nnx.Module) -> list[MoeBlock]:
@@ -96,12 +148,19 @@ def moe_blocks(model: nnx.Module) -> list[MoeBlock]:
   return [m for _, m in nnx.iter_graph(model) if isinstance(m, MoeBlock)]
 
 
-def set_reroute(model: nnx.Module, config: RerouteConfig, impl: str | None = None) -> None:
-  """Sets every MoE block's re-routing config (and, optionally, implementation)."""
+def set_reroute(model: nnx.Module, config: RerouteConfig, impl: str | None = None,
+                group_size: int | None = None) -> None:
+  """Sets every MoE block's re-routing config (and, optionally, implementation and
+  re-routing group size; 0 = the whole batch)."""
+  if group_size is not None and (isinstance(group_size, bool) or
+                                 not isinstance(group_size, int) or group_size < 0):
+    raise ValueError(f"group_size must be an integer >= 0, got {group_size!r}")
   for block in moe_blocks(model):
     block.reroute = config
     if impl is not None:
       block.impl = impl
+    if group_size is not None:
+      block.group_size = group_size
 
 
 def check_calibrated(model: nnx.Module) -> None:
