@@ -45,7 +45,7 @@ def _moe_paths(model: nnx.Module) -> list[tuple]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype"))
-def _capture_inputs(graphdef, state, tokens, valid, *, cache_dtype):
+def capture_moe_inputs(graphdef, state, tokens, valid, *, cache_dtype):
   """One prefill without re-routing -> (inputs `[T, D]`, valid `[T]`) per MoE layer."""
   model = nnx.merge(graphdef, state)
   for block in moe.moe_blocks(model):
@@ -147,7 +147,7 @@ def calibrate(model: nnx.Module, token_batches: Iterable[Batch], metric: str, *,
     tokens, valid = _batch_arrays(batch)
     flat = valid.reshape(-1)
     take = flat & (np.cumsum(flat) <= budget - used)  # the budget's share of this batch
-    captured = _capture_inputs(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid),
+    captured = capture_moe_inputs(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid),
                                cache_dtype=cache_dtype)
     for i, (block, (x, x_valid)) in enumerate(zip(blocks, captured)):
       states[i] = _update_layer(states[i], x, x_valid & jnp.asarray(take),
