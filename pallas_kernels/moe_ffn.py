@@ -90,10 +90,11 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
     w_gate_up: `[E, D, 2F]` fused gate and up projections; `w_down`: `[E, F, D]`.
     valid: `[T]` bool, real tokens (default: all). Invalid tokens add no experts
       and their output rows are zero.
-    similarity: `[E, E]` expert similarity (policy `sere`).
-    config: the re-routing policy (default: none).
+    similarity: `[E, E]` expert similarity (policies `sere`, `sere_hybrid`).
+    config: the re-routing policy (default: none). Only `none` and `sere` use the fused
+      schedule kernel; every other policy re-routes with `sere_jax.reroute` first.
     router_scores, renormalize, key: passed to `sere_jax.reroute` (policies `oea`,
-      `topk_truncate`, `random`).
+      `sere_hybrid`, `topk_truncate`, `random`).
     impl: one of `IMPLS`.
 
   Returns:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-POLICIES = ("none", "sere", "topk_truncate", "oea", "random")
+POLICIES = ("none", "sere", "sere_hybrid", "topk_truncate", "oea", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,16 +13,21 @@ class RerouteConfig:
 
   Attributes:
     policy: one of `POLICIES`. `none` keeps the original top-K routing; `sere` is
-      similarity-based re-routing (DESIGN.md §4); `topk_truncate` keeps only the top-S
+      similarity-based re-routing (DESIGN.md §4); `sere_hybrid` is SERE whose substitute
+      is chosen per token by `(1 - score_weight) * similarity + score_weight * router
+      score` (critical experts as in `sere`); `topk_truncate` keeps only the top-S
       experts; `oea` lets slots past S take the token's best-scoring already-active
       experts; `random` re-routes each secondary expert to a random primary expert.
     select_top_k: S, the number of primary experts per token that are never changed.
       `S <= 0` or `S >= K` disables re-routing.
-    threshold: rho in [0, 1]. Under `sere`, a secondary expert whose best similarity
-      to the primary set is below rho is critical and kept. 0 disables the check.
+    threshold: rho in [0, 1]. Under `sere` and `sere_hybrid`, a secondary expert whose
+      best similarity to the primary set is below rho is critical and kept. 0 disables
+      the check.
     decode_only: apply the policy only to decode steps (prefill keeps top-K routing).
     min_batch: re-routing is off when fewer than this many tokens are valid.
     seed: seed of the `random` policy's draws.
+    score_weight: lambda in [0, 1] of `sere_hybrid`: the weight of the token's router
+      score against the similarity when ranking primaries. 0 gives `sere` exactly.
   """
 
   policy: str = "sere"
@@ -31,19 +36,18 @@ class RerouteConfig:
   decode_only: bool = True
   min_batch: int = 1
   seed: int = 0
+  score_weight: float = 0.5
 
   def __post_init__(self):
     if self.policy not in POLICIES:
       raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
     _check_int("select_top_k", self.select_top_k, low=0)
-    if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-      raise ValueError(f"threshold must be a number in [0, 1], got {self.threshold!r}")
-    if not 0.0 <= float(self.threshold) <= 1.0:
-      raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+    _check_unit("threshold", self.threshold)
     if not isinstance(self.decode_only, bool):
       raise ValueError(f"decode_only must be a bool, got {self.decode_only!r}")
     _check_int("min_batch", self.min_batch, low=0)
     _check_int("seed", self.seed, low=0, high=2**32 - 1)
+    _check_unit("score_weight", self.score_weight)
 
   def is_active(self, top_k: int) -> bool:
     """Whether this config changes a top-`top_k` routing at all."""
@@ -56,3 +60,10 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
   if value < low or (high is not None and value > high):
     bound = f">= {low}" if high is None else f"in [{low}, {high}]"
     raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_unit(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+  if not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {value}")

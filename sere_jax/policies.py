@@ -1,4 +1,5 @@
-"""Re-routing policies: SERE (DESIGN.md §4) and the baselines of DESIGN.md §5.
+"""Re-routing policies: SERE (DESIGN.md §4), its per-token hybrid `sere_hybrid`, and
+the baselines of DESIGN.md §5.
 
 Every policy maps a top-K routing of one batch to a new one with the same static
 shapes: `ids [T, K]`, `weights [T, K]`. Slots that a policy drops keep the token's
@@ -40,6 +41,22 @@ def primary_mask(ids: jax.Array, valid: jax.Array, select_top_k: int,
       jnp.broadcast_to(valid[:, None], primary.shape))
 
 
+def nearest_primary(is_primary: jax.Array, similarity: jax.Array, threshold: float
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Each expert's most similar primary and critical flag (DESIGN.md §4, step 3).
+
+  Returns `nearest [E] int32` (argmax of `similarity[e, p]` over primaries p, ties to
+  the lowest index) and `critical [E]`: not primary, and its best similarity to the
+  primary set is below `threshold` (never when `threshold` is 0 or there is no primary).
+  """
+  masked = jnp.where(is_primary[None, :], similarity.astype(jnp.float32), -jnp.inf)
+  nearest = jnp.argmax(masked, axis=1).astype(jnp.int32)
+  nearest_sim = jnp.take_along_axis(masked, nearest[:, None], axis=1)[:, 0]
+  critical = ~is_primary & jnp.any(is_primary)
+  critical &= (nearest_sim < threshold) if threshold > 0 else False
+  return nearest, critical
+
+
 def sere_targets(is_primary: jax.Array, similarity: jax.Array, threshold: float
                  ) -> tuple[jax.Array, jax.Array]:
   """Per-expert re-routing target and critical flag (DESIGN.md §4, step 3).
@@ -48,15 +65,31 @@ def sere_targets(is_primary: jax.Array, similarity: jax.Array, threshold: float
   else to its most similar primary, ties to the lowest index) and `critical [E]`.
   With no primary expert every target is the expert itself.
   """
-  num_experts = is_primary.shape[0]
-  experts = jnp.arange(num_experts, dtype=jnp.int32)
-  masked = jnp.where(is_primary[None, :], similarity.astype(jnp.float32), -jnp.inf)
-  nearest = jnp.argmax(masked, axis=1).astype(jnp.int32)
-  nearest_sim = jnp.take_along_axis(masked, nearest[:, None], axis=1)[:, 0]
-  critical = ~is_primary & jnp.any(is_primary)
-  critical &= (nearest_sim < threshold) if threshold > 0 else False
+  experts = jnp.arange(is_primary.shape[0], dtype=jnp.int32)
+  nearest, critical = nearest_primary(is_primary, similarity, threshold)
   keep = is_primary | critical | ~jnp.any(is_primary)
   return jnp.where(keep, experts, nearest), critical
+
+
+def hybrid_secondary(ids: jax.Array, is_primary: jax.Array, similarity: jax.Array,
+                     router_scores: jax.Array, select_top_k: int, threshold: float,
+                     score_weight: float) -> tuple[jax.Array, jax.Array]:
+  """`sere_hybrid`: per-token substitutes for the secondary slots of `ids [T, K]`.
+
+  A secondary expert e that is neither primary nor critical (critical as in SERE) is
+  replaced by the primary p maximising `(1 - lam) * similarity[e, p] + lam *
+  router_scores[t, p]` (ties to the lowest index), `lam = score_weight`. Returns the
+  new `ids [T, K]` and `critical [E]`.
+  """
+  _, critical = nearest_primary(is_primary, similarity, threshold)
+  secondary = ids[:, select_top_k:]  # [T, K - S]
+  sim_rows = similarity.astype(jnp.float32)[secondary]  # [T, K - S, E]
+  scores = router_scores.astype(jnp.float32)[:, None, :]  # [T, 1, E]
+  mixed = (1.0 - score_weight) * sim_rows + score_weight * scores
+  pick = jnp.argmax(jnp.where(is_primary, mixed, -jnp.inf), axis=-1).astype(ids.dtype)
+  keep = is_primary[secondary] | critical[secondary] | ~jnp.any(is_primary)
+  return jnp.concatenate([ids[:, :select_top_k], jnp.where(keep, secondary, pick)],
+                         axis=1), critical
 
 
 def random_targets(is_primary: jax.Array, key: jax.Array) -> jax.Array:
@@ -122,11 +155,11 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
     ids: `[T, K]` expert ids, sorted by descending router score.
     weights: `[T, K]` routing weights.
     valid: `[T]` bool; invalid tokens (padding, finished sequences) add no experts.
-    similarity: `[E, E]` expert similarity; required by `sere`.
+    similarity: `[E, E]` expert similarity; required by `sere` and `sere_hybrid`.
     config: the policy and its parameters (static under jit).
     num_experts: E; inferred from `similarity` or `router_scores` when omitted.
     router_scores: `[T, E]` the router's per-expert scores on the weights' scale
-      (softmax probabilities for Qwen); required by `oea`.
+      (softmax probabilities for Qwen); required by `oea` and `sere_hybrid`.
     renormalize: the model renormalises top-K weights (`topk_truncate` and `oea`
       then renormalise the weights they keep).
     key: PRNG key of `random`; defaults to `PRNGKey(config.seed)`.
@@ -146,12 +179,18 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
 
   is_primary = primary_mask(ids, valid, s, num_experts)
   critical_kept = zero
-  if config.policy == "sere":
+  if config.policy in ("sere", "sere_hybrid"):
     if similarity is None:
-      raise ValueError("policy 'sere' needs a similarity matrix")
+      raise ValueError(f"policy {config.policy!r} needs a similarity matrix")
     validation.check_similarity(similarity, num_experts)
-    target, critical = sere_targets(is_primary, similarity, config.threshold)
-    new_ids, new_w = _remap_secondary(ids, target, s), weights
+    if config.policy == "sere":
+      target, critical = sere_targets(is_primary, similarity, config.threshold)
+      new_ids = _remap_secondary(ids, target, s)
+    else:
+      _check_router_scores(router_scores, config.policy, ids.shape[0], num_experts)
+      new_ids, critical = hybrid_secondary(ids, is_primary, similarity, router_scores, s,
+                                           config.threshold, config.score_weight)
+    new_w = weights
     secondary_used = jnp.zeros((num_experts,), jnp.bool_).at[ids[:, s:]].max(
         jnp.broadcast_to(valid[:, None], ids[:, s:].shape))
     critical_kept = jnp.sum(critical & secondary_used, dtype=jnp.int32)
@@ -161,11 +200,7 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
   elif config.policy == "topk_truncate":
     new_ids, new_w = _truncate(ids, weights, s, renormalize)
   elif config.policy == "oea":
-    if router_scores is None:
-      raise ValueError("policy 'oea' needs router_scores [T, E]")
-    if router_scores.shape != (ids.shape[0], num_experts):
-      raise ValueError(f"router_scores must be [T, E] = {(ids.shape[0], num_experts)}, "
-                       f"got shape {router_scores.shape}")
+    _check_router_scores(router_scores, config.policy, ids.shape[0], num_experts)
     new_ids, new_w = _oea(ids, weights, is_primary, router_scores, s, renormalize)
   else:  # RerouteConfig validation makes this unreachable.
     raise ValueError(f"unknown policy {config.policy!r}")
@@ -180,6 +215,15 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
       critical_kept=jnp.where(apply, critical_kept, 0),
       slots_rerouted=jnp.sum(changed, dtype=jnp.int32))
   return new_ids, new_w, stats
+
+
+def _check_router_scores(router_scores, policy: str, num_tokens: int,
+                         num_experts: int) -> None:
+  if router_scores is None:
+    raise ValueError(f"policy {policy!r} needs router_scores [T, E]")
+  if router_scores.shape != (num_tokens, num_experts):
+    raise ValueError(f"router_scores must be [T, E] = {(num_tokens, num_experts)}, "
+                     f"got shape {router_scores.shape}")
 
 
 def _infer_num_experts(num_experts, similarity, router_scores) -> int:

@@ -1,4 +1,4 @@
-"""Brute-force NumPy oracle of SERE re-routing (DESIGN.md §4).
+"""Brute-force NumPy oracles of SERE re-routing (DESIGN.md §4) and of `sere_hybrid`.
 
 Written from the spec alone, with plain Python loops, so that it shares no code
 (and no vectorisation tricks) with `sere_jax.policies`. It is slow on purpose:
@@ -123,4 +123,97 @@ def sere_oracle(ids, weights, valid, similarity, select_top_k: int, threshold: f
   stats = OracleStats(before, _distinct_valid(new_ids, valid), len(critical_used),
                       rerouted)
   return OracleResult(new_ids, weights.copy(), stats, frozenset(primary), target,
+                      frozenset(critical))
+
+
+def sere_hybrid_oracle(ids, weights, valid, similarity, router_scores,
+                       select_top_k: int, threshold: float, score_weight: float,
+                       min_batch: int = 1) -> OracleResult:
+  """`sere_hybrid` on one batch: SERE whose substitute is chosen per token.
+
+  P and the critical experts are exactly SERE's (critical: best similarity to P below
+  rho, rho > 0). A secondary slot of token t holding an expert e that is neither in P
+  nor critical gets the p in P maximising
+  `(1 - lam) * similarity[e, p] + lam * router_scores[t, p]` (ties to the lowest p),
+  evaluated in float32 one operation at a time. Weights are unchanged.
+
+  Returns an `OracleResult` whose `target` is SERE's per-expert nearest-primary map
+  (the similarity-only substitute) for reference; the ids hold the per-token choice.
+  """
+  ids = np.asarray(ids)
+  weights = np.asarray(weights)
+  valid = [bool(v) for v in np.asarray(valid).reshape(-1)]
+  sim = np.asarray(similarity, dtype=np.float32)
+  scores = np.asarray(router_scores, dtype=np.float32)
+  num_tokens, top_k = ids.shape
+  num_experts = sim.shape[0]
+  s = int(select_top_k)
+  rho = float(np.float32(threshold))
+  lam = float(score_weight)
+  w_sim = np.float32(1.0 - lam)
+  w_score = np.float32(lam)
+
+  before = _distinct_valid(ids, valid)
+  identity = {e: e for e in range(num_experts)}
+  unchanged = OracleResult(ids.copy(), weights.copy(),
+                           OracleStats(before, before, 0, 0),
+                           frozenset(), identity, frozenset())
+  if sum(valid) < max(int(min_batch), 1):
+    return unchanged
+  if s <= 0 or s >= top_k:
+    return unchanged
+  primary = set()
+  for t in range(num_tokens):
+    if not valid[t]:
+      continue
+    for j in range(s):
+      primary.add(int(ids[t, j]))
+  if not primary:
+    return unchanged
+
+  # Critical experts and the similarity-only nearest primary, exactly as in SERE.
+  nearest = {}
+  critical = set()
+  for e in range(num_experts):
+    if e in primary:
+      nearest[e] = e
+      continue
+    best_p, best_sim = None, None
+    for p in sorted(primary):
+      value = float(sim[e, p])
+      if best_sim is None or value > best_sim:
+        best_p, best_sim = p, value
+    nearest[e] = best_p
+    if rho > 0 and best_sim < rho:
+      critical.add(e)
+      nearest[e] = e
+
+  # Per-token substitutes for the secondary slots (every row, valid or not).
+  new_ids = ids.copy()
+  for t in range(num_tokens):
+    for j in range(s, top_k):
+      e = int(ids[t, j])
+      if e in primary or e in critical:
+        continue
+      best_p, best_value = None, None
+      for p in sorted(primary):
+        value = np.float32(np.float32(w_sim * sim[e, p])
+                           + np.float32(w_score * scores[t, p]))
+        if best_value is None or value > best_value:
+          best_p, best_value = p, value
+      new_ids[t, j] = best_p
+
+  critical_used = set()
+  rerouted = 0
+  for t in range(num_tokens):
+    if not valid[t]:
+      continue
+    for j in range(top_k):
+      if j >= s and int(ids[t, j]) in critical:
+        critical_used.add(int(ids[t, j]))
+      if new_ids[t, j] != ids[t, j]:
+        rerouted += 1
+  stats = OracleStats(before, _distinct_valid(new_ids, valid), len(critical_used),
+                      rerouted)
+  return OracleResult(new_ids, weights.copy(), stats, frozenset(primary), nearest,
                       frozenset(critical))

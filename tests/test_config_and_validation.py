@@ -49,6 +49,15 @@ INVALID_FIELDS = [
     ("seed", 0.0),
     ("seed", None),
     ("seed", False),
+    ("score_weight", -0.01),
+    ("score_weight", 1.01),
+    ("score_weight", -1),
+    ("score_weight", 2),
+    ("score_weight", math.nan),
+    ("score_weight", "0.5"),
+    ("score_weight", None),
+    ("score_weight", True),
+    ("score_weight", False),
 ]
 
 
@@ -72,6 +81,11 @@ def test_invalid_config_field_raises_naming_the_field(field, value):
     {"min_batch": 0},
     {"seed": 0},
     {"seed": 2**32 - 1},
+    {"score_weight": 0},
+    {"score_weight": 1},
+    {"score_weight": 0.0},
+    {"score_weight": 0.25},
+    {"score_weight": 1.0},
 ] + [{"policy": p} for p in POLICIES])
 def test_valid_config_accepted(kwargs):
   cfg = RerouteConfig(**kwargs)
@@ -82,7 +96,7 @@ def test_valid_config_accepted(kwargs):
 def test_config_defaults_and_frozen():
   cfg = RerouteConfig()
   assert (cfg.policy, cfg.select_top_k, cfg.threshold, cfg.decode_only, cfg.min_batch,
-          cfg.seed) == ("sere", 2, 0.0, True, 1, 0)
+          cfg.seed, cfg.score_weight) == ("sere", 2, 0.0, True, 1, 0, 0.5)
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.threshold = 0.5
   # Hashable and compared by value (usable as a static jit argument).
@@ -91,13 +105,15 @@ def test_config_defaults_and_frozen():
 
 
 def test_policies_listed():
-  assert set(POLICIES) == {"none", "sere", "topk_truncate", "oea", "random"}
+  assert set(POLICIES) == {"none", "sere", "sere_hybrid", "topk_truncate", "oea",
+                           "random"}
 
 
 @pytest.mark.parametrize("policy,s,k,active", [
     ("sere", 2, 4, True), ("sere", 0, 4, False), ("sere", 4, 4, False),
     ("sere", 5, 4, False), ("sere", 3, 4, True), ("none", 2, 4, False),
     ("oea", 1, 2, True), ("random", 1, 1, False), ("topk_truncate", 1, 8, True),
+    ("sere_hybrid", 2, 4, True), ("sere_hybrid", 0, 4, False),
 ])
 def test_is_active(policy, s, k, active):
   assert RerouteConfig(policy=policy, select_top_k=s).is_active(k) is active

@@ -276,6 +276,9 @@ JIT_CONFIGS = [
     (RerouteConfig(policy="oea", select_top_k=1), False),
     (RerouteConfig(policy="oea", select_top_k=2), True),
     (RerouteConfig(policy="random", select_top_k=1, seed=3), False),
+    (RerouteConfig(policy="sere_hybrid", select_top_k=1, score_weight=0.5), False),
+    (RerouteConfig(policy="sere_hybrid", select_top_k=2, threshold=0.5, score_weight=1.0),
+     False),
 ]
 
 
@@ -347,7 +350,8 @@ def test_oea_too_few_candidates_fill_with_first_expert_weight_zero():
 
 
 @pytest.mark.parametrize("min_batch", [0, 1])
-@pytest.mark.parametrize("policy", ["sere", "topk_truncate", "oea", "random"])
+@pytest.mark.parametrize("policy", ["sere", "sere_hybrid", "topk_truncate", "oea",
+                                    "random"])
 def test_no_valid_token_changes_nothing(policy, min_batch):
   # Even with min_batch=0, a batch without a valid token is left exactly as it is.
   rng = np.random.default_rng(0)
