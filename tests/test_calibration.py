@@ -42,7 +42,7 @@ def direct_case(model):
   original = moe.MoeBlock.__call__
 
   def record(self, x, valid, *, decode):
-    seen.append(x)
+    seen.append(x.reshape(-1, x.shape[-1]))
     return original(self, x, valid, decode=decode)
 
   graphdef, state = nnx.split(model)
