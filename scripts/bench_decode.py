@@ -421,7 +421,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
       expert_bytes = sum(d * e for d, e in zip(distinct_per_layer,
                                                budget["expert_bytes_per_layer"]))
       kv_bytes = batch * mean_context * kv_token_bytes
-      sim_bytes = budget["similarity_bytes"] if pol["policy"] == "sere" else 0
+      sim_bytes = budget["similarity_bytes"] if pol["policy"] in ("sere", "sere_hybrid") else 0
       step_bytes = (budget["dense_bytes"] + batch * budget["embed_row_bytes"]
                     + expert_bytes + kv_bytes + sim_bytes)
       roofline_s = step_bytes / copy_bw

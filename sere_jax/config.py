@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 POLICIES = ("none", "sere", "sere_hybrid", "topk_truncate", "oea", "random")
+# Policies that read the layer's expert similarity matrix.
+SIMILARITY_POLICIES = ("sere", "sere_hybrid")
 
 
 @dataclasses.dataclass(frozen=True)

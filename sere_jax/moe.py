@@ -28,7 +28,7 @@ import numpy as np
 
 from sere_jax import policies
 from sere_jax import routing
-from sere_jax.config import RerouteConfig
+from sere_jax.config import SIMILARITY_POLICIES, RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 
 # A router maps `[T, E]` logits to `(ids [T, K], weights [T, K], scores [T, E])`, where
@@ -96,13 +96,13 @@ class MoeBlock(nnx.Module):
       raise ValueError(f"valid must have shape {x.shape[:-1]} for x of shape {x.shape}, "
                        f"got {valid.shape}")
     flat, flat_valid = x.reshape(-1, x.shape[-1]), valid.reshape(-1)
-    self.sow(nnx.Intermediate, CAPTURE_INPUT, flat, capture_noop=True)
-    self.sow(nnx.Intermediate, CAPTURE_VALID, flat_valid, capture_noop=True)
+    self._record(CAPTURE_INPUT, flat)
+    self._record(CAPTURE_VALID, flat_valid)
     logits = jnp.dot(flat.astype(jnp.float32),
                      self.router_kernel[...].astype(jnp.float32))
     ids, weights, scores = self.route(logits)
-    self.sow(nnx.Intermediate, CAPTURE_LOAD_BALANCE,
-             routing.load_balancing_loss(logits, ids, flat_valid), capture_noop=True)
+    self._record(CAPTURE_LOAD_BALANCE,
+                 routing.load_balancing_loss(logits, ids, flat_valid))
     config = self.active_config(decode)
     stepwise = decode and (self.group_size > 0 or (x.ndim == 3 and x.shape[1] > 1))
     stats = None
@@ -111,12 +111,19 @@ class MoeBlock(nnx.Module):
       ids, weights, stats = self._reroute_steps(ids, weights, flat_valid, scores, steps,
                                                 config)
       config = NO_REROUTE
-    similarity = self.similarity[...] if config.policy == "sere" else None
+    similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
     out = moe_ffn_lib.moe_ffn(
         flat, ids, weights, self.w_gate_up[...], self.w_down[...], valid=flat_valid,
         similarity=similarity, config=config, router_scores=scores,
         renormalize=self.normalize, impl=self.impl)
     return out.y.reshape(x.shape), out.stats if stats is None else stats
+
+  def _record(self, name: str, value: jax.Array) -> None:
+    """`sow`s `value` inside `nnx.capture` only. (Checked by hand: flax 0.12.10, the
+    GPU machine's version, has no `capture_noop` and outside a capture would store
+    the value on the module.)"""
+    if hasattr(self, "__captures__"):
+      self.sow(nnx.Intermediate, name, value)
 
   def _reroute_steps(self, ids, weights, valid, scores, steps, config):
     """Re-routes `[B * L]` tokens per position and per group of `group_size` rows."""
@@ -132,7 +139,7 @@ class MoeBlock(nnx.Module):
     def from_steps(a):
       return jnp.moveaxis(a, 0, 2).reshape(batch * length, *a.shape[3:])
 
-    similarity = self.similarity[...] if config.policy == "sere" else None
+    similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
 
     def one_step(i, w, v, s):
       return policies.reroute(i, w, v, similarity, config, num_experts=self.num_experts,
@@ -164,15 +171,17 @@ def set_reroute(model: nnx.Module, config: RerouteConfig, impl: str | None = Non
 
 
 def check_calibrated(model: nnx.Module) -> None:
-  """Raises ValueError if a block re-routes with `sere` but has no valid similarity."""
+  """Raises ValueError if a block's policy reads the similarity (`sere`,
+  `sere_hybrid`) but the block has no valid one."""
   for i, block in enumerate(moe_blocks(model)):
-    if block.reroute.policy != "sere":
+    if block.reroute.policy not in SIMILARITY_POLICIES:
       continue
     sim = np.asarray(block.similarity[...])
     if sim.shape != (block.num_experts, block.num_experts):
       raise ValueError(f"MoE layer {i}: similarity has shape {sim.shape}, expected "
                        f"{(block.num_experts, block.num_experts)}")
     if not np.all(np.isfinite(sim)):
-      raise ValueError(f"MoE layer {i}: policy 'sere' needs a calibrated similarity "
+      raise ValueError(f"MoE layer {i}: policy {block.reroute.policy!r} needs a calibrated "
+                       "similarity "
                        "matrix (this one holds NaN or inf); calibrate the model or load "
                        "one with its similarity")
