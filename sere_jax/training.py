@@ -43,19 +43,19 @@ def make_optimizer(*, peak_lr: float, warmup_steps: int, total_steps: int,
                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay))
 
 
-def forward(model: nnx.Module, tokens: jax.Array) -> jax.Array:
+def forward(model: nnx.Module, tokens: jax.Array, cache_dtype=jnp.float32) -> jax.Array:
   """Logits `[B, L, V]` of a whole-sequence forward (all tokens valid, no re-routing
   in prefill unless the blocks' configs say so)."""
   batch, length = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
   valid = jnp.ones(tokens.shape, jnp.bool_)
-  dtype = _float_dtype(model)
-  cache = model.init_cache(batch, length, dtype)
+  cache = model.init_cache(batch, length, cache_dtype)
   return model(tokens, positions, valid, cache, valid, jnp.zeros((), jnp.int32),
                decode=False).logits
 
 
-def _float_dtype(model):
+def float_dtype(model: nnx.Module):
+  """The dtype of the model's first floating-point parameter (the KV-cache dtype)."""
   for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       return leaf.dtype
@@ -63,9 +63,11 @@ def _float_dtype(model):
 
 
 def loss_terms(model: nnx.Module, inputs: jax.Array, targets: jax.Array,
-               aux_loss_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+               aux_loss_weight: float, cache_dtype=jnp.float32
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`(total loss, {"loss", "nll", "aux"})` of one batch."""
-  logits, sown = nnx.capture(lambda m: forward(m, inputs), nnx.Intermediate)(model)
+  logits, sown = nnx.capture(lambda m: forward(m, inputs, cache_dtype),
+                             nnx.Intermediate)(model)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   aux = [v for path, v in nnx.to_flat_state(sown)
          if path[-1] == moe.CAPTURE_LOAD_BALANCE]
@@ -89,10 +91,11 @@ class Trainer:
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.tx = tx
     self.opt_state = tx.init(self.params)
+    dtype = float_dtype(model)
     self._step = jax.jit(functools.partial(_train_step, self.graphdef, tx,
-                                           float(aux_loss_weight)),
+                                           float(aux_loss_weight), dtype),
                          donate_argnums=(0, 2))
-    self._eval = jax.jit(functools.partial(_eval_nll, self.graphdef))
+    self._eval = jax.jit(functools.partial(_eval_nll, self.graphdef, dtype))
 
   @property
   def model(self) -> nnx.Module:
@@ -116,17 +119,19 @@ class Trainer:
                             jnp.asarray(targets)))
 
 
-def _train_step(graphdef, tx, aux_loss_weight, params, rest, opt_state, inputs, targets):
+def _train_step(graphdef, tx, aux_loss_weight, dtype, params, rest, opt_state, inputs,
+                targets):
   def loss(p):
-    return loss_terms(nnx.merge(graphdef, p, rest), inputs, targets, aux_loss_weight)
+    return loss_terms(nnx.merge(graphdef, p, rest), inputs, targets, aux_loss_weight,
+                      dtype)
   (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   metrics["grad_norm"] = optax.global_norm(grads)
   return optax.apply_updates(params, updates), metrics, opt_state
 
 
-def _eval_nll(graphdef, params, rest, inputs, targets):
-  logits = forward(nnx.merge(graphdef, params, rest), inputs)
+def _eval_nll(graphdef, dtype, params, rest, inputs, targets):
+  logits = forward(nnx.merge(graphdef, params, rest), inputs, dtype)
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
@@ -172,7 +177,7 @@ def routing_statistics(model: nnx.Module, tokens: np.ndarray, group_size: int
   valid = jnp.ones(tokens.shape, jnp.bool_)
   graphdef, state = nnx.split(model)
   captured = calibration.capture_moe_inputs(graphdef, state, tokens, valid,
-                                            cache_dtype=_float_dtype(model))
+                                            cache_dtype=float_dtype(model))
   loads = []
   for block, (x, _) in zip(moe.moe_blocks(model), captured):
     logits = jnp.dot(x.astype(jnp.float32), block.router_kernel[...].astype(jnp.float32))
@@ -182,7 +187,7 @@ def routing_statistics(model: nnx.Module, tokens: np.ndarray, group_size: int
   moe.set_reroute(model, moe.NO_REROUTE, group_size=group_size)
   try:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    cache = model.init_cache(tokens.shape[0], tokens.shape[1], _float_dtype(model))
+    cache = model.init_cache(tokens.shape[0], tokens.shape[1], float_dtype(model))
     stats = model(tokens, positions, valid, cache, valid, jnp.zeros((), jnp.int32),
                   decode=True).stats
   finally:
