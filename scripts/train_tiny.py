@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as pylogging
 import os
 import shutil
 import sys
@@ -266,8 +267,16 @@ def export(model: nnx.Module, out_dir: str, summary: dict[str, Any], matrices,
   os.replace(tmp, out_dir)
 
 
+class _WithoutOrbaxInfo(pylogging.Filter):
+  """Drops Orbax's per-save INFO lines, which would bury the training progress."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno > pylogging.INFO or "orbax" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   del argv
+  logging.get_absl_handler().addFilter(_WithoutOrbaxInfo())
   run_config = _run_config()
   _check_resume(_WORKDIR.value, run_config)
   names, texts = _splits(_CORPUS.value)
