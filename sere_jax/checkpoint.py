@@ -183,6 +183,11 @@ def restore(directory: str, *, param_dtype=None, reroute: RerouteConfig | None =
   abstract = nnx.eval_shape(lambda: model_cls(
       config, reroute=reroute, impl=impl, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
+  # Restore onto this process's first device, whatever device saved the checkpoint
+  # (the shipped tiny model was saved on a GPU and loads on CPUs).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_state = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
   with ocp.StandardCheckpointer() as checkpointer:
     state = checkpointer.restore(os.path.join(directory, STATE_DIR), abstract_state)
   return nnx.merge(graphdef, state)
