@@ -189,6 +189,10 @@ def peer_main(spec_path: str, out_path: str) -> None:
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
     return time.perf_counter() - start, clock.stamps[0] - start, steps
 
+  env = dict(torch=torch.__version__, transformers=transformers.__version__,
+             device=(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
+             attn_implementation=getattr(model.config, "_attn_implementation", None),
+             param_count=sum(p.numel() for p in model.parameters()))
   rows = []
   prompt_len, new = spec["prompt_len"], spec["new_tokens"]
   for batch in spec["batches"]:
@@ -207,12 +211,10 @@ def peer_main(spec_path: str, out_path: str) -> None:
                      hf_steps_timed=len(steps), hf_generate_s=statistics.median(totals),
                      hf_prefill_s=statistics.median(prefills)))
     print(f"transformers B={batch}: {per_token * 1e3:.2f} ms/token", flush=True)
-  env = dict(torch=torch.__version__, transformers=transformers.__version__,
-             device=(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
-             attn_implementation=getattr(model.config, "_attn_implementation", None),
-             param_count=sum(p.numel() for p in model.parameters()))
-  with open(out_path, "w") as fh:
-    json.dump(dict(rows=rows, env=env), fh)
+    # After every batch, so a peer stopped by the timeout still reports what it did.
+    with open(out_path + ".tmp", "w") as fh:
+      json.dump(dict(rows=rows, env=env), fh)
+    os.replace(out_path + ".tmp", out_path)
 
 
 def run_peer(python: str, device: str, hf: dict, batches, prompt_len: int, new_tokens: int,
@@ -236,7 +238,12 @@ def run_peer(python: str, device: str, hf: dict, batches, prompt_len: int, new_t
       proc = subprocess.run([python, os.path.abspath(__file__), spec_path, out_path],
                             capture_output=True, text=True, check=False, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-      return dict(skipped=f"transformers peer ran past {timeout_s:.0f} s")
+      reason = f"transformers peer ran past {timeout_s:.0f} s"
+      if not os.path.isfile(out_path):
+        return dict(skipped=reason)
+      with open(out_path) as fh:
+        done = json.load(fh)
+      return dict(done, partial=f"{reason}; batches after the last row not timed")
     sys.stderr.write(proc.stdout[-4000:])
     if proc.returncode != 0:
       return dict(skipped="transformers peer failed: "
@@ -406,7 +413,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
           jax.block_until_ready(token)
           times.append(time.perf_counter() - t0)
           stats.append(step_stats)
-        return times, np.stack([np.asarray(s) for s in stats]).astype(np.int64)
+        return times, np.stack([np.asarray(s) for s in stats]).astype(np.float64)
 
       one_pass(timed=False)  # compile + warm up
       step_times, decode_stats = [], None
