@@ -64,7 +64,7 @@ DEFAULT_POLICIES = [
     "sere:2:q0.5",
     "sere:2:0:min8",
 ]
-FAMILIES = ("sere", "topk_truncate", "random", "oea")
+FAMILIES = ("sere", "topk_truncate", "random", "oea", "sere_hybrid")
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "sere-jax checkpoint or HF directory.",
                                  required=True)
@@ -208,6 +208,10 @@ def _fmt(value, digits: int = 3) -> str:
   return str(value)
 
 
+def _pair(value, best) -> str:
+  return "-" if value is None and best is None else f"{_fmt(value)} ({_fmt(best)})"
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
@@ -262,8 +266,8 @@ def markdown(data: dict[str, Any]) -> str:
     fams = list(comp["delta_ppl_pct"])
     out += [f"### Batch size {g}", ""]
     out += _table(["distinct/layer"] + [f"{f} Δppl %" for f in fams], [
-        [x] + [f"{_fmt(comp['delta_ppl_pct'][f][i])} "
-               f"({_fmt(comp['best_delta_ppl_pct'][f][i])})" for f in fams]
+        [x] + [_pair(comp["delta_ppl_pct"][f][i], comp["best_delta_ppl_pct"][f][i])
+               for f in fams]
         for i, x in enumerate(comp["levels"])])
   out += ["## Similarity metrics (sere S=2, rho=0)", ""]
   metric_rows = [[g, r["metric"], r["distinct"], r["delta_ppl_pct"], r["agreement"]]
@@ -288,7 +292,7 @@ def plot(path: str, data: dict[str, Any]) -> None:
       pts = [(r["distinct"], r["delta_ppl_pct"]) for r in rows if r["policy"] == policy]
       if pts:
         ax.scatter(*zip(*pts), marker=markers[i % len(markers)], color=f"C{i}",
-                   label=policy)
+                   label=policy, zorder=3 if policy == "none" else 2)
     ax.set_title(f"batch size {g}")
     ax.set_xlabel("distinct experts per layer")
     ax.grid(alpha=0.3)

@@ -204,6 +204,8 @@ def off_diagonal_quantile(matrix: Any, q: float) -> float:
   """The `q`-quantile of a square matrix's off-diagonal entries, clipped to [0, 1]."""
   m = np.asarray(matrix, np.float64)
   values = m[~np.eye(m.shape[0], dtype=bool)]
+  if not np.all(np.isfinite(values)):
+    raise ValueError("the similarity holds NaN or inf (not calibrated?)")
   return float(np.clip(np.quantile(values, q), 0.0, 1.0))
 
 
@@ -543,7 +545,8 @@ def equal_distinct(rows: Sequence[dict[str, Any]], families: Sequence[str],
 
 
 def comparisons(rows: Sequence[dict[str, Any]], batch_sizes: Sequence[int],
-                families: Sequence[str] = ("sere", "topk_truncate", "random", "oea")
+                families: Sequence[str] = ("sere", "topk_truncate", "random", "oea",
+                                           "sere_hybrid")
                 ) -> dict[str, Any]:
   """Computed comparisons of a grid's rows, keyed by batch size (as a string):
   `equal_distinct` (see `equal_distinct`) and `metrics`: Δppl % and distinct experts
@@ -599,6 +602,10 @@ def evaluate_grid(model: nnx.Module, specs: Sequence[PolicySpec], batch_sizes: S
     specs.insert(0, PolicySpec("none"))
   num_layers = len(moe.moe_blocks(model))
   stored = stored_similarity(model)
+  uncalibrated = [s.text for s in specs if s.uses_similarity and s.metric is None]
+  if uncalibrated and not all(np.all(np.isfinite(m)) for m in stored):
+    raise ValueError(f"specs {uncalibrated} use the model's stored similarity, but the "
+                     "model has none (NaN); calibrate it or name a metric in the spec")
   metric_cache: dict[str, list[np.ndarray]] = {}
 
   def matrices(spec: PolicySpec) -> list[np.ndarray] | None:

@@ -1,6 +1,7 @@
 """Batch quality evaluation: spec parsing, teacher forcing vs step-by-step decoding,
 groups, greedy exact match, task scoring and the evaluate script end to end."""
 
+import functools
 import json
 import os
 
@@ -133,25 +134,33 @@ def test_none_is_its_own_reference(model, tokens, ref):
   assert result.perplexity == pytest.approx(float(np.exp(ref.nll.mean())))
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _decode_step(graphdef, state, token, position, cache, cache_valid, index):
+  model = nnx.merge(graphdef, state)
+  valid = jnp.ones(token.shape, jnp.bool_)
+  out = model(token, position, valid, cache, cache_valid, index, decode=True)
+  return jax.nn.log_softmax(out.logits[:, 0], axis=-1), out.cache
+
+
 def _stepwise_nll(model, seqs, config):
-  """NLL of each next token decoding `seqs [B, L]` one token at a time with the cache."""
+  """NLL of each next token decoding `seqs [B, L]` one token at a time with the cache
+  (the B tokens of a step re-route together)."""
   moe.set_reroute(model, config, group_size=0)
+  graphdef, state = nnx.split(model)
   batch, length = seqs.shape
   cache = model.init_cache(batch, length, jnp.float32)
   cache_valid = jnp.zeros((batch, length), jnp.bool_)
   nll = np.zeros((batch, length - 1))
-  ones = jnp.ones((batch, 1), jnp.bool_)
   for t in range(length - 1):
     cache_valid = cache_valid.at[:, t].set(True)
-    out = model(jnp.asarray(seqs[:, t:t + 1]), jnp.full((batch, 1), t, jnp.int32), ones,
-                cache, cache_valid, jnp.asarray(t, jnp.int32), decode=True)
-    cache = out.cache
-    logp = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
+    logp, cache = _decode_step(graphdef, state, jnp.asarray(seqs[:, t:t + 1]),
+                               jnp.full((batch, 1), t, jnp.int32), cache, cache_valid,
+                               jnp.asarray(t, jnp.int32))
     nll[:, t] = -np.asarray(logp)[np.arange(batch), seqs[:, t + 1]]
   return nll
 
 
-@pytest.mark.parametrize("spec_text", ["sere:2", "sere:1:0.5"])
+@pytest.mark.parametrize("spec_text", ["sere:2", "sere:1:0.5", "sere_hybrid:2:0:0.5"])
 def test_teacher_forcing_equals_step_by_step_decode(model, tokens, ref, spec_text):
   result = _evaluate(model, tokens, ref, spec_text, 4)
   group = tokens[4:]
@@ -194,11 +203,6 @@ def test_distinct_experts(model, tokens, ref):
   assert one.distinct == pytest.approx(4.0)  # top-4 of one token
 
 
-def test_sere_hybrid_runs(model, tokens, ref):
-  result = _evaluate(model, tokens, ref, "sere_hybrid:2:0:0.5", 4)
-  assert result.nll.shape == ref.nll.shape and np.isfinite(result.kl)
-
-
 def test_uncalibrated_similarity_is_rejected(tokens):
   fresh = QwenMoeForCausalLM(CONFIG, impl="xla_dense", rngs=nnx.Rngs(0))
   ref = evaluation.reference(fresh, tokens, max_tokens=MAX_TOKENS)
@@ -212,14 +216,16 @@ def test_uncalibrated_similarity_is_rejected(tokens):
 def test_greedy_exact_match(model, tokens):
   prompts = tokens[:, :6]
   moe.set_reroute(model, moe.NO_REROUTE)
-  a = evaluation.greedy(model, prompts, 5, 0, max_tokens=MAX_TOKENS)
-  b = evaluation.greedy(model, prompts, 5, 4, max_tokens=24)
+  a = evaluation.greedy(model, prompts, 5, 4, max_tokens=MAX_TOKENS)
+  b = evaluation.greedy(model, prompts, 5, 4, max_tokens=MAX_TOKENS)
   assert a.shape == (8, 5)
   assert evaluation.exact_match(a, b) == (1.0, 5.0)
   c = a.copy()
   c[0, 2] = (c[0, 2] + 1) % 64
   c[1, 0] = (c[1, 0] + 1) % 64
   assert evaluation.exact_match(a, c) == (0.75, (2 + 0 + 6 * 5) / 8)
+  with pytest.raises(ValueError, match="shape"):
+    evaluation.exact_match(a, c[:, :4])
 
 
 @pytest.mark.parametrize("text, answer, ok", [
@@ -311,12 +317,12 @@ def test_script_end_to_end(model, tmp_path):
   checkpoint.save(model, model_dir)
   rng = np.random.default_rng(3)
   text = tmp_path / "test.jsonl"
-  text.write_text("".join(json.dumps({"tokens": rng.integers(0, 64, 40).tolist()}) + "\n"
+  text.write_text("".join(json.dumps({"tokens": rng.integers(0, 64, 60).tolist()}) + "\n"
                           for _ in range(2)))
   out = str(tmp_path / "res" / "eval")
-  argv = ["evaluate", f"--model_dir={model_dir}", f"--text={text}", "--seq_len=8",
-          "--num_sequences=4", "--batch_sizes=2", "--policies=sere:2,topk_truncate:1",
-          "--greedy_prompts=2", "--prompt_len=4", "--greedy_tokens=3", "--impl=xla_dense",
+  argv = ["evaluate", f"--model_dir={model_dir}", f"--text={text}", "--seq_len=12",
+          "--num_sequences=8", "--batch_sizes=4", "--policies=none,sere:2",
+          "--greedy_prompts=8", "--prompt_len=6", "--greedy_tokens=5", "--impl=xla_dense",
           f"--out={out}", "--plot", "--command=evaluate --test"]
   saved = {name: flags.FLAGS[name].value for name in flags.FLAGS}
   try:
@@ -329,18 +335,18 @@ def test_script_end_to_end(model, tmp_path):
       flags.FLAGS[name].value = value
   data = json.loads(open(out + ".json").read())
   assert data["command"] == "evaluate --test"
-  assert data["settings"]["num_sequences"] == 4 and data["model"]["top_k"] == 4
+  assert data["settings"]["num_sequences"] == 8 and data["model"]["top_k"] == 4
   rows = data["results"]
   assert [(r["batch_size"], r["spec"]) for r in rows] == [
-      (2, "none"), (2, "sere:2:0"), (2, "topk_truncate:1")]
+      (4, "none"), (4, "sere:2:0")]
   assert all(0 <= r["exact_match"] <= 1 and "task_accuracy" not in r for r in rows)
   assert rows[0]["delta_ppl_pct"] == pytest.approx(0.0, abs=1e-9) and rows[0]["kl"] < 1e-6
   assert rows[0]["exact_match"] == 1.0 and rows[0]["distinct_pct_of_none"] == 100.0
-  assert rows[2]["distinct"] <= rows[0]["distinct"]
-  assert set(data["comparisons"]["equal_distinct"]) == {"2"}
-  assert [m["metric"] for m in data["comparisons"]["metrics"]["2"]] == ["stored"]
+  assert rows[1]["distinct"] <= rows[0]["distinct"] and rows[1]["kl"] > 0
+  assert set(data["comparisons"]["equal_distinct"]) == {"4"}
+  assert [m["metric"] for m in data["comparisons"]["metrics"]["4"]] == ["stored"]
   md = open(out + ".md").read()
-  assert "## Batch size 2" in md and "topk_truncate S=1" in md and "equal distinct" in md
+  assert "## Batch size 4" in md and "sere S=2 rho=0" in md and "equal distinct" in md
   assert open(out + "_pareto.png", "rb").read()[:4] == b"\x89PNG"
   assert not [f for f in os.listdir(tmp_path / "res") if ".tmp" in f]
 
