@@ -92,8 +92,9 @@ _TASK_SCORING = flags.DEFINE_enum("task_scoring", "gsm8k", evaluation.TASK_SCORI
                                   "gsm8k: last number; exact: answer prefixes the output.")
 _TASK_MAX_TOKENS = flags.DEFINE_integer("task_max_tokens", 256, "New tokens per task answer.")
 _TASK_STOP = flags.DEFINE_list("task_stop", [], "Strings that end a task answer.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 16384,
-                                   "Tokens per forward at most (bounds memory).")
+_MAX_TOKENS = flags.DEFINE_integer(
+    "max_tokens", 8192, "Tokens per forward at most: device memory is about "
+    "4 x max_tokens x vocab x 4 bytes of log-probs beside the model.")
 _IMPL = flags.DEFINE_string("impl", "auto", "MoE op implementation (on CPU: xla_dense or "
                             "ragged_dot; auto is Pallas interpret mode, slow).")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
