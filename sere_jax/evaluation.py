@@ -558,12 +558,20 @@ def comparisons(rows: Sequence[dict[str, Any]], batch_sizes: Sequence[int],
                                            "sere_hybrid")
                 ) -> dict[str, Any]:
   """Computed comparisons of a grid's rows, keyed by batch size (as a string):
-  `equal_distinct` (see `equal_distinct`) and `metrics`: Δppl % and distinct experts
-  of `sere` at S=2 per similarity metric (`stored` = the model's own)."""
+  `equal_distinct` (see `equal_distinct`; with `sere_minus`: per other family, the
+  interpolated Δppl % of `sere` minus that family's at each level, negative where
+  `sere` loses less, None outside either range) and `metrics`: Δppl % and distinct
+  experts of `sere` at S=2, rho=0 per similarity metric (`stored` = the model's own)."""
   out: dict[str, Any] = {"equal_distinct": {}, "metrics": {}}
   for g in batch_sizes:
     at_g = [r for r in rows if r["batch_size"] == g]
-    out["equal_distinct"][str(g)] = equal_distinct(at_g, families)
+    eq = equal_distinct(at_g, families)
+    if "sere" in families:
+      ours = eq["delta_ppl_pct"]["sere"]
+      eq["sere_minus"] = {
+          f: [None if a is None or b is None else a - b for a, b in zip(ours, theirs)]
+          for f, theirs in eq["delta_ppl_pct"].items() if f != "sere"}
+    out["equal_distinct"][str(g)] = eq
     out["metrics"][str(g)] = [
         {"metric": r["metric"] or "stored", "spec": r["spec"], "distinct": r["distinct"],
          "delta_ppl_pct": r["delta_ppl_pct"], "agreement": r["agreement"]}

@@ -4,6 +4,7 @@ groups, greedy exact match, task scoring and the evaluate script end to end."""
 import functools
 import json
 import os
+import re
 
 from absl import app
 from absl import flags
@@ -104,8 +105,7 @@ def test_labels():
     ("oea:2:0.3", "'0.3'"),
 ])
 def test_parse_errors_name_the_token(text, bad):
-  with pytest.raises(ValueError, match=bad.replace("(", r"\(").replace(")", r"\)")
-                     .replace(".", r"\.")):
+  with pytest.raises(ValueError, match=re.escape(bad)):
     evaluation.parse_spec(text)
 
 
@@ -306,6 +306,10 @@ def test_comparisons_metrics_table():
   eq = out["equal_distinct"]["4"]
   assert eq["points"]["sere"] == [[3.0, 1.0], [4.0, 0.5], [6.0, 0.0]]
   assert eq["delta_ppl_pct"]["random"][0] is None  # 3.0 is below random's range
+  assert eq["sere_minus"]["random"][0] is None
+  assert eq["sere_minus"]["random"][-1] == pytest.approx(0.0)  # both at none
+  assert eq["sere_minus"]["random"][1] == pytest.approx(
+      eq["delta_ppl_pct"]["sere"][1] - eq["delta_ppl_pct"]["random"][1])
   json.dumps(out)  # JSON-ready
 
 
