@@ -469,14 +469,17 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 def token_windows(streams: Sequence[Sequence[int]], length: int, count: int
                   ) -> np.ndarray:
-  """Up to `count` non-overlapping windows `[n, length]`, taken round-robin from the
-  token streams (window i of each stream before window i + 1 of any)."""
-  per_stream = [len(s) // length for s in streams]
+  """Up to `count` non-overlapping windows `[n, length]`, shared out round-robin over the
+  token streams and spread evenly over each stream (not only its beginning)."""
+  available = [len(s) // length for s in streams]
+  share = [0] * len(streams)
+  for _ in range(min(count, sum(available))):  # round-robin over streams with room
+    i = min((i for i, n in enumerate(available) if share[i] < n), key=lambda i: share[i])
+    share[i] += 1
   rows = []
-  for i in range(max(per_stream, default=0)):
-    for s, n in zip(streams, per_stream):
-      if i < n and len(rows) < count:
-        rows.append(np.asarray(s[i * length:(i + 1) * length], np.int32))
+  for s, n, k in zip(streams, available, share):
+    for start in np.linspace(0, n - 1, k).round().astype(int) if k else []:
+      rows.append(np.asarray(s[start * length:(start + 1) * length], np.int32))
   return np.stack(rows) if rows else np.zeros((0, length), np.int32)
 
 

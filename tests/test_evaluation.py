@@ -269,7 +269,11 @@ def test_task_accuracy(model):
 
 def test_token_windows():
   windows = evaluation.token_windows([list(range(10)), list(range(100, 104))], 3, 10)
-  assert windows.tolist() == [[0, 1, 2], [100, 101, 102], [3, 4, 5], [6, 7, 8]]
+  assert windows.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [100, 101, 102]]
+  spread = evaluation.token_windows([list(range(30))], 3, 3)  # 10 windows available
+  assert spread.tolist() == [[0, 1, 2], [12, 13, 14], [27, 28, 29]]
+  two = evaluation.token_windows([list(range(30)), list(range(100, 108))], 3, 4)
+  assert two.tolist() == [[0, 1, 2], [27, 28, 29], [100, 101, 102], [103, 104, 105]]
   assert evaluation.divisible_count(70, [1, 4, 16]) == 64
 
 
