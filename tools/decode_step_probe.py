@@ -1,48 +1,102 @@
-"""Where does a Qwen3-30B-A3B decode step's fixed ~20 ms go? (B=1, none)"""
-import time, sys, json, os
-import jax, jax.numpy as jnp, numpy as np
+"""Splits a Qwen3-30B-A3B decode step's time into host and device parts (GPU machine).
+
+    python tools/decode_step_probe.py OUT.json [TRACE_DIR]
+
+Random bf16 weights (`bench_decode.build_model`), policy `none`, a 128-token prompt.
+Per batch size (1 and 16), 20 decode steps of `generation._model_step` timed two ways:
+`blocked` waits for every step's token (as `generate` and the decode benchmark do) and
+`async` lets the host enqueue the next step before the previous one finishes, so its
+per-step time is the device's. Also: the host cost of flattening the model state
+(`num_leaves` leaves) and of dispatching a trivial jitted function that takes it.
+OUT.json holds `B{batch}_{blocked,async}: [mean, median]` seconds per step and the
+host costs in ms.
+With TRACE_DIR, three blocked steps are traced with `jax.profiler` for the kernel list.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
 from flax import nnx
-from sere_jax import generation, moe
-from sere_jax.config import RerouteConfig
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sere_jax import generation
 from sere_jax.scripts import bench_decode
-net, config, hf = bench_decode.build_model("qwen3_30b_a3b", "full", "auto")
-res = {}
-for batch in (1, 16):
-  P, N = 128, 24
-  total = P + N
+
+PROMPT, STEPS = 128, 20
+
+
+def _decoder(net, batch: int):
+  """A function `run(steps, block) -> (mean s/step, median s/step)` over a primed cache."""
   graphdef, state = nnx.split(net)
-  cache = net.init_cache(batch, total, jnp.bfloat16)
-  valid = jnp.zeros((batch, total), bool)
-  prompts = jnp.asarray(np.random.default_rng(0).integers(3, 1000, (batch, P)), jnp.int32)
-  pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (batch, P))
+  total = PROMPT + STEPS + 4
   sampling = generation.SamplingConfig()
-  tok, cache, valid, _ = generation._model_step(graphdef, state, prompts, pos, jnp.ones((batch, P), bool), cache, valid, jnp.asarray(0, jnp.int32), jax.random.PRNGKey(0), sampling=sampling, decode=False)
+  prompts = jnp.asarray(np.random.default_rng(0).integers(3, 1000, (batch, PROMPT)),
+                        jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(PROMPT, dtype=jnp.int32), (batch, PROMPT))
+  carry = generation._model_step(  # pylint: disable=protected-access
+      graphdef, state, prompts, positions, jnp.ones((batch, PROMPT), bool),
+      net.init_cache(batch, total, jnp.bfloat16), jnp.zeros((batch, total), bool),
+      jnp.asarray(0, jnp.int32), jax.random.PRNGKey(0), sampling=sampling, decode=False)[:3]
   ones = jnp.ones((batch, 1), bool)
-  def run(steps, block):
-    global tok, cache, valid
-    t0 = time.perf_counter(); times = []
+
+  def run(steps: int, block: bool) -> tuple[float, float]:
+    nonlocal carry
+    token, cache, valid = carry
+    times, start = [], time.perf_counter()
     for s in range(steps):
-      t1 = time.perf_counter()
-      tok, cache, valid, st = generation._model_step(graphdef, state, tok[:, None], jnp.full((batch, 1), P + s % N, jnp.int32), ones, cache, valid, jnp.asarray(P + s % N, jnp.int32), jax.random.PRNGKey(s), sampling=sampling, decode=True)
-      if block: jax.block_until_ready(tok)
-      times.append(time.perf_counter() - t1)
-    jax.block_until_ready(tok)
-    return (time.perf_counter() - t0) / steps, float(np.median(times))
-  run(2, True)
-  res[f"B{batch}_blocked"] = run(20, True)
-  res[f"B{batch}_async"] = run(20, False)
-  print(batch, res, flush=True)
-leaves = jax.tree.leaves(state)
-t0 = time.perf_counter(); [jax.tree.leaves(state) for _ in range(20)]; res["flatten_ms"] = (time.perf_counter() - t0) / 20 * 1e3
-res["num_leaves"] = len(leaves)
-f = jax.jit(lambda st: jax.tree.leaves(st)[0].sum())
-jax.block_until_ready(f(state))
-t0 = time.perf_counter()
-for _ in range(20): r = f(state)
-jax.block_until_ready(r); res["dispatch_state_ms"] = (time.perf_counter() - t0) / 20 * 1e3
-# Trace one blocked step for the kernel list.
-jax.profiler.start_trace(os.environ["OUT"] + "/trace")
-run(3, True)
-jax.profiler.stop_trace()
-print(json.dumps(res, indent=1))
-json.dump(res, open(os.environ["OUT"] + "/probe.json", "w"), indent=1)
+      slot = PROMPT + s % STEPS
+      tic = time.perf_counter()
+      token, cache, valid, _ = generation._model_step(  # pylint: disable=protected-access
+          graphdef, state, token[:, None], jnp.full((batch, 1), slot, jnp.int32), ones,
+          cache, valid, jnp.asarray(slot, jnp.int32), jax.random.PRNGKey(s),
+          sampling=sampling, decode=True)
+      if block:
+        jax.block_until_ready(token)
+      times.append(time.perf_counter() - tic)
+    jax.block_until_ready(token)
+    carry = (token, cache, valid)
+    return (time.perf_counter() - start) / steps, statistics.median(times)
+
+  return run, state
+
+
+def main(argv: list[str]) -> None:
+  out_path, trace_dir = argv[1], (argv[2] if len(argv) > 2 else None)
+  net, _, _ = bench_decode.build_model("qwen3_30b_a3b", "full", "auto")
+  result = {}
+  for batch in (1, 16):
+    run, state = _decoder(net, batch)
+    run(2, True)  # compile
+    result[f"B{batch}_blocked"] = run(STEPS, True)
+    result[f"B{batch}_async"] = run(STEPS, False)
+    print(batch, result, flush=True)
+  leaves = jax.tree.leaves(state)
+  tic = time.perf_counter()
+  for _ in range(20):
+    jax.tree.leaves(state)
+  result["flatten_ms"] = (time.perf_counter() - tic) / 20 * 1e3
+  result["num_leaves"] = len(leaves)
+  first_leaf = jax.jit(lambda st: jax.tree.leaves(st)[0].sum())
+  jax.block_until_ready(first_leaf(state))
+  tic = time.perf_counter()
+  for _ in range(20):
+    value = first_leaf(state)
+  jax.block_until_ready(value)
+  result["dispatch_state_ms"] = (time.perf_counter() - tic) / 20 * 1e3
+  if trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    run(3, True)
+    jax.profiler.stop_trace()
+  with open(out_path, "w") as fh:
+    json.dump(result, fh, indent=1)
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+  main(sys.argv)
