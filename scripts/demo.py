@@ -167,5 +167,10 @@ def main(argv: list[str]) -> None:
     os.replace(tmp, _JSON_OUT.value)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point (`sere-demo`)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
