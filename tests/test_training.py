@@ -306,7 +306,7 @@ def test_loss_terms_gradient_reaches_router():
   def aux_only(p):
     return training.loss_terms(nnx.merge(graphdef, p, rest), inputs, targets, 1.0)[1]["aux"]
 
-  grads = nnx.merge(graphdef, jax.grad(aux_only)(params), rest)
+  grads = nnx.merge(graphdef, jax.jit(jax.grad(aux_only))(params), rest)
   for g in _router_kernels(grads):
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
 
@@ -391,7 +391,10 @@ def test_script_end_to_end_and_resume(corpus_dir, tmp_path):
   proc = _train_tiny(corpus_dir, str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from step 6" in proc.stderr
-  assert "training_summary.json" in os.listdir(out)
+  resumed = json.loads((out / "training_summary.json").read_text())
+  assert resumed["history"] == []  # no step trained again
+  for split in ("validation", "test"):  # the restored parameters are the trained ones
+    assert resumed["results"][split] == pytest.approx(results[split], rel=1e-5)
 
   # Other settings in the same workdir are refused, naming the setting.
   proc = _train_tiny(corpus_dir, str(tmp_path), "--learning_rate=0.01")
