@@ -126,7 +126,8 @@ def _train_step(graphdef, tx, aux_loss_weight, dtype, params, rest, opt_state, i
                       dtype)
   (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g))
+                                      for g in jax.tree.leaves(grads)))
   return optax.apply_updates(params, updates), metrics, opt_state
 
 
