@@ -140,53 +140,19 @@ def sere_hybrid_oracle(ids, weights, valid, similarity, router_scores,
   Returns an `OracleResult` whose `target` is SERE's per-expert nearest-primary map
   (the similarity-only substitute) for reference; the ids hold the per-token choice.
   """
+  # P, the critical experts and the similarity-only nearest primary are SERE's.
+  sere = sere_oracle(ids, weights, valid, similarity, select_top_k, threshold, min_batch)
+  if not sere.primary:  # SERE changed nothing (off, too few tokens, or P empty)
+    return sere
   ids = np.asarray(ids)
-  weights = np.asarray(weights)
   valid = [bool(v) for v in np.asarray(valid).reshape(-1)]
   sim = np.asarray(similarity, dtype=np.float32)
   scores = np.asarray(router_scores, dtype=np.float32)
   num_tokens, top_k = ids.shape
-  num_experts = sim.shape[0]
   s = int(select_top_k)
-  rho = float(np.float32(threshold))
-  lam = float(score_weight)
-  w_sim = np.float32(1.0 - lam)
-  w_score = np.float32(lam)
-
-  before = _distinct_valid(ids, valid)
-  identity = {e: e for e in range(num_experts)}
-  unchanged = OracleResult(ids.copy(), weights.copy(),
-                           OracleStats(before, before, 0, 0),
-                           frozenset(), identity, frozenset())
-  if sum(valid) < max(int(min_batch), 1):
-    return unchanged
-  if s <= 0 or s >= top_k:
-    return unchanged
-  primary = set()
-  for t in range(num_tokens):
-    if not valid[t]:
-      continue
-    for j in range(s):
-      primary.add(int(ids[t, j]))
-  if not primary:
-    return unchanged
-
-  # Critical experts and the similarity-only nearest primary, exactly as in SERE.
-  nearest = {}
-  critical = set()
-  for e in range(num_experts):
-    if e in primary:
-      nearest[e] = e
-      continue
-    best_p, best_sim = None, None
-    for p in sorted(primary):
-      value = float(sim[e, p])
-      if best_sim is None or value > best_sim:
-        best_p, best_sim = p, value
-    nearest[e] = best_p
-    if rho > 0 and best_sim < rho:
-      critical.add(e)
-      nearest[e] = e
+  w_sim = np.float32(1.0 - float(score_weight))
+  w_score = np.float32(float(score_weight))
+  primary, critical = sere.primary, sere.critical
 
   # Per-token substitutes for the secondary slots (every row, valid or not).
   new_ids = ids.copy()
@@ -203,17 +169,9 @@ def sere_hybrid_oracle(ids, weights, valid, similarity, router_scores,
           best_p, best_value = p, value
       new_ids[t, j] = best_p
 
-  critical_used = set()
-  rerouted = 0
-  for t in range(num_tokens):
-    if not valid[t]:
-      continue
-    for j in range(top_k):
-      if j >= s and int(ids[t, j]) in critical:
-        critical_used.add(int(ids[t, j]))
-      if new_ids[t, j] != ids[t, j]:
-        rerouted += 1
-  stats = OracleStats(before, _distinct_valid(new_ids, valid), len(critical_used),
-                      rerouted)
-  return OracleResult(new_ids, weights.copy(), stats, frozenset(primary), nearest,
-                      frozenset(critical))
+  rerouted = sum(int(new_ids[t, j] != ids[t, j])
+                 for t in range(num_tokens) if valid[t] for j in range(top_k))
+  stats = OracleStats(sere.stats.distinct_before, _distinct_valid(new_ids, valid),
+                      sere.stats.critical_kept, rerouted)
+  return OracleResult(new_ids, np.asarray(weights).copy(), stats, primary, sere.target,
+                      critical)
