@@ -172,5 +172,10 @@ def main(argv: list[str]) -> None:
     plot(os.path.join(output, PLOT_FILE), matrices, f"{metric} similarity, {used[0]} tokens")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point (`sere-calibrate`)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -333,5 +333,10 @@ def main(argv: list[str]) -> None:
   logging.info("exported %s", _OUT_DIR.value)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point (`sere-train-tiny`)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
