@@ -24,8 +24,8 @@ Pallas interpret mode (slow): use `--impl=xla_dense` or `--impl=ragged_dot` ther
 
 Writes `<out>.json` (settings, environment, one row per (batch size, spec) and the
 computed `comparisons`), `<out>.md` (tables) and with `--plot` `<out>_pareto.png`
-(Δppl % against distinct experts, one panel per batch size), each to a temporary name
-then renamed.
+(perplexity increase in percent against distinct experts, one panel per batch size),
+each to a temporary name then renamed.
 """
 
 from __future__ import annotations
