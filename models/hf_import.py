@@ -28,6 +28,19 @@ def read_config(directory: str) -> dict[str, Any]:
     return json.load(fh)
 
 
+def eos_token_ids(directory: str) -> tuple[int, ...]:
+  """The `eos_token_id`(s) of `generation_config.json`, else of `config.json` (or ())."""
+  for name in ("generation_config.json", "config.json"):
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      continue
+    with open(path) as fh:
+      value = json.load(fh).get("eos_token_id")
+    if value is not None:
+      return tuple(int(i) for i in (value if isinstance(value, list) else [value]))
+  return ()
+
+
 def load_tokenizer(directory: str):
   """A `tokenizers.Tokenizer` from `directory/tokenizer.json`, or None if absent."""
   path = os.path.join(directory, "tokenizer.json")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from typing import Any
 
@@ -55,22 +54,6 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Bytes per perplexity window.")
 _IMPL = flags.DEFINE_string("impl", "auto", "MoE op implementation (auto: Pallas kernels "
                             "on GPU/TPU, the XLA reference on CPU).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the table as JSON.")
-
-_SPEAKER = re.compile(r"^[A-Z][A-Z .'-]+\.$")
-
-
-def speech_openings(text: str, count: int) -> list[str]:
-  """The speaker line and first verse line of `count` speeches spread over `text`."""
-  openings = []
-  for paragraph in text.split("\n\n"):
-    lines = paragraph.strip("\n").split("\n")
-    if len(lines) >= 3 and _SPEAKER.match(lines[0]) and len(lines[1]) > 20:
-      openings.append(f"{lines[0]}\n{lines[1]}\n")
-  if len(openings) < count:
-    raise ValueError(f"the text holds {len(openings)} speeches, fewer than {count}")
-  picks = np.linspace(0, len(openings) - 1, count).round().astype(int)
-  return [openings[i] for i in picks]
-
 
 def _impl() -> str:
   if _IMPL.value == "auto" and jax.default_backend() == "cpu":
@@ -112,7 +95,7 @@ def main(argv: list[str]) -> None:
   print(f"loaded {_MODEL_DIR.value} in {time.time() - tic:.1f} s "
         f"(MoE op: {_impl()}, {jax.default_backend()})")
 
-  openings = speech_openings(text, _BATCH.value)
+  openings = shakespeare.speech_openings(text, _BATCH.value)
   prompts = [shakespeare.encode(o).tolist() for o in openings]
   windows = evaluation.token_windows([shakespeare.encode(text).tolist()], _SEQ_LEN.value,
                                      _PPL_SEQUENCES.value)

@@ -74,21 +74,6 @@ def _write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def default_eos_ids(model_dir: str) -> tuple[int, ...]:
-  ids: list[int] = []
-  for name in ("generation_config.json", "config.json"):
-    path = os.path.join(model_dir, name)
-    if not os.path.isfile(path):
-      continue
-    with open(path) as fh:
-      value = json.load(fh).get("eos_token_id")
-    if value is None:
-      continue
-    ids.extend(value if isinstance(value, list) else [value])
-    break
-  return tuple(int(i) for i in ids)
-
-
 def main(argv):
   del argv
   model_dir = _MODEL_DIR.value
@@ -106,7 +91,7 @@ def main(argv):
   tokenizer = hf_import.load_tokenizer(model_dir)
   prompts = textio.tokenize_records(rows, "prompt", tokenizer)
   eos_ids = (tuple(int(i) for i in _EOS.value) if _EOS.value is not None
-             else default_eos_ids(model_dir))
+             else hf_import.eos_token_ids(model_dir))
 
   t0 = time.time()
   model = checkpoint.load_model(model_dir, param_dtype=param_dtype, reroute=reroute,

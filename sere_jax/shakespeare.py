@@ -5,6 +5,7 @@
     works = shakespeare.read_works(source)         # {"hamlet": "...", ...}
     splits = shakespeare.split_works(works)        # {"train": [...], "validation": ...}
     ids = shakespeare.encode(text)                 # byte-level token ids (vocab 256)
+    prompts = shakespeare.speech_openings(text, 16)  # speaker + first line of speeches
 
 The sdist holds two editions of most plays (modern spelling `*_gut.txt` and the
 First Folio `*_gut_f.txt`); we read the modern edition only (42 plays and poems, 5 MB),
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -152,3 +154,19 @@ def _byte_of(char: str) -> int:
     return code
   others = [b for b in range(256) if b not in printable]
   return others[code - 0x100]
+
+
+_SPEAKER = re.compile(r"^[A-Z][A-Z .'-]+\.$")
+
+
+def speech_openings(text: str, count: int) -> list[str]:
+  """The speaker line and first verse line of `count` speeches spread over `text`."""
+  openings = []
+  for paragraph in text.split("\n\n"):
+    lines = paragraph.strip("\n").split("\n")
+    if len(lines) >= 3 and _SPEAKER.match(lines[0]) and len(lines[1]) > 20:
+      openings.append(f"{lines[0]}\n{lines[1]}\n")
+  if len(openings) < count:
+    raise ValueError(f"the text holds {len(openings)} speeches, fewer than {count}")
+  picks = np.linspace(0, len(openings) - 1, count).round().astype(int)
+  return [openings[i] for i in picks]

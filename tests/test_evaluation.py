@@ -5,9 +5,9 @@ import functools
 import json
 import os
 import re
+import subprocess
+import sys
 
-from absl import app
-from absl import flags
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,8 @@ from sere_jax import evaluation
 from sere_jax import moe
 from sere_jax.config import RerouteConfig
 from sere_jax.models.qwen_moe import QwenMoeConfig, QwenMoeForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MAX_TOKENS = 1 << 14
 CONFIG = QwenMoeConfig(architecture="qwen3_moe", vocab_size=64, hidden_size=32,
@@ -319,8 +321,13 @@ def test_comparisons_metrics_table():
 
 # --- Script end to end --------------------------------------------------------------
 
+def _run_script(args, tmp_path):
+  """Runs scripts/evaluate.py in a child process (its absl flags stay out of this one)."""
+  return subprocess.run([sys.executable, "-m", "sere_jax.scripts.evaluate", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
 def test_script_end_to_end(model, tmp_path):
-  from sere_jax.scripts import evaluate as script  # pylint: disable=g-import-not-at-top
   model_dir = str(tmp_path / "model")
   checkpoint.save(model, model_dir)
   rng = np.random.default_rng(3)
@@ -328,19 +335,12 @@ def test_script_end_to_end(model, tmp_path):
   text.write_text("".join(json.dumps({"tokens": rng.integers(0, 64, 60).tolist()}) + "\n"
                           for _ in range(2)))
   out = str(tmp_path / "res" / "eval")
-  argv = ["evaluate", f"--model_dir={model_dir}", f"--text={text}", "--seq_len=12",
-          "--num_sequences=8", "--batch_sizes=4", "--policies=none,sere:2",
-          "--greedy_prompts=8", "--prompt_len=6", "--greedy_tokens=5", "--impl=xla_dense",
-          f"--out={out}", "--plot", "--command=evaluate --test"]
-  saved = {name: flags.FLAGS[name].value for name in flags.FLAGS}
-  try:
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    script.main(argv)
-  finally:
-    flags.FLAGS.unparse_flags()
-    for name, value in saved.items():
-      flags.FLAGS[name].value = value
+  proc = _run_script(
+      [f"--model_dir={model_dir}", f"--text={text}", "--seq_len=12",
+       "--num_sequences=8", "--batch_sizes=4", "--policies=none,sere:2",
+       "--greedy_prompts=8", "--prompt_len=6", "--greedy_tokens=5", "--impl=xla_dense",
+       f"--out={out}", "--plot", "--command=evaluate --test"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   data = json.loads(open(out + ".json").read())
   assert data["command"] == "evaluate --test"
   assert data["settings"]["num_sequences"] == 8 and data["model"]["top_k"] == 4
@@ -359,18 +359,9 @@ def test_script_end_to_end(model, tmp_path):
   assert not [f for f in os.listdir(tmp_path / "res") if ".tmp" in f]
 
 
-def test_script_usage_errors(model, tmp_path):
-  from sere_jax.scripts import evaluate as script  # pylint: disable=g-import-not-at-top
-  argv = ["evaluate", "--model_dir=unused", "--text=unused"]
-  saved = {name: flags.FLAGS[name].value for name in flags.FLAGS}
-  try:
-    for extra, match in [("--policies=sere:2:0:cosine", "--metrics_text"),
-                         ("--policies=sere:x", "'x'"), ("--batch_sizes=0", "batch_sizes")]:
-      flags.FLAGS.unparse_flags()
-      flags.FLAGS(argv + [extra])
-      with pytest.raises(app.UsageError, match=match):
-        script.main(argv)
-  finally:
-    flags.FLAGS.unparse_flags()
-    for name, value in saved.items():
-      flags.FLAGS[name].value = value
+def test_script_usage_errors(tmp_path):
+  base = ["--model_dir=unused", "--text=unused"]
+  for extra, match in [("--policies=sere:2:0:cosine", "--metrics_text"),
+                       ("--policies=sere:x", "'x'"), ("--batch_sizes=0", "batch_sizes")]:
+    proc = _run_script(base + [extra], tmp_path)
+    assert proc.returncode != 0 and re.search(match, proc.stderr), (extra, proc.stderr[-2000:])

@@ -394,7 +394,7 @@ def test_restore_rejects_unknown_architecture(tmp_path):
 
 def test_generate_script_prompt_reading(tmp_path):
   from sere_jax import textio  # pylint: disable=g-import-not-at-top
-  from sere_jax.scripts import generate as script  # pylint: disable=g-import-not-at-top
+  from sere_jax.models import hf_import  # pylint: disable=g-import-not-at-top
   text = tmp_path / "p.txt"
   text.write_text("hello world\n\nsecond prompt\n")
   rows = textio.read_records(str(text), "prompt")
@@ -409,4 +409,4 @@ def test_generate_script_prompt_reading(tmp_path):
   with pytest.raises(ValueError, match="line 2"):
     textio.read_records(str(jsonl), "prompt")
   (tmp_path / "config.json").write_text('{"eos_token_id": [5, 6]}')
-  assert script.default_eos_ids(str(tmp_path)) == (5, 6)
+  assert hf_import.eos_token_ids(str(tmp_path)) == (5, 6)
