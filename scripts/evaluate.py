@@ -145,18 +145,6 @@ def _windows(paths: list[str], tokenizer, length: int, count: int, batch_sizes: 
   return windows
 
 
-def eos_ids(model_dir: str) -> tuple[int, ...]:
-  """`eos_token_id` of generation_config.json or config.json, if any."""
-  for name in ("generation_config.json", "config.json"):
-    path = os.path.join(model_dir, name)
-    if os.path.isfile(path):
-      with open(path) as fh:
-        value = json.load(fh).get("eos_token_id")
-      if value is not None:
-        return tuple(int(i) for i in (value if isinstance(value, list) else [value]))
-  return ()
-
-
 def _task(tokenizer, model_dir: str) -> evaluation.Task | None:
   if not _TASK_FILE.value:
     return None
@@ -169,7 +157,8 @@ def _task(tokenizer, model_dir: str) -> evaluation.Task | None:
             else lambda toks: " ".join(str(t) for t in toks))
   return evaluation.Task(prompts, [str(r["answer"]) for r in rows], decode,
                          scoring=_TASK_SCORING.value, max_new_tokens=_TASK_MAX_TOKENS.value,
-                         eos_ids=eos_ids(model_dir), stop=tuple(_TASK_STOP.value))
+                         eos_ids=hf_import.eos_token_ids(model_dir),
+                         stop=tuple(_TASK_STOP.value))
 
 
 def _calibrator(model, tokenizer):
