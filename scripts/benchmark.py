@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import benchmarking
+from sere_jax import fileio
 from sere_jax.scripts import bench_decode
 from sere_jax import policies
 from sere_jax import routing
@@ -311,14 +312,6 @@ def markdown(result, command):
   return "\n".join(lines) + "\n"
 
 
-def write_atomic(path, text):
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    fh.write(text)
-  os.replace(tmp, path)
-
-
 def main(argv):
   del argv
   command = _command()
@@ -371,8 +364,8 @@ def write_result(result):
   """Writes `<out>.json` and `<out>.md`."""
   result.setdefault("command", _command())
   command = result["command"]
-  write_atomic(_OUT.value + ".json", json.dumps(result, indent=1))
-  write_atomic(_OUT.value + ".md", markdown(result, command))
+  fileio.write_atomic(_OUT.value + ".json", json.dumps(result, indent=1))
+  fileio.write_atomic(_OUT.value + ".md", markdown(result, command))
 
 
 def run():

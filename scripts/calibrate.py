@@ -20,7 +20,7 @@ all written to a temporary name and renamed.
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
 from typing import Any, Iterator
@@ -33,6 +33,7 @@ import numpy as np
 
 from sere_jax import calibration
 from sere_jax import checkpoint
+from sere_jax import fileio
 from sere_jax import moe
 from sere_jax import similarity
 from sere_jax import textio
@@ -91,17 +92,6 @@ def batches(sequences: list[list[int]], batch_size: int, seq_len: int
     yield tokens, valid
 
 
-def _replace_atomic(path: str, write) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
-
-
-def _write_json(path: str, data: Any) -> None:
-  with open(path, "w") as fh:
-    json.dump(data, fh, indent=2)
-
-
 def plot(path: str, matrices: list[np.ndarray], title: str) -> None:
   """One heatmap panel per MoE layer, written atomically as PNG."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -120,7 +110,9 @@ def plot(path: str, matrices: list[np.ndarray], title: str) -> None:
     ax.set_yticks([])
   fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
   fig.suptitle(title)
-  _replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  fileio.write_atomic(path, buf.getvalue())
   plt.close(fig)
 
 
@@ -165,7 +157,7 @@ def main(argv: list[str]) -> None:
                                        batch=_STATS_BATCH.value)
   summary = {"metric": metric, "tokens": used[0], "data_source": data_source,
              "model_dir": model_dir, "layers": stats}
-  _replace_atomic(os.path.join(output, STATS_FILE), lambda tmp: _write_json(tmp, summary))
+  fileio.write_json_atomic(os.path.join(output, STATS_FILE), summary)
   print(_format_table(stats))
   print(f"wrote {path} ({metric}, {used[0]} tokens)")
   if _PLOT.value:

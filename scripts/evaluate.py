@@ -48,6 +48,7 @@ from sere_jax import benchmarking
 from sere_jax import calibration
 from sere_jax import checkpoint
 from sere_jax import evaluation
+from sere_jax import fileio
 from sere_jax import moe
 from sere_jax import textio
 from sere_jax.models import hf_import
@@ -104,14 +105,6 @@ _OUT = flags.DEFINE_string("out", "evaluation", "Output prefix: <out>.json, <out
 _PLOT = flags.DEFINE_bool("plot", False, "Also write <out>_pareto.png (needs matplotlib).")
 _COMMAND = flags.DEFINE_string("command", None, "Command recorded in the outputs "
                                "(default: this process's argv).")
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as fh:
-    fh.write(data)
-  os.replace(tmp, path)
 
 
 def read_stream(path: str, tokenizer) -> list[int]:
@@ -292,7 +285,7 @@ def plot(path: str, data: dict[str, Any]) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
-  _write_atomic(path, buf.getvalue())
+  fileio.write_atomic(path, buf.getvalue())
 
 
 def main(argv: list[str]) -> None:
@@ -348,8 +341,8 @@ def main(argv: list[str]) -> None:
       "comparisons": evaluation.comparisons(rows, batch_sizes, FAMILIES),
   }
   out = _OUT.value
-  _write_atomic(f"{out}.json", json.dumps(data, indent=2).encode())
-  _write_atomic(f"{out}.md", markdown(data).encode())
+  fileio.write_atomic(f"{out}.json", json.dumps(data, indent=2).encode())
+  fileio.write_atomic(f"{out}.md", markdown(data).encode())
   if _PLOT.value:
     plot(f"{out}_pareto.png", data)
   print(f"wrote {out}.json and {out}.md" + (f" and {out}_pareto.png" if _PLOT.value else ""))

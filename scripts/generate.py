@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import checkpoint
+from sere_jax import fileio
 from sere_jax import generation
 from sere_jax import textio
 from sere_jax.config import POLICIES, RerouteConfig
@@ -64,14 +64,6 @@ _EOS = flags.DEFINE_list("eos_ids", None, "EOS token ids (default: from config.j
                          "generation_config.json).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL of generations.")
 _STATS_OUTPUT = flags.DEFINE_string("stats_output", None, "JSON of routing statistics.")
-
-
-def _write_atomic(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as fh:
-    fh.write(text)
-  os.replace(tmp, path)
 
 
 def main(argv):
@@ -156,9 +148,9 @@ def main(argv):
                          for r in generation.FINISH_REASONS},
   }
   if _OUTPUT.value:
-    _write_atomic(_OUTPUT.value, "".join(json.dumps(r) + "\n" for r in results))
+    fileio.write_atomic(_OUTPUT.value, "".join(json.dumps(r) + "\n" for r in results))
   if _STATS_OUTPUT.value:
-    _write_atomic(_STATS_OUTPUT.value, json.dumps(stats, indent=2) + "\n")
+    fileio.write_atomic(_STATS_OUTPUT.value, json.dumps(stats, indent=2) + "\n")
 
   mean = stats["mean"]
   print(f"{len(prompts)} prompts in {num_batches} batches, {new_tokens} new tokens in "

@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 from sere_jax import benchmarking
 from sere_jax import calibration
 from sere_jax import checkpoint
+from sere_jax import fileio
 from sere_jax import moe
 from sere_jax import shakespeare
 from sere_jax import similarity
@@ -127,11 +128,7 @@ def _check_resume(workdir: str, run_config: dict[str, Any]) -> None:
       raise ValueError(f"{workdir} holds a run with other settings {changed} "
                        "(saved, now); use a new --workdir")
     return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    json.dump(run_config, fh, indent=2)
-  os.replace(tmp, path)
+  fileio.write_json_atomic(path, run_config)
 
 
 def train(trainer: training.Trainer, train_tokens: np.ndarray, val_tokens: np.ndarray,

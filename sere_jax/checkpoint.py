@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sere_jax import calibration
+from sere_jax import fileio
 from sere_jax import moe
 from sere_jax.config import RerouteConfig
 
@@ -115,15 +116,6 @@ def _param_dtype(model) -> str:
   return "float32"
 
 
-def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as fh:
-    json.dump(data, fh, indent=2, sort_keys=True)
-    fh.flush()
-    os.fsync(fh.fileno())
-  os.replace(tmp, path)
-
-
 def save(model: nnx.Module, directory: str, *, overwrite: bool = False) -> None:
   """Writes `model`'s config and full NNX state (incl. expert similarity) to `directory`."""
   config = model.config
@@ -151,7 +143,7 @@ def save(model: nnx.Module, directory: str, *, overwrite: bool = False) -> None:
       "reroute": dataclasses.asdict(reroute) if reroute is not None else None,
       "impl": impl,
   }
-  _write_json_atomic(config_path, meta)
+  fileio.write_json_atomic(config_path, meta)
 
 
 def _read_config(directory: str) -> dict[str, Any]:
