@@ -24,6 +24,8 @@ import re
 from absl import app
 from absl import flags
 
+from sere_jax import fileio
+
 _INPUTS = flags.DEFINE_list("inputs", ["docs/benchmarks/*.json"],
                             "Result JSON files or globs (comma separated).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs/benchmarks", "Where README.md and PNGs go.")
@@ -73,14 +75,6 @@ def _table(cols, rows) -> list[str]:
   return lines
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as fh:
-    fh.write(data)
-  os.replace(tmp, path)
-
-
 def _finish_figure(fig, ax, path: str) -> None:
   """Grid and legend, then the PNG written atomically; the figure is closed."""
   ax.grid(True, alpha=0.3)
@@ -88,7 +82,7 @@ def _finish_figure(fig, ax, path: str) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
   _pyplot().close(fig)
-  _write_atomic(path, buf.getvalue())
+  fileio.write_atomic(path, buf.getvalue())
 
 
 def _pyplot():
@@ -245,7 +239,7 @@ def report(paths, out_dir) -> dict:
     lines += section
     pngs += new
   readme = os.path.join(out_dir, "README.md")
-  _write_atomic(readme, ("\n".join(lines) + "\n").encode())
+  fileio.write_atomic(readme, ("\n".join(lines) + "\n").encode())
   return dict(readme=readme, pngs=[os.path.join(out_dir, p) for p in pngs],
               inputs=[r["_path"] for r in results])
 
