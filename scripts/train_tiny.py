@@ -132,15 +132,18 @@ def _check_resume(workdir: str, run_config: dict[str, Any]) -> None:
 
 
 def train(trainer: training.Trainer, train_tokens: np.ndarray, val_tokens: np.ndarray,
-          manager: ocp.CheckpointManager) -> list[dict[str, float]]:
-  """Runs (or resumes) the training loop; returns the logged history."""
-  start = 0
+          manager: ocp.CheckpointManager, history_path: str) -> list[dict[str, float]]:
+  """Runs (or resumes) the training loop; returns the logged history (kept in
+  `history_path` too, so a resumed run reports all of it)."""
+  start, history = 0, []
   if manager.latest_step() is not None:
     start = manager.latest_step()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.train_state())
     trainer.load_train_state(manager.restore(start, args=ocp.args.StandardRestore(abstract)))
+    if os.path.isfile(history_path):
+      with open(history_path) as fh:
+        history = [e for e in json.load(fh) if e["step"] <= start]
     logging.info("resumed from step %d", start)
-  history = []
   tokens_per_step = _BATCH.value * _SEQ_LEN.value
   tic, seen = time.time(), 0
   for step in range(start, _STEPS.value):
@@ -155,6 +158,7 @@ def train(trainer: training.Trainer, train_tokens: np.ndarray, val_tokens: np.nd
       if done % _EVAL_EVERY.value == 0 or done == _STEPS.value:
         entry["val_nll"] = _mean_loss(trainer, val_tokens, _EVAL_WINDOWS.value, _BATCH.value)
       history.append(entry)
+      fileio.write_json_atomic(history_path, history)
       logging.info("step %d/%d  loss %.4f  nll %.4f  aux %.3f  %s %.0f tok/s", done,
                    _STEPS.value, values["loss"], values["nll"], values["aux"],
                    f"val {entry['val_nll']:.4f} " if "val_nll" in entry else "", rate)
@@ -288,7 +292,8 @@ def main(argv: list[str]) -> None:
   trainer = training.Trainer(model, tx, aux_loss_weight=_AUX.value)
   tic = time.time()
   with _manager(_WORKDIR.value) as manager:
-    history = train(trainer, tokens["train"], tokens["validation"], manager)
+    history = train(trainer, tokens["train"], tokens["validation"], manager,
+                    os.path.join(_WORKDIR.value, "history.json"))
   train_seconds = time.time() - tic
 
   final = _FINAL_WINDOWS.value or None

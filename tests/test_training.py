@@ -392,7 +392,9 @@ def test_script_end_to_end_and_resume(corpus_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from step 6" in proc.stderr
   resumed = json.loads((out / "training_summary.json").read_text())
-  assert resumed["history"] == []  # no step trained again
+  # No step trained again; the history logged before the resume is kept.
+  assert resumed["history"] == summary["history"]
+  assert resumed["results"]["train_last"] == summary["results"]["train_last"]
   for split in ("validation", "test"):  # the restored parameters are the trained ones
     assert resumed["results"][split] == pytest.approx(results[split], rel=1e-5)
 
