@@ -30,6 +30,7 @@ import numpy as np
 import safetensors.numpy
 
 from sere_jax import moe
+from sere_jax import numerics
 from sere_jax import similarity
 
 SIMILARITY_FILE = "sere_similarity.safetensors"
@@ -100,13 +101,6 @@ def _batch_arrays(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
   return tokens, valid
 
 
-def _cache_dtype(model: nnx.Module):
-  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-    if jnp.issubdtype(leaf.dtype, jnp.floating):
-      return jnp.dtype(leaf.dtype)
-  return jnp.dtype(jnp.float32)
-
-
 def calibrate(model: nnx.Module, token_batches: Iterable[Batch], metric: str, *,
               token_budget: int, expert_chunk: int = 16, token_chunk: int = 256,
               gram_tokens: int = 1024,
@@ -141,7 +135,7 @@ def calibrate(model: nnx.Module, token_batches: Iterable[Batch], metric: str, *,
   states = [similarity.init_state(metric, b.num_experts, b.w_gate_up.shape[1],
                                   gram_tokens=gram) for b in blocks]
   graphdef, state = nnx.split(model)
-  cache_dtype = _cache_dtype(model)
+  cache_dtype = numerics.param_dtype(model)
   used = 0
   for batch in token_batches:
     tokens, valid = _batch_arrays(batch)

@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from sere_jax import calibration
 from sere_jax import fileio
 from sere_jax import moe
+from sere_jax import numerics
 from sere_jax.config import RerouteConfig
 
 CONFIG_FILE = "config.json"
@@ -109,13 +110,6 @@ def _model_reroute_impl(model) -> tuple[RerouteConfig | None, str | None]:
   return blocks[0].reroute, blocks[0].impl
 
 
-def _param_dtype(model) -> str:
-  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-    if jnp.issubdtype(leaf.dtype, jnp.floating):
-      return jnp.dtype(leaf.dtype).name
-  return "float32"
-
-
 def save(model: nnx.Module, directory: str, *, overwrite: bool = False) -> None:
   """Writes `model`'s config and full NNX state (incl. expert similarity) to `directory`."""
   config = model.config
@@ -139,7 +133,7 @@ def save(model: nnx.Module, directory: str, *, overwrite: bool = False) -> None:
   meta = {
       ARCH_KEY: config.architecture,
       "config": dataclasses.asdict(config),
-      "param_dtype": _param_dtype(model),
+      "param_dtype": numerics.param_dtype(model).name,
       "reroute": dataclasses.asdict(reroute) if reroute is not None else None,
       "impl": impl,
   }

@@ -57,6 +57,7 @@ import numpy as np
 
 from sere_jax import generation
 from sere_jax import moe
+from sere_jax import numerics
 from sere_jax import similarity as similarity_lib
 from sere_jax.config import POLICIES, SIMILARITY_POLICIES, RerouteConfig
 
@@ -247,10 +248,6 @@ def stored_similarity(model: nnx.Module) -> list[np.ndarray]:
   return [np.asarray(b.similarity[...]) for b in moe.moe_blocks(model)]
 
 
-def _cache_dtype(model: nnx.Module):
-  return jnp.dtype(generation._param_dtype(model))  # pylint: disable=protected-access
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype"))
 def _forward(graphdef, state, tokens, ref_logp, *, cache_dtype):
   """Teacher-forced decode forward of `tokens [B, L]`. Returns `(nll [B, L-1],
@@ -334,10 +331,11 @@ def reference(model: nnx.Module, tokens: np.ndarray, *, max_tokens: int) -> Refe
   try:
     graphdef, state = nnx.split(model)
     n = chunk_sequences(len(tokens), tokens.shape[1], 1, max_tokens)
+    dtype = numerics.param_dtype(model)
     logps, nlls = [], []
     for lo in range(0, len(tokens), n):
       nll, _, _, _, logp = _forward(graphdef, state, jnp.asarray(tokens[lo:lo + n]), None,
-                                    cache_dtype=_cache_dtype(model))
+                                    cache_dtype=dtype)
       logps.append(np.asarray(logp))
       nlls.append(np.asarray(nll))
   finally:
@@ -358,10 +356,11 @@ def teacher_forced(model: nnx.Module, tokens: np.ndarray, group_size: int,
   moe.check_calibrated(model)
   graphdef, state = nnx.split(model)
   n = chunk_sequences(len(tokens), tokens.shape[1], group_size, max_tokens)
+  dtype = numerics.param_dtype(model)
   nlls, agree, kl, stats = [], 0.0, 0.0, []
   for lo in range(0, len(tokens), n):
     out = _forward(graphdef, state, jnp.asarray(tokens[lo:lo + n]),
-                   jnp.asarray(ref.logp[lo:lo + n]), cache_dtype=_cache_dtype(model))
+                   jnp.asarray(ref.logp[lo:lo + n]), cache_dtype=dtype)
     nlls.append(np.asarray(out[0]))
     agree += float(jnp.sum(out[1]))
     kl += float(jnp.sum(out[2]))

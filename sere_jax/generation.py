@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import moe
+from sere_jax import numerics
 
 STAT_FIELDS = ("distinct_before", "distinct_after", "critical_kept", "slots_rerouted")
 FINISH_REASONS = ("eos", "stop", "length")
@@ -139,15 +140,6 @@ def _model_step(graphdef, state, tokens, positions, token_valid, cache, cache_va
   return next_token, out.cache, cache_valid, _stats_array(out.stats)
 
 
-def _param_dtype(model) -> Any:
-  """The dtype of the model's first floating-point parameter (float32 if none)."""
-  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-      return dtype
-  return jnp.float32
-
-
 def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length):
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
       max_new_tokens < 1):
@@ -218,7 +210,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   sampling_static = _sampling_static(sampling)
   base_key = jax.random.PRNGKey(sampling.seed)
   if cache_dtype is None:
-    cache_dtype = _param_dtype(model)
+    cache_dtype = numerics.param_dtype(model)
   cache = model.init_cache(batch, total, cache_dtype)
   cache_valid = jnp.zeros((batch, total), jnp.bool_)
 

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sere_jax import calibration
 from sere_jax import moe
+from sere_jax import numerics
 
 TRAINABLE_IMPLS = ("ragged_dot", "xla_dense")
 
@@ -52,14 +54,6 @@ def forward(model: nnx.Module, tokens: jax.Array, cache_dtype=jnp.float32) -> ja
   cache = model.init_cache(batch, length, cache_dtype)
   return model(tokens, positions, valid, cache, valid, jnp.zeros((), jnp.int32),
                decode=False).logits
-
-
-def float_dtype(model: nnx.Module):
-  """The dtype of the model's first floating-point parameter (the KV-cache dtype)."""
-  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-    if jnp.issubdtype(leaf.dtype, jnp.floating):
-      return leaf.dtype
-  return jnp.float32
 
 
 def loss_terms(model: nnx.Module, inputs: jax.Array, targets: jax.Array,
@@ -91,7 +85,7 @@ class Trainer:
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.tx = tx
     self.opt_state = tx.init(self.params)
-    dtype = float_dtype(model)
+    dtype = numerics.param_dtype(model)
     self._step = jax.jit(functools.partial(_train_step, self.graphdef, tx,
                                            float(aux_loss_weight), dtype),
                          donate_argnums=(0, 2))
@@ -173,12 +167,12 @@ def routing_statistics(model: nnx.Module, tokens: np.ndarray, group_size: int
   `group_size` sequences decode together (teacher forced, no re-routing;
   `distinct_per_step`, per layer).
   """
-  from sere_jax import calibration  # pylint: disable=g-import-not-at-top  (import cycle)
   tokens = jnp.asarray(tokens)
   valid = jnp.ones(tokens.shape, jnp.bool_)
+  dtype = numerics.param_dtype(model)
   graphdef, state = nnx.split(model)
   captured = calibration.capture_moe_inputs(graphdef, state, tokens, valid,
-                                            cache_dtype=float_dtype(model))
+                                            cache_dtype=dtype)
   loads = []
   for block, (x, _) in zip(moe.moe_blocks(model), captured):
     logits = jnp.dot(x.astype(jnp.float32), block.router_kernel[...].astype(jnp.float32))
@@ -188,7 +182,7 @@ def routing_statistics(model: nnx.Module, tokens: np.ndarray, group_size: int
   moe.set_reroute(model, moe.NO_REROUTE, group_size=group_size)
   try:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    cache = model.init_cache(tokens.shape[0], tokens.shape[1], float_dtype(model))
+    cache = model.init_cache(tokens.shape[0], tokens.shape[1], dtype)
     stats = model(tokens, positions, valid, cache, valid, jnp.zeros((), jnp.int32),
                   decode=True).stats
   finally:
