@@ -68,17 +68,6 @@ def _generate(model, prompts: list[list[int]]) -> tuple[generation.GenerationRes
   return result, time.perf_counter() - tic
 
 
-def _same_prefix(reference: list[list[int]], tokens: list[list[int]]) -> float:
-  """Mean number of leading generated tokens equal to the reference's."""
-  lengths = []
-  for ref, out in zip(reference, tokens):
-    n = 0
-    while n < min(len(ref), len(out)) and ref[n] == out[n]:
-      n += 1
-    lengths.append(n)
-  return float(np.mean(lengths))
-
-
 def main(argv: list[str]) -> None:
   del argv
   specs = [evaluation.parse_spec("none")] + evaluation.parse_specs(_POLICIES.value)
@@ -118,7 +107,9 @@ def main(argv: list[str]) -> None:
         "policy": spec.label,
         "distinct_per_layer": float(np.mean(distinct)),
         "tokens_per_s": sum(len(t) for t in result.tokens) / seconds,
-        "same_prefix_bytes": _same_prefix(outputs["none"], result.tokens),
+        # Without EOS ids every continuation has --new_tokens tokens.
+        "same_prefix_bytes": evaluation.exact_match(np.asarray(outputs["none"]),
+                                                    np.asarray(result.tokens))[1],
         "agreement_with_none": forced.agreement,
         "test_perplexity": forced.perplexity,
     })

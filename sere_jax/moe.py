@@ -104,14 +104,14 @@ class MoeBlock(nnx.Module):
     self._record(CAPTURE_LOAD_BALANCE,
                  routing.load_balancing_loss(logits, ids, flat_valid))
     config = self.active_config(decode)
+    similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
     stepwise = decode and (self.group_size > 0 or (x.ndim == 3 and x.shape[1] > 1))
     stats = None
     if stepwise:
       steps = x.shape[:2] if x.ndim == 3 else (x.shape[0], 1)
-      ids, weights, stats = self._reroute_steps(ids, weights, flat_valid, scores, steps,
-                                                config)
-      config = NO_REROUTE
-    similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
+      ids, weights, stats = self._reroute_steps(ids, weights, flat_valid, scores,
+                                                similarity, steps, config)
+      config, similarity = NO_REROUTE, None
     out = moe_ffn_lib.moe_ffn(
         flat, ids, weights, self.w_gate_up[...], self.w_down[...], valid=flat_valid,
         similarity=similarity, config=config, router_scores=scores,
@@ -125,7 +125,7 @@ class MoeBlock(nnx.Module):
     if hasattr(self, "__captures__"):
       self.sow(nnx.Intermediate, name, value)
 
-  def _reroute_steps(self, ids, weights, valid, scores, steps, config):
+  def _reroute_steps(self, ids, weights, valid, scores, similarity, steps, config):
     """Re-routes `[B * L]` tokens per position and per group of `group_size` rows."""
     batch, length = steps
     group = self.group_size or batch
@@ -138,8 +138,6 @@ class MoeBlock(nnx.Module):
 
     def from_steps(a):
       return jnp.moveaxis(a, 0, 2).reshape(batch * length, *a.shape[3:])
-
-    similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
 
     def one_step(i, w, v, s):
       return policies.reroute(i, w, v, similarity, config, num_experts=self.num_experts,
