@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sere_jax import benchmarking
 from sere_jax import generation
 from sere_jax.scripts import bench_decode
 
@@ -69,7 +70,7 @@ def _decoder(net, batch: int):
 def main(argv: list[str]) -> None:
   out_path, trace_dir = argv[1], (argv[2] if len(argv) > 2 else None)
   net, _, _ = bench_decode.build_model("qwen3_30b_a3b", "full", "auto")
-  result = {}
+  result = {"environment": benchmarking.environment()}
   for batch in (1, 16):
     run, state = _decoder(net, batch)
     run(2, True)  # compile
