@@ -90,8 +90,13 @@ def main(argv: list[str]) -> None:
     value = first_leaf(state)
   jax.block_until_ready(value)
   result["dispatch_state_ms"] = (time.perf_counter() - tic) / 20 * 1e3
+  graphdef = nnx.graphdef(net)
+  tic = time.perf_counter()
+  for _ in range(20):
+    hash(graphdef)
+  result["hash_graphdef_ms"] = (time.perf_counter() - tic) / 20 * 1e3
   if trace_dir:
-    jax.profiler.start_trace(trace_dir)
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     run(3, True)
     jax.profiler.stop_trace()
   with open(out_path, "w") as fh:
