@@ -10,10 +10,12 @@ mapped to ours by `from_hf`, so the transformers peer and our model are the same
 network) gets random bf16 weights made on the device one parameter at a time, and a
 synthetic symmetric similarity per MoE layer (uniform in [0, 1), diagonal 1). Per
 batch size: one prefill of `prompt_len` random tokens (prefill never re-routes:
-`decode_only`), then per policy `new_tokens - 1` decode steps of
-`sere_jax.generation._model_step` (the jitted step `generate` uses; one compiled
-warm-up step first), each step timed on the host up to its sampled token being ready.
-Per case: median seconds per step (= time per output token), tokens/s, mean distinct
+`decode_only`), then per policy `repeats` timed runs (after one warm-up run) of the
+`new_tokens - 1` decode steps as `generate` runs them: one call of
+`sere_jax.generation._decode_loop` (a device-side `while_loop`), timed on the host
+until its tokens are ready. Time per output token = that time / steps (the steps of
+one call cannot be timed one by one from the host); the median over repeats is reported.
+Per case: seconds per step (= time per output token), tokens/s, mean distinct
 experts per MoE layer (the steps' RerouteStats), and the roofline of one step: every
 byte a step must read (non-expert weights incl. LM head and router, the distinct
 experts' weights, shared experts, the KV cache at the mean context length) over the
@@ -393,37 +395,32 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
       moe.check_calibrated(net)
       graphdef, state = nnx.split(net)
 
-      # Per-step inputs made before the clock starts (as generate() makes them).
-      step_inputs = [(jnp.full((batch, 1), prompt_len + step, jnp.int32),
-                      jnp.asarray(prompt_len + step, jnp.int32), jax.random.PRNGKey(step + 1))
-                     for step in range(new_tokens - 1)]
-      ones = jnp.ones((batch, 1), bool)
+      lengths = jnp.full((batch,), prompt_len, jnp.int32)
 
-      def one_pass(timed):
-        cache = jax.tree.map(jnp.copy, cache0)
-        cache_valid = jnp.copy(valid0)
-        token = first
-        times, stats = [], []
+      def one_pass():
+        """Seconds for the `new_tokens - 1` decode steps (one `_decode_loop` call, as
+        `generate` runs them) and their stats."""
+        cache, cache_valid = jax.tree.map(jnp.copy, (cache0, valid0))
         jax.block_until_ready((cache, cache_valid))
-        for pos, index, key in step_inputs[:None if timed else 1]:
-          t0 = time.perf_counter()
-          token, cache, cache_valid, step_stats = generation._model_step(  # pylint: disable=protected-access
-              graphdef, state, token[:, None], pos, ones, cache, cache_valid, index, key,
-              sampling=sampling, decode=True)
-          jax.block_until_ready(token)
-          times.append(time.perf_counter() - t0)
-          stats.append(step_stats)
-        return times, np.stack([np.asarray(s) for s in stats]).astype(np.float64)
+        tic = time.perf_counter()
+        acc, steps, stats, _, _ = generation._decode_loop(  # pylint: disable=protected-access
+            graphdef, state, first, lengths, cache, cache_valid,
+            jnp.asarray(prompt_len, jnp.int32), jax.random.PRNGKey(1), sampling=sampling,
+            max_new_tokens=new_tokens, eos_ids=(), stop_sequences=(), pad_id=0)
+        jax.block_until_ready(acc)
+        seconds = time.perf_counter() - tic
+        assert int(steps) == new_tokens - 1, int(steps)
+        return seconds, np.asarray(stats, np.float64)
 
-      one_pass(timed=False)  # compile + warm up
+      one_pass()  # compile + warm up
       step_times, decode_stats = [], None
       for _ in range(repeats):
-        times, decode_stats = one_pass(timed=True)
-        step_times += times
+        seconds, decode_stats = one_pass()
+        step_times.append(seconds / (new_tokens - 1))
       summary = generation.summarize_stats(decode_stats)
       distinct_per_layer = summary["distinct_after"]
       step_s = statistics.median(step_times)
-      steps = len(times)
+      steps = new_tokens - 1
       mean_context = prompt_len + 1 + (steps - 1) / 2  # slots attended, averaged
       expert_bytes = sum(d * e for d, e in zip(distinct_per_layer,
                                                budget["expert_bytes_per_layer"]))
@@ -436,7 +433,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
           batch=batch, policy=pol["policy"], select_top_k=pol["select_top_k"],
           threshold=pol["threshold"], label=pol["name"],
           ms_per_token=step_s * 1e3, ms_per_token_mean=statistics.fmean(step_times) * 1e3,
-          tokens_per_s=batch / step_s, steps_timed=len(step_times),
+          tokens_per_s=batch / step_s, steps_timed=steps * repeats,
           distinct_experts=float(np.mean(distinct_per_layer)) if distinct_per_layer else 0.0,
           distinct_before=(float(np.mean(summary["distinct_before"]))
                            if distinct_per_layer else 0.0),
@@ -479,7 +476,8 @@ def markdown_rows(result) -> list[str]:
            f"- bandwidth measured in this run: copy {result['copy_bandwidth_tbs'] * 1e3:.1f} "
            f"GB/s, read {result['read_bandwidth_tbs'] * 1e3:.1f} GB/s",
            "- transformers peer: " + (peer.get("skipped") or json.dumps(peer.get("env"))),
-           "", "Time per output token is the median decode step; the roofline is the bytes "
+           "", "Time per output token is a decode loop's time / its steps (median over repeats; "
+           "the transformers peer: its median step); the roofline is the bytes "
            "a step must read over the copy bandwidth.", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in result["rows"]:

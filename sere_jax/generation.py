@@ -15,10 +15,15 @@ the whole model (all layers) over `[B, P]`; each decode step is one jitted call 
 `[B, 1]` that runs the model and samples the next token, with the KV cache donated so
 XLA updates it in place. The model is passed to the jitted functions as
 `nnx.split` state (a pytree argument) and its graph definition (a static argument),
-so a second `generate` on the same model reuses the compiled steps. EOS and stop
-sequences are checked on the host after each step (one `[B]` int transfer); a
+so a second `generate` on the same model reuses the compiled steps.
+
+The decode steps run on the device, in one jitted `lax.while_loop` (`_decode_loop`):
+sampling, EOS and stop-sequence checks and the output buffer live there, so the host
+dispatches one call per `generate` instead of one per token (per-call host work, e.g.
+hashing the model's graph definition, costs milliseconds for a 48-layer model). A
 finished sequence is fed padding with `token_valid = False` and `cache_valid = False`
-from then on, so it no longer adds experts to the batch's routing (nor its stats).
+from then on, so it no longer adds experts to the batch's routing (nor its stats); the
+loop stops when every sequence has finished.
 """
 
 from __future__ import annotations
@@ -125,19 +130,25 @@ def _sampling_static(config: SamplingConfig) -> SamplingConfig:
   return dataclasses.replace(config, seed=0)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "decode"),
-                   donate_argnames=("cache", "cache_valid"))
-def _model_step(graphdef, state, tokens, positions, token_valid, cache, cache_valid,
-                cache_index, key, *, sampling: SamplingConfig, decode: bool):
-  """One jitted call: marks slots `[cache_index, cache_index + L)` valid where
-  `token_valid`, runs the whole model on `tokens [B, L]`, samples from the last
-  position's logits. Returns `(next_token [B], cache, cache_valid, stats [layers, 4])`."""
+def _forward_and_sample(model, tokens, positions, token_valid, cache, cache_valid,
+                        cache_index, key, sampling: SamplingConfig, decode: bool):
+  """Marks slots `[cache_index, cache_index + L)` valid where `token_valid`, runs the
+  model on `tokens [B, L]` and samples from the last position's logits. Returns
+  `(next_token [B], cache, cache_valid, stats [num_moe_layers, 4])`."""
   cache_valid = jax.lax.dynamic_update_slice(cache_valid, token_valid, (0, cache_index))
-  model = nnx.merge(graphdef, state)
   out = model(tokens, positions, token_valid, cache, cache_valid, cache_index,
               decode=decode)
   next_token = sample(out.logits[:, -1, :], key, sampling)
   return next_token, out.cache, cache_valid, _stats_array(out.stats)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "decode"),
+                   donate_argnames=("cache", "cache_valid"))
+def _model_step(graphdef, state, tokens, positions, token_valid, cache, cache_valid,
+                cache_index, key, *, sampling: SamplingConfig, decode: bool):
+  """`_forward_and_sample` as one jitted call (the prefill; tools time single steps)."""
+  return _forward_and_sample(nnx.merge(graphdef, state), tokens, positions, token_valid,
+                             cache, cache_valid, cache_index, key, sampling, decode)
 
 
 def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length):
@@ -174,8 +185,95 @@ def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_len
                      f"cache_length={cache_length}")
 
 
-def _ends_with(seq: list[int], stop: Sequence[int]) -> bool:
-  return len(seq) >= len(stop) and list(seq[len(seq) - len(stop):]) == list(stop)
+# Finish reasons on the device: index into FINISH_REASONS, or RUNNING.
+RUNNING = -1
+_EOS, _STOP, _LENGTH = (FINISH_REASONS.index(r) for r in ("eos", "stop", "length"))
+
+
+class _Accepted(NamedTuple):
+  """What the decode loop keeps per sequence (all on the device)."""
+
+  tokens: jax.Array  # [B, max_new_tokens] int32; the first `count` are the output
+  count: jax.Array  # [B] int32
+  reason: jax.Array  # [B] int32: RUNNING or an index into FINISH_REASONS
+
+
+def _accept(acc: _Accepted, token: jax.Array, *, eos_ids: tuple[int, ...],
+            stop_sequences: tuple[tuple[int, ...], ...], max_new_tokens: int) -> _Accepted:
+  """Appends `token [B]` to every running sequence and decides which ones finish.
+
+  A sequence finishes at an EOS token (not kept), when its tokens end with a stop
+  sequence (the first of `stop_sequences` that matches; removed), or at
+  `max_new_tokens` tokens. Finished sequences do not change.
+  """
+  running = acc.reason == RUNNING
+  is_eos = running & jnp.isin(token, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else (
+      jnp.zeros_like(running))
+  append = running & ~is_eos
+  cols = jnp.arange(acc.tokens.shape[1])[None, :]
+  tokens = jnp.where(append[:, None] & (cols == acc.count[:, None]), token[:, None],
+                     acc.tokens)
+  count = acc.count + append
+  stopped = jnp.zeros_like(running)
+  for stop in stop_sequences:
+    if len(stop) > max_new_tokens:
+      continue
+    tail_cols = count[:, None] - len(stop) + jnp.arange(len(stop))[None, :]
+    tail = jnp.take_along_axis(tokens, jnp.maximum(tail_cols, 0), axis=1)
+    hit = (append & ~stopped & (count >= len(stop))
+           & jnp.all(tail == jnp.asarray(stop, jnp.int32), axis=1))
+    count = jnp.where(hit, count - len(stop), count)
+    stopped = stopped | hit
+  full = append & ~stopped & (count >= max_new_tokens)
+  reason = jnp.select([is_eos, stopped, full], [_EOS, _STOP, _LENGTH], acc.reason)
+  return _Accepted(tokens, count, reason.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens",
+                                             "eos_ids", "stop_sequences", "pad_id"),
+                   donate_argnames=("cache", "cache_valid"))
+def _decode_loop(graphdef, state, first_token, lengths, cache, cache_valid, prompt_len,
+                 base_key, *, sampling: SamplingConfig, max_new_tokens: int,
+                 eos_ids: tuple[int, ...], stop_sequences: tuple[tuple[int, ...], ...],
+                 pad_id: int):
+  """Every decode step of `generate` in one jitted call (a `lax.while_loop`).
+
+  Starts from the prefill's `first_token [B]`; step `s` feeds each running sequence's
+  last token at cache slot `prompt_len + s` and position `lengths + s`, and finished
+  sequences pad with `token_valid = False`. The loop ends when every sequence has
+  finished or after `max_new_tokens - 1` steps. Returns `(accepted: _Accepted,
+  steps: int32, stats [max_new_tokens - 1, num_moe_layers, 4], cache, cache_valid)`;
+  rows of `stats` past `steps` are zero. (The cache is returned so that the donated
+  input buffers become the loop's, without a copy.)
+  """
+  accept = functools.partial(_accept, eos_ids=eos_ids, stop_sequences=stop_sequences,
+                             max_new_tokens=max_new_tokens)
+  batch = first_token.shape[0]
+  acc = accept(_Accepted(jnp.zeros((batch, max_new_tokens), jnp.int32),
+                         jnp.zeros((batch,), jnp.int32),
+                         jnp.full((batch,), RUNNING, jnp.int32)), first_token)
+  model = nnx.merge(graphdef, state)
+  num_layers = len(moe.moe_blocks(model))
+  stats = jnp.zeros((max_new_tokens - 1, num_layers, 4), jnp.float32)
+
+  def running(carry):
+    step, _, acc, *_ = carry
+    return (step < max_new_tokens - 1) & jnp.any(acc.reason == RUNNING)
+
+  def decode_step(carry):
+    step, token, acc, cache, cache_valid, stats = carry
+    alive = acc.reason == RUNNING
+    token, cache, cache_valid, step_stats = _forward_and_sample(
+        model, jnp.where(alive, token, pad_id)[:, None], (lengths + step)[:, None],
+        alive[:, None], cache, cache_valid, prompt_len + step,
+        jax.random.fold_in(base_key, step + 1), sampling, decode=True)
+    stats = jax.lax.dynamic_update_index_in_dim(stats, step_stats, step, 0)
+    return step + 1, token, accept(acc, token), cache, cache_valid, stats
+
+  steps, _, acc, cache, cache_valid, stats = jax.lax.while_loop(
+      running, decode_step,
+      (jnp.asarray(0, jnp.int32), first_token, acc, cache, cache_valid, stats))
+  return acc, steps, stats, cache, cache_valid
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -189,13 +287,13 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   returned tokens. `cache_length` defaults to the slots needed.
   """
   prompts = [list(p) for p in prompts]
-  eos_ids = tuple(int(e) for e in eos_ids)
+  eos_ids = tuple(sorted({int(e) for e in eos_ids}))
   stop_sequences = tuple(tuple(int(t) for t in s) for s in stop_sequences)
   _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length)
   moe.check_calibrated(model)
 
   batch = len(prompts)
-  lengths = np.array([len(p) for p in prompts])
+  lengths = np.array([len(p) for p in prompts], np.int32)
   prompt_len = int(lengths.max())
   total = cache_length or prompt_len + max_new_tokens - 1
   pad = prompt_len - lengths  # left padding per sequence
@@ -214,57 +312,24 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   cache = model.init_cache(batch, total, cache_dtype)
   cache_valid = jnp.zeros((batch, total), jnp.bool_)
 
-  next_token, cache, cache_valid, prefill_stats = _model_step(
+  first_token, cache, cache_valid, prefill_stats = _model_step(
       graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
       jnp.asarray(token_valid), cache, cache_valid,
       jnp.asarray(0, jnp.int32), jax.random.fold_in(base_key, 0),
       sampling=sampling_static, decode=False)
+  acc, steps, stats, _, _ = _decode_loop(
+      graphdef, state, first_token, jnp.asarray(lengths), cache, cache_valid,
+      jnp.asarray(prompt_len, jnp.int32), base_key, sampling=sampling_static,
+      max_new_tokens=max_new_tokens, eos_ids=eos_ids, stop_sequences=stop_sequences,
+      pad_id=pad_id)
 
-  generated: list[list[int]] = [[] for _ in range(batch)]
-  reason: list[str | None] = [None] * batch
-  decode_stats = []
-
-  def accept(token_row: np.ndarray) -> None:
-    for i in range(batch):
-      if reason[i] is not None:
-        continue
-      tok = int(token_row[i])
-      if tok in eos_ids:
-        reason[i] = "eos"
-        continue
-      generated[i].append(tok)
-      for stop in stop_sequences:
-        if _ends_with(generated[i], stop):
-          del generated[i][len(generated[i]) - len(stop):]
-          reason[i] = "stop"
-          break
-      else:
-        if len(generated[i]) >= max_new_tokens:
-          reason[i] = "length"
-
-  accept(np.asarray(next_token))
-  for step in range(max_new_tokens - 1):
-    alive = np.array([r is None for r in reason])
-    if not alive.any():
-      break
-    slot = prompt_len + step
-    feed = np.where(alive, np.asarray(next_token), pad_id).astype(np.int32)[:, None]
-    pos = (lengths + step).astype(np.int32)[:, None]
-    valid = alive[:, None]
-    next_token, cache, cache_valid, step_stats = _model_step(
-        graphdef, state, jnp.asarray(feed), jnp.asarray(pos), jnp.asarray(valid), cache,
-        cache_valid, jnp.asarray(slot, jnp.int32),
-        jax.random.fold_in(base_key, step + 1), sampling=sampling_static, decode=True)
-    decode_stats.append(step_stats)
-    accept(np.asarray(next_token))
-
-  for i in range(batch):
-    if reason[i] is None:  # cannot happen: the loop ends at max_new_tokens
-      reason[i] = "length"
-  num_layers = int(prefill_stats.shape[0])
-  stats = (np.stack([np.asarray(s) for s in decode_stats]).astype(np.float64) if decode_stats
-           else np.zeros((0, num_layers, 4), np.float64))
-  return GenerationResult(generated, reason, stats, np.asarray(prefill_stats, np.float64))
+  out, count, reason = (np.asarray(a) for a in acc)
+  generated = [out[i, :count[i]].tolist() for i in range(batch)]
+  # Every sequence has finished: the loop runs until the last one reaches the length.
+  finish = [FINISH_REASONS[r] for r in reason]
+  decode_stats = np.asarray(stats[:int(steps)], np.float64)
+  return GenerationResult(generated, finish, decode_stats,
+                          np.asarray(prefill_stats, np.float64))
 
 
 def summarize_stats(decode_stats: np.ndarray) -> dict[str, list[float]]:

@@ -6,6 +6,7 @@ They run on a tiny MoE language model defined here, which follows models/base.py
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -224,6 +225,55 @@ def test_stop_sequence(model):
   end = next(i for i in range(len(toks) - 1) if toks[i:i + 2] == stop)
   assert result.tokens[0] == toks[:end]
   assert result.finish_reason == ["stop"]
+
+
+def _host_accept(streams, eos_ids, stop_sequences, max_new_tokens):
+  """Plain-Python reference of the decode loop's stopping rules, per sequence."""
+  tokens, reasons = [], []
+  for stream in streams:
+    out, reason = [], None
+    for tok in stream:
+      if tok in eos_ids:
+        reason = "eos"
+        break
+      out.append(tok)
+      stop = next((s for s in stop_sequences
+                   if len(out) >= len(s) and out[len(out) - len(s):] == list(s)), None)
+      if stop is not None:
+        del out[len(out) - len(stop):]
+        reason = "stop"
+        break
+      if len(out) >= max_new_tokens:
+        reason = "length"
+        break
+    tokens.append(out)
+    reasons.append(reason)
+  return tokens, reasons
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_device_stopping_rules_match_host_reference(seed):
+  # Streams over a 5-token vocabulary hit EOS ids and (overlapping, nested) stop
+  # sequences often; a sequence that has finished must not change afterwards.
+  rng = np.random.default_rng(seed)
+  batch, max_new = 16, 7
+  streams = rng.integers(0, 5, (batch, max_new))
+  eos_ids = tuple(sorted(set(rng.integers(0, 5, rng.integers(0, 2)).tolist())))
+  stops = tuple(tuple(rng.integers(0, 5, n).tolist()) for n in rng.integers(1, 4, 3))
+  stops += ((9,) * (max_new + 1),)  # longer than any output: never matches
+  accept = jax.jit(functools.partial(generation._accept, eos_ids=eos_ids,
+                                     stop_sequences=stops, max_new_tokens=max_new))
+  acc = generation._Accepted(jnp.zeros((batch, max_new), jnp.int32),
+                             jnp.zeros((batch,), jnp.int32),
+                             jnp.full((batch,), generation.RUNNING, jnp.int32))
+  for step in range(max_new):
+    acc = accept(acc, jnp.asarray(streams[:, step], jnp.int32))
+  want_tokens, want_reasons = _host_accept(streams.tolist(), eos_ids, stops, max_new)
+  out, count, reason = (np.asarray(a) for a in acc)
+  assert [out[i, :count[i]].tolist() for i in range(batch)] == want_tokens
+  assert [generation.FINISH_REASONS[r] for r in reason] == want_reasons
+  assert len(set(want_reasons)) > 1, (
+      "the random streams do not exercise more than one stopping rule")
 
 
 def test_sere_decode_reroutes_and_reports(model):
