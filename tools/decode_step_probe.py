@@ -4,13 +4,17 @@
 
 Random bf16 weights (`bench_decode.build_model`), policy `none`, a 128-token prompt.
 Per batch size (1 and 16), 20 decode steps of `generation._model_step` timed two ways:
-`blocked` waits for every step's token (as `generate` and the decode benchmark do) and
-`async` lets the host enqueue the next step before the previous one finishes, so its
-per-step time is the device's. Also: the host cost of flattening the model state
-(`num_leaves` leaves) and of dispatching a trivial jitted function that takes it.
-OUT.json holds `B{batch}_{blocked,async}: [mean, median]` seconds per step and the
-host costs in ms.
-With TRACE_DIR, three blocked steps are traced with `jax.profiler` for the kernel list.
+`blocked` waits for every step's token (as a host-side decode loop does) and
+`async` lets the host enqueue the next step before the previous one finishes (so its
+per-step time is the larger of the host's and the device's); and `device_loop`: 20
+steps in one `generation._decode_loop` call (as `generate` runs them), three times.
+Also: the host cost of flattening the model state (`num_leaves` leaves), of
+dispatching a trivial jitted function that takes it and of hashing the graph
+definition (a static argument of every `_model_step` call).
+OUT.json holds `B{batch}_{blocked,async}: [mean, median]` and `B{batch}_device_loop:
+[three runs]` seconds per step, and the host costs in ms.
+With TRACE_DIR, one `_decode_loop` call of three steps (B = 16) is traced with
+`jax.profiler` for the kernel list (`tools/trace_summary.py TRACE_DIR 3`).
 """
 
 from __future__ import annotations
@@ -64,7 +68,20 @@ def _decoder(net, batch: int):
     carry = (token, cache, valid)
     return (time.perf_counter() - start) / steps, statistics.median(times)
 
-  return run, state
+  def loop(steps: int) -> float:
+    """Seconds per step of `steps` decode steps in one `generation._decode_loop` call."""
+    nonlocal carry
+    token, cache, valid = carry
+    tic = time.perf_counter()
+    acc, _, _, cache, valid = generation._decode_loop(  # pylint: disable=protected-access
+        graphdef, state, token, jnp.full((batch,), PROMPT, jnp.int32), cache, valid,
+        jnp.asarray(PROMPT, jnp.int32), jax.random.PRNGKey(0), sampling=sampling,
+        max_new_tokens=steps + 1, eos_ids=(), stop_sequences=(), pad_id=0)
+    jax.block_until_ready(acc)
+    carry = (token, cache, valid)
+    return (time.perf_counter() - tic) / steps
+
+  return run, loop, state
 
 
 def main(argv: list[str]) -> None:
@@ -72,10 +89,12 @@ def main(argv: list[str]) -> None:
   net, _, _ = bench_decode.build_model("qwen3_30b_a3b", "full", "auto")
   result = {"environment": benchmarking.environment()}
   for batch in (1, 16):
-    run, state = _decoder(net, batch)
+    run, loop, state = _decoder(net, batch)
     run(2, True)  # compile
     result[f"B{batch}_blocked"] = run(STEPS, True)
     result[f"B{batch}_async"] = run(STEPS, False)
+    loop(STEPS)  # compile
+    result[f"B{batch}_device_loop"] = [loop(STEPS) for _ in range(3)]
     print(batch, result, flush=True)
   leaves = jax.tree.leaves(state)
   tic = time.perf_counter()
@@ -96,8 +115,9 @@ def main(argv: list[str]) -> None:
     hash(graphdef)
   result["hash_graphdef_ms"] = (time.perf_counter() - tic) / 20 * 1e3
   if trace_dir:
+    loop(3)  # compile
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    run(3, True)
+    loop(3)
     jax.profiler.stop_trace()
   with open(out_path, "w") as fh:
     json.dump(result, fh, indent=1)
