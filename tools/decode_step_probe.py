@@ -1,9 +1,9 @@
 """Splits a Qwen3-30B-A3B decode step's time into host and device parts (GPU machine).
 
-    python tools/decode_step_probe.py OUT.json [TRACE_DIR]
+    python tools/decode_step_probe.py OUT.json [TRACE_DIR [BATCHES]]
 
 Random bf16 weights (`bench_decode.build_model`), policy `none`, a 128-token prompt.
-Per batch size (1 and 16), 20 decode steps of `generation._model_step` timed two ways:
+Per batch size (BATCHES, default "1,16"), 20 decode steps of `generation._model_step` timed two ways:
 `blocked` waits for every step's token (as a host-side decode loop does) and
 `async` lets the host enqueue the next step before the previous one finishes (so its
 per-step time is the larger of the host's and the device's); and `device_loop`: 20
@@ -13,7 +13,7 @@ dispatching a trivial jitted function that takes it and of hashing the graph
 definition (a static argument of every `_model_step` call).
 OUT.json holds `B{batch}_{blocked,async}: [mean, median]` and `B{batch}_device_loop:
 [three runs]` seconds per step, and the host costs in ms.
-With TRACE_DIR, one `_decode_loop` call of three steps (B = 16) is traced with
+With TRACE_DIR, one `_decode_loop` call of three steps (the last batch size) is traced with
 `jax.profiler` for the kernel list (`tools/trace_summary.py TRACE_DIR 3`).
 """
 
@@ -85,10 +85,11 @@ def _decoder(net, batch: int):
 
 
 def main(argv: list[str]) -> None:
-  out_path, trace_dir = argv[1], (argv[2] if len(argv) > 2 else None)
+  out_path, trace_dir = argv[1], (argv[2] if len(argv) > 2 and argv[2] else None)
+  batches = [int(b) for b in (argv[3] if len(argv) > 3 else "1,16").split(",")]
   net, _, _ = bench_decode.build_model("qwen3_30b_a3b", "full", "auto")
   result = {"environment": benchmarking.environment()}
-  for batch in (1, 16):
+  for batch in batches:
     run, loop, state = _decoder(net, batch)
     run(2, True)  # compile
     result[f"B{batch}_blocked"] = run(STEPS, True)
