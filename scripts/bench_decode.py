@@ -345,11 +345,8 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from sere_jax import benchmarking  # pylint: disable=g-import-not-at-top
   from sere_jax import generation  # pylint: disable=g-import-not-at-top
-  from sere_jax import moe  # pylint: disable=g-import-not-at-top
-  from sere_jax.config import RerouteConfig  # pylint: disable=g-import-not-at-top
   from sere_jax.kernels import moe_ffn as moe_ffn_lib  # pylint: disable=g-import-not-at-top
 
   env = benchmarking.environment()
@@ -377,25 +374,27 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
   rng = np.random.default_rng(seed)
   for batch in batches:
     prompts = rng.integers(3, hf["vocab_size"], (batch, prompt_len)).astype(np.int32)
-    moe.set_reroute(net, RerouteConfig(policy="none"))
-    graphdef, state = nnx.split(net)
     cache0 = net.init_cache(batch, total, jnp.bfloat16)
     kv_token_bytes = _kv_bytes_per_token(cache0)
     valid0 = jnp.zeros((batch, total), jnp.bool_)
     positions = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), (batch, prompt_len))
-    first, cache0, valid0, _ = generation._model_step(  # pylint: disable=protected-access
-        graphdef, state, jnp.asarray(prompts), jnp.asarray(positions),
-        jnp.ones((batch, prompt_len), bool), cache0, valid0, jnp.asarray(0, jnp.int32),
-        jax.random.PRNGKey(0), sampling=sampling, decode=False)
+    prefill_args = (jnp.asarray(prompts), jnp.asarray(positions),
+                    jnp.ones((batch, prompt_len), bool), cache0, valid0,
+                    jnp.asarray(0, jnp.int32), jax.random.PRNGKey(0))
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    # The loops' first argument is the prefill's token: lowered from its shape.
+    loop_args = (jax.ShapeDtypeStruct((batch,), jnp.int32), lengths, cache0, valid0,
+                 jnp.asarray(prompt_len, jnp.int32), jax.random.PRNGKey(1))
+    tic = time.perf_counter()
+    (prefill_state, prefill), loops = _compile_programs(net, policies, prefill_args,
+                                                        loop_args, sampling, new_tokens)
+    compile_s = time.perf_counter() - tic
+    print(f"{model} B={batch}: compiled the prefill and {len(policies)} decode loops in "
+          f"{compile_s:.0f} s", flush=True)
+    first, cache0, valid0, _ = prefill(prefill_state, *prefill_args)
     jax.block_until_ready(first)
-    for pol in policies:
-      reroute = RerouteConfig(policy=pol["policy"], select_top_k=pol["select_top_k"],
-                              threshold=pol["threshold"])
-      moe.set_reroute(net, reroute)
-      moe.check_calibrated(net)
-      graphdef, state = nnx.split(net)
-
-      lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    loop_args = (first,) + loop_args[1:]
+    for pol, (state, decode_loop) in zip(policies, loops):
 
       def one_pass():
         """Seconds for the `new_tokens - 1` decode steps (one `_decode_loop` call, as
@@ -403,16 +402,14 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
         cache, cache_valid = jax.tree.map(jnp.copy, (cache0, valid0))
         jax.block_until_ready((cache, cache_valid))
         tic = time.perf_counter()
-        acc, steps, stats, _, _ = generation._decode_loop(  # pylint: disable=protected-access
-            graphdef, state, first, lengths, cache, cache_valid,
-            jnp.asarray(prompt_len, jnp.int32), jax.random.PRNGKey(1), sampling=sampling,
-            max_new_tokens=new_tokens, eos_ids=(), stop_sequences=(), pad_id=0)
+        acc, steps, stats, _, _ = decode_loop(state, first, lengths, cache, cache_valid,
+                                              *loop_args[4:])
         jax.block_until_ready(acc)
         seconds = time.perf_counter() - tic
         assert int(steps) == new_tokens - 1, int(steps)
         return seconds, np.asarray(stats, np.float64)
 
-      one_pass()  # compile + warm up
+      one_pass()  # warm up
       step_times, decode_stats = [], None
       for _ in range(repeats):
         seconds, decode_stats = one_pass()
@@ -431,7 +428,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
       roofline_s = step_bytes / copy_bw
       row = dict(
           batch=batch, policy=pol["policy"], select_top_k=pol["select_top_k"],
-          threshold=pol["threshold"], label=pol["name"],
+          threshold=pol["threshold"], label=pol["name"], compile_batch_s=compile_s,
           ms_per_token=step_s * 1e3, ms_per_token_mean=statistics.fmean(step_times) * 1e3,
           tokens_per_s=batch / step_s, steps_timed=steps * repeats,
           distinct_experts=float(np.mean(distinct_per_layer)) if distinct_per_layer else 0.0,
@@ -452,6 +449,37 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
             f"(x{row['measured_over_roofline']:.2f})", flush=True)
   add_speedups(result["rows"])
   return result
+
+
+def _compile_programs(net, policies, prefill_args, loop_args, sampling, new_tokens):
+  """The prefill (policy `none`) and one `_decode_loop` per policy, each as `(state,
+  compiled)`: traced one after another, compiled in parallel threads (XLA compilation
+  releases the GIL; a 48-layer model's loop takes tens of seconds to compile). A
+  compiled program takes its function's arguments without the static ones."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sere_jax import generation  # pylint: disable=g-import-not-at-top
+  from sere_jax import moe  # pylint: disable=g-import-not-at-top
+  from sere_jax.config import RerouteConfig  # pylint: disable=g-import-not-at-top
+
+  def split(policy="none", select_top_k=0, threshold=0.0):
+    moe.set_reroute(net, RerouteConfig(policy=policy, select_top_k=select_top_k,
+                                       threshold=threshold))
+    moe.check_calibrated(net)
+    return nnx.split(net)
+
+  graphdef, state = split()
+  lowered = [(state, generation._model_step.lower(  # pylint: disable=protected-access
+      graphdef, state, *prefill_args, sampling=sampling, decode=False))]
+  for pol in policies:
+    graphdef, state = split(pol["policy"], pol["select_top_k"], pol["threshold"])
+    lowered.append((state, generation._decode_loop.lower(  # pylint: disable=protected-access
+        graphdef, state, *loop_args, sampling=sampling, max_new_tokens=new_tokens,
+        eos_ids=(), stop_sequences=(), pad_id=0)))
+  with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+    compiled = list(pool.map(lambda item: item[1].compile(), lowered))
+  programs = [(state, fn) for (state, _), fn in zip(lowered, compiled)]
+  return programs[0], programs[1:]
 
 
 def add_speedups(rows) -> None:
