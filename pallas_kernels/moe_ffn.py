@@ -143,11 +143,11 @@ def _tpu_interpret(impl):
   return pltpu.InterpretParams()
 
 
-def _gmm_fn(impl, num_rows):
+def _gmm_fn(impl, num_rows, num_experts):
   if impl in ("tpu", "tpu_interpret"):
     return functools.partial(gmm_tpu, interpret=_tpu_interpret(impl))
   return functools.partial(gmm_triton, interpret=impl == "interpret",
-                           **tile_config(num_rows))
+                           **tile_config(num_rows, num_experts))
 
 
 def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
@@ -159,7 +159,7 @@ def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
 
 
 def _grouped_ffn(impl, x, weights, valid, sched, w_gate_up, w_down):
-  gmm = _gmm_fn(impl, sched.row_token.shape[0])
+  gmm = _gmm_fn(impl, sched.row_token.shape[0], w_gate_up.shape[0])
   num_active = sched.num_distinct
   gate_up = gmm(x, w_gate_up, sched.group_offsets, sched.active_experts, num_active,
                 sched.row_token)

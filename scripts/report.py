@@ -104,8 +104,9 @@ def decode_section(results, out_dir) -> tuple[list[str], list[str]]:
     groups[(r["model"], r.get("scale", "full"), _device(r))].append(r)
   lines, pngs = ["## decode: whole-model decoding", "",
                  "Random bf16 weights at the model's configuration (`tiny`: the same "
-                 "architecture shrunk), greedy decoding. ms/token is the median decode "
-                 "step; roofline = bytes a step must read / copy bandwidth of the same run; "
+                 "architecture shrunk), greedy decoding. ms/token: ours is one device-side "
+                 "decode loop's time / its steps (median over repeats), transformers' the "
+                 "median `generate()` step; roofline = bytes a step must read / copy bandwidth of the same run; "
                  "speedups are against `none` (ours) and transformers `generate()` on the "
                  "same device.", ""], []
   plt = _pyplot()

@@ -67,9 +67,19 @@ GMM_CASES = {
     # a split per chunk (3), one N block wider than N
     "bf16_gather_ksplit3": (jnp.bfloat16, 40, 24,
                             True, dict(block_m=16, block_n=32, block_k=16, k_splits=4)),
-    # the production tiles for few rows (block_n, block_k clamp to the small dims)
-    "f32_sorted_tile_config": (jnp.float32, 40, 48, False, tile_config(T * K)),
+    # the production tiles for few and for many rows per expert (block_n, block_k
+    # clamp to the small dims)
+    "f32_sorted_tile_config": (jnp.float32, 40, 48, False, tile_config(T * K, E)),
+    "bf16_gather_tile_config_many_rows": (jnp.bfloat16, 40, 48, True,
+                                          tile_config(32 * E, E)),
 }
+
+
+def test_tile_config_follows_rows_per_expert():
+  # Qwen3-30B-A3B decode (E = 128, K = 8): B = 256 gives 16 rows per expert.
+  assert tile_config(256 * 8, 128)["block_m"] == 16
+  assert tile_config(512 * 8, 128)["block_m"] == 64
+  assert tile_config(64, 1)["block_m"] == 64
 
 
 @pytest.mark.parametrize("case", GMM_CASES)
@@ -230,7 +240,7 @@ def _assert_triton(exported):
 
 
 # Qwen3-30B-A3B: D=2048, F=768, E=128, K=8; 64 tokens of decode (512 rows).
-@pytest.mark.parametrize("tiles", [128, 2048], ids=["few_rows", "many_rows"])
+@pytest.mark.parametrize("tiles", [512, 4096], ids=["few_rows", "many_rows"])
 @pytest.mark.parametrize("x_shape,w_shape,gather", [
     ((64, 2048), (128, 2048, 1536), True),  # w_gate_up [E, D, 2F], tokens gathered
     ((512, 768), (128, 768, 2048), False),  # w_down [E, F, D], pre-sorted rows
@@ -241,7 +251,7 @@ def test_gmm_lowers_for_cuda(x_shape, w_shape, gather, tiles):
            _spec((experts + 1,)), _spec((experts,)), _spec(())]
   if gather:
     specs.append(_spec((512,)))
-  fn = functools.partial(gmm_triton, **tile_config(tiles))
+  fn = functools.partial(gmm_triton, **tile_config(tiles, experts))
   _assert_triton(export_for("cuda", fn, *specs))
 
 
