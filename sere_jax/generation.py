@@ -11,16 +11,15 @@
 
 How it runs: prompts are left-padded to a common length `P` (layers.py conventions),
 so every sequence writes cache slot `cache_index`. The prefill is one jitted call of
-the whole model (all layers) over `[B, P]`; each decode step is one jitted call over
-`[B, 1]` that runs the model and samples the next token, with the KV cache donated so
-XLA updates it in place. The model is passed to the jitted functions as
+the whole model (all layers) over `[B, P]` that also samples the first token. All
+decode steps then run on the device in one more jitted call, a `lax.while_loop`
+(`_decode_loop`) whose step runs the model over `[B, 1]` and samples; EOS and
+stop-sequence checks and the output buffer live there too, so the host dispatches two
+calls per `generate`, not one per token (per-call host work, e.g. hashing the model's
+graph definition, costs milliseconds for a 48-layer model). The KV cache is donated,
+so XLA updates it in place. The model is passed to the jitted functions as
 `nnx.split` state (a pytree argument) and its graph definition (a static argument),
-so a second `generate` on the same model reuses the compiled steps.
-
-The decode steps run on the device, in one jitted `lax.while_loop` (`_decode_loop`):
-sampling, EOS and stop-sequence checks and the output buffer live there, so the host
-dispatches one call per `generate` instead of one per token (per-call host work, e.g.
-hashing the model's graph definition, costs milliseconds for a 48-layer model). A
+so a second `generate` on the same model and settings reuses the compiled calls. A
 finished sequence is fed padding with `token_valid = False` and `cache_valid = False`
 from then on, so it no longer adds experts to the batch's routing (nor its stats); the
 loop stops when every sequence has finished.
