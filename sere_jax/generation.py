@@ -241,8 +241,8 @@ def _decode_loop(graphdef, state, first_token, lengths, cache, cache_valid, prom
   last token at cache slot `prompt_len + s` and position `lengths + s`, and finished
   sequences pad with `token_valid = False`. The loop ends when every sequence has
   finished or after `max_new_tokens - 1` steps. Returns `(accepted: _Accepted,
-  steps: int32, stats [max_new_tokens - 1, num_moe_layers, 4], cache, cache_valid)`;
-  rows of `stats` past `steps` are zero. (The cache is returned so that the donated
+  steps: int32, stats [max(max_new_tokens - 1, 1), num_moe_layers, 4], cache,
+  cache_valid)`; rows of `stats` past `steps` are zero. (The cache is returned so that the donated
   input buffers become the loop's, without a copy.)
   """
   accept = functools.partial(_accept, eos_ids=eos_ids, stop_sequences=stop_sequences,
@@ -253,7 +253,8 @@ def _decode_loop(graphdef, state, first_token, lengths, cache, cache_valid, prom
                          jnp.full((batch,), RUNNING, jnp.int32)), first_token)
   model = nnx.merge(graphdef, state)
   num_layers = len(moe.moe_blocks(model))
-  stats = jnp.zeros((max_new_tokens - 1, num_layers, 4), jnp.float32)
+  # One row at least: the body is traced even when it never runs (max_new_tokens = 1).
+  stats = jnp.zeros((max(max_new_tokens - 1, 1), num_layers, 4), jnp.float32)
 
   def running(carry):
     step, _, acc, *_ = carry

@@ -173,6 +173,14 @@ def test_greedy_matches_uncached_reference(model):
   assert result.prefill_stats.shape == (2, 4)
 
 
+def test_one_new_token_runs_no_decode_step(model):
+  result = generation.generate(model, PROMPTS, max_new_tokens=1, cache_length=CACHE)
+  for prompt, got in zip(PROMPTS, result.tokens):
+    assert got == reference_greedy(model, prompt, 1)
+  assert result.finish_reason == ["length"] * 3
+  assert result.decode_stats.shape == (0, 2, 4)
+
+
 def test_left_padding_batch_equals_single(model):
   batched = generation.generate(model, PROMPTS, max_new_tokens=8, cache_length=CACHE)
   for i, prompt in enumerate(PROMPTS):
