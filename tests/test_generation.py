@@ -181,6 +181,16 @@ def test_one_new_token_runs_no_decode_step(model):
   assert result.decode_stats.shape == (0, 2, 4)
 
 
+def test_every_sequence_ends_at_its_first_token(model):
+  free = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE)
+  first_tokens = tuple({t[0] for t in free.tokens})
+  result = generation.generate(model, PROMPTS, max_new_tokens=6, eos_ids=first_tokens,
+                               cache_length=CACHE)
+  assert result.tokens == [[], [], []]
+  assert result.finish_reason == ["eos"] * 3
+  assert result.decode_stats.shape == (0, 2, 4)  # the loop ran no step
+
+
 def test_left_padding_batch_equals_single(model):
   batched = generation.generate(model, PROMPTS, max_new_tokens=8, cache_length=CACHE)
   for i, prompt in enumerate(PROMPTS):
