@@ -3,8 +3,8 @@
     python tools/decode_step_probe.py OUT.json [TRACE_DIR [BATCHES]]
 
 Random bf16 weights (`bench_decode.build_model`), policy `none`, a 128-token prompt.
-Per batch size (BATCHES, default "1,16"), 20 decode steps of `generation._model_step` timed two ways:
-`blocked` waits for every step's token (as a host-side decode loop does) and
+Per batch size (BATCHES, default "1,16"), 20 decode steps of `generation._model_step`
+timed two ways: `blocked` waits for every step's token (as a host-side loop does) and
 `async` lets the host enqueue the next step before the previous one finishes (so its
 per-step time is the larger of the host's and the device's); and `device_loop`: 20
 steps in one `generation._decode_loop` call (as `generate` runs them), three times.
@@ -13,8 +13,8 @@ dispatching a trivial jitted function that takes it and of hashing the graph
 definition (a static argument of every `_model_step` call).
 OUT.json holds `B{batch}_{blocked,async}: [mean, median]` and `B{batch}_device_loop:
 [three runs]` seconds per step, and the host costs in ms.
-With TRACE_DIR, one `_decode_loop` call of three steps (the last batch size) is traced with
-`jax.profiler` for the kernel list (`tools/trace_summary.py TRACE_DIR 3`).
+With TRACE_DIR, one `_decode_loop` call of three steps (the last batch size) is traced
+with `jax.profiler` for the kernel list (`tools/trace_summary.py TRACE_DIR 3`).
 """
 
 from __future__ import annotations
