@@ -242,8 +242,8 @@ def _decode_loop(graphdef, state, first_token, lengths, cache, cache_valid, prom
   sequences pad with `token_valid = False`. The loop ends when every sequence has
   finished or after `max_new_tokens - 1` steps. Returns `(accepted: _Accepted,
   steps: int32, stats [max(max_new_tokens - 1, 1), num_moe_layers, 4], cache,
-  cache_valid)`; rows of `stats` past `steps` are zero. (The cache is returned so that the donated
-  input buffers become the loop's, without a copy.)
+  cache_valid)`; rows of `stats` past `steps` are zero. (The cache is returned so that
+  the donated input buffers become the loop's, without a copy.)
   """
   accept = functools.partial(_accept, eos_ids=eos_ids, stop_sequences=stop_sequences,
                              max_new_tokens=max_new_tokens)
