@@ -47,6 +47,9 @@ _PROMPTS = flags.DEFINE_string("prompts", None, "Text lines or JSONL of prompts.
                                required=True)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most.")
+_LENGTH_MULTIPLE = flags.DEFINE_integer(
+    "length_multiple", 64, "Batches are left-padded to a multiple of this many prompt "
+    "tokens, so batches of different prompt lengths share compiled prefills.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
@@ -71,6 +74,8 @@ def main(argv):
   model_dir = _MODEL_DIR.value
   if _BATCH.value < 1:
     raise app.UsageError("--batch_size must be >= 1")
+  if _LENGTH_MULTIPLE.value < 1:
+    raise app.UsageError("--length_multiple must be >= 1")
   sampling = generation.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                                        top_p=_TOP_P.value, seed=_SEED.value)
   reroute = RerouteConfig(policy=_POLICY.value, select_top_k=_SELECT.value,
@@ -90,8 +95,9 @@ def main(argv):
                                 impl=_IMPL.value)
   logging.info("loaded %s (%s) in %.1f s", model_dir, model.config.architecture,
                time.time() - t0)
-  # One cache length for all batches, so the decode step compiles once.
-  cache_length = max(len(p) for p in prompts) + _MAX_NEW.value - 1
+  # One cache length for all batches, so the decode loop compiles once.
+  cache_length = (generation.padded_prompt_length(prompts, _LENGTH_MULTIPLE.value)
+                  + _MAX_NEW.value - 1)
 
   results: list[dict[str, Any]] = []
   all_steps: list[np.ndarray] = []
@@ -105,7 +111,8 @@ def main(argv):
     res = generation.generate(
         model, prompts[lo:hi], max_new_tokens=_MAX_NEW.value,
         sampling=dataclasses.replace(sampling, seed=(sampling.seed + b) % 2**32),
-        eos_ids=eos_ids, cache_length=cache_length)
+        eos_ids=eos_ids, cache_length=cache_length,
+        length_multiple=_LENGTH_MULTIPLE.value)
     for i, (toks, reason) in enumerate(zip(res.tokens, res.finish_reason)):
       row = {"index": lo + i, "prompt_tokens": prompts[lo + i], "tokens": toks,
              "finish_reason": reason}

@@ -150,7 +150,14 @@ def _model_step(graphdef, state, tokens, positions, token_valid, cache, cache_va
                              cache, cache_valid, cache_index, key, sampling, decode)
 
 
-def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length):
+def padded_prompt_length(prompts: Sequence[Sequence[int]], length_multiple: int = 1) -> int:
+  """The length `generate` left-pads a batch of prompts to: the longest prompt, rounded
+  up to a multiple of `length_multiple`."""
+  return -(-max(len(p) for p in prompts) // length_multiple) * length_multiple
+
+
+def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length,
+              length_multiple):
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
       max_new_tokens < 1):
     raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -176,12 +183,16 @@ def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_len
   if max_pos is not None and longest + max_new_tokens > max_pos:
     raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
                      f"({max_new_tokens}) exceeds the model's max positions ({max_pos})")
+  if isinstance(length_multiple, bool) or not isinstance(length_multiple, int) or (
+      length_multiple < 1):
+    raise ValueError(f"length_multiple must be an integer >= 1, got {length_multiple!r}")
   # The last sampled token is never fed back, so the cache needs P + N - 1 slots.
-  needed = longest + max_new_tokens - 1
+  padded = padded_prompt_length(prompts, length_multiple)
+  needed = padded + max_new_tokens - 1
   if cache_length is not None and needed > cache_length:
-    raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
-                     f"({max_new_tokens}) needs {needed} cache slots, more than "
-                     f"cache_length={cache_length}")
+    raise ValueError(f"the longest prompt ({longest} tokens, padded to {padded}) + "
+                     f"max_new_tokens ({max_new_tokens}) needs {needed} cache slots, "
+                     f"more than cache_length={cache_length}")
 
 
 # Finish reasons on the device: index into FINISH_REASONS, or RUNNING.
@@ -279,22 +290,30 @@ def _decode_loop(graphdef, state, first_token, lengths, cache, cache_valid, prom
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] = (),
              stop_sequences: Sequence[Sequence[int]] = (), cache_length: int | None = None,
-             pad_id: int = 0, cache_dtype: Any = None) -> GenerationResult:
+             pad_id: int = 0, cache_dtype: Any = None,
+             length_multiple: int = 1) -> GenerationResult:
   """Generates up to `max_new_tokens` tokens for each prompt (see the module docstring).
 
   A sequence stops at any of `eos_ids` (reason "eos") or when its new tokens end with
   one of `stop_sequences` (token-id lists; reason "stop"); neither is included in the
   returned tokens. `cache_length` defaults to the slots needed.
+
+  Prompts are left-padded to the longest one rounded up to a multiple of
+  `length_multiple` (`padded_prompt_length`): the prefill compiles once per padded
+  length, so batches of prompts of different lengths share compiled prefills (the
+  decode loop compiles once per cache length; give a fixed `cache_length` for that).
+  The padding changes no output.
   """
   prompts = [list(p) for p in prompts]
   eos_ids = tuple(sorted({int(e) for e in eos_ids}))
   stop_sequences = tuple(tuple(int(t) for t in s) for s in stop_sequences)
-  _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length)
+  _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length,
+            length_multiple)
   moe.check_calibrated(model)
 
   batch = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
-  prompt_len = int(lengths.max())
+  prompt_len = padded_prompt_length(prompts, length_multiple)
   total = cache_length or prompt_len + max_new_tokens - 1
   pad = prompt_len - lengths  # left padding per sequence
 

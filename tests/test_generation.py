@@ -201,6 +201,21 @@ def test_left_padding_batch_equals_single(model):
   assert np.all(batched.prefill_stats[:, 0] <= model.config.num_experts)
 
 
+def test_prompt_length_multiple_changes_no_output(model):
+  plain = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE)
+  padded = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE,
+                               length_multiple=5)
+  assert generation.padded_prompt_length(PROMPTS, 5) == 10  # longest prompt: 7 tokens
+  assert padded.tokens == plain.tokens
+  np.testing.assert_array_equal(padded.decode_stats, plain.decode_stats)
+  np.testing.assert_array_equal(padded.prefill_stats, plain.prefill_stats)
+  with pytest.raises(ValueError, match="padded to 14"):
+    generation.generate(model, PROMPTS, max_new_tokens=8, cache_length=CACHE,
+                        length_multiple=14)
+  with pytest.raises(ValueError, match="length_multiple"):
+    generation.generate(model, PROMPTS, max_new_tokens=2, length_multiple=0)
+
+
 def test_eos_stops_and_finished_sequence_adds_no_experts(model):
   free = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE)
   # A prompt whose first new token appears nowhere in the others' continuations
