@@ -150,7 +150,8 @@ def _model_step(graphdef, state, tokens, positions, token_valid, cache, cache_va
                              cache, cache_valid, cache_index, key, sampling, decode)
 
 
-def padded_prompt_length(prompts: Sequence[Sequence[int]], length_multiple: int = 1) -> int:
+def padded_prompt_length(prompts: Sequence[Sequence[int]],
+                         length_multiple: int = 1) -> int:
   """The length `generate` left-pads a batch of prompts to: the longest prompt, rounded
   up to a multiple of `length_multiple`."""
   return -(-max(len(p) for p in prompts) // length_multiple) * length_multiple
