@@ -382,9 +382,10 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
                     jnp.ones((batch, prompt_len), bool), cache0, valid0,
                     jnp.asarray(0, jnp.int32), jax.random.PRNGKey(0))
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    first_slot, loop_key = jnp.asarray(prompt_len, jnp.int32), jax.random.PRNGKey(1)
     # The loops' first argument is the prefill's token: lowered from its shape.
     loop_args = (jax.ShapeDtypeStruct((batch,), jnp.int32), lengths, cache0, valid0,
-                 jnp.asarray(prompt_len, jnp.int32), jax.random.PRNGKey(1))
+                 first_slot, loop_key)
     tic = time.perf_counter()
     (prefill_state, prefill), loops = _compile_programs(net, policies, prefill_args,
                                                         loop_args, sampling, new_tokens)
@@ -393,7 +394,6 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
           f"{compile_s:.0f} s", flush=True)
     first, cache0, valid0, _ = prefill(prefill_state, *prefill_args)
     jax.block_until_ready(first)
-    loop_args = (first,) + loop_args[1:]
     for pol, (state, decode_loop) in zip(policies, loops):
 
       def one_pass():
@@ -403,7 +403,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
         jax.block_until_ready((cache, cache_valid))
         tic = time.perf_counter()
         acc, steps, stats, _, _ = decode_loop(state, first, lengths, cache, cache_valid,
-                                              *loop_args[4:])
+                                              first_slot, loop_key)
         jax.block_until_ready(acc)
         seconds = time.perf_counter() - tic
         assert int(steps) == new_tokens - 1, int(steps)

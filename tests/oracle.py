@@ -175,3 +175,17 @@ def sere_hybrid_oracle(ids, weights, valid, similarity, router_scores,
                       sere.stats.critical_kept, rerouted)
   return OracleResult(new_ids, np.asarray(weights).copy(), stats, primary, sere.target,
                       critical)
+
+
+def random_valid_mask(rng: np.random.Generator, mode: str, n: int) -> np.ndarray:
+  """A `[n]` bool token mask for the randomized tests: "all", "none", "one" (a random
+  token) or "random" (each token valid with a random probability)."""
+  if mode == "all":
+    return np.ones(n, bool)
+  if mode == "none":
+    return np.zeros(n, bool)
+  if mode == "one":
+    valid = np.zeros(n, bool)
+    valid[rng.integers(0, n)] = True
+    return valid
+  return rng.random(n) < rng.random()

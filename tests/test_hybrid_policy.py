@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from sere_jax import RerouteConfig, policies, reroute
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
-from tests.oracle import sere_hybrid_oracle
+from tests.oracle import random_valid_mask, sere_hybrid_oracle
 
 # Every case is drawn in the physical shape [T_PHYS, K] over E_PHYS experts, so eager
 # JAX compiles each primitive once per K.
@@ -68,15 +68,7 @@ def hybrid_cases(draw):
   else:
     ids = rng.integers(0, e, (T_PHYS, k))  # duplicates allowed
   valid_mode = rng.choice(["all", "random", "none", "one"], p=[.4, .4, .1, .1])
-  if valid_mode == "all":
-    valid = np.ones(T_PHYS, bool)
-  elif valid_mode == "none":
-    valid = np.zeros(T_PHYS, bool)
-  elif valid_mode == "one":
-    valid = np.zeros(T_PHYS, bool)
-    valid[rng.integers(0, T_PHYS)] = True
-  else:
-    valid = rng.random(T_PHYS) < rng.random()
+  valid = random_valid_mask(rng, valid_mode, T_PHYS)
   lam = (float(rng.choice(LAMBDAS)) if rng.random() < 0.6
          else float(np.float32(rng.random())))
   return dict(k=k, s=s, ids=ids.astype(np.int32),

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sere_jax import RerouteConfig, reroute
-from tests.oracle import sere_oracle
+from tests.oracle import random_valid_mask, sere_oracle
 
 # Physical shapes of the main property test: every drawn case of T <= 12 tokens and
 # E <= 16 experts is embedded in a 12 x 16 batch (extra rows are invalid tokens, extra
@@ -111,15 +111,7 @@ def sere_cases(draw):
     ids = rng.integers(0, e, (T_PHYS, k))
   ids = ids.astype(np.int32)
   weights = rng.random((T_PHYS, k)).astype(np.float32)
-  if valid_mode == "all":
-    valid = np.ones(t, bool)
-  elif valid_mode == "none":
-    valid = np.zeros(t, bool)
-  elif valid_mode == "one":
-    valid = np.zeros(t, bool)
-    valid[rng.integers(0, t)] = True
-  else:
-    valid = rng.random(t) < rng.random()
+  valid = random_valid_mask(rng, valid_mode, t)
   return dict(t=t, k=k, e=e, s=s, rho=rho, min_batch=min_batch, sim=sim, ids=ids,
               weights=weights, valid=valid)
 
