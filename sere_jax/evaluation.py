@@ -87,43 +87,35 @@ class PolicySpec:
   def uses_similarity(self) -> bool:
     return self.policy in SIMILARITY_POLICIES
 
+  def _fields(self) -> list[tuple[str, str, str]]:
+    """`(label prefix, text prefix, value)` of each field after the policy name."""
+    fields = [("S=", "", str(self.select_top_k))]
+    if self.uses_similarity:
+      fields.append(("rho=", "", f"q{_num(self.quantile)}" if self.quantile is not None
+                     else _num(self.threshold)))
+      if self.policy == "sere_hybrid":
+        fields.append(("w=", "", _num(self.score_weight)))
+      if self.metric is not None:
+        fields.append(("", "", self.metric))
+    if self.min_batch != 1:
+      fields.append(("min_batch=", "min", str(self.min_batch)))
+    if self.seed:
+      fields.append(("seed=", "seed", str(self.seed)))
+    return fields
+
   @property
   def text(self) -> str:
     """The canonical spec string (parses back to this spec)."""
     if self.policy == "none":
       return "none"
-    parts = [self.policy, str(self.select_top_k)]
-    if self.uses_similarity:
-      parts.append(f"q{_num(self.quantile)}" if self.quantile is not None
-                   else _num(self.threshold))
-      if self.policy == "sere_hybrid":
-        parts.append(_num(self.score_weight))
-      if self.metric is not None:
-        parts.append(self.metric)
-    if self.min_batch != 1:
-      parts.append(f"min{self.min_batch}")
-    if self.seed:
-      parts.append(f"seed{self.seed}")
-    return ":".join(parts)
+    return ":".join([self.policy] + [prefix + value for _, prefix, value in self._fields()])
 
   @property
   def label(self) -> str:
     """A readable name, e.g. `sere S=2 rho=q0.5 cosine min_batch=8`."""
     if self.policy == "none":
       return "none"
-    parts = [self.policy, f"S={self.select_top_k}"]
-    if self.uses_similarity:
-      parts.append(f"rho=q{_num(self.quantile)}" if self.quantile is not None
-                   else f"rho={_num(self.threshold)}")
-      if self.policy == "sere_hybrid":
-        parts.append(f"w={_num(self.score_weight)}")
-      if self.metric is not None:
-        parts.append(self.metric)
-    if self.min_batch != 1:
-      parts.append(f"min_batch={self.min_batch}")
-    if self.seed:
-      parts.append(f"seed={self.seed}")
-    return " ".join(parts)
+    return " ".join([self.policy] + [prefix + value for prefix, _, value in self._fields()])
 
   def config(self, threshold: float | None = None) -> RerouteConfig:
     """The RerouteConfig of this spec (`threshold` overrides, for per-layer rho)."""
