@@ -1,11 +1,13 @@
 """Expert-skipping grouped matmul for NVIDIA GPUs (Pallas Triton).
 
-Grid: (N blocks, K splits, experts in active order). A program whose slot in the
-active-expert list is past `num_distinct` exits at once, so weights are read only for
-experts that own rows. Each program loops over its expert's row blocks and, inside,
-over its share of the contraction (a `fori_loop`, which Triton software-pipelines);
-split-K partial sums are written in float32 and summed afterwards. Left-hand rows can
-be gathered from the token array in-kernel (`row_token`), so no sorted copy is made.
+Grid: (N blocks, K splits, work items). A work item is one row block of one expert
+with rows; each program finds its item from the group offsets, and programs past the
+last item exit at once, so weights are read only for experts that own rows. Row blocks
+of one expert are separate programs that run side by side and share the expert's
+weight tiles through L2. A program loops over its share of the contraction (a
+`fori_loop`, which Triton software-pipelines); split-K partial sums are written in
+float32 and summed afterwards. Left-hand rows can be gathered from the token array
+in-kernel (`row_token`), so no sorted copy is made.
 """
 
 from __future__ import annotations
@@ -18,47 +20,64 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 
-def _gmm_kernel(num_active_ref, active_ref, offsets_ref, row_token_ref, x_ref, w_ref,
-                out_ref, *, block_m, block_n, block_k, chunks_per_split, num_chunks,
-                contract, n, gather, interpret):
-  n_block, split, slot = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _work_item(offsets_ref, item, *, num_experts, block_m):
+  """Expert and row range of work item `item`, and whether the item exists.
 
-  @pl.when(slot < num_active_ref[0])
+  Items are the row blocks of every expert with rows, in expert order: expert `e`
+  contributes `cdiv(size_e, block_m)` items. Every program derives its item from the
+  `[E + 1]` group offsets (a 128-wide prefix sum), so the schedule need not know the
+  tiling.
+  """
+  experts_pad = _pow2_at_least(num_experts, 16)
+  expert = jnp.arange(experts_pad)
+  real = expert < num_experts
+  starts = plt.load(offsets_ref.at[expert], mask=real, other=0)
+  ends = plt.load(offsets_ref.at[expert + 1], mask=real, other=0)
+  blocks = (ends - starts + block_m - 1) // block_m
+  done = jnp.cumsum(blocks) <= item  # experts whose items all come before `item`
+  owner = jnp.sum(jnp.where(done, 1, 0))
+  exists = owner < num_experts
+  owner = jnp.minimum(owner, num_experts - 1)
+  first_row = jnp.sum(jnp.where(expert == owner, starts, 0))
+  end = jnp.sum(jnp.where(expert == owner, ends, 0))
+  block = item - jnp.sum(jnp.where(done, blocks, 0))
+  return owner, first_row + block * block_m, end, exists
+
+
+def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_experts,
+                block_m, block_n, block_k, chunks_per_split, num_chunks, contract, n,
+                gather, interpret):
+  n_block, split, item = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  expert, row0, end, exists = _work_item(offsets_ref, item, num_experts=num_experts,
+                                         block_m=block_m)
+
+  @pl.when(exists)
   def _():
-    expert = active_ref[slot]
-    start, end = offsets_ref[expert], offsets_ref[expert + 1]
     cols = n_block * block_n + jnp.arange(block_n)
     col_ok = cols < n
+    rows = row0 + jnp.arange(block_m)
+    row_ok = rows < end
+    if gather:
+      tokens = plt.load(row_token_ref.at[rows], mask=row_ok, other=0)
+    else:
+      tokens = jnp.where(row_ok, rows, 0)
+
+    def k_step(c, acc):
+      ks = c * block_k + jnp.arange(block_k)
+      k_ok = ks < contract
+      lhs = plt.load(x_ref.at[tokens[:, None], ks[None, :]], mask=k_ok[None, :], other=0)
+      rhs = plt.load(w_ref.at[expert, ks[:, None], cols[None, :]],
+                     mask=k_ok[:, None] & col_ok[None, :], other=0)
+      if interpret:  # CPU dots take no bf16 x bf16 -> f32; the f32 product is exact.
+        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+      return acc + jnp.dot(lhs, rhs, preferred_element_type=jnp.float32)
+
     first = split * chunks_per_split
     last = jnp.minimum(first + chunks_per_split, num_chunks)
-
-    def row_block(r, carry):
-      row0 = start + r * block_m
-      rows = row0 + jnp.arange(block_m)
-      row_ok = rows < end
-      if gather:
-        tokens = plt.load(row_token_ref.at[rows], mask=row_ok, other=0)
-      else:
-        tokens = jnp.where(row_ok, rows, 0)
-
-      def k_step(c, acc):
-        ks = c * block_k + jnp.arange(block_k)
-        k_ok = ks < contract
-        lhs = plt.load(x_ref.at[tokens[:, None], ks[None, :]], mask=k_ok[None, :],
-                       other=0)
-        rhs = plt.load(w_ref.at[expert, ks[:, None], cols[None, :]],
-                       mask=k_ok[:, None] & col_ok[None, :], other=0)
-        if interpret:  # CPU dots take no bf16 x bf16 -> f32; the f32 product is exact.
-          lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
-        return acc + jnp.dot(lhs, rhs, preferred_element_type=jnp.float32)
-
-      acc = jax.lax.fori_loop(first, last, k_step,
-                              jnp.zeros((block_m, block_n), jnp.float32))
-      plt.store(out_ref.at[split, rows[:, None], cols[None, :]], acc,
-                mask=row_ok[:, None] & col_ok[None, :])
-      return carry
-
-    jax.lax.fori_loop(0, pl.cdiv(end - start, block_m), row_block, 0)
+    acc = jax.lax.fori_loop(first, last, k_step,
+                            jnp.zeros((block_m, block_n), jnp.float32))
+    plt.store(out_ref.at[split, rows[:, None], cols[None, :]], acc,
+              mask=row_ok[:, None] & col_ok[None, :])
 
 
 def tile_config(num_rows: int, num_experts: int) -> dict[str, int]:
@@ -86,19 +105,16 @@ def _pow2_at_least(x: int, low: int) -> int:
                                              "k_splits", "num_warps", "num_stages",
                                              "interpret"))
 def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
-               active_experts: jax.Array, num_active: jax.Array,
                row_token: jax.Array | None = None, *, num_rows: int | None = None,
                block_m: int = 64, block_n: int = 128, block_k: int = 64,
                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3,
                interpret: bool = False) -> jax.Array:
-  """Grouped matmul over active experts only; see `gmm_reference` for the semantics.
+  """Grouped matmul over experts with rows only; see `gmm_reference` for the semantics.
 
   Args:
     x: `[M, D]` rows in expert order, or `[T, D]` tokens when `row_token` is given.
     w: `[E, D, N]` expert weights (bf16 or f32).
-    group_offsets: `[E + 1]` int32 row offsets per expert.
-    active_experts: `[E]` int32 experts with rows first (see `Schedule`).
-    num_active: int32 scalar, the number of experts with rows.
+    group_offsets: `[E + 1]` int32 row offsets per expert, ascending, at most M.
     row_token: optional `[M]` int32 token of each row.
     num_rows: M (required when `row_token` is None and x has extra rows).
 
@@ -111,6 +127,9 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     num_rows = row_token.shape[0] if gather else x.shape[0]
   if x.shape[1] != contract:
     raise ValueError(f"x has {x.shape[1]} columns but w contracts over {contract}")
+  if group_offsets.shape != (num_experts + 1,):
+    raise ValueError(f"group_offsets must be [E + 1] = [{num_experts + 1}] for w of "
+                     f"shape {w.shape}, got {group_offsets.shape}")
   block_n = min(block_n, _pow2_at_least(n, 16))
   block_k = min(block_k, _pow2_at_least(contract, 16))
   num_chunks = pl.cdiv(contract, block_k)
@@ -119,17 +138,18 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
   k_splits = pl.cdiv(num_chunks, chunks_per_split)
   if row_token is None:
     row_token = jnp.zeros((1,), jnp.int32)  # unused placeholder
+  # Expert e has cdiv(size_e, block_m) items; at most min(E, M) experts have rows.
+  max_items = (num_rows + min(num_experts, num_rows) * (block_m - 1)) // block_m
   kernel = functools.partial(
-      _gmm_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
+      _gmm_kernel, num_experts=num_experts, block_m=block_m, block_n=block_n, block_k=block_k,
       chunks_per_split=chunks_per_split, num_chunks=num_chunks, contract=contract, n=n,
       gather=gather, interpret=bool(interpret))
   partials = pl.pallas_call(
       kernel,
-      grid=(pl.cdiv(n, block_n), k_splits, num_experts),
+      grid=(pl.cdiv(n, block_n), k_splits, max(max_items, 1)),
       out_shape=jax.ShapeDtypeStruct((k_splits, num_rows, n), jnp.float32),
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="sere_gmm",
-  )(jnp.reshape(num_active, (1,)).astype(jnp.int32), active_experts.astype(jnp.int32),
-    group_offsets.astype(jnp.int32), row_token.astype(jnp.int32), x, w)
+  )(group_offsets.astype(jnp.int32), row_token.astype(jnp.int32), x, w)
   return jnp.sum(partials, axis=0)

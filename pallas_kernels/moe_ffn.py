@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -144,10 +143,15 @@ def _tpu_interpret(impl):
 
 
 def _gmm_fn(impl, num_rows, num_experts):
+  """`gmm(x, w, sched, row_token=None)` of a kernel implementation."""
   if impl in ("tpu", "tpu_interpret"):
-    return functools.partial(gmm_tpu, interpret=_tpu_interpret(impl))
-  return functools.partial(gmm_triton, interpret=impl == "interpret",
-                           **tile_config(num_rows, num_experts))
+    interpret = _tpu_interpret(impl)
+    return lambda x, w, sched, row_token=None: gmm_tpu(
+        x, w, sched.group_offsets, sched.active_experts, sched.num_distinct, row_token,
+        interpret=interpret)
+  tiles = tile_config(num_rows, num_experts)
+  return lambda x, w, sched, row_token=None: gmm_triton(
+      x, w, sched.group_offsets, row_token, interpret=impl == "interpret", **tiles)
 
 
 def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
@@ -160,11 +164,9 @@ def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
 
 def _grouped_ffn(impl, x, weights, valid, sched, w_gate_up, w_down):
   gmm = _gmm_fn(impl, sched.row_token.shape[0], w_gate_up.shape[0])
-  num_active = sched.num_distinct
-  gate_up = gmm(x, w_gate_up, sched.group_offsets, sched.active_experts, num_active,
-                sched.row_token)
+  gate_up = gmm(x, w_gate_up, sched, sched.row_token)
   hidden = swiglu(gate_up).astype(w_down.dtype)
-  down = gmm(hidden, w_down, sched.group_offsets, sched.active_experts, num_active)
+  down = gmm(hidden, w_down, sched)
   return _combine(down, weights, valid, sched.slot_row, x.dtype)
 
 

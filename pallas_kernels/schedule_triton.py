@@ -1,12 +1,18 @@
 """Fused SERE re-routing + expert-skip schedule for NVIDIA GPUs (Pallas Triton).
 
-One program walks the batch's `T*K` slots in register chunks (a power of two, as
-Triton requires) and does, without leaving the kernel:
-primary set -> most similar primary per expert (masked argmax over the `[E, E]`
-similarity) -> critical experts -> re-routed ids -> stable counting sort by expert
-(one-hot prefix sums, carried across chunks) -> group offsets, the active-expert
-list and statistics.
-Its outputs equal `schedule.reference_schedule` exactly.
+Grid: one program per block of `chunk` slots (a power of two, as Triton tiles
+require). Every program first derives, for the whole batch, what its block needs:
+the primary set (flags scattered into the program's own scratch row), each expert's
+target (a masked argmax over the `[E, E]` similarity) and the re-routed ids of all
+slots (a gather of the targets). It then places its own slots: a slot's row is the
+number of valid slots that sort before it by (expert, slot index), a comparison count
+against every slot, so no prefix sum crosses programs and the sort is stable. Group
+sizes come from the same pass; program 0 writes the offsets, the active-expert list
+and the statistics. Its outputs equal `schedule.reference_schedule` exactly.
+
+Programs share nothing: each repeats the batch-wide steps (a few µs of latency-bound
+work done in parallel) instead of waiting on a grid-wide barrier, which Triton lacks.
+Within a program, `debug_barrier` orders its scratch writes before the reads.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from jax.experimental.pallas import triton as plt
 
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import schedule as schedule_lib
+
+# Rows of a program's scratch, each `experts_pad` wide, followed by the new ids.
+_USED, _PRIMARY, _SECONDARY, _TARGET = range(4)
+_SCRATCH_ROWS = 4
 
 
 def _pow2_at_least(x: int) -> int:
@@ -42,11 +52,23 @@ def _over_chunks(num_chunks: int, body, carry):
 
 
 def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
-                     row_token_ref, offsets_ref, active_ref, stats_ref, *,
+                     row_token_ref, offsets_ref, active_ref, stats_ref, scratch_ref, *,
                      num_tokens, top_k, num_experts, select_top_k, threshold, min_batch,
-                     chunk, num_chunks, experts_pad):
+                     chunk, num_chunks, experts_pad, interpret):
   num_slots = num_tokens * top_k
+  program = pl.program_id(0)
   expert = jnp.arange(experts_pad)
+  real = expert < num_experts
+  scratch_width = _SCRATCH_ROWS * experts_pad + num_chunks * chunk
+
+  def scratch(row, index):
+    """This program's scratch at `index` of `row` (row `_SCRATCH_ROWS`: new ids)."""
+    return scratch_ref.at[program, row * experts_pad + index]
+
+  def barrier():
+    # Interpret mode runs a program's lanes in order (and has no barrier primitive).
+    if not interpret:
+      plt.debug_barrier()
 
   def load_chunk(c):
     """Slot indices, ids, token, rank within token and validity of chunk `c`."""
@@ -57,37 +79,37 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     valid = (plt.load(valid_ref.at[token], mask=in_range, other=0) != 0) & in_range
     return slot, in_range, ids, token, slot % top_k, valid
 
-  def expert_hits(mask):  # [chunk, experts] -> [experts] int32, 1 where any slot hits
-    return jnp.max(jnp.where(mask, 1, 0), axis=0)
+  def scatter_ones(row, ids, mask):
+    # Masked-off lanes point past the scratch: no write on GPU, dropped in interpret
+    # mode (where a masked scatter would otherwise write back stale values).
+    index = jnp.where(mask, row * experts_pad + ids, scratch_width)
+    plt.store(scratch_ref.at[program, index], jnp.ones_like(ids), mask=mask)
 
-  # Pass 1: which experts are used, primary, and used by secondary slots.
-  def pass1(c, carry):
-    used, primary, secondary, valid_tokens = carry
-    _, _, ids, _, j, valid = load_chunk(c)
-    onehot = ids[:, None] == expert[None, :]
-    used = jnp.maximum(used, expert_hits(onehot & valid[:, None]))
-    if select_top_k > 0:
-      primary = jnp.maximum(primary, expert_hits(
-          onehot & (valid & (j < select_top_k))[:, None]))
-      secondary = jnp.maximum(secondary, expert_hits(
-          onehot & (valid & (j >= select_top_k))[:, None]))
-      valid_tokens += _count(valid & (j == 0))
-    return used, primary, secondary, valid_tokens
-
-  none_hit = jnp.zeros_like(expert)
-  used, is_primary, secondary_used, valid_tokens = _over_chunks(
-      num_chunks, pass1, (none_hit, none_hit, none_hit, jnp.int32(0)))
-  is_primary, secondary_used = is_primary > 0, secondary_used > 0
-  distinct_before = _count(used > 0)
-
-  # Per-expert target: itself, or its most similar primary expert.
-  critical_kept = 0
-  target = expert
-  if select_top_k > 0:
-    apply = (_count(is_primary) > 0) & (valid_tokens >= max(min_batch, 1))
-    real = expert < num_experts
+  reroute = select_top_k > 0
+  distinct_before = critical_kept = slots_rerouted = None
+  if reroute:
     sim = plt.load(sim_ref.at[expert[:, None], expert[None, :]],
                    mask=real[:, None] & real[None, :], other=-jnp.inf)
+    for row in (_USED, _PRIMARY, _SECONDARY):
+      plt.store(scratch(row, expert), jnp.zeros_like(expert))
+    barrier()
+
+    def mark(c, valid_tokens):  # which experts are used, primary, used by secondaries
+      _, _, ids, _, j, valid = load_chunk(c)
+      scatter_ones(_USED, ids, valid)
+      scatter_ones(_PRIMARY, ids, valid & (j < select_top_k))
+      scatter_ones(_SECONDARY, ids, valid & (j >= select_top_k))
+      return valid_tokens + _count(valid & (j == 0))
+
+    valid_tokens = _over_chunks(num_chunks, mark, jnp.int32(0))
+    barrier()
+    used, is_primary, secondary_used = (
+        plt.load(scratch(row, expert), volatile=True) > 0
+        for row in (_USED, _PRIMARY, _SECONDARY))
+    distinct_before = _count(used & real)
+
+    # Per-expert target: itself, or its most similar primary expert.
+    apply = (_count(is_primary) > 0) & (valid_tokens >= max(min_batch, 1))
     masked = jnp.where(is_primary[None, :], sim, -jnp.inf)
     nearest = jnp.argmax(masked, axis=1).astype(jnp.int32)
     critical = ~is_primary & apply
@@ -96,70 +118,76 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     else:
       critical &= False
     target = jnp.where(is_primary | critical | ~apply, expert, nearest)
-    critical_kept = _count(critical & secondary_used)
+    critical_kept = _count(critical & secondary_used & real)
+    plt.store(scratch(_TARGET, expert), target)
+    barrier()
+
+    def reroute_chunk(c, rerouted):  # every slot's new id, into this program's scratch
+      slot, in_range, ids, _, j, valid = load_chunk(c)
+      mapped = plt.load(scratch(_TARGET, ids), mask=in_range, other=0, volatile=True)
+      new_ids = jnp.where(j >= select_top_k, mapped, ids)
+      plt.store(scratch(_SCRATCH_ROWS, slot), new_ids, mask=in_range)
+      return rerouted + _count(valid & (new_ids != ids))
+
+    slots_rerouted = _over_chunks(num_chunks, reroute_chunk, jnp.int32(0))
+    barrier()
 
   def rerouted_chunk(c):
-    slot, in_range, ids, token, j, valid = load_chunk(c)
-    if select_top_k > 0:
-      mapped = jnp.sum(jnp.where(ids[:, None] == expert[None, :], target[None, :], 0),
-                       axis=1)
-      new_ids = jnp.where(j >= select_top_k, mapped, ids)
-    else:
-      new_ids = ids
-    member = (new_ids[:, None] == expert[None, :]) & valid[:, None]
-    return slot, in_range, ids, new_ids, token, valid, member
+    slot, in_range, ids, token, _, valid = load_chunk(c)
+    if reroute:
+      ids = plt.load(scratch(_SCRATCH_ROWS, slot), mask=in_range, other=0, volatile=True)
+    return slot, in_range, ids, token, valid
 
-  # Pass 2: re-routed ids and group sizes.
-  def pass2(c, carry):
-    sizes, slots_rerouted = carry
-    slot, in_range, ids, new_ids, _, valid, member = rerouted_chunk(c)
-    plt.store(new_ids_ref.at[slot], new_ids, mask=in_range)
-    return (sizes + jnp.sum(jnp.where(member, 1, 0), axis=0),
-            slots_rerouted + _count(valid & (new_ids != ids)))
+  # This program's slots: row = valid slots before it in (expert, slot) order.
+  slot, in_range, new_ids, token, valid = rerouted_chunk(program)
 
-  sizes, slots_rerouted = _over_chunks(num_chunks, pass2, (none_hit, jnp.int32(0)))
+  def place(c, carry):
+    rows, sizes = carry
+    other_slot, _, other_ids, _, other_valid = rerouted_chunk(c)
+    before = (other_ids[None, :] < new_ids[:, None]) | (
+        (other_ids[None, :] == new_ids[:, None]) & (other_slot[None, :] < slot[:, None]))
+    rows += jnp.sum(jnp.where(before & other_valid[None, :], 1, 0), axis=1)
+    member = (other_ids[:, None] == expert[None, :]) & other_valid[:, None]
+    return rows, sizes + jnp.sum(jnp.where(member, 1, 0), axis=0)
+
+  rows, sizes = _over_chunks(num_chunks, place,
+                             (jnp.zeros_like(slot), jnp.zeros_like(expert)))
   total = jnp.sum(sizes)
-  offsets_excl = jnp.cumsum(sizes) - sizes
+  plt.store(new_ids_ref.at[slot], new_ids, mask=in_range)
+  plt.store(slot_row_ref.at[slot], jnp.where(valid, rows, 0), mask=in_range)
+  plt.store(row_token_ref.at[slot], jnp.zeros_like(slot), mask=in_range & (slot >= total))
+  # Masked-off lanes point past the end: no write on GPU, dropped in interpret mode.
+  plt.store(row_token_ref.at[jnp.where(valid, rows, num_slots)], token, mask=valid)
 
-  # Pass 3: stable counting sort: row = group offset + rank among the group's slots.
-  def pass3(c, before):
-    slot, in_range, _, _, token, valid, member = rerouted_chunk(c)
-    member_i = jnp.where(member, 1, 0)
-    position = jnp.cumsum(member_i, axis=0) - 1 + before[None, :]
-    row = jnp.sum(jnp.where(member, position, 0), axis=1)
-    plt.store(slot_row_ref.at[slot], jnp.where(valid, row, 0), mask=in_range)
-    plt.store(row_token_ref.at[slot], jnp.zeros_like(slot),
-              mask=in_range & (slot >= total))
-    # Masked-off lanes point past the end: no write on GPU, dropped in interpret mode.
-    plt.store(row_token_ref.at[jnp.where(valid, row, num_slots)], token, mask=valid)
-    return before + jnp.sum(member_i, axis=0)
-
-  _over_chunks(num_chunks, pass3, offsets_excl)
-
-  real = expert < num_experts
-  plt.store(offsets_ref.at[expert], offsets_excl, mask=real)
-  offsets_ref[num_experts] = total
-  active = sizes > 0
-  num_distinct = _count(active)
-  last_active = jnp.maximum(jnp.max(jnp.where(active, expert, -1)), 0)
-  active_rank = jnp.cumsum(jnp.where(active, 1, 0)) - 1
-  plt.store(active_ref.at[expert], jnp.full_like(expert, last_active),
-            mask=(expert >= num_distinct) & real)
-  plt.store(active_ref.at[jnp.where(active, active_rank, num_experts)], expert, mask=active)
-
-  stat_index = jnp.arange(8)
-  stats = jnp.zeros((8,), jnp.int32)
-  for i, value in enumerate((distinct_before, num_distinct, critical_kept,
-                             slots_rerouted, total)):
-    stats = jnp.where(stat_index == i, value, stats)
-  plt.store(stats_ref.at[stat_index], stats, mask=stat_index < len(schedule_lib.STAT_NAMES))
+  @pl.when(program == 0)
+  def _():
+    offsets_excl = jnp.cumsum(sizes) - sizes
+    plt.store(offsets_ref.at[expert], offsets_excl, mask=real)
+    offsets_ref[num_experts] = total
+    active = sizes > 0
+    num_distinct = _count(active)
+    last_active = jnp.maximum(jnp.max(jnp.where(active, expert, -1)), 0)
+    active_rank = jnp.cumsum(jnp.where(active, 1, 0)) - 1
+    plt.store(active_ref.at[expert], jnp.full_like(expert, last_active),
+              mask=(expert >= num_distinct) & real)
+    plt.store(active_ref.at[jnp.where(active, active_rank, num_experts)], expert,
+              mask=active)
+    stat_index = jnp.arange(8)
+    stats = jnp.zeros((8,), jnp.int32)
+    for i, value in enumerate((
+        num_distinct if distinct_before is None else distinct_before, num_distinct,
+        0 if critical_kept is None else critical_kept,
+        0 if slots_rerouted is None else slots_rerouted, total)):
+      stats = jnp.where(stat_index == i, value, stats)
+    plt.store(stats_ref.at[stat_index], stats,
+              mask=stat_index < len(schedule_lib.STAT_NAMES))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_experts", "max_chunk",
                                              "num_warps", "interpret"))
 def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | None,
-                    config: RerouteConfig, *, num_experts: int, max_chunk: int = 256,
-                    num_warps: int = 8,
+                    config: RerouteConfig, *, num_experts: int, max_chunk: int = 128,
+                    num_warps: int = 4,
                     interpret: bool = False) -> schedule_lib.Schedule:
   """Re-routes `ids [T, K]` (policy `none` or `sere`) and builds the schedule.
 
@@ -169,30 +197,40 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
     similarity: `[E, E]` similarity (ignored when the config does not re-route).
     config: the re-routing config.
     num_experts: E.
+    max_chunk: slots per program (a power of two of at least 64).
+    num_warps: warps per program.
   """
   num_tokens, top_k = ids.shape
   select_top_k, threshold, min_batch = schedule_lib.sere_kernel_config(config, top_k)
+  if max_chunk < 64 or max_chunk & (max_chunk - 1):
+    raise ValueError(f"max_chunk must be a power of two >= 64, got {max_chunk}")
   # Triton tiles hold a power of two of elements; tiny slot tiles mis-lowered on an
   # H200 (T=1, K=8), so a chunk holds at least 64 slots and at most `max_chunk`.
-  chunk = min(max(64, _pow2_at_least(num_tokens * top_k)), max_chunk)
+  num_slots = num_tokens * top_k
+  chunk = min(max(64, _pow2_at_least(num_slots)), max_chunk)
+  num_chunks = pl.cdiv(num_slots, chunk)
+  experts_pad = _pow2_at_least(num_experts)
   if similarity is None or not select_top_k:
     similarity = jnp.zeros((1, 1), jnp.float32)
-  num_slots = num_tokens * top_k
   kernel = functools.partial(
       _schedule_kernel, num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
       select_top_k=select_top_k, threshold=threshold, min_batch=min_batch,
-      chunk=chunk, num_chunks=pl.cdiv(num_slots, chunk),
-      experts_pad=_pow2_at_least(num_experts))
+      chunk=chunk, num_chunks=num_chunks, experts_pad=experts_pad,
+      interpret=bool(interpret))
   i32 = jnp.int32
-  new_ids, slot_row, row_token, offsets, active, stats = pl.pallas_call(
+  scratch_width = _SCRATCH_ROWS * experts_pad + num_chunks * chunk
+  new_ids, slot_row, row_token, offsets, active, stats, _ = pl.pallas_call(
       kernel,
-      grid=(1,),
+      grid=(num_chunks,),
       out_shape=(jax.ShapeDtypeStruct((num_slots,), i32),
                  jax.ShapeDtypeStruct((num_slots,), i32),
                  jax.ShapeDtypeStruct((num_slots,), i32),
                  jax.ShapeDtypeStruct((num_experts + 1,), i32),
                  jax.ShapeDtypeStruct((num_experts,), i32),
-                 jax.ShapeDtypeStruct((len(schedule_lib.STAT_NAMES),), i32)),
+                 jax.ShapeDtypeStruct((len(schedule_lib.STAT_NAMES),), i32),
+                 # Per-program scratch; unused when nothing is re-routed.
+                 jax.ShapeDtypeStruct((num_chunks, scratch_width if select_top_k else 1),
+                                      i32)),
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="sere_schedule",

@@ -237,12 +237,11 @@ def gmm_sweep(env):
       for wg, _ in weights:
         ids = jnp.asarray(forced_ids(rng, batch, k, e, n))
         sched = schedule_lib.build_schedule(ids, jnp.ones((batch,), bool), e)
-        layer_args.append((sched.group_offsets, sched.active_experts, sched.num_distinct,
-                           sched.row_token, wg))
+        layer_args.append((sched.group_offsets, sched.row_token, wg))
       roofline = n * d * 2 * f * 2 / read_bw
       for cfg in configs:
-        def step(x, offsets, active, num, row_token, wg, cfg=cfg):
-          out = gmm_triton(x, wg, offsets, active, num, row_token, **cfg)
+        def step(x, offsets, row_token, wg, cfg=cfg):
+          out = gmm_triton(x, wg, offsets, row_token, **cfg)
           return x + jnp.sum(out[:1, :1]).astype(x.dtype) * 0
         t = benchmarking.LayerChain(step).seconds_per_layer(
             x, layer_args, min_seconds=_MIN_SECONDS.value) - overhead

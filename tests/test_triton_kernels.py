@@ -102,8 +102,7 @@ def test_gmm_matches_reference(case):
     else:  # sorted rows plus extra rows that must be ignored
       x = jnp.asarray(rng.normal(size=(T * K + 5, d)), w_dtype)
       row_token = None
-    out = gmm_triton(x, w, sched.group_offsets, sched.active_experts, sched.num_distinct,
-                     row_token, interpret=True, **options)
+    out = gmm_triton(x, w, sched.group_offsets, row_token, interpret=True, **options)
     want = gmm_reference(x if gather else x[:T * K], w, sched.group_offsets, row_token)
     assert out.shape == (T * K, n) and out.dtype == jnp.float32, kind
     got = np.asarray(out[:rows])
@@ -129,29 +128,32 @@ def test_gmm_reference_is_an_independent_matmul():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 
-def test_gmm_skips_inactive_experts():
-  """Experts outside the first `num_active` entries of the active list are not run."""
+def test_gmm_writes_only_grouped_rows():
+  """Rows past the last group are left alone (NaN in interpret mode); an expert with
+  several row blocks gets one work item per block, all written."""
   rng = np.random.default_rng(3)
-  ids, valid = _routing("all_active", rng)
-  sched = build_schedule(jnp.asarray(ids), jnp.asarray(valid), E)
   x = jnp.asarray(rng.normal(size=(T, 40)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(E, 40, 24)), jnp.float32)
+  # 37 rows: expert 1 has 33 (three 16-row blocks), expert 5 has 4; 11 rows ungrouped.
+  offsets = jnp.asarray([0, 0, 33, 33, 33, 33, 37, 37, 37], jnp.int32)
+  row_token = jnp.asarray(rng.integers(0, T, T * K), jnp.int32)
   options = dict(block_m=16, block_n=16, block_k=16, k_splits=2)
-  out = np.asarray(gmm_triton(x, w, sched.group_offsets, sched.active_experts,
-                              jnp.int32(E - 1), sched.row_token, interpret=True, **options))
-  offsets = np.asarray(sched.group_offsets)
-  last = int(np.asarray(sched.active_experts)[E - 1])
-  skipped = np.arange(offsets[last], offsets[last + 1])
-  assert skipped.size and np.all(np.isnan(out[skipped]))
-  kept = np.setdiff1d(np.arange(T * K), skipped)
-  want = np.asarray(gmm_reference(x, w, sched.group_offsets, sched.row_token))
-  np.testing.assert_allclose(out[kept], want[kept], rtol=1e-5, atol=1e-4)
+  out = np.asarray(gmm_triton(x, w, offsets, row_token, interpret=True, **options))
+  assert np.all(np.isnan(out[37:]))
+  want = np.asarray(gmm_reference(x, w, offsets, row_token))
+  np.testing.assert_allclose(out[:37], want[:37], rtol=1e-5, atol=1e-4)
 
 
 def test_gmm_rejects_bad_contraction():
   with pytest.raises(ValueError, match="contracts"):
     gmm_triton(jnp.zeros((6, 8)), jnp.zeros((4, 16, 8)), jnp.zeros((5,), jnp.int32),
-               jnp.zeros((4,), jnp.int32), 0, interpret=True)
+               interpret=True)
+
+
+def test_gmm_rejects_bad_offsets():
+  with pytest.raises(ValueError, match=r"group_offsets must be \[E \+ 1\]"):
+    gmm_triton(jnp.zeros((6, 16)), jnp.zeros((4, 16, 8)), jnp.zeros((4,), jnp.int32),
+               interpret=True)
 
 
 # ---------------------------------------------------------------- schedule kernel
@@ -248,7 +250,7 @@ def _assert_triton(exported):
 def test_gmm_lowers_for_cuda(x_shape, w_shape, gather, tiles):
   experts = w_shape[0]
   specs = [_spec(x_shape, jnp.bfloat16), _spec(w_shape, jnp.bfloat16),
-           _spec((experts + 1,)), _spec((experts,)), _spec(())]
+           _spec((experts + 1,))]
   if gather:
     specs.append(_spec((512,)))
   fn = functools.partial(gmm_triton, **tile_config(tiles, experts))
