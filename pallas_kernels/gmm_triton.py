@@ -20,42 +20,49 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 
-def _work_item(offsets_ref, item, *, num_experts, block_m):
-  """Expert and row range of work item `item`, and whether the item exists.
+def _work_item(offsets_ref, item, *, num_experts, block_m, big_block_m):
+  """Work item `item`: its expert, first row, the group's end, whether it exists and
+  whether it is a big-tile item.
 
-  Items are the row blocks of every expert with rows, in expert order: expert `e`
-  contributes `cdiv(size_e, block_m)` items. Every program derives its item from the
-  `[E + 1]` group offsets (a 128-wide prefix sum), so the schedule need not know the
-  tiling.
+  Items are the row blocks of every expert with rows, in expert order: an expert with
+  at most `block_m` rows is one `block_m`-row item; with `big_block_m` set, an expert
+  with more rows is split into `big_block_m`-row items (else into `block_m`-row ones).
+  Every program derives its item from the `[E + 1]` group offsets (a prefix sum over
+  the experts), so the schedule need not know the tiling.
   """
   experts_pad = _pow2_at_least(num_experts, 16)
   expert = jnp.arange(experts_pad)
   real = expert < num_experts
   starts = plt.load(offsets_ref.at[expert], mask=real, other=0)
   ends = plt.load(offsets_ref.at[expert + 1], mask=real, other=0)
-  blocks = (ends - starts + block_m - 1) // block_m
+  sizes = ends - starts
+  big = sizes > block_m if big_block_m else jnp.zeros_like(real)
+  tile = jnp.where(big, big_block_m or block_m, block_m)
+  blocks = (sizes + tile - 1) // tile
   done = jnp.cumsum(blocks) <= item  # experts whose items all come before `item`
   owner = jnp.sum(jnp.where(done, 1, 0))
   exists = owner < num_experts
-  owner = jnp.minimum(owner, num_experts - 1)
-  first_row = jnp.sum(jnp.where(expert == owner, starts, 0))
-  end = jnp.sum(jnp.where(expert == owner, ends, 0))
+  is_owner = expert == owner
+  first = jnp.sum(jnp.where(is_owner, starts, 0))
   block = item - jnp.sum(jnp.where(done, blocks, 0))
-  return owner, first_row + block * block_m, end, exists
+  first += block * jnp.sum(jnp.where(is_owner, tile, 0))
+  return (jnp.minimum(owner, num_experts - 1), first,
+          jnp.sum(jnp.where(is_owner, ends, 0)), exists,
+          jnp.sum(jnp.where(is_owner & big, 1, 0)) > 0)
 
 
 def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_experts,
-                block_m, block_n, block_k, chunks_per_split, num_chunks, contract, n,
-                gather, interpret):
+                block_m, big_block_m, block_n, block_k, chunks_per_split, num_chunks,
+                contract, n, gather, interpret):
   n_block, split, item = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  expert, row0, end, exists = _work_item(offsets_ref, item, num_experts=num_experts,
-                                         block_m=block_m)
+  expert, row0, end, exists, big = _work_item(
+      offsets_ref, item, num_experts=num_experts, block_m=block_m,
+      big_block_m=big_block_m)
+  cols = n_block * block_n + jnp.arange(block_n)
+  col_ok = cols < n
 
-  @pl.when(exists)
-  def _():
-    cols = n_block * block_n + jnp.arange(block_n)
-    col_ok = cols < n
-    rows = row0 + jnp.arange(block_m)
+  def row_block(tile_m):
+    rows = row0 + jnp.arange(tile_m)
     row_ok = rows < end
     if gather:
       tokens = plt.load(row_token_ref.at[rows], mask=row_ok, other=0)
@@ -74,39 +81,36 @@ def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_expert
 
     first = split * chunks_per_split
     last = jnp.minimum(first + chunks_per_split, num_chunks)
-    acc = jax.lax.fori_loop(first, last, k_step,
-                            jnp.zeros((block_m, block_n), jnp.float32))
+    acc = jax.lax.fori_loop(first, last, k_step, jnp.zeros((tile_m, block_n), jnp.float32))
     plt.store(out_ref.at[split, rows[:, None], cols[None, :]], acc,
               mask=row_ok[:, None] & col_ok[None, :])
 
+  if big_block_m:
+    pl.when(exists & ~big)(lambda: row_block(block_m))
+    pl.when(exists & big)(lambda: row_block(big_block_m))
+  else:
+    pl.when(exists)(lambda: row_block(block_m))
 
-def tile_config(num_rows: int, num_experts: int) -> dict[str, int]:
-  """Tiles for `num_rows = T*K` rows over `num_experts` experts, from a sweep on an
-  H200 (docs/benchmarks/gmm_sweep_h200.md).
 
-  What matters is the rows per active expert, which is only known on the device; the
-  tiles are chosen for uniform routing, `num_rows / num_experts`. Few rows per expert
-  favour 16-row blocks (less wasted work, more programs in flight: B = 256 tokens
-  over 128 experts, 16 rows each, 207 µs vs 311 µs with 64-row blocks); many rows per
-  expert favour 64-row blocks, since a program re-reads its weight tile for every row
-  block of its expert (64 rows each: 62 µs vs 217 µs).
-  """
-  if num_rows < 32 * num_experts:
-    return dict(block_m=16, block_n=128, block_k=64, k_splits=2, num_warps=4,
-                num_stages=4)
-  return dict(block_m=64, block_n=128, block_k=64, k_splits=4, num_warps=4, num_stages=3)
+# Tiles from a sweep on an H200 (docs/benchmarks/gmm_sweep_h200.md): experts with few
+# rows (the common decode case) are fastest with 16-row blocks (less wasted work, more
+# programs in flight); experts with many rows with 64-row blocks, which read each
+# weight tile once per 64 rows.
+TILES = dict(block_m=16, big_block_m=64, block_n=128, block_k=64, k_splits=2,
+             num_warps=4, num_stages=3)
 
 
 def _pow2_at_least(x: int, low: int) -> int:
   return max(low, 1 << (max(x, 1) - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("num_rows", "block_m", "block_n", "block_k",
-                                             "k_splits", "num_warps", "num_stages",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_rows", "block_m", "big_block_m",
+                                             "block_n", "block_k", "k_splits", "num_warps",
+                                             "num_stages", "interpret"))
 def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
                row_token: jax.Array | None = None, *, num_rows: int | None = None,
-               block_m: int = 64, block_n: int = 128, block_k: int = 64,
+               block_m: int = 16, big_block_m: int | None = None,
+               block_n: int = 128, block_k: int = 64,
                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3,
                interpret: bool = False) -> jax.Array:
   """Grouped matmul over experts with rows only; see `gmm_reference` for the semantics.
@@ -117,6 +121,8 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     group_offsets: `[E + 1]` int32 row offsets per expert, ascending, at most M.
     row_token: optional `[M]` int32 token of each row.
     num_rows: M (required when `row_token` is None and x has extra rows).
+    block_m: rows per work item; big_block_m: rows per item of experts with more
+      than `block_m` rows (None: `block_m` for every expert). See `TILES`.
 
   Returns:
     `[M, N]` float32; rows outside every group are unspecified.
@@ -130,6 +136,8 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
   if group_offsets.shape != (num_experts + 1,):
     raise ValueError(f"group_offsets must be [E + 1] = [{num_experts + 1}] for w of "
                      f"shape {w.shape}, got {group_offsets.shape}")
+  if big_block_m is not None and big_block_m < block_m:
+    raise ValueError(f"big_block_m ({big_block_m}) must be at least block_m ({block_m})")
   block_n = min(block_n, _pow2_at_least(n, 16))
   block_k = min(block_k, _pow2_at_least(contract, 16))
   num_chunks = pl.cdiv(contract, block_k)
@@ -138,11 +146,12 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
   k_splits = pl.cdiv(num_chunks, chunks_per_split)
   if row_token is None:
     row_token = jnp.zeros((1,), jnp.int32)  # unused placeholder
-  # Expert e has cdiv(size_e, block_m) items; at most min(E, M) experts have rows.
-  max_items = (num_rows + min(num_experts, num_rows) * (block_m - 1)) // block_m
+  # An expert of s rows has at most s // tile + 1 items (tile >= block_m), and at
+  # most min(E, M) experts have rows.
+  max_items = min(num_experts, num_rows) + num_rows // block_m
   kernel = functools.partial(
-      _gmm_kernel, num_experts=num_experts, block_m=block_m, block_n=block_n, block_k=block_k,
-      chunks_per_split=chunks_per_split, num_chunks=num_chunks, contract=contract, n=n,
+      _gmm_kernel, num_experts=num_experts, block_m=block_m, big_block_m=big_block_m,
+      block_n=block_n, block_k=block_k, chunks_per_split=chunks_per_split, num_chunks=num_chunks, contract=contract, n=n,
       gather=gather, interpret=bool(interpret))
   partials = pl.pallas_call(
       kernel,

@@ -27,7 +27,7 @@ from sere_jax.kernels import schedule as schedule_lib
 # Imported eagerly: importing Pallas backends registers config state, and doing it
 # during a first trace would change the tracing context and force a recompile.
 from sere_jax.kernels.gmm_tpu import gmm_tpu
-from sere_jax.kernels.gmm_triton import gmm_triton, tile_config
+from sere_jax.kernels.gmm_triton import TILES, gmm_triton
 from sere_jax.kernels.schedule_tpu import schedule_tpu
 from sere_jax.kernels.schedule_triton import schedule_triton
 
@@ -142,16 +142,15 @@ def _tpu_interpret(impl):
   return pltpu.InterpretParams()
 
 
-def _gmm_fn(impl, num_rows, num_experts):
+def _gmm_fn(impl):
   """`gmm(x, w, sched, row_token=None)` of a kernel implementation."""
   if impl in ("tpu", "tpu_interpret"):
     interpret = _tpu_interpret(impl)
     return lambda x, w, sched, row_token=None: gmm_tpu(
         x, w, sched.group_offsets, sched.active_experts, sched.num_distinct, row_token,
         interpret=interpret)
-  tiles = tile_config(num_rows, num_experts)
   return lambda x, w, sched, row_token=None: gmm_triton(
-      x, w, sched.group_offsets, row_token, interpret=impl == "interpret", **tiles)
+      x, w, sched.group_offsets, row_token, interpret=impl == "interpret", **TILES)
 
 
 def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
@@ -163,7 +162,7 @@ def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
 
 
 def _grouped_ffn(impl, x, weights, valid, sched, w_gate_up, w_down):
-  gmm = _gmm_fn(impl, sched.row_token.shape[0], w_gate_up.shape[0])
+  gmm = _gmm_fn(impl)
   gate_up = gmm(x, w_gate_up, sched, sched.row_token)
   hidden = swiglu(gate_up).astype(w_down.dtype)
   down = gmm(hidden, w_down, sched)

@@ -62,6 +62,17 @@ def sere_kernel_config(config: RerouteConfig, top_k: int) -> tuple[int, float, i
   return config.select_top_k, float(config.threshold), config.min_batch
 
 
+def active_experts_from_offsets(group_offsets: jax.Array) -> jax.Array:
+  """`[E]` experts with rows, ascending, padded with the last one (0 when none)."""
+  num_experts = group_offsets.shape[0] - 1
+  active = jnp.diff(group_offsets) > 0
+  num_distinct = jnp.sum(active, dtype=jnp.int32)
+  experts = jnp.arange(num_experts, dtype=jnp.int32)
+  packed = jnp.sort(jnp.where(active, experts, num_experts))
+  last = jnp.where(num_distinct > 0, packed[jnp.maximum(num_distinct - 1, 0)], 0)
+  return jnp.where(experts < num_distinct, packed, last).astype(jnp.int32)
+
+
 def build_schedule(ids: jax.Array, valid: jax.Array, num_experts: int,
                    stats: policies.RerouteStats | None = None) -> Schedule:
   """Sorts already re-routed `ids [T, K]` of valid tokens by expert (stable)."""
@@ -79,13 +90,8 @@ def build_schedule(ids: jax.Array, valid: jax.Array, num_experts: int,
   valid_rows = offsets[-1]
   row_token = jnp.where(rows < valid_rows, (order // top_k).astype(jnp.int32), 0)
 
-  active = sizes > 0
-  num_distinct = jnp.sum(active, dtype=jnp.int32)
-  experts = jnp.arange(num_experts, dtype=jnp.int32)
-  # Active experts first (ascending), then the last active one repeated.
-  packed = jnp.sort(jnp.where(active, experts, num_experts))
-  last = jnp.where(num_distinct > 0, packed[jnp.maximum(num_distinct - 1, 0)], 0)
-  active_experts = jnp.where(experts < num_distinct, packed, last).astype(jnp.int32)
+  num_distinct = jnp.sum(sizes > 0, dtype=jnp.int32)
+  active_experts = active_experts_from_offsets(offsets)
 
   if stats is None:
     stats = policies.RerouteStats(num_distinct, num_distinct, jnp.int32(0), jnp.int32(0))

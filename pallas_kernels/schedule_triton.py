@@ -1,18 +1,20 @@
 """Fused SERE re-routing + expert-skip schedule for NVIDIA GPUs (Pallas Triton).
 
 Grid: one program per block of `chunk` slots (a power of two, as Triton tiles
-require). Every program first derives, for the whole batch, what its block needs:
-the primary set (flags scattered into the program's own scratch row), each expert's
-target (a masked argmax over the `[E, E]` similarity) and the re-routed ids of all
-slots (a gather of the targets). It then places its own slots: a slot's row is the
-number of valid slots that sort before it by (expert, slot index), a comparison count
-against every slot, so no prefix sum crosses programs and the sort is stable. Group
-sizes come from the same pass; program 0 writes the offsets, the active-expert list
-and the statistics. Its outputs equal `schedule.reference_schedule` exactly.
+require). Every program first derives, for the whole batch, what its block needs: the
+primary set (flags scattered into the program's own scratch row), each expert's target
+(a masked argmax over the `[E, E]` similarity) and the re-routed ids of all slots (a
+gather of the targets). It then places its own slots: a slot's row is the number of
+valid slots that sort before it by (expert, slot index), a comparison count against
+every slot, so no prefix sum crosses programs and the sort is stable. The same pass
+counts, for the program's slice of the experts, the valid slots below each expert
+(the group offsets) and marks the experts in use (the distinct count). Its outputs
+equal `schedule.reference_schedule` exactly; the active-expert list is derived from
+the offsets outside the kernel (and dropped by XLA where nothing reads it).
 
-Programs share nothing: each repeats the batch-wide steps (a few µs of latency-bound
-work done in parallel) instead of waiting on a grid-wide barrier, which Triton lacks.
-Within a program, `debug_barrier` orders its scratch writes before the reads.
+Programs share nothing: each repeats the batch-wide steps (latency-bound work done in
+parallel) instead of waiting on a grid-wide barrier, which Triton lacks. Within a
+program, `debug_barrier` orders its scratch writes before the reads.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from sere_jax.config import RerouteConfig
 from sere_jax.kernels import schedule as schedule_lib
 
 # Rows of a program's scratch, each `experts_pad` wide, followed by the new ids.
-_USED, _PRIMARY, _SECONDARY, _TARGET = range(4)
-_SCRATCH_ROWS = 4
+_USED, _PRIMARY, _SECONDARY, _TARGET, _USED_AFTER = range(5)
+_SCRATCH_ROWS = 5
 
 
 def _pow2_at_least(x: int) -> int:
@@ -52,9 +54,9 @@ def _over_chunks(num_chunks: int, body, carry):
 
 
 def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
-                     row_token_ref, offsets_ref, active_ref, stats_ref, scratch_ref, *,
-                     num_tokens, top_k, num_experts, select_top_k, threshold, min_batch,
-                     chunk, num_chunks, experts_pad, interpret):
+                     row_token_ref, offsets_ref, stats_ref, scratch_ref, *, num_tokens,
+                     top_k, num_experts, select_top_k, threshold, min_batch, chunk,
+                     num_chunks, experts_pad, expert_slice, interpret):
   num_slots = num_tokens * top_k
   program = pl.program_id(0)
   expert = jnp.arange(experts_pad)
@@ -85,14 +87,19 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     index = jnp.where(mask, row * experts_pad + ids, scratch_width)
     plt.store(scratch_ref.at[program, index], jnp.ones_like(ids), mask=mask)
 
+  def flags(row):
+    return plt.load(scratch(row, expert), volatile=True) > 0
+
   reroute = select_top_k > 0
+  zero_rows = (_USED, _PRIMARY, _SECONDARY, _USED_AFTER) if reroute else (_USED_AFTER,)
+  for row in zero_rows:
+    plt.store(scratch(row, expert), jnp.zeros_like(expert))
+  barrier()
+
   distinct_before = critical_kept = slots_rerouted = None
   if reroute:
     sim = plt.load(sim_ref.at[expert[:, None], expert[None, :]],
                    mask=real[:, None] & real[None, :], other=-jnp.inf)
-    for row in (_USED, _PRIMARY, _SECONDARY):
-      plt.store(scratch(row, expert), jnp.zeros_like(expert))
-    barrier()
 
     def mark(c, valid_tokens):  # which experts are used, primary, used by secondaries
       _, _, ids, _, j, valid = load_chunk(c)
@@ -103,9 +110,7 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
 
     valid_tokens = _over_chunks(num_chunks, mark, jnp.int32(0))
     barrier()
-    used, is_primary, secondary_used = (
-        plt.load(scratch(row, expert), volatile=True) > 0
-        for row in (_USED, _PRIMARY, _SECONDARY))
+    used, is_primary, secondary_used = flags(_USED), flags(_PRIMARY), flags(_SECONDARY)
     distinct_before = _count(used & real)
 
     # Per-expert target: itself, or its most similar primary expert.
@@ -138,40 +143,36 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
       ids = plt.load(scratch(_SCRATCH_ROWS, slot), mask=in_range, other=0, volatile=True)
     return slot, in_range, ids, token, valid
 
-  # This program's slots: row = valid slots before it in (expert, slot) order.
+  # This program's slots and experts: a slot's row is the number of valid slots
+  # before it in (expert, slot) order; an expert's offset the number below it.
   slot, in_range, new_ids, token, valid = rerouted_chunk(program)
+  my_experts = program * expert_slice + jnp.arange(expert_slice)
 
   def place(c, carry):
-    rows, sizes = carry
+    rows, below, total = carry
     other_slot, _, other_ids, _, other_valid = rerouted_chunk(c)
+    scatter_ones(_USED_AFTER, other_ids, other_valid)
     before = (other_ids[None, :] < new_ids[:, None]) | (
         (other_ids[None, :] == new_ids[:, None]) & (other_slot[None, :] < slot[:, None]))
     rows += jnp.sum(jnp.where(before & other_valid[None, :], 1, 0), axis=1)
-    member = (other_ids[:, None] == expert[None, :]) & other_valid[:, None]
-    return rows, sizes + jnp.sum(jnp.where(member, 1, 0), axis=0)
+    lower = (other_ids[:, None] < my_experts[None, :]) & other_valid[:, None]
+    below += jnp.sum(jnp.where(lower, 1, 0), axis=0)
+    return rows, below, total + _count(other_valid)
 
-  rows, sizes = _over_chunks(num_chunks, place,
-                             (jnp.zeros_like(slot), jnp.zeros_like(expert)))
-  total = jnp.sum(sizes)
+  rows, below, total = _over_chunks(
+      num_chunks, place, (jnp.zeros_like(slot), jnp.zeros_like(my_experts), jnp.int32(0)))
   plt.store(new_ids_ref.at[slot], new_ids, mask=in_range)
   plt.store(slot_row_ref.at[slot], jnp.where(valid, rows, 0), mask=in_range)
   plt.store(row_token_ref.at[slot], jnp.zeros_like(slot), mask=in_range & (slot >= total))
   # Masked-off lanes point past the end: no write on GPU, dropped in interpret mode.
   plt.store(row_token_ref.at[jnp.where(valid, rows, num_slots)], token, mask=valid)
+  plt.store(offsets_ref.at[my_experts], below, mask=my_experts < num_experts)
+  barrier()
 
   @pl.when(program == 0)
   def _():
-    offsets_excl = jnp.cumsum(sizes) - sizes
-    plt.store(offsets_ref.at[expert], offsets_excl, mask=real)
     offsets_ref[num_experts] = total
-    active = sizes > 0
-    num_distinct = _count(active)
-    last_active = jnp.maximum(jnp.max(jnp.where(active, expert, -1)), 0)
-    active_rank = jnp.cumsum(jnp.where(active, 1, 0)) - 1
-    plt.store(active_ref.at[expert], jnp.full_like(expert, last_active),
-              mask=(expert >= num_distinct) & real)
-    plt.store(active_ref.at[jnp.where(active, active_rank, num_experts)], expert,
-              mask=active)
+    num_distinct = _count(flags(_USED_AFTER) & real)
     stat_index = jnp.arange(8)
     stats = jnp.zeros((8,), jnp.int32)
     for i, value in enumerate((
@@ -186,7 +187,7 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
 @functools.partial(jax.jit, static_argnames=("config", "num_experts", "max_chunk",
                                              "num_warps", "interpret"))
 def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | None,
-                    config: RerouteConfig, *, num_experts: int, max_chunk: int = 128,
+                    config: RerouteConfig, *, num_experts: int, max_chunk: int = 64,
                     num_warps: int = 4,
                     interpret: bool = False) -> schedule_lib.Schedule:
   """Re-routes `ids [T, K]` (policy `none` or `sere`) and builds the schedule.
@@ -210,31 +211,31 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
   chunk = min(max(64, _pow2_at_least(num_slots)), max_chunk)
   num_chunks = pl.cdiv(num_slots, chunk)
   experts_pad = _pow2_at_least(num_experts)
+  # Each program counts the offsets of a slice of the experts (at least 16 lanes);
+  # the slices together cover every expert.
+  expert_slice = max(16, _pow2_at_least(pl.cdiv(experts_pad, num_chunks)))
   if similarity is None or not select_top_k:
     similarity = jnp.zeros((1, 1), jnp.float32)
   kernel = functools.partial(
       _schedule_kernel, num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
       select_top_k=select_top_k, threshold=threshold, min_batch=min_batch,
       chunk=chunk, num_chunks=num_chunks, experts_pad=experts_pad,
-      interpret=bool(interpret))
+      expert_slice=expert_slice, interpret=bool(interpret))
   i32 = jnp.int32
   scratch_width = _SCRATCH_ROWS * experts_pad + num_chunks * chunk
-  new_ids, slot_row, row_token, offsets, active, stats, _ = pl.pallas_call(
+  new_ids, slot_row, row_token, offsets, stats, _ = pl.pallas_call(
       kernel,
       grid=(num_chunks,),
       out_shape=(jax.ShapeDtypeStruct((num_slots,), i32),
                  jax.ShapeDtypeStruct((num_slots,), i32),
                  jax.ShapeDtypeStruct((num_slots,), i32),
                  jax.ShapeDtypeStruct((num_experts + 1,), i32),
-                 jax.ShapeDtypeStruct((num_experts,), i32),
                  jax.ShapeDtypeStruct((len(schedule_lib.STAT_NAMES),), i32),
-                 # Per-program scratch; unused when nothing is re-routed.
-                 jax.ShapeDtypeStruct((num_chunks, scratch_width if select_top_k else 1),
-                                      i32)),
+                 jax.ShapeDtypeStruct((num_chunks, scratch_width), i32)),  # per program
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="sere_schedule",
   )(ids.reshape(-1).astype(i32), valid.astype(i32), similarity.astype(jnp.float32))
   return schedule_lib.Schedule(new_ids.reshape(num_tokens, top_k),
                                slot_row.reshape(num_tokens, top_k), row_token, offsets,
-                               active, stats)
+                               schedule_lib.active_experts_from_offsets(offsets), stats)

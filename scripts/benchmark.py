@@ -212,7 +212,7 @@ def run_torch_peer(shape, layers, cases):
 
 def gmm_sweep(env):
   """Tile configurations of the Triton grouped matmul on the gate+up projection."""
-  from sere_jax.kernels.gmm_triton import gmm_triton  # pylint: disable=g-import-not-at-top
+  from sere_jax.kernels.gmm_triton import TILES, gmm_triton  # pylint: disable=g-import-not-at-top
   shape = SCALES[_SCALE.value]
   d, f, e, k = shape["dim"], shape["ffn"], shape["experts"], shape["top_k"]
   layers = _LAYERS.value
@@ -226,6 +226,7 @@ def gmm_sweep(env):
                  (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 4), (16, 128, 64, 8, 4, 3),
                  (16, 64, 64, 4, 4, 4), (32, 64, 128, 2, 4, 3), (16, 256, 64, 4, 8, 3),
                  (64, 128, 64, 1, 4, 3), (16, 128, 64, 2, 4, 4), (16, 128, 256, 4, 8, 3)]]
+  configs.append(dict(TILES))  # 16-row items, 64-row items for experts of > 16 rows
   rows = []
   for batch in [int(b) for b in _BATCHES.value]:
     x = jax.random.normal(jax.random.PRNGKey(batch), (batch, d), jnp.bfloat16)

@@ -17,7 +17,7 @@ import pytest
 
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels.gmm_reference import gmm_reference
-from sere_jax.kernels.gmm_triton import gmm_triton, tile_config
+from sere_jax.kernels.gmm_triton import TILES, gmm_triton
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.kernels.moe_ffn import moe_ffn
 from sere_jax.kernels.schedule import build_schedule
@@ -67,19 +67,14 @@ GMM_CASES = {
     # a split per chunk (3), one N block wider than N
     "bf16_gather_ksplit3": (jnp.bfloat16, 40, 24,
                             True, dict(block_m=16, block_n=32, block_k=16, k_splits=4)),
-    # the production tiles for few and for many rows per expert (block_n, block_k
-    # clamp to the small dims)
-    "f32_sorted_tile_config": (jnp.float32, 40, 48, False, tile_config(T * K, E)),
-    "bf16_gather_tile_config_many_rows": (jnp.bfloat16, 40, 48, True,
-                                          tile_config(32 * E, E)),
+    # the production tiles (block_n, block_k clamp to the small dims)
+    "f32_sorted_production_tiles": (jnp.float32, 40, 48, False, TILES),
+    "bf16_gather_production_tiles": (jnp.bfloat16, 40, 48, True, TILES),
+    # 16-row items for groups of up to 16 rows, 32-row items for bigger groups
+    "f32_gather_two_tiles": (jnp.float32, 40, 24, True,
+                             dict(block_m=16, big_block_m=32, block_n=16, block_k=16,
+                                  k_splits=2)),
 }
-
-
-def test_tile_config_follows_rows_per_expert():
-  # Qwen3-30B-A3B decode (E = 128, K = 8): B = 256 gives 16 rows per expert.
-  assert tile_config(256 * 8, 128)["block_m"] == 16
-  assert tile_config(512 * 8, 128)["block_m"] == 64
-  assert tile_config(64, 1)["block_m"] == 64
 
 
 @pytest.mark.parametrize("case", GMM_CASES)
@@ -128,7 +123,9 @@ def test_gmm_reference_is_an_independent_matmul():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 
-def test_gmm_writes_only_grouped_rows():
+@pytest.mark.parametrize("tiles", [dict(block_m=16), dict(block_m=16, big_block_m=32)],
+                         ids=["one_tile", "two_tiles"])
+def test_gmm_writes_only_grouped_rows(tiles):
   """Rows past the last group are left alone (NaN in interpret mode); an expert with
   several row blocks gets one work item per block, all written."""
   rng = np.random.default_rng(3)
@@ -137,7 +134,7 @@ def test_gmm_writes_only_grouped_rows():
   # 37 rows: expert 1 has 33 (three 16-row blocks), expert 5 has 4; 11 rows ungrouped.
   offsets = jnp.asarray([0, 0, 33, 33, 33, 33, 37, 37, 37], jnp.int32)
   row_token = jnp.asarray(rng.integers(0, T, T * K), jnp.int32)
-  options = dict(block_m=16, block_n=16, block_k=16, k_splits=2)
+  options = dict(tiles, block_n=16, block_k=16, k_splits=2)
   out = np.asarray(gmm_triton(x, w, offsets, row_token, interpret=True, **options))
   assert np.all(np.isnan(out[37:]))
   want = np.asarray(gmm_reference(x, w, offsets, row_token))
@@ -188,6 +185,8 @@ SCHEDULE_SHAPES = {
     # 160 slots in 3 chunks of 64 (the last one partial), 20 experts in 32 lanes
     "multi_chunk": (40, 4, 20, 64, [SCHEDULE_CONFIGS[0], SCHEDULE_CONFIGS[4],
                                     SCHEDULE_CONFIGS[6]], 3),
+    # 3 programs splitting the offsets of 100 experts (128 lanes) into 64-wide slices
+    "multi_chunk_many_experts": (40, 4, 100, 64, SCHEDULE_CONFIGS[3:5], 2),
 }
 
 
@@ -242,18 +241,17 @@ def _assert_triton(exported):
 
 
 # Qwen3-30B-A3B: D=2048, F=768, E=128, K=8; 64 tokens of decode (512 rows).
-@pytest.mark.parametrize("tiles", [512, 4096], ids=["few_rows", "many_rows"])
 @pytest.mark.parametrize("x_shape,w_shape,gather", [
     ((64, 2048), (128, 2048, 1536), True),  # w_gate_up [E, D, 2F], tokens gathered
     ((512, 768), (128, 768, 2048), False),  # w_down [E, F, D], pre-sorted rows
 ], ids=["gate_up", "down"])
-def test_gmm_lowers_for_cuda(x_shape, w_shape, gather, tiles):
+def test_gmm_lowers_for_cuda(x_shape, w_shape, gather):
   experts = w_shape[0]
   specs = [_spec(x_shape, jnp.bfloat16), _spec(w_shape, jnp.bfloat16),
            _spec((experts + 1,))]
   if gather:
     specs.append(_spec((512,)))
-  fn = functools.partial(gmm_triton, **tile_config(tiles, experts))
+  fn = functools.partial(gmm_triton, **TILES)
   _assert_triton(export_for("cuda", fn, *specs))
 
 

@@ -7,10 +7,8 @@ Qwen3-30B-A3B routing shapes (E = 128, K = 8), natural routing, policies `none` 
 subtracted). Writes one JSON row per (batch, policy, max_chunk, num_warps).
 """
 
-import json
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
