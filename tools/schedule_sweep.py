@@ -47,7 +47,9 @@ def main():
         rows.append(dict(batch=batch, policy=name, max_chunk=max_chunk,
                          num_warps=num_warps, us=t * 1e6))
         print(rows[-1], flush=True)
-  fileio.write_json_atomic(out, dict(env=benchmarking.environment(), rows=rows))
+  command = "python tools/schedule_sweep.py " + " ".join(sys.argv[1:])
+  fileio.write_json_atomic(out, dict(suite="schedule_sweep", command=command,
+                                     env=benchmarking.environment(), rows=rows))
 
 
 if __name__ == "__main__":
