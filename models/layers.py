@@ -48,9 +48,14 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (self.weight[...].astype(jnp.float32) * xf).astype(x.dtype)
+    return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """`weight * x / rms(x)` over the last axis, in float32, returned in x's dtype."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * xf).astype(x.dtype)
 
 
 def linear_param(rngs: nnx.Rngs, shape: tuple[int, ...], param_dtype) -> nnx.Param:
@@ -127,3 +132,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
   probs, v = mixed_dot_operands(probs.astype(v.dtype), v)
   out = jnp.einsum("bgrls,bsgd->blgrd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, l, h, v.shape[-1]).astype(dtype)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache,
+                     mask: jax.Array, cache_index: jax.Array, positions: jax.Array,
+                     inv_freq: jax.Array, q_norm: jax.Array | None,
+                     k_norm: jax.Array | None, *, eps: float, scale: float
+                     ) -> tuple[jax.Array, KVCache]:
+  """Attention of `L` new tokens over the cache, with their keys and values written.
+
+  `q [B, L, H, Dk]`, `k [B, L, Hkv, Dk]`, `v [B, L, Hkv, Dv]` come straight from the
+  projections: the optional per-head RMSNorm (`q_norm`, `k_norm` weights `[Dk]`) and
+  RoPE are applied here. Returns `(out [B, L, H, Dv], cache)`.
+  """
+  if q_norm is not None:
+    q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+  q = apply_rope(q, positions, inv_freq)
+  k = apply_rope(k, positions, inv_freq)
+  cache = cache.update(k, v, cache_index)
+  return attend(q, cache.k, cache.v, mask, scale), cache

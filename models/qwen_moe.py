@@ -9,6 +9,10 @@ Both are pre-norm decoders with grouped-query attention, RoPE and softmax top-K 
 layers. Qwen2-MoE adds q/k/v biases and a sigmoid-gated shared expert; Qwen3-MoE adds
 per-head RMSNorm on queries and keys (before RoPE) and renormalises the top-K weights.
 Layers listed in `mlp_only_layers`, or off the `decoder_sparse_step` grid, are dense.
+
+`attention_impl` chooses how a decode step (one new token) attends: `xla` (the model's
+building blocks, also used for prefill) or the fused Pallas kernel
+`sere_jax.kernels.decode_attention` (`triton` on GPUs, `interpret` anywhere).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sere_jax.config import RerouteConfig
+from sere_jax.kernels.decode_attention import decode_attention_triton
 from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models import layers
@@ -30,6 +35,7 @@ from sere_jax.policies import RerouteStats
 
 ARCHITECTURES = ("qwen2_moe", "qwen3_moe")
 NO_REROUTE = RerouteConfig(policy="none")
+ATTENTION_IMPLS = ("xla", "triton", "interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +136,13 @@ class QwenMoeConfig:
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and (Qwen3) per-head q/k RMSNorm."""
 
-  def __init__(self, c: QwenMoeConfig, *, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, c: QwenMoeConfig, *, param_dtype, rngs: nnx.Rngs,
+               attention_impl: str = "xla"):
+    if attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                       f"got {attention_impl!r}")
     kw = dict(param_dtype=param_dtype, rngs=rngs)
+    self.attention_impl = attention_impl
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
     self.rope_theta = c.rope_theta
     self.q_proj = layers.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, **kw)
@@ -150,13 +161,21 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = layers.rope_inv_freq(self.head_dim, self.rope_theta)
-    q = layers.apply_rope(q, positions, inv_freq)
-    k = layers.apply_rope(k, positions, inv_freq)
-    cache = cache.update(k, v, cache_index)
-    out = layers.attend(q, cache.k, cache.v, mask, self.head_dim ** -0.5)
+    if self.q_norm is None:
+      norms, eps = (None, None), 0.0  # eps unused without q/k norm
+    else:
+      norms, eps = (self.q_norm.weight[...], self.k_norm.weight[...]), self.q_norm.eps
+    scale = self.head_dim ** -0.5
+    if self.attention_impl != "xla" and l == 1:  # one new token: the fused kernel
+      out, k_cache, v_cache = decode_attention_triton(
+          q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, mask[:, 0], cache_index,
+          positions[:, 0], inv_freq, *norms, eps=eps, scale=scale,
+          interpret=self.attention_impl == "interpret")
+      out, cache = out[:, None], layers.KVCache(k_cache, v_cache)
+    else:
+      out, cache = layers.cached_attention(q, k, v, cache, mask, cache_index, positions,
+                                           inv_freq, *norms, eps=eps, scale=scale)
     return self.o_proj(out.reshape(b, l, -1)), cache
 
 
@@ -164,10 +183,10 @@ class DecoderLayer(nnx.Module):
   """Pre-norm attention and MLP (MoE block plus optional gated shared expert, or dense)."""
 
   def __init__(self, c: QwenMoeConfig, layer: int, *, reroute: RerouteConfig, impl: str,
-               param_dtype, rngs: nnx.Rngs):
+               param_dtype, rngs: nnx.Rngs, attention_impl: str = "xla"):
     kw = dict(param_dtype=param_dtype, rngs=rngs)
     self.input_norm = layers.RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
-    self.attn = Attention(c, **kw)
+    self.attn = Attention(c, attention_impl=attention_impl, **kw)
     self.post_attn_norm = layers.RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
     moe = c.is_moe_layer(layer)
     self.mlp = (MoeBlock(c.hidden_size, c.moe_intermediate_size, c.num_experts, c.top_k,
@@ -197,12 +216,14 @@ class QwenMoeForCausalLM(nnx.Module):
   """Qwen2-MoE / Qwen3-MoE causal LM with the `models/base.py` interface."""
 
   def __init__(self, config: QwenMoeConfig, *, reroute: RerouteConfig = NO_REROUTE,
-               impl: str = "auto", param_dtype=jnp.float32, rngs: nnx.Rngs):
+               impl: str = "auto", attention_impl: str = "xla", param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     c = self.config = config
     self.embed = nnx.Param(nnx.initializers.normal(stddev=1.0)(
         rngs.params(), (c.vocab_size, c.hidden_size), param_dtype))
     self.layers = nnx.List([
-        DecoderLayer(c, i, reroute=reroute, impl=impl, param_dtype=param_dtype, rngs=rngs)
+        DecoderLayer(c, i, reroute=reroute, impl=impl, attention_impl=attention_impl,
+                     param_dtype=param_dtype, rngs=rngs)
         for i in range(c.num_layers)])
     self.norm = layers.RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
     self.lm_head = (None if c.tie_word_embeddings else

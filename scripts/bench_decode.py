@@ -257,8 +257,12 @@ def run_peer(python: str, device: str, hf: dict, batches, prompt_len: int, new_t
 # ---------------------------------------------------------------------------------------
 # The JAX side.
 
-def build_model(model: str, scale: str, impl: str, seed: int = 0):
-  """The model with random bf16 weights and synthetic similarities, made on the device."""
+def build_model(model: str, scale: str, impl: str, seed: int = 0,
+                attention_impl: str = "xla"):
+  """The model with random bf16 weights and synthetic similarities, made on the device.
+
+  `attention_impl` (Qwen models only): `xla`, or the fused decode-attention kernel.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -267,12 +271,16 @@ def build_model(model: str, scale: str, impl: str, seed: int = 0):
   from sere_jax import moe  # pylint: disable=g-import-not-at-top
 
   hf = hf_config(model, scale)
+  options = dict(impl=impl, param_dtype=jnp.bfloat16)
   if hf["model_type"] == "deepseek_v2":
+    if attention_impl != "xla":
+      raise ValueError(f"attention_impl={attention_impl!r} is for the Qwen models; "
+                       "DeepSeek-V2's MLA attention has only the XLA path")
     config, cls = deepseek_v2.DeepseekV2Config.from_hf(hf), deepseek_v2.DeepseekV2ForCausalLM
   else:
     config, cls = qwen_moe.QwenMoeConfig.from_hf(hf), qwen_moe.QwenMoeForCausalLM
-  net = nnx.eval_shape(lambda: cls(config, impl=impl, param_dtype=jnp.bfloat16,
-                                   rngs=nnx.Rngs(0)))
+    options["attention_impl"] = attention_impl
+  net = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **options))
 
   @functools.partial(jax.jit, static_argnums=(2, 3))
   def _normal(key, std, shape, dtype):  # one parameter at a time, straight in its dtype
@@ -339,8 +347,8 @@ def _kv_bytes_per_token(cache) -> int:
 
 def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
                  new_tokens: int, impl: str, repeats: int, bandwidth_bytes: int,
-                 peer: dict[str, Any] | None, write_partial, seed: int = 0
-                 ) -> dict[str, Any]:
+                 peer: dict[str, Any] | None, write_partial, seed: int = 0,
+                 attention_impl: str = "xla") -> dict[str, Any]:
   """Runs the protocol; `write_partial(result)` is called after every case."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -353,7 +361,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
   copy_bw = benchmarking.copy_bandwidth(bandwidth_bytes)
   read_bw = benchmarking.read_bandwidth(bandwidth_bytes)
   start = time.time()
-  net, config, hf = build_model(model, scale, impl, seed)
+  net, config, hf = build_model(model, scale, impl, seed, attention_impl)
   build_s = time.time() - start
   budget = byte_budget(net)
   resolved_impl = moe_ffn_lib.resolve_impl(impl)
@@ -362,6 +370,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
   import dataclasses  # pylint: disable=g-import-not-at-top
   result = dict(suite="decode", env=env, model=model, scale=scale,
                 model_config=dataclasses.asdict(config), hf_config=hf, impl=resolved_impl,
+                attention_impl=attention_impl,
                 protocol=dict(prompt_len=prompt_len, new_tokens=new_tokens,
                               batches=list(batches), policies=[p["name"] for p in policies],
                               repeats=repeats, sampling="greedy", dtype="bfloat16",
@@ -499,6 +508,7 @@ def markdown_rows(result) -> list[str]:
   proto = result["protocol"]
   peer = result.get("peer") or {}
   lines = [f"- model: {result['model']} ({result['scale']}), impl {result['impl']}, "
+           f"attention {result.get('attention_impl', 'xla')}, "
            f"prompt {proto['prompt_len']}, new tokens {proto['new_tokens']}, "
            f"{result['bytes']['param_bytes'] / 1e9:.2f} GB of bf16 parameters",
            f"- bandwidth measured in this run: copy {result['copy_bandwidth_tbs'] * 1e3:.1f} "

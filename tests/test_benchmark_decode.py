@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REQUIRED_ENV = ("device_kind", "backend", "jax", "jaxlib", "flax", "python")
 REQUIRED_ROW = ("batch", "ms_per_token", "tokens_per_s", "distinct_experts",
                 "roofline_ms", "measured_over_roofline", "speedup_over_none")
@@ -23,10 +25,11 @@ def test_decode_suite_and_report(tmp_path):
   _run(["sere_jax.scripts.benchmark", "--suite=decode", "--model=qwen3_30b_a3b",
         "--scale=tiny", "--prompt_len=8", "--new_tokens=4", "--batch=1,4",
         "--policies=none,sere:1", "--repeats=1", f"--peer_python={sys.executable}",
-        f"--out={out}"], tmp_path)
+        "--attention_impl=interpret", f"--out={out}"], tmp_path)
   with open(f"{out}.json") as fh:
     result = json.load(fh)
   assert result["suite"] == "decode" and result["scale"] == "tiny"
+  assert result["attention_impl"] == "interpret"  # the fused decode-attention kernel
   assert "partial" not in result
   for key in REQUIRED_ENV:
     assert result["env"][key], key
@@ -63,3 +66,9 @@ def test_decode_suite_and_report(tmp_path):
   assert pngs == ["decode_qwen3_30b_a3b_tiny_cpu_cpu.png"]
   assert (report_dir / pngs[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert not list(report_dir.glob("*.tmp"))
+
+
+def test_attention_kernel_is_refused_for_deepseek():
+  from sere_jax.scripts import bench_decode  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="MLA attention has only the XLA path"):
+    bench_decode.build_model("deepseek_v2_lite", "tiny", "auto", attention_impl="triton")

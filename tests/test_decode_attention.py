@@ -1,0 +1,158 @@
+"""The decode-attention kernel against the model's XLA attention (its reference), in
+interpret mode, inside the Qwen models, and its lowering for an H200."""
+
+from __future__ import annotations
+
+import functools
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sere_jax import generation
+from sere_jax.kernels.decode_attention import decode_attention_reference
+from sere_jax.kernels.decode_attention import decode_attention_triton
+from sere_jax.kernels.lowering_check import export_for
+from sere_jax.models import layers
+from sere_jax.models import qwen_moe
+
+EPS, SCALE = 1e-6, 0.25
+
+
+def _case(rng, *, batch, heads, kv_heads, head_dim, cache_len, index, dtype, qk_norm):
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
+  q, k, v = (normal(batch, heads, head_dim), normal(batch, kv_heads, head_dim),
+             normal(batch, kv_heads, head_dim))
+  k_cache = normal(batch, cache_len, kv_heads, head_dim)
+  v_cache = normal(batch, cache_len, kv_heads, head_dim)
+  # Left padding: sequence i starts at slot 3 * i; slots after `index` are not visible.
+  slots = np.arange(cache_len)
+  start = 3 * np.arange(batch)
+  visible = (slots[None, :] >= start[:, None]) & (slots[None, :] <= index)
+  positions = jnp.asarray(index - start, jnp.int32)
+  inv_freq = layers.rope_inv_freq(head_dim, 10000.0)
+  norms = ((jnp.asarray(1 + 0.1 * rng.normal(size=head_dim), jnp.float32),
+            jnp.asarray(1 + 0.1 * rng.normal(size=head_dim), jnp.float32))
+           if qk_norm else (None, None))
+  return (q, k, v, k_cache, v_cache, jnp.asarray(visible), jnp.int32(index), positions,
+          inv_freq, *norms)
+
+
+# (heads, kv_heads, head_dim, cache_len, block_s, index, dtype, qk_norm)
+CASES = {
+    "gqa_bf16_qk_norm": (8, 2, 32, 40, 16, 17, jnp.bfloat16, True),
+    "gqa_f32_last_slot": (8, 2, 32, 40, 16, 39, jnp.float32, True),
+    "mha_f32_no_norm_first_slot": (2, 2, 16, 24, 16, 0, jnp.float32, False),
+    "one_block_bf16": (4, 1, 16, 16, 16, 9, jnp.bfloat16, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_model_attention(case):
+  heads, kv_heads, head_dim, cache_len, block_s, index, dtype, qk_norm = CASES[case]
+  rng = np.random.default_rng(sum(map(ord, case)))
+  args = _case(rng, batch=3, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+               cache_len=cache_len, index=index, dtype=dtype, qk_norm=qk_norm)
+  got = decode_attention_triton(*args, eps=EPS, scale=SCALE, block_s=block_s,
+                                interpret=True)
+  want = decode_attention_reference(*args, eps=EPS, scale=SCALE)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  for name, g, w in zip(("out", "k_cache", "v_cache"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               err_msg=name, **tol)
+  # Only slot `index` of the caches changes.
+  for new, old in zip(got[1:], args[3:5]):
+    keep = np.arange(cache_len) != index
+    np.testing.assert_array_equal(np.asarray(new)[:, keep], np.asarray(old)[:, keep])
+
+
+def test_row_with_nothing_visible_is_zero():
+  rng = np.random.default_rng(0)
+  args = list(_case(rng, batch=2, heads=4, kv_heads=2, head_dim=16, cache_len=16, index=5,
+                    dtype=jnp.float32, qk_norm=False))
+  args[5] = args[5].at[1].set(False)  # sequence 1 sees no slot (not even itself)
+  out, _, _ = decode_attention_triton(*args, eps=EPS, scale=SCALE, block_s=16,
+                                      interpret=True)
+  np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
+  want, _, _ = decode_attention_reference(*args, eps=EPS, scale=SCALE)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_bad_shapes():
+  rng = np.random.default_rng(1)
+  args = list(_case(rng, batch=2, heads=4, kv_heads=2, head_dim=16, cache_len=16, index=5,
+                    dtype=jnp.float32, qk_norm=True))
+  call = functools.partial(decode_attention_triton, eps=EPS, scale=SCALE, interpret=True)
+  with pytest.raises(ValueError, match="visible must be"):
+    call(*args[:5], args[5][:, :8], *args[6:])
+  with pytest.raises(ValueError, match="powers of two"):
+    call(*args, block_s=24)
+  with pytest.raises(ValueError, match="both be given"):
+    call(*args[:10], None)
+  bad_cache = jnp.zeros((2, 16, 3, 16), jnp.float32)
+  with pytest.raises(ValueError, match="cache shapes"):
+    call(*args[:3], bad_cache, *args[4:])
+
+
+def test_lowers_for_cuda():
+  """Qwen3-30B-A3B at B = 16: 32 query heads over 4 KV heads of 128, 160 cache slots."""
+  spec = jax.ShapeDtypeStruct
+  bf16, i32 = jnp.bfloat16, jnp.int32
+  fn = functools.partial(decode_attention_triton, eps=EPS, scale=SCALE)
+  exported = export_for(
+      "cuda", fn, spec((16, 32, 128), bf16), spec((16, 4, 128), bf16),
+      spec((16, 4, 128), bf16), spec((16, 160, 4, 128), bf16), spec((16, 160, 4, 128), bf16),
+      spec((16, 160), jnp.bool_), spec((), i32), spec((16,), i32),
+      spec((64,), jnp.float32), spec((128,), jnp.float32), spec((128,), jnp.float32))
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
+# ---------------------------------------------------------------- in the Qwen models
+
+
+def _qwen(hf: dict, attention_impl: str, seed: int = 0):
+  """A Qwen MoE model with NumPy-random weights (the same for the same seed)."""
+  config = qwen_moe.QwenMoeConfig.from_hf(hf)
+  model = nnx.eval_shape(lambda: qwen_moe.QwenMoeForCausalLM(
+      config, impl="xla_dense", attention_impl=attention_impl, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  for _, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Variable):
+      var.set_value(jnp.asarray(rng.normal(0.0, 0.3, var.shape), var.dtype))
+  return model
+
+
+# Head dims of 16 (the kernel's smallest tile): Qwen3 with q/k norm and grouped
+# queries, Qwen2 with q/k/v biases and one KV head per query head.
+_QWEN3 = dict(model_type="qwen3_moe", vocab_size=40, hidden_size=32, intermediate_size=24,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              num_local_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
+              hidden_act="silu", rms_norm_eps=1e-6,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+              tie_word_embeddings=True, attention_bias=False)
+_QWEN2 = dict(model_type="qwen2_moe", vocab_size=40, hidden_size=32, intermediate_size=24,
+              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+              num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
+              shared_expert_intermediate_size=12, hidden_act="silu", rms_norm_eps=1e-6,
+              rope_theta=10000.0, mlp_only_layers=[], decoder_sparse_step=1,
+              use_sliding_window=False, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("hf", [_QWEN3, _QWEN2], ids=["qwen3", "qwen2"])
+def test_model_generates_the_same_tokens(hf):
+  """Greedy generation (left-padded prompts of different lengths) with the kernel in
+  every decode step gives the XLA attention's tokens and decode statistics."""
+  prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
+  want = generation.generate(_qwen(hf, "xla"), prompts, max_new_tokens=5)
+  got = generation.generate(_qwen(hf, "interpret"), prompts, max_new_tokens=5)
+  assert got.tokens == want.tokens
+  np.testing.assert_allclose(got.decode_stats, want.decode_stats)
+
+
+def test_model_rejects_unknown_attention_impl():
+  with pytest.raises(ValueError, match="attention_impl must be one of"):
+    _qwen(_QWEN3, "flash")
