@@ -1,4 +1,6 @@
-"""Checks the Triton MoE op against the f32 dense reference at real shapes on a GPU.
+"""Checks the Triton kernels against their references at real shapes on a GPU: the MoE
+op (against the f32 dense op; its schedule bit for bit) and the decode-attention kernel
+(against the model's XLA attention in f32) at Qwen3-30B-A3B / Qwen1.5-MoE head shapes.
 
   python tools/gpu_check.py [BATCH ...]   (prints one line per case; exits 1 on a mismatch)
 """
@@ -10,7 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import RerouteConfig, reroute, route
+from sere_jax.kernels.decode_attention import decode_attention_reference
+from sere_jax.kernels.decode_attention import decode_attention_triton
 from sere_jax.kernels.moe_ffn import moe_ffn
+from sere_jax.models import layers
 from sere_jax.kernels.schedule import reference_schedule
 from sere_jax.kernels.schedule_triton import schedule_triton
 
@@ -49,7 +54,45 @@ def main():
       ok &= case_ok
       print(f"B={batch:4d} {name:5s} rel_err={err:.2e} schedule_equal={same} "
             f"distinct={int(ker.stats[1])} {'OK' if case_ok else 'MISMATCH'}", flush=True)
+    ok &= check_decode_attention(batch, rng)
   sys.exit(0 if ok else 1)
+
+
+def check_decode_attention(batch: int, rng: np.random.Generator) -> bool:
+  """The kernel in bf16 against the XLA attention in f32: Qwen3-30B-A3B (32 query heads
+  over 4 KV heads, q/k norm) and Qwen1.5-MoE (16 over 16, no norm), 160 cache slots,
+  left-padded sequences."""
+  ok = True
+  cache_len, index, head_dim = 160, 137, 128
+  for name, heads, kv_heads, qk_norm in (("qwen3", 32, 4, True), ("qwen15", 16, 16, False)):
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+    start = rng.integers(0, 100, batch)
+    slots = np.arange(cache_len)
+    args = [normal(batch, heads, head_dim), normal(batch, kv_heads, head_dim),
+            normal(batch, kv_heads, head_dim), normal(batch, cache_len, kv_heads, head_dim),
+            normal(batch, cache_len, kv_heads, head_dim),
+            jnp.asarray((slots >= start[:, None]) & (slots <= index)), jnp.int32(index),
+            jnp.asarray(index - start, jnp.int32), layers.rope_inv_freq(head_dim, 1e6)]
+    args += ([jnp.asarray(1 + 0.1 * rng.normal(size=head_dim), jnp.float32)] * 2
+             if qk_norm else [None, None])
+    options = dict(eps=1e-6, scale=head_dim ** -0.5)
+    got = decode_attention_triton(*args, **options)
+    f32 = [a.astype(jnp.float32) if a is not None and a.dtype == jnp.bfloat16 else a
+           for a in args]
+    want = decode_attention_reference(*f32, **options)
+    rel = lambda g, w: float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w))
+    # The output, and the new token's key and value in the caches.
+    errs = [rel(got[0], want[0])] + [rel(g[:, index], w[:, index])
+                                     for g, w in zip(got[1:], want[1:])]
+    keep = slots != index  # untouched cache slots stay bit-identical
+    same = all(np.array_equal(np.asarray(g)[:, keep], np.asarray(a)[:, keep])
+               for g, a in zip(got[1:], args[3:5]))
+    case_ok = max(errs) < 2e-2 and same
+    ok &= case_ok
+    print(f"B={batch:4d} attn-{name} rel_err out/new k/new v={errs[0]:.1e}/{errs[1]:.1e}/"
+          f"{errs[2]:.1e} untouched_slots_equal={same} {'OK' if case_ok else 'MISMATCH'}",
+          flush=True)
+  return ok
 
 
 def _same_schedule(got, want, valid):
