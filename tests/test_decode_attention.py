@@ -21,12 +21,13 @@ from sere_jax.models import qwen_moe
 EPS, SCALE = 1e-6, 0.25
 
 
-def _case(rng, *, batch, heads, kv_heads, head_dim, cache_len, index, dtype, qk_norm):
-  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
+def _case(rng, *, batch, heads, kv_heads, head_dim, cache_len, index, dtype, qk_norm,
+          cache_dtype=None):
+  normal = lambda *shape, dtype=dtype: jnp.asarray(rng.normal(size=shape), dtype)
   q, k, v = (normal(batch, heads, head_dim), normal(batch, kv_heads, head_dim),
              normal(batch, kv_heads, head_dim))
-  k_cache = normal(batch, cache_len, kv_heads, head_dim)
-  v_cache = normal(batch, cache_len, kv_heads, head_dim)
+  k_cache = normal(batch, cache_len, kv_heads, head_dim, dtype=cache_dtype or dtype)
+  v_cache = normal(batch, cache_len, kv_heads, head_dim, dtype=cache_dtype or dtype)
   # Left padding: sequence i starts at slot 3 * i; slots after `index` are not visible.
   slots = np.arange(cache_len)
   start = 3 * np.arange(batch)
@@ -40,25 +41,29 @@ def _case(rng, *, batch, heads, kv_heads, head_dim, cache_len, index, dtype, qk_
           inv_freq, *norms)
 
 
-# (heads, kv_heads, head_dim, cache_len, block_s, index, dtype, qk_norm)
+# (heads, kv_heads, head_dim, cache_len, block_s, index, dtype, qk_norm, cache dtype)
 CASES = {
-    "gqa_bf16_qk_norm": (8, 2, 32, 40, 16, 17, jnp.bfloat16, True),
-    "gqa_f32_last_slot": (8, 2, 32, 40, 16, 39, jnp.float32, True),
-    "mha_f32_no_norm_first_slot": (2, 2, 16, 24, 16, 0, jnp.float32, False),
-    "one_block_bf16": (4, 1, 16, 16, 16, 9, jnp.bfloat16, False),
+    "gqa_bf16_qk_norm": (8, 2, 32, 40, 16, 17, jnp.bfloat16, True, None),
+    "gqa_f32_last_slot": (8, 2, 32, 40, 16, 39, jnp.float32, True, None),
+    "mha_f32_no_norm_first_slot": (2, 2, 16, 24, 16, 0, jnp.float32, False, None),
+    "one_block_bf16": (4, 1, 16, 16, 16, 9, jnp.bfloat16, False, None),
+    "f32_activations_bf16_cache": (8, 2, 32, 40, 16, 21, jnp.float32, True, jnp.bfloat16),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_model_attention(case):
-  heads, kv_heads, head_dim, cache_len, block_s, index, dtype, qk_norm = CASES[case]
+  heads, kv_heads, head_dim, cache_len, block_s, index, dtype, qk_norm, cache_dtype = (
+      CASES[case])
   rng = np.random.default_rng(sum(map(ord, case)))
   args = _case(rng, batch=3, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-               cache_len=cache_len, index=index, dtype=dtype, qk_norm=qk_norm)
+               cache_len=cache_len, index=index, dtype=dtype, qk_norm=qk_norm,
+               cache_dtype=cache_dtype)
   got = decode_attention_triton(*args, eps=EPS, scale=SCALE, block_s=block_s,
                                 interpret=True)
   want = decode_attention_reference(*args, eps=EPS, scale=SCALE)
-  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  exact = dtype == jnp.float32 and cache_dtype is None
+  tol = dict(rtol=1e-5, atol=1e-5) if exact else dict(rtol=2e-2, atol=2e-2)
   for name, g, w in zip(("out", "k_cache", "v_cache"), got, want):
     assert g.shape == w.shape and g.dtype == w.dtype, name
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
