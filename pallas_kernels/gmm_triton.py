@@ -151,8 +151,9 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
   max_items = min(num_experts, num_rows) + num_rows // block_m
   kernel = functools.partial(
       _gmm_kernel, num_experts=num_experts, block_m=block_m, big_block_m=big_block_m,
-      block_n=block_n, block_k=block_k, chunks_per_split=chunks_per_split, num_chunks=num_chunks, contract=contract, n=n,
-      gather=gather, interpret=bool(interpret))
+      block_n=block_n, block_k=block_k, chunks_per_split=chunks_per_split,
+      num_chunks=num_chunks, contract=contract, n=n, gather=gather,
+      interpret=bool(interpret))
   partials = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, block_n), k_splits, max(max_items, 1)),

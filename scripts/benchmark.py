@@ -216,15 +216,16 @@ def run_torch_peer(shape, layers, cases):
 
 def gmm_sweep(env):
   """Tile configurations of the Triton grouped matmul on the gate+up projection."""
-  from sere_jax.kernels.gmm_triton import TILES, gmm_triton  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from sere_jax.kernels.gmm_triton import TILES, gmm_triton
   shape = SCALES[_SCALE.value]
   d, f, e, k = shape["dim"], shape["ffn"], shape["experts"], shape["top_k"]
   layers = _LAYERS.value
   read_bw = benchmarking.read_bandwidth(shape["bandwidth_bytes"])
   weights = make_weights(shape, layers)
   rng = np.random.default_rng(0)
-  configs = [dict(block_m=bm, block_n=bn, block_k=bk, k_splits=ks, num_warps=nw,
-                  num_stages=ns)
+  configs = [dict(block_m=bm, big_block_m=None, block_n=bn, block_k=bk, k_splits=ks,
+                  num_warps=nw, num_stages=ns)
              for bm, bn, bk, ks, nw, ns in [
                  (64, 128, 64, 4, 4, 3), (16, 128, 64, 4, 4, 3), (32, 128, 64, 4, 4, 3),
                  (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 4), (16, 128, 64, 8, 4, 3),
