@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,7 @@ from sere_jax.kernels.decode_attention import decode_attention_reference
 from sere_jax.kernels.decode_attention import decode_attention_triton
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.models import layers
-from sere_jax.models import qwen_moe
+from tests.random_models import random_qwen
 
 EPS, SCALE = 1e-6, 0.25
 
@@ -118,18 +117,6 @@ def test_lowers_for_cuda():
 # ---------------------------------------------------------------- in the Qwen models
 
 
-def _qwen(hf: dict, attention_impl: str, seed: int = 0):
-  """A Qwen MoE model with NumPy-random weights (the same for the same seed)."""
-  config = qwen_moe.QwenMoeConfig.from_hf(hf)
-  model = nnx.eval_shape(lambda: qwen_moe.QwenMoeForCausalLM(
-      config, impl="xla_dense", attention_impl=attention_impl, rngs=nnx.Rngs(0)))
-  rng = np.random.default_rng(seed)
-  for _, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Variable):
-      var.set_value(jnp.asarray(rng.normal(0.0, 0.3, var.shape), var.dtype))
-  return model
-
-
 # Head dims of 16 (the kernel's smallest tile): Qwen3 with q/k norm and grouped
 # queries, Qwen2 with q/k/v biases and one KV head per query head.
 _QWEN3 = dict(model_type="qwen3_moe", vocab_size=40, hidden_size=32, intermediate_size=24,
@@ -152,12 +139,14 @@ def test_model_generates_the_same_tokens(hf):
   """Greedy generation (left-padded prompts of different lengths) with the kernel in
   every decode step gives the XLA attention's tokens and decode statistics."""
   prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
-  want = generation.generate(_qwen(hf, "xla"), prompts, max_new_tokens=5)
-  got = generation.generate(_qwen(hf, "interpret"), prompts, max_new_tokens=5)
+  want = generation.generate(random_qwen(hf, attention_impl="xla"), prompts,
+                             max_new_tokens=5)
+  got = generation.generate(random_qwen(hf, attention_impl="interpret"), prompts,
+                            max_new_tokens=5)
   assert got.tokens == want.tokens
   np.testing.assert_allclose(got.decode_stats, want.decode_stats)
 
 
 def test_model_rejects_unknown_attention_impl():
   with pytest.raises(ValueError, match="attention_impl must be one of"):
-    _qwen(_QWEN3, "flash")
+    random_qwen(_QWEN3, attention_impl="flash")

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 from sere_jax.models import hf_import
 from sere_jax.models import qwen_moe
 from sere_jax.moe import MoeBlock, moe_blocks
+from tests.random_models import random_qwen
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "parity")
 _forward = nnx.jit(lambda model, *args, decode: model(*args, decode=decode),
@@ -34,18 +35,6 @@ HF_QWEN3 = dict(
     rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[], tie_word_embeddings=True,
     attention_bias=False)
-
-
-def _model(hf: dict, seed: int = 0) -> qwen_moe.QwenMoeForCausalLM:
-  """A model with NumPy-random weights (jax.random init compiles per shape: slow on CPU)."""
-  config = qwen_moe.QwenMoeConfig.from_hf(hf)
-  model = nnx.eval_shape(lambda: qwen_moe.QwenMoeForCausalLM(
-      config, impl="xla_dense", rngs=nnx.Rngs(0)))
-  rng = np.random.default_rng(seed)
-  for _, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Variable):
-      var.set_value(jnp.asarray(rng.normal(0.0, 0.3, var.shape), var.dtype))
-  return model
 
 
 def _hf_tensors(model: qwen_moe.QwenMoeForCausalLM) -> dict[str, np.ndarray]:
@@ -162,7 +151,7 @@ def test_config_names_missing_key():
 @pytest.mark.parametrize("hf, moe_layers", [(HF_QWEN2, 2), (HF_QWEN3, 2)],
                          ids=["qwen2", "qwen3"])
 def test_forward_shapes(hf, moe_layers):
-  model = _model(hf)
+  model = random_qwen(hf)
   c = model.config
   ids = np.array([[0, 3, 4, 5], [6, 7, 8, 9]])
   mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]], bool)
@@ -180,7 +169,7 @@ def test_forward_shapes(hf, moe_layers):
 
 @pytest.mark.parametrize("hf", [HF_QWEN2, HF_QWEN3], ids=["qwen2", "qwen3"])
 def test_load_hf_round_trip(tmp_path, hf):
-  model = _model(hf, seed=3)
+  model = random_qwen(hf, seed=3)
   tensors = _hf_tensors(model)
   tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(2, np.float32)
   loaded = qwen_moe.load_hf(_write_checkpoint(tmp_path, hf, tensors), impl="xla_dense")
@@ -191,21 +180,21 @@ def test_load_hf_round_trip(tmp_path, hf):
 
 
 def test_load_hf_names_missing_tensor(tmp_path):
-  tensors = _hf_tensors(_model(HF_QWEN2))
+  tensors = _hf_tensors(random_qwen(HF_QWEN2))
   del tensors["model.layers.2.mlp.experts.4.up_proj.weight"]
   with pytest.raises(KeyError, match=r"model\.layers\.2\.mlp\.experts\.4\.up_proj\.weight"):
     qwen_moe.load_hf(_write_checkpoint(tmp_path, HF_QWEN2, tensors))
 
 
 def test_load_hf_names_misshaped_tensor(tmp_path):
-  tensors = _hf_tensors(_model(HF_QWEN2))
+  tensors = _hf_tensors(random_qwen(HF_QWEN2))
   tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 16), np.float32)
   with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight"):
     qwen_moe.load_hf(_write_checkpoint(tmp_path, HF_QWEN2, tensors))
 
 
 def test_load_hf_rejects_unexpected_tensor(tmp_path):
-  tensors = _hf_tensors(_model(HF_QWEN2))
+  tensors = _hf_tensors(random_qwen(HF_QWEN2))
   tensors["model.layers.1.mlp.shared_expert_gate.weight"] = np.zeros((1, 16), np.float32)
   with pytest.raises(ValueError, match=r"unexpected tensors.*layers\.1\.mlp\.shared_expert"):
     qwen_moe.load_hf(_write_checkpoint(tmp_path, HF_QWEN2, tensors))
