@@ -106,9 +106,9 @@ def decode_section(results, out_dir) -> tuple[list[str], list[str]]:
                  "Random bf16 weights at the model's configuration (`tiny`: the same "
                  "architecture shrunk), greedy decoding. ms/token: ours is one device-side "
                  "decode loop's time / its steps (median over repeats), transformers' the "
-                 "median `generate()` step; roofline = bytes a step must read / copy bandwidth of the same run; "
-                 "speedups are against `none` (ours) and transformers `generate()` on the "
-                 "same device.", ""], []
+                 "median `generate()` step; roofline = bytes a step must read / copy "
+                 "bandwidth of the same run; speedups are against `none` (ours) and "
+                 "transformers `generate()` on the same device.", ""], []
   plt = _pyplot()
   for (model, scale, device), group in sorted(groups.items()):
     rows = [dict(row) for r in group for row in r["rows"]]
