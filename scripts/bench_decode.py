@@ -348,13 +348,18 @@ def _kv_bytes_per_token(cache) -> int:
 def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
                  new_tokens: int, impl: str, repeats: int, bandwidth_bytes: int,
                  peer: dict[str, Any] | None, write_partial, seed: int = 0,
-                 attention_impl: str = "xla") -> dict[str, Any]:
-  """Runs the protocol; `write_partial(result)` is called after every case."""
+                 attention_impl: str = "xla", profile_dir: str = "") -> dict[str, Any]:
+  """Runs the protocol; `write_partial(result)` is called after every case.
+
+  With `profile_dir`, one more pass per case runs under `jax.profiler` (trace in
+  `profile_dir/B<batch>_<policy>`) and the row gets its per-step kernel list
+  (`profile`, see `sere_jax.profiling`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sere_jax import benchmarking  # pylint: disable=g-import-not-at-top
   from sere_jax import generation  # pylint: disable=g-import-not-at-top
+  from sere_jax import profiling  # pylint: disable=g-import-not-at-top
   from sere_jax.kernels import moe_ffn as moe_ffn_lib  # pylint: disable=g-import-not-at-top
 
   env = benchmarking.environment()
@@ -448,6 +453,11 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
           dense_gb=budget["dense_bytes"] / 1e9,
           roofline_ms=roofline_s * 1e3, measured_over_roofline=step_s / roofline_s,
           roofline_read_ms=step_bytes / read_bw * 1e3)
+      if profile_dir:
+        trace_dir = os.path.join(profile_dir, f"B{batch}_{pol['name'].replace(':', '_')}")
+        with profiling.trace(trace_dir):
+          one_pass()
+        row["profile"] = profiling.summarize_trace(trace_dir, steps=new_tokens - 1)
       if batch in peer_rows:
         row["hf_ms_per_token"] = peer_rows[batch]["hf_ms_per_token"]
         row["speedup_over_hf"] = row["hf_ms_per_token"] / row["ms_per_token"]

@@ -59,6 +59,9 @@ _ATTENTION_IMPL = flags.DEFINE_enum(
     "attention_impl", "xla", ["xla", "triton", "interpret"],
     "decode: how Qwen models attend in a decode step: XLA, or the fused Pallas kernel "
     "(sere_jax.kernels.decode_attention).")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "", "decode: also trace one pass per case with jax.profiler into this "
+    "directory and add its per-step kernel list to the row.")
 _PEERS = flags.DEFINE_list("peers", ["ragged_dot", "xla_dense"], "Reference impls timed too.")
 _TORCH = flags.DEFINE_bool("torch_peer", False, "Also time torch._grouped_mm (child process).")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.03, "Minimum timed span per repeat.")
@@ -356,7 +359,7 @@ def decode(command):
       model=_MODEL.value, scale=scale, batches=batches,
       policies=[bench_decode.parse_policy(p) for p in _POLICIES.value],
       prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value, impl=_IMPL.value,
-      attention_impl=_ATTENTION_IMPL.value,
+      attention_impl=_ATTENTION_IMPL.value, profile_dir=_PROFILE_DIR.value,
       repeats=_REPEATS.value,
       bandwidth_bytes=(64 << 20) if scale == "tiny" else (4 << 30), peer=peer,
       write_partial=lambda r: write_result(dict(r, command=command)))
