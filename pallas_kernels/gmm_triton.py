@@ -20,48 +20,53 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 
-def _work_item(offsets_ref, item, *, num_experts, block_m, big_block_m):
-  """Work item `item`: its expert, first row, the group's end, whether it exists and
-  whether it is a big-tile item.
+class _ItemTable:
+  """The work items of one call, from the `[E + 1]` group offsets.
 
   Items are the row blocks of every expert with rows, in expert order: an expert with
   at most `block_m` rows is one `block_m`-row item; with `big_block_m` set, an expert
   with more rows is split into `big_block_m`-row items (else into `block_m`-row ones).
-  Every program derives its item from the `[E + 1]` group offsets (a prefix sum over
-  the experts), so the schedule need not know the tiling.
+  Every program builds the table from the offsets (a prefix sum over the experts), so
+  the schedule need not know the tiling.
   """
-  experts_pad = _pow2_at_least(num_experts, 16)
-  expert = jnp.arange(experts_pad)
-  real = expert < num_experts
-  starts = plt.load(offsets_ref.at[expert], mask=real, other=0)
-  ends = plt.load(offsets_ref.at[expert + 1], mask=real, other=0)
-  sizes = ends - starts
-  big = sizes > block_m if big_block_m else jnp.zeros_like(real)
-  tile = jnp.where(big, big_block_m or block_m, block_m)
-  blocks = (sizes + tile - 1) // tile
-  done = jnp.cumsum(blocks) <= item  # experts whose items all come before `item`
-  owner = jnp.sum(jnp.where(done, 1, 0))
-  exists = owner < num_experts
-  is_owner = expert == owner
-  first = jnp.sum(jnp.where(is_owner, starts, 0))
-  block = item - jnp.sum(jnp.where(done, blocks, 0))
-  first += block * jnp.sum(jnp.where(is_owner, tile, 0))
-  return (jnp.minimum(owner, num_experts - 1), first,
-          jnp.sum(jnp.where(is_owner, ends, 0)), exists,
-          jnp.sum(jnp.where(is_owner & big, 1, 0)) > 0)
+
+  def __init__(self, offsets_ref, *, num_experts, block_m, big_block_m):
+    self.num_experts = num_experts
+    self.expert = jnp.arange(_pow2_at_least(num_experts, 16))
+    real = self.expert < num_experts
+    self.starts = plt.load(offsets_ref.at[self.expert], mask=real, other=0)
+    self.ends = plt.load(offsets_ref.at[self.expert + 1], mask=real, other=0)
+    sizes = self.ends - self.starts
+    self.big = sizes > block_m if big_block_m else jnp.zeros_like(real)
+    self.tile = jnp.where(self.big, big_block_m or block_m, block_m)
+    self.blocks = (sizes + self.tile - 1) // self.tile
+    self.done_after = jnp.cumsum(self.blocks)  # items of experts 0..e
+    self.count = jnp.sum(self.blocks)
+
+  def item(self, index):
+    """Item `index < count`: its expert, first row, the group's end, and whether it
+    is a big-tile item."""
+    done = self.done_after <= index  # experts whose items all come before `index`
+    owner = jnp.sum(jnp.where(done, 1, 0))
+    is_owner = self.expert == owner
+    block = index - jnp.sum(jnp.where(done, self.blocks, 0))
+    first = (jnp.sum(jnp.where(is_owner, self.starts, 0))
+             + block * jnp.sum(jnp.where(is_owner, self.tile, 0)))
+    return (jnp.minimum(owner, self.num_experts - 1), first,
+            jnp.sum(jnp.where(is_owner, self.ends, 0)),
+            jnp.sum(jnp.where(is_owner & self.big, 1, 0)) > 0)
 
 
 def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_experts,
                 block_m, big_block_m, block_n, block_k, chunks_per_split, num_chunks,
-                contract, n, gather, interpret):
-  n_block, split, item = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  expert, row0, end, exists, big = _work_item(
-      offsets_ref, item, num_experts=num_experts, block_m=block_m,
-      big_block_m=big_block_m)
+                contract, n, gather, item_programs, interpret):
+  n_block, split, program = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  items = _ItemTable(offsets_ref, num_experts=num_experts, block_m=block_m,
+                     big_block_m=big_block_m)
   cols = n_block * block_n + jnp.arange(block_n)
   col_ok = cols < n
 
-  def row_block(tile_m):
+  def row_block(tile_m, expert, row0, end):
     rows = row0 + jnp.arange(tile_m)
     row_ok = rows < end
     if gather:
@@ -85,11 +90,18 @@ def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_expert
     plt.store(out_ref.at[split, rows[:, None], cols[None, :]], acc,
               mask=row_ok[:, None] & col_ok[None, :])
 
-  if big_block_m:
-    pl.when(exists & ~big)(lambda: row_block(block_m))
-    pl.when(exists & big)(lambda: row_block(big_block_m))
-  else:
-    pl.when(exists)(lambda: row_block(block_m))
+  def one_item(step, carry):
+    expert, row0, end, big = items.item(program + step * item_programs)
+    if big_block_m:
+      pl.when(~big)(lambda: row_block(block_m, expert, row0, end))
+      pl.when(big)(lambda: row_block(big_block_m, expert, row0, end))
+    else:
+      row_block(block_m, expert, row0, end)
+    return carry
+
+  # Programs along the item axis take items program, program + item_programs, ...
+  trips = jnp.maximum(items.count - program + item_programs - 1, 0) // item_programs
+  jax.lax.fori_loop(0, trips, one_item, 0)
 
 
 # Tiles from a sweep on an H200 (docs/benchmarks/gmm_sweep_h200.md): experts with few
@@ -97,7 +109,7 @@ def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_expert
 # programs in flight); experts with many rows with 64-row blocks, which read each
 # weight tile once per 64 rows.
 TILES = dict(block_m=16, big_block_m=64, block_n=128, block_k=64, k_splits=2,
-             num_warps=4, num_stages=3)
+             num_warps=4, num_stages=3, max_programs=None)
 
 
 def _pow2_at_least(x: int, low: int) -> int:
@@ -106,13 +118,13 @@ def _pow2_at_least(x: int, low: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("num_rows", "block_m", "big_block_m",
                                              "block_n", "block_k", "k_splits", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "max_programs", "interpret"))
 def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
                row_token: jax.Array | None = None, *, num_rows: int | None = None,
                block_m: int = 16, big_block_m: int | None = None,
                block_n: int = 128, block_k: int = 64,
                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3,
-               interpret: bool = False) -> jax.Array:
+               max_programs: int | None = None, interpret: bool = False) -> jax.Array:
   """Grouped matmul over experts with rows only; see `gmm_reference` for the semantics.
 
   Args:
@@ -123,6 +135,9 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     num_rows: M (required when `row_token` is None and x has extra rows).
     block_m: rows per work item; big_block_m: rows per item of experts with more
       than `block_m` rows (None: `block_m` for every expert). See `TILES`.
+    max_programs: cap on the programs launched; each then loops over several work
+      items (None: one program per possible item, most of which exit at once when
+      few experts have rows).
 
   Returns:
     `[M, N]` float32; rows outside every group are unspecified.
@@ -148,15 +163,19 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     row_token = jnp.zeros((1,), jnp.int32)  # unused placeholder
   # An expert of s rows has at most s // tile + 1 items (tile >= block_m), and at
   # most min(E, M) experts have rows.
-  max_items = min(num_experts, num_rows) + num_rows // block_m
+  max_items = max(min(num_experts, num_rows) + num_rows // block_m, 1)
+  n_blocks = pl.cdiv(n, block_n)
+  item_programs = max_items
+  if max_programs is not None:
+    item_programs = min(max_items, max(1, max_programs // (n_blocks * k_splits)))
   kernel = functools.partial(
       _gmm_kernel, num_experts=num_experts, block_m=block_m, big_block_m=big_block_m,
       block_n=block_n, block_k=block_k, chunks_per_split=chunks_per_split,
       num_chunks=num_chunks, contract=contract, n=n, gather=gather,
-      interpret=bool(interpret))
+      item_programs=item_programs, interpret=bool(interpret))
   partials = pl.pallas_call(
       kernel,
-      grid=(pl.cdiv(n, block_n), k_splits, max(max_items, 1)),
+      grid=(n_blocks, k_splits, item_programs),
       out_shape=jax.ShapeDtypeStruct((k_splits, num_rows, n), jnp.float32),
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,

@@ -78,6 +78,8 @@ _PEER_PYTHON = flags.DEFINE_string("peer_python", sys.executable,
                                    "decode: the Python that has torch + transformers.")
 _PEER_DEVICE = flags.DEFINE_string("peer_device", "cuda", "decode: torch device of the peer.")
 _PEER_TIMEOUT = flags.DEFINE_float("peer_timeout", 1800, "decode: seconds for the peer.")
+_GMM_MATMULS = flags.DEFINE_list("gmm_matmuls", ["gate_up", "down"],
+                                  "gmm_sweep: the projections swept (gate_up, down).")
 _MERGE = flags.DEFINE_list("merge", [], "Instead of running: merge these result JSON files "
                            "of one suite (e.g. runs over different batch sizes).")
 
@@ -218,7 +220,8 @@ def run_torch_peer(shape, layers, cases):
 
 
 def gmm_sweep(env):
-  """Tile configurations of the Triton grouped matmul on the gate+up projection."""
+  """Tile configurations of the Triton grouped matmul, on the gate+up projection
+  (tokens gathered in-kernel) and on the down projection (expert-sorted rows)."""
   # pylint: disable-next=g-import-not-at-top
   from sere_jax.kernels.gmm_triton import TILES, gmm_triton
   shape = SCALES[_SCALE.value]
@@ -227,36 +230,41 @@ def gmm_sweep(env):
   read_bw = benchmarking.read_bandwidth(shape["bandwidth_bytes"])
   weights = make_weights(shape, layers)
   rng = np.random.default_rng(0)
-  configs = [dict(block_m=bm, big_block_m=None, block_n=bn, block_k=bk, k_splits=ks,
-                  num_warps=nw, num_stages=ns)
-             for bm, bn, bk, ks, nw, ns in [
-                 (64, 128, 64, 4, 4, 3), (16, 128, 64, 4, 4, 3), (32, 128, 64, 4, 4, 3),
-                 (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 4), (16, 128, 64, 8, 4, 3),
-                 (16, 64, 64, 4, 4, 4), (32, 64, 128, 2, 4, 3), (16, 256, 64, 4, 8, 3),
-                 (64, 128, 64, 1, 4, 3), (16, 128, 64, 2, 4, 4), (16, 128, 256, 4, 8, 3)]]
-  configs.append(dict(TILES))  # 16-row items, 64-row items for experts of > 16 rows
+  variants = [{}, dict(max_programs=528), dict(max_programs=1056),
+              dict(max_programs=2112), dict(max_programs=1056, k_splits=1),
+              dict(max_programs=1056, k_splits=4), dict(max_programs=1056, block_k=128),
+              dict(max_programs=1056, block_n=256, num_warps=8)]
+  configs = [dict(TILES, **v) for v in variants]
   rows = []
   for batch in [int(b) for b in _BATCHES.value]:
     x = jax.random.normal(jax.random.PRNGKey(batch), (batch, d), jnp.bfloat16)
+    hidden = jax.random.normal(jax.random.PRNGKey(batch + 1), (batch * k, f), jnp.bfloat16)
     overhead = benchmarking.chain_overhead(x, layers, min_seconds=_MIN_SECONDS.value)
     for n in [int(v) for v in _DISTINCT.value]:
       if not k <= n <= min(e, batch * k):
         continue
-      layer_args = []
-      for wg, _ in weights:
-        ids = jnp.asarray(forced_ids(rng, batch, k, e, n))
-        sched = schedule_lib.build_schedule(ids, jnp.ones((batch,), bool), e)
-        layer_args.append((sched.group_offsets, sched.row_token, wg))
-      roofline = n * d * 2 * f * 2 / read_bw
-      for cfg in configs:
-        def step(x, offsets, row_token, wg, cfg=cfg):
-          out = gmm_triton(x, wg, offsets, row_token, **cfg)
-          return x + jnp.sum(out[:1, :1]).astype(x.dtype) * 0
-        t = benchmarking.LayerChain(step).seconds_per_layer(
-            x, layer_args, min_seconds=_MIN_SECONDS.value) - overhead
-        rows.append(dict(batch=batch, distinct=n, roofline_us=roofline * 1e6,
-                         us=t * 1e6, ratio=t / roofline, **cfg))
-        logging.info("%s", rows[-1])
+      scheds = [schedule_lib.build_schedule(jnp.asarray(forced_ids(rng, batch, k, e, n)),
+                                            jnp.ones((batch,), bool), e)
+                for _ in weights]
+      for matmul in _GMM_MATMULS.value:
+        if matmul == "gate_up":
+          layer_args = [(s.group_offsets, s.row_token, wg, x)
+                        for s, (wg, _) in zip(scheds, weights)]
+          roofline = n * d * 2 * f * 2 / read_bw
+        else:
+          layer_args = [(s.group_offsets, None, wd, hidden)
+                        for s, (_, wd) in zip(scheds, weights)]
+          roofline = n * f * d * 2 / read_bw
+        for cfg in configs:
+          def step(x, offsets, row_token, w, lhs, cfg=cfg):
+            out = gmm_triton(lhs, w, offsets, row_token, **cfg)
+            return x + jnp.sum(out[:1, :1]).astype(x.dtype) * 0
+          t = benchmarking.LayerChain(step).seconds_per_layer(
+              x, layer_args, min_seconds=_MIN_SECONDS.value) - overhead
+          rows.append(dict(batch=batch, distinct=n, matmul=matmul,
+                           roofline_us=roofline * 1e6, us=t * 1e6, ratio=t / roofline,
+                           **cfg))
+          logging.info("%s", rows[-1])
   return dict(suite="gmm_sweep", env=env, shape=shape, read_bandwidth_tbs=read_bw / 1e12,
               rows=rows)
 

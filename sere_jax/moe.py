@@ -30,6 +30,8 @@ from sere_jax import policies
 from sere_jax import routing
 from sere_jax.config import SIMILARITY_POLICIES, RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
+from sere_jax.kernels.router_triton import route_triton
+from sere_jax.numerics import mixed_dot_operands
 
 # A router maps `[T, E]` logits to `(ids [T, K], weights [T, K], scores [T, E])`, where
 # `scores` are the per-expert scores on the weights' scale (for the `oea` policy).
@@ -45,10 +47,20 @@ class ExpertSimilarity(nnx.Variable):
   """`[E, E]` similarity between one MoE layer's experts (NaN until calibrated)."""
 
 
-def softmax_router(top_k: int, normalize: bool) -> Router:
-  """Softmax scores, top-K, optionally renormalised (Qwen's `norm_topk_prob`)."""
+def softmax_router(top_k: int, normalize: bool, impl: str = "auto") -> Router:
+  """Softmax scores, top-K, optionally renormalised (Qwen's `norm_topk_prob`).
+
+  `impl` is the MoE op's (`moe_ffn.IMPLS`): with the Triton kernels (`triton`, or
+  `interpret` on any backend) the top-K runs as one fused kernel
+  (`kernels.router_triton`), otherwise as `routing.route`.
+  """
   def route(logits):
-    ids, weights = routing.route(logits, top_k, normalize=normalize)
+    resolved = moe_ffn_lib.resolve_impl(impl)
+    if resolved in ("triton", "interpret"):
+      ids, weights = route_triton(logits, top_k, normalize=normalize,
+                                  interpret=resolved == "interpret")
+    else:
+      ids, weights = routing.route(logits, top_k, normalize=normalize)
     return ids, weights, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   return route
 
@@ -72,7 +84,7 @@ class MoeBlock(nnx.Module):
     self.similarity = ExpertSimilarity(jnp.full((num_experts, num_experts), jnp.nan,
                                                 jnp.float32))
     self.reroute = reroute
-    self.route = router or softmax_router(top_k, normalize)
+    self.route = router or softmax_router(top_k, normalize, impl)
     self.impl = impl
     self.group_size = group_size
 
@@ -98,8 +110,9 @@ class MoeBlock(nnx.Module):
     flat, flat_valid = x.reshape(-1, x.shape[-1]), valid.reshape(-1)
     self._record(CAPTURE_INPUT, flat)
     self._record(CAPTURE_VALID, flat_valid)
-    logits = jnp.dot(flat.astype(jnp.float32),
-                     self.router_kernel[...].astype(jnp.float32))
+    # bf16 x bf16 products are exact in f32: no f32 copy of the router weight.
+    logits = jnp.dot(*mixed_dot_operands(flat, self.router_kernel[...]),
+                     preferred_element_type=jnp.float32)
     ids, weights, scores = self.route(logits)
     self._record(CAPTURE_LOAD_BALANCE,
                  routing.load_balancing_loss(logits, ids, flat_valid))

@@ -74,6 +74,12 @@ GMM_CASES = {
     "f32_gather_two_tiles": (jnp.float32, 40, 24, True,
                              dict(block_m=16, big_block_m=32, block_n=16, block_k=16,
                                   k_splits=2)),
+    # few programs, each looping over several work items (4 = 2 N blocks x 2 splits x 1)
+    "f32_gather_one_program_per_column": (jnp.float32, 40, 24, True,
+                                          dict(block_m=16, big_block_m=32, block_n=16,
+                                               block_k=16, k_splits=2, max_programs=4)),
+    "bf16_sorted_three_item_programs": (jnp.bfloat16, 40, 48, False,
+                                        dict(TILES, max_programs=3 * 2)),
 }
 
 
@@ -123,8 +129,9 @@ def test_gmm_reference_is_an_independent_matmul():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("tiles", [dict(block_m=16), dict(block_m=16, big_block_m=32)],
-                         ids=["one_tile", "two_tiles"])
+@pytest.mark.parametrize("tiles", [dict(block_m=16), dict(block_m=16, big_block_m=32),
+                                   dict(block_m=16, max_programs=2 * 2 * 2)],
+                         ids=["one_tile", "two_tiles", "looping_programs"])
 def test_gmm_writes_only_grouped_rows(tiles):
   """Rows past the last group are left alone (NaN in interpret mode); an expert with
   several row blocks gets one work item per block, all written."""

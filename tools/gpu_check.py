@@ -1,6 +1,7 @@
 """Checks the Triton kernels against their references at real shapes on a GPU: the MoE
 op (against the f32 dense op; its schedule bit for bit) and the decode-attention kernel
-(against the model's XLA attention in f32) at Qwen3-30B-A3B / Qwen1.5-MoE head shapes.
+(against the model's XLA attention in f32) at Qwen3-30B-A3B / Qwen1.5-MoE head shapes,
+and the fused router (against XLA's softmax + top_k).
 
   python tools/gpu_check.py [BATCH ...]   (prints one line per case; exits 1 on a mismatch)
 """
@@ -15,6 +16,7 @@ from sere_jax import RerouteConfig, reroute, route
 from sere_jax.kernels.decode_attention import decode_attention_reference
 from sere_jax.kernels.decode_attention import decode_attention_triton
 from sere_jax.kernels.moe_ffn import moe_ffn
+from sere_jax.kernels.router_triton import route_triton
 from sere_jax.models import layers
 from sere_jax.kernels.schedule import reference_schedule
 from sere_jax.kernels.schedule_triton import schedule_triton
@@ -55,6 +57,7 @@ def main():
       print(f"B={batch:4d} {name:5s} rel_err={err:.2e} schedule_equal={same} "
             f"distinct={int(ker.stats[1])} {'OK' if case_ok else 'MISMATCH'}", flush=True)
     ok &= check_decode_attention(batch, rng)
+    ok &= check_router(batch, rng)
   sys.exit(0 if ok else 1)
 
 
@@ -92,6 +95,22 @@ def check_decode_attention(batch: int, rng: np.random.Generator) -> bool:
     print(f"B={batch:4d} attn-{name} rel_err out/new k/new v={errs[0]:.1e}/{errs[1]:.1e}/"
           f"{errs[2]:.1e} untouched_slots_equal={same} {'OK' if case_ok else 'MISMATCH'}",
           flush=True)
+  return ok
+
+
+def check_router(batch: int, rng: np.random.Generator) -> bool:
+  """The fused top-K router against `route` (XLA softmax + top_k), E=128 and 60."""
+  ok = True
+  for experts, top_k in ((128, 8), (60, 4)):
+    logits = jnp.asarray(rng.normal(size=(batch, experts)) * 2, jnp.float32)
+    ids, weights = route_triton(logits, top_k, normalize=True)
+    want_ids, want_weights = route(logits, top_k, normalize=True)
+    same = bool(jnp.array_equal(ids, want_ids))
+    err = float(jnp.max(jnp.abs(weights - want_weights)))
+    case_ok = same and err < 1e-5
+    ok &= case_ok
+    print(f"B={batch:4d} router-E{experts} ids_equal={same} max_weight_err={err:.1e} "
+          f"{'OK' if case_ok else 'MISMATCH'}", flush=True)
   return ok
 
 

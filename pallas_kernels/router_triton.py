@@ -1,0 +1,73 @@
+"""Softmax top-K routing in one kernel for NVIDIA GPUs (Pallas Triton).
+
+XLA runs a decode step's router as a softmax kernel, a sort-based `top_k` and small
+fusions around them (several launches of a few microseconds each, per layer). This
+kernel does it in one launch: each program takes a block of tokens' `[E]` logits,
+picks the K largest by repeated argmax (ties: lower expert first, as `lax.top_k`), and
+writes their softmax weights, renormalised to sum to 1 if asked. Softmax is monotonic,
+so selecting on the logits selects the same experts as selecting on the
+probabilities. Reference: `sere_jax.routing.route`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+
+def _router_kernel(logits_ref, ids_ref, weights_ref, *, num_tokens, num_experts,
+                   experts_pad, top_k, normalize, block_t):
+  tokens = pl.program_id(0) * block_t + jnp.arange(block_t)
+  token_ok = tokens < num_tokens
+  lanes = jnp.arange(experts_pad)
+  lane_ok = lanes < num_experts
+  logits = plt.load(logits_ref.at[tokens[:, None], lanes[None, :]],
+                    mask=token_ok[:, None] & lane_ok[None, :], other=-jnp.inf)
+  # Padding rows (all -inf) would give NaN below; they are never stored.
+  top = jnp.max(logits, axis=1)
+  denom = jnp.sum(jnp.exp(logits - top[:, None]), axis=1)
+  remaining, ids, weights = logits, [], []
+  for _ in range(top_k):
+    best = jnp.max(remaining, axis=1)
+    pick = jnp.min(jnp.where(remaining == best[:, None], lanes[None, :], experts_pad),
+                   axis=1)
+    ids.append(pick)
+    weights.append(jnp.exp(best - top) / denom)
+    remaining = jnp.where(lanes[None, :] == pick[:, None], -jnp.inf, remaining)
+  if normalize:
+    total = functools.reduce(jnp.add, weights)
+    weights = [w / total for w in weights]
+  for j in range(top_k):
+    plt.store(ids_ref.at[tokens, j], ids[j].astype(jnp.int32), mask=token_ok)
+    plt.store(weights_ref.at[tokens, j], weights[j], mask=token_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "normalize", "block_t", "num_warps",
+                                             "interpret"))
+def route_triton(router_logits: jax.Array, top_k: int, *, normalize: bool = False,
+                 block_t: int = 16, num_warps: int = 4, interpret: bool = False
+                 ) -> tuple[jax.Array, jax.Array]:
+  """`sere_jax.routing.route` as one kernel: `[T, E]` logits -> `(ids [T, K] int32,
+  weights [T, K] float32)`, ids by descending score, ties to the lower expert."""
+  if router_logits.ndim != 2:
+    raise ValueError(f"router_logits must be [T, E], got shape {router_logits.shape}")
+  num_tokens, num_experts = router_logits.shape
+  if not 0 < top_k <= num_experts:
+    raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+  experts_pad = max(16, 1 << (num_experts - 1).bit_length())
+  kernel = functools.partial(
+      _router_kernel, num_tokens=num_tokens, num_experts=num_experts,
+      experts_pad=experts_pad, top_k=top_k, normalize=normalize, block_t=block_t)
+  return pl.pallas_call(
+      kernel,
+      grid=(pl.cdiv(num_tokens, block_t),),
+      out_shape=(jax.ShapeDtypeStruct((num_tokens, top_k), jnp.int32),
+                 jax.ShapeDtypeStruct((num_tokens, top_k), jnp.float32)),
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="sere_router",
+  )(router_logits.astype(jnp.float32))

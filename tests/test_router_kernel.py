@@ -1,0 +1,82 @@
+"""The fused softmax top-K router kernel against `routing.route` (interpret mode on
+this CPU machine) and its CUDA lowering."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sere_jax import moe
+from sere_jax import routing
+from sere_jax.kernels.lowering_check import export_for
+from sere_jax.kernels.router_triton import route_triton
+
+_TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,normalize", [
+    (5, 8, 2, False),      # one block, fewer tokens than it holds
+    (37, 60, 4, True),     # three blocks, a partial one; E not a power of two (Qwen1.5)
+    (16, 128, 8, True),    # Qwen3-30B-A3B decode at B = 16
+    (3, 16, 16, False),    # K = E: every expert, in score order
+])
+def test_router_matches_reference(tokens, experts, top_k, normalize):
+  rng = np.random.default_rng(tokens * experts + top_k)
+  logits = jnp.asarray(rng.normal(size=(tokens, experts)) * 3, jnp.float32)
+  ids, weights = route_triton(logits, top_k, normalize=normalize, interpret=True)
+  want_ids, want_weights = routing.route(logits, top_k, normalize=normalize)
+  assert ids.dtype == jnp.int32 and weights.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+  np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_router_breaks_ties_towards_the_lower_expert():
+  # Integer logits in {0, 1, 2}: many exact ties, resolved as lax.top_k does.
+  logits = jnp.asarray(np.random.default_rng(1).integers(0, 3, (20, 16)), jnp.float32)
+  ids, weights = route_triton(logits, 5, interpret=True)
+  want_ids, want_weights = routing.route(logits, 5)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+  np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights), rtol=1e-6)
+
+
+def test_router_takes_bf16_logits():
+  logits = jnp.asarray(np.random.default_rng(2).normal(size=(9, 32)), jnp.bfloat16)
+  ids, weights = route_triton(logits, 3, normalize=True, interpret=True)
+  want_ids, want_weights = routing.route(logits, 3, normalize=True)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+  np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights), rtol=1e-6)
+
+
+def test_softmax_router_uses_the_kernel_for_triton_impls():
+  logits = jnp.asarray(np.random.default_rng(3).normal(size=(6, 16)), jnp.float32)
+  jaxpr = str(jax.make_jaxpr(moe.softmax_router(4, True, "interpret"))(logits))
+  assert "sere_router" in jaxpr
+  assert "sere_router" not in str(jax.make_jaxpr(moe.softmax_router(4, True,
+                                                                    "xla_dense"))(logits))
+  ids, weights, scores = moe.softmax_router(4, True, "interpret")(logits)
+  want_ids, want_weights = routing.route(logits, 4, normalize=True)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+  np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(scores), np.asarray(jax.nn.softmax(logits)),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((jnp.zeros((4,)), 2), r"\[T, E\]"),
+    ((jnp.zeros((4, 8)), 9), "top_k must be in"),
+    ((jnp.zeros((4, 8)), 0), "top_k must be in"),
+])
+def test_router_rejects_bad_input(args, match):
+  with pytest.raises(ValueError, match=match):
+    route_triton(*args, interpret=True)
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 256])
+def test_router_lowers_for_cuda(tokens):
+  exported = export_for("cuda", lambda lg: route_triton(lg, 8, normalize=True),
+                        jax.ShapeDtypeStruct((tokens, 128), jnp.float32))
+  assert _TRITON_CALL in exported.mlir_module()
+  assert [a.shape for a in exported.out_avals] == [(tokens, 8), (tokens, 8)]

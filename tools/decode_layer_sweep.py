@@ -1,0 +1,110 @@
+"""Times the non-expert ops of a Qwen3-30B-A3B decode step on a GPU, per layer.
+
+    python tools/decode_layer_sweep.py OUT.json [BATCHES]
+
+Per batch size (default 16,64):
+- dense projections, XLA vs the Triton grouped matmul with one "expert" (a split-K
+  small-M matmul): q/k/v as three XLA dots (the model's layout), as one XLA dot of
+  the concatenated weight, and as `gmm_triton` on it with several tilings; the output
+  projection as an XLA dot and as `gmm_triton`;
+- the decode-attention kernel over a 160-slot cache (index 150) at several tilings.
+Times are µs per layer over a chain of 8 weight sets (`benchmarking.LayerChain`,
+chain update subtracted), with the read-bandwidth roofline of the bytes read.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from sere_jax import benchmarking
+from sere_jax.kernels.decode_attention import decode_attention_triton
+from sere_jax.kernels.gmm_triton import gmm_triton
+from sere_jax.models import layers
+
+D, Q, KV, LAYERS = 2048, 32 * 128, 4 * 128, 8
+TRITON_TILES = [dict(block_n=128, block_k=64, k_splits=s, num_warps=4, num_stages=3)
+                for s in (2, 4, 8)] + [dict(block_n=64, block_k=64, k_splits=4, num_warps=4,
+                                            num_stages=3),
+                                       dict(block_n=128, block_k=128, k_splits=4,
+                                            num_warps=4, num_stages=3)]
+
+
+def _triton(x, w, **tiles):
+  offsets = jnp.asarray([0, x.shape[0]], jnp.int32)
+  return gmm_triton(x, w[None], offsets, **tiles).astype(x.dtype)
+
+
+CACHE, INDEX = 160, 150
+
+
+def _attend(x, k_cache, v_cache, **tiles):
+  """One decode-attention call whose q, k, v are slices of `x` (32 q heads, 4 KV)."""
+  batch = x.shape[0]
+  q = jnp.tile(x, (1, 2)).reshape(batch, 32, 128)
+  kv = x.reshape(batch, 16, 128)[:, :4]
+  visible = jnp.broadcast_to(jnp.arange(CACHE) <= INDEX, (batch, CACHE))
+  out, _, _ = decode_attention_triton(
+      q, kv, kv, k_cache, v_cache, visible, jnp.int32(INDEX),
+      jnp.full((batch,), INDEX, jnp.int32), layers.rope_inv_freq(128, 1e6),
+      jnp.ones((128,), jnp.float32), jnp.ones((128,), jnp.float32), eps=1e-6,
+      scale=128 ** -0.5, **tiles)
+  return out
+
+
+def main(argv):
+  out_path = argv[1]
+  batches = [int(b) for b in (argv[2] if len(argv) > 2 else "16,64").split(",")]
+  read_bw = benchmarking.read_bandwidth()
+  keys = jax.random.split(jax.random.PRNGKey(0), 4 * LAYERS)
+
+  def weight(i, shape):
+    return jax.random.normal(keys[i], shape, jnp.bfloat16) * shape[0] ** -0.5
+
+  qkv = [(weight(4 * i, (D, Q)), weight(4 * i + 1, (D, KV)), weight(4 * i + 2, (D, KV)))
+         for i in range(LAYERS)]
+  fused = [jnp.concatenate(ws, axis=1) for ws in qkv]
+  o_proj = [(weight(4 * i + 3, (Q, D)),) for i in range(LAYERS)]
+  cases = {
+      "qkv_xla_three_dots": (lambda x, wq, wk, wv: jnp.concatenate(
+          [jnp.dot(x, wq), jnp.dot(x, wk), jnp.dot(x, wv)], axis=1), qkv, D * (Q + 2 * KV)),
+      "qkv_xla_fused": (jnp.dot, [(w,) for w in fused], D * (Q + 2 * KV)),
+      "o_xla": (lambda x, w: jnp.dot(jnp.tile(x, (1, Q // D)), w), o_proj, Q * D),
+  }
+  for t in TRITON_TILES:
+    name = "_".join(f"{k}{v}" for k, v in t.items())
+    cases[f"qkv_triton_{name}"] = (lambda x, w, t=t: _triton(x, w, **t),
+                                   [(w,) for w in fused], D * (Q + 2 * KV))
+    cases[f"o_triton_{name}"] = (lambda x, w, t=t: _triton(jnp.tile(x, (1, Q // D)), w, **t),
+                                 o_proj, Q * D)
+  rows = []
+  for batch in batches:
+    x = jax.random.normal(jax.random.PRNGKey(batch), (batch, D), jnp.bfloat16)
+    overhead = benchmarking.chain_overhead(x, LAYERS)
+    caches = [(jax.random.normal(keys[i], (batch, CACHE, 4, 128), jnp.bfloat16),
+               jax.random.normal(keys[i + 1], (batch, CACHE, 4, 128), jnp.bfloat16))
+              for i in range(LAYERS)]
+    cache_bytes = 2 * batch * (INDEX + 1) * 4 * 128 * 2
+    for block_s, num_warps in ((16, 4), (32, 4), (64, 4), (64, 2), (128, 4), (32, 2)):
+      cases[f"attention_block_s{block_s}_num_warps{num_warps}"] = (
+          lambda x, kc, vc, o=dict(block_s=block_s, num_warps=num_warps): _attend(
+              x, kc, vc, **o), caches, cache_bytes / 2)
+    for name, (fn, layer_args, params) in cases.items():
+      def step(x, *w, fn=fn):
+        y = fn(x, *w)
+        return x + jnp.sum(y, dtype=jnp.float32).astype(x.dtype) * 0  # all of y is used
+      us = (benchmarking.LayerChain(step).seconds_per_layer(x, layer_args) - overhead) * 1e6
+      roofline = params * 2 / read_bw * 1e6
+      rows.append(dict(batch=batch, case=name, us=us, roofline_us=roofline,
+                       ratio=us / roofline))
+      print(rows[-1], flush=True)
+  with open(out_path, "w") as fh:
+    json.dump(dict(env=benchmarking.environment(), read_bandwidth_tbs=read_bw / 1e12,
+                   rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
