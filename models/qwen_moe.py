@@ -12,7 +12,8 @@ Layers listed in `mlp_only_layers`, or off the `decoder_sparse_step` grid, are d
 
 `attention_impl` chooses how a decode step (one new token) attends: `xla` (the model's
 building blocks, also used for prefill) or the fused Pallas kernel
-`sere_jax.kernels.decode_attention` (`triton` on GPUs, `interpret` anywhere).
+`sere_jax.kernels.decode_attention` (`triton` on GPUs, `interpret` anywhere); `auto`
+(the default) is `triton` on GPUs and `xla` elsewhere.
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ from sere_jax.policies import RerouteStats
 
 ARCHITECTURES = ("qwen2_moe", "qwen3_moe")
 NO_REROUTE = RerouteConfig(policy="none")
-ATTENTION_IMPLS = ("xla", "triton", "interpret")
+ATTENTION_IMPLS = ("auto", "xla", "triton", "interpret")
+
+
+def resolve_attention_impl(attention_impl: str) -> str:
+  """Maps `auto` to `triton` on GPUs and `xla` on other backends."""
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                     f"got {attention_impl!r}")
+  if attention_impl != "auto":
+    return attention_impl
+  return "triton" if jax.default_backend() == "gpu" else "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +148,8 @@ class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and (Qwen3) per-head q/k RMSNorm."""
 
   def __init__(self, c: QwenMoeConfig, *, param_dtype, rngs: nnx.Rngs,
-               attention_impl: str = "xla"):
-    if attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
-                       f"got {attention_impl!r}")
+               attention_impl: str = "auto"):
+    resolve_attention_impl(attention_impl)  # rejects unknown values
     kw = dict(param_dtype=param_dtype, rngs=rngs)
     self.attention_impl = attention_impl
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
@@ -167,11 +176,12 @@ class Attention(nnx.Module):
     else:
       norms, eps = (self.q_norm.weight[...], self.k_norm.weight[...]), self.q_norm.eps
     scale = self.head_dim ** -0.5
-    if self.attention_impl != "xla" and l == 1:  # one new token: the fused kernel
+    impl = resolve_attention_impl(self.attention_impl)
+    if impl != "xla" and l == 1:  # one new token: the fused kernel
       out, k_cache, v_cache = decode_attention_triton(
           q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, mask[:, 0], cache_index,
           positions[:, 0], inv_freq, *norms, eps=eps, scale=scale,
-          interpret=self.attention_impl == "interpret")
+          interpret=impl == "interpret")
       out, cache = out[:, None], layers.KVCache(k_cache, v_cache)
     else:
       out, cache = layers.cached_attention(q, k, v, cache, mask, cache_index, positions,
@@ -183,7 +193,7 @@ class DecoderLayer(nnx.Module):
   """Pre-norm attention and MLP (MoE block plus optional gated shared expert, or dense)."""
 
   def __init__(self, c: QwenMoeConfig, layer: int, *, reroute: RerouteConfig, impl: str,
-               param_dtype, rngs: nnx.Rngs, attention_impl: str = "xla"):
+               param_dtype, rngs: nnx.Rngs, attention_impl: str = "auto"):
     kw = dict(param_dtype=param_dtype, rngs=rngs)
     self.input_norm = layers.RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
     self.attn = Attention(c, attention_impl=attention_impl, **kw)
@@ -216,7 +226,7 @@ class QwenMoeForCausalLM(nnx.Module):
   """Qwen2-MoE / Qwen3-MoE causal LM with the `models/base.py` interface."""
 
   def __init__(self, config: QwenMoeConfig, *, reroute: RerouteConfig = NO_REROUTE,
-               impl: str = "auto", attention_impl: str = "xla", param_dtype=jnp.float32,
+               impl: str = "auto", attention_impl: str = "auto", param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     c = self.config = config
     self.embed = nnx.Param(nnx.initializers.normal(stddev=1.0)(

@@ -104,12 +104,14 @@ def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_expert
   jax.lax.fori_loop(0, trips, one_item, 0)
 
 
-# Tiles from a sweep on an H200 (docs/benchmarks/gmm_sweep_h200.md): experts with few
+# Tiles from sweeps on an H200 (docs/benchmarks/gmm_sweep_h200.md): experts with few
 # rows (the common decode case) are fastest with 16-row blocks (less wasted work, more
 # programs in flight); experts with many rows with 64-row blocks, which read each
-# weight tile once per 64 rows.
+# weight tile once per 64 rows. At most 2112 programs (16 per SM), each looping over
+# work items: one program per possible item launched thousands that exit at once when
+# few experts have rows (the down projection at 8-16 experts took 10-20 % longer).
 TILES = dict(block_m=16, big_block_m=64, block_n=128, block_k=64, k_splits=2,
-             num_warps=4, num_stages=3, max_programs=None)
+             num_warps=4, num_stages=3, max_programs=2112)
 
 
 def _pow2_at_least(x: int, low: int) -> int:

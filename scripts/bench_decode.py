@@ -258,10 +258,11 @@ def run_peer(python: str, device: str, hf: dict, batches, prompt_len: int, new_t
 # The JAX side.
 
 def build_model(model: str, scale: str, impl: str, seed: int = 0,
-                attention_impl: str = "xla"):
+                attention_impl: str = "auto"):
   """The model with random bf16 weights and synthetic similarities, made on the device.
 
-  `attention_impl` (Qwen models only): `xla`, or the fused decode-attention kernel.
+  `attention_impl` (`qwen_moe.ATTENTION_IMPLS`): how the Qwen models attend in a decode
+  step; DeepSeek-V2 (MLA) has only the XLA path and takes `auto` or `xla`.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -273,7 +274,7 @@ def build_model(model: str, scale: str, impl: str, seed: int = 0,
   hf = hf_config(model, scale)
   options = dict(impl=impl, param_dtype=jnp.bfloat16)
   if hf["model_type"] == "deepseek_v2":
-    if attention_impl != "xla":
+    if attention_impl not in ("auto", "xla"):
       raise ValueError(f"attention_impl={attention_impl!r} is for the Qwen models; "
                        "DeepSeek-V2's MLA attention has only the XLA path")
     config, cls = deepseek_v2.DeepseekV2Config.from_hf(hf), deepseek_v2.DeepseekV2ForCausalLM
@@ -348,7 +349,7 @@ def _kv_bytes_per_token(cache) -> int:
 def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
                  new_tokens: int, impl: str, repeats: int, bandwidth_bytes: int,
                  peer: dict[str, Any] | None, write_partial, seed: int = 0,
-                 attention_impl: str = "xla", profile_dir: str = "") -> dict[str, Any]:
+                 attention_impl: str = "auto", profile_dir: str = "") -> dict[str, Any]:
   """Runs the protocol; `write_partial(result)` is called after every case.
 
   With `profile_dir`, one more pass per case runs under `jax.profiler` (trace in
@@ -360,6 +361,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
   from sere_jax import benchmarking  # pylint: disable=g-import-not-at-top
   from sere_jax import generation  # pylint: disable=g-import-not-at-top
   from sere_jax import profiling  # pylint: disable=g-import-not-at-top
+  from sere_jax.models import qwen_moe  # pylint: disable=g-import-not-at-top
   from sere_jax.kernels import moe_ffn as moe_ffn_lib  # pylint: disable=g-import-not-at-top
 
   env = benchmarking.environment()
@@ -375,7 +377,8 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
   import dataclasses  # pylint: disable=g-import-not-at-top
   result = dict(suite="decode", env=env, model=model, scale=scale,
                 model_config=dataclasses.asdict(config), hf_config=hf, impl=resolved_impl,
-                attention_impl=attention_impl,
+                attention_impl=("xla" if hf["model_type"] == "deepseek_v2" else
+                                qwen_moe.resolve_attention_impl(attention_impl)),
                 protocol=dict(prompt_len=prompt_len, new_tokens=new_tokens,
                               batches=list(batches), policies=[p["name"] for p in policies],
                               repeats=repeats, sampling="greedy", dtype="bfloat16",

@@ -56,9 +56,9 @@ _SCALE = flags.DEFINE_enum("scale", "full", ["full", "qwen3_30b", "tiny"],
 _LAYERS = flags.DEFINE_integer("layers", 8, "Weight sets rotated through (defeats the L2).")
 _IMPL = flags.DEFINE_string("impl", "auto", "Our op's implementation (see moe_ffn.IMPLS).")
 _ATTENTION_IMPL = flags.DEFINE_enum(
-    "attention_impl", "xla", ["xla", "triton", "interpret"],
+    "attention_impl", "auto", ["auto", "xla", "triton", "interpret"],
     "decode: how Qwen models attend in a decode step: XLA, or the fused Pallas kernel "
-    "(sere_jax.kernels.decode_attention).")
+    "(sere_jax.kernels.decode_attention); auto: the kernel on GPUs, XLA elsewhere.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", "", "decode: also trace one pass per case with jax.profiler into this "
     "directory and add its per-step kernel list to the row.")
