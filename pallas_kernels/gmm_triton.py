@@ -1,10 +1,11 @@
 """Expert-skipping grouped matmul for NVIDIA GPUs (Pallas Triton).
 
-Grid: (N blocks, K splits, work items). A work item is one row block of one expert
-with rows; each program finds its item from the group offsets, and programs past the
-last item exit at once, so weights are read only for experts that own rows. Row blocks
-of one expert are separate programs that run side by side and share the expert's
-weight tiles through L2. A program loops over its share of the contraction (a
+Grid: (N blocks, K splits, item programs). A work item is one row block of one expert
+with rows; each program builds the item list from the group offsets and loops over
+every `item_programs`-th item from its own index, so weights are read only for experts
+that own rows and no program is launched per possible-but-absent item. Row blocks of
+one expert run side by side in different programs and share the expert's weight tiles
+through L2. A program loops over its share of the contraction (a
 `fori_loop`, which Triton software-pipelines); split-K partial sums are written in
 float32 and summed afterwards. Left-hand rows can be gathered from the token array
 in-kernel (`row_token`), so no sorted copy is made.

@@ -15,6 +15,7 @@ from sere_jax.kernels.decode_attention import decode_attention_reference
 from sere_jax.kernels.decode_attention import decode_attention_triton
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.models import layers
+from sere_jax.models import qwen_moe
 from tests.random_models import random_qwen
 
 EPS, SCALE = 1e-6, 0.25
@@ -150,3 +151,10 @@ def test_model_generates_the_same_tokens(hf):
 def test_model_rejects_unknown_attention_impl():
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     random_qwen(_QWEN3, attention_impl="flash")
+
+
+def test_auto_attention_is_the_kernel_on_gpu_only(monkeypatch):
+  assert qwen_moe.resolve_attention_impl("auto") == "xla"  # this CPU machine
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert qwen_moe.resolve_attention_impl("auto") == "triton"
+  assert qwen_moe.resolve_attention_impl("xla") == "xla"
