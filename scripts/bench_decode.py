@@ -353,13 +353,15 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
   """Runs the protocol; `write_partial(result)` is called after every case.
 
   With `profile_dir`, one more pass per case runs under `jax.profiler` (trace in
-  `profile_dir/B<batch>_<policy>`) and the row gets its per-step kernel list
-  (`profile`, see `sere_jax.profiling`)."""
+  `profile_dir/B<batch>_<policy>`), the row gets its per-step kernel list (`profile`,
+  see `sere_jax.profiling`), and the compiled decode loop's optimised HLO is written
+  next to the trace (`B<batch>_<policy>.hlo.txt`: which ops each profiled fusion holds)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sere_jax import benchmarking  # pylint: disable=g-import-not-at-top
   from sere_jax import generation  # pylint: disable=g-import-not-at-top
+  from sere_jax import fileio  # pylint: disable=g-import-not-at-top
   from sere_jax import profiling  # pylint: disable=g-import-not-at-top
   from sere_jax.models import qwen_moe  # pylint: disable=g-import-not-at-top
   from sere_jax.kernels import moe_ffn as moe_ffn_lib  # pylint: disable=g-import-not-at-top
@@ -461,6 +463,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
         with profiling.trace(trace_dir):
           one_pass()
         row["profile"] = profiling.summarize_trace(trace_dir, steps=new_tokens - 1)
+        fileio.write_atomic(trace_dir + ".hlo.txt", decode_loop.as_text())
       if batch in peer_rows:
         row["hf_ms_per_token"] = peer_rows[batch]["hf_ms_per_token"]
         row["speedup_over_hf"] = row["hf_ms_per_token"] / row["ms_per_token"]

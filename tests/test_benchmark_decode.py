@@ -25,7 +25,8 @@ def test_decode_suite_and_report(tmp_path):
   _run(["sere_jax.scripts.benchmark", "--suite=decode", "--model=qwen3_30b_a3b",
         "--scale=tiny", "--prompt_len=8", "--new_tokens=4", "--batch=1,4",
         "--policies=none,sere:1", "--repeats=1", f"--peer_python={sys.executable}",
-        "--attention_impl=interpret", f"--out={out}"], tmp_path)
+        "--attention_impl=interpret", f"--profile_dir={tmp_path / 'profile'}",
+        f"--out={out}"], tmp_path)
   with open(f"{out}.json") as fh:
     result = json.load(fh)
   assert result["suite"] == "decode" and result["scale"] == "tiny"
@@ -54,6 +55,10 @@ def test_decode_suite_and_report(tmp_path):
     limit = r["batch"] * (1 if r["label"] == "sere:1" else top_k)
     assert 1 <= r["distinct_experts"] <= limit
   assert rows[0]["distinct_experts"] == top_k  # B=1 under none: exactly K experts
+  for r in rows:  # --profile_dir: a kernel list (empty here: no GPU) and the loop's HLO
+    assert set(r["profile"]) >= {"gpu_busy_us", "groups", "kernels"}
+    hlo = tmp_path / "profile" / f"B{r['batch']}_{r['label'].replace(':', '_')}.hlo.txt"
+    assert hlo.read_text().startswith("HloModule")
   assert rows[0]["speedup_over_none"] == 1.0
   assert os.path.getsize(f"{out}.md") > 0
 
