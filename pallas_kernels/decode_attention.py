@@ -61,9 +61,10 @@ def _kernel(q_ref, k_ref, v_ref, visible_ref, index_ref, positions_ref, freq_ref
     if qk_norm:
       inv = jax.lax.rsqrt(jnp.mean(x * x, axis=-1) + eps)
       inv = inv[:, None] if x.ndim == 2 else inv
-      x = (x * inv * plt.load(norm_ref.at[d])).astype(dtype).astype(jnp.float32)
-      x_partner = (x_partner * inv * plt.load(norm_ref.at[partner])).astype(dtype).astype(
-          jnp.float32)
+      weight = plt.load(norm_ref.at[d]).astype(jnp.float32)
+      weight_partner = plt.load(norm_ref.at[partner]).astype(jnp.float32)
+      x = (x * inv * weight).astype(dtype).astype(jnp.float32)
+      x_partner = (x_partner * inv * weight_partner).astype(dtype).astype(jnp.float32)
     return (x * cos + sign * x_partner * sin).astype(dtype)
 
   heads = g * group + r
@@ -138,7 +139,9 @@ def decode_attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: j
     visible: `[B, S]` bool, the slots the new token attends to (itself included; no
       slot after `cache_index`).
     positions: `[B]` RoPE positions; inv_freq: `[Dk / 2]` RoPE inverse frequencies.
-    q_norm, k_norm: per-head RMSNorm weights `[Dk]` (Qwen3), or both None.
+    q_norm, k_norm: per-head RMSNorm weights `[Dk]` (Qwen3), or both None; any float
+      dtype, read as stored and widened in the kernel (an `astype` here would be two
+      extra XLA kernels per layer and step).
     eps: the RMSNorm epsilon; scale: the logit scale.
 
   Returns:
@@ -186,4 +189,4 @@ def decode_attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: j
       name="sere_decode_attention",
   )(q, k, v, visible.astype(jnp.int32), jnp.reshape(cache_index, (1,)).astype(jnp.int32),
     positions.astype(jnp.int32), inv_freq.astype(jnp.float32),
-    q_norm.astype(jnp.float32), k_norm.astype(jnp.float32), k_cache, v_cache)
+    q_norm, k_norm, k_cache, v_cache)

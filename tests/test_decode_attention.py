@@ -34,8 +34,9 @@ def _case(rng, *, batch, heads, kv_heads, head_dim, cache_len, index, dtype, qk_
   visible = (slots[None, :] >= start[:, None]) & (slots[None, :] <= index)
   positions = jnp.asarray(index - start, jnp.int32)
   inv_freq = layers.rope_inv_freq(head_dim, 10000.0)
-  norms = ((jnp.asarray(1 + 0.1 * rng.normal(size=head_dim), jnp.float32),
-            jnp.asarray(1 + 0.1 * rng.normal(size=head_dim), jnp.float32))
+  # Norm weights in the activation dtype, as the models store them.
+  norms = ((jnp.asarray(1 + 0.1 * rng.normal(size=head_dim), dtype),
+            jnp.asarray(1 + 0.1 * rng.normal(size=head_dim), dtype))
            if qk_norm else (None, None))
   return (q, k, v, k_cache, v_cache, jnp.asarray(visible), jnp.int32(index), positions,
           inv_freq, *norms)
@@ -111,8 +112,11 @@ def test_lowers_for_cuda():
       "cuda", fn, spec((16, 32, 128), bf16), spec((16, 4, 128), bf16),
       spec((16, 4, 128), bf16), spec((16, 160, 4, 128), bf16), spec((16, 160, 4, 128), bf16),
       spec((16, 160), jnp.bool_), spec((), i32), spec((16,), i32),
-      spec((64,), jnp.float32), spec((128,), jnp.float32), spec((128,), jnp.float32))
-  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+      spec((64,), jnp.float32), spec((128,), bf16), spec((128,), bf16))
+  module = exported.mlir_module()
+  assert "__gpu$xla.gpu.triton" in module
+  # bf16 norm weights go in as stored: no f32 copies made outside the kernel.
+  assert "tensor<128xf32>" not in module
 
 
 # ---------------------------------------------------------------- in the Qwen models
