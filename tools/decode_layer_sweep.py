@@ -87,17 +87,17 @@ def main(argv):
     caches = [(jax.random.normal(keys[i], (batch, CACHE, 4, 128), jnp.bfloat16),
                jax.random.normal(keys[i + 1], (batch, CACHE, 4, 128), jnp.bfloat16))
               for i in range(LAYERS)]
-    cache_bytes = 2 * batch * (INDEX + 1) * 4 * 128 * 2
+    cache_elements = 2 * batch * (INDEX + 1) * 4 * 128  # keys and values read, bf16
     for block_s, num_warps in ((16, 4), (32, 4), (64, 4), (64, 2), (128, 4), (32, 2)):
       cases[f"attention_block_s{block_s}_num_warps{num_warps}"] = (
           lambda x, kc, vc, o=dict(block_s=block_s, num_warps=num_warps): _attend(
-              x, kc, vc, **o), caches, cache_bytes / 2)
-    for name, (fn, layer_args, params) in cases.items():
+              x, kc, vc, **o), caches, cache_elements)
+    for name, (fn, layer_args, elements) in cases.items():  # elements: bf16 values read
       def step(x, *w, fn=fn):
         y = fn(x, *w)
         return x + jnp.sum(y, dtype=jnp.float32).astype(x.dtype) * 0  # all of y is used
       us = (benchmarking.LayerChain(step).seconds_per_layer(x, layer_args) - overhead) * 1e6
-      roofline = params * 2 / read_bw * 1e6
+      roofline = elements * 2 / read_bw * 1e6
       rows.append(dict(batch=batch, case=name, us=us, roofline_us=roofline,
                        ratio=us / roofline))
       print(rows[-1], flush=True)
