@@ -7,7 +7,9 @@ Per batch size (default 16,64):
   small-M matmul): q/k/v as three XLA dots (the model's layout), as one XLA dot of
   the concatenated weight, and as `gmm_triton` on it with several tilings; the output
   projection as an XLA dot and as `gmm_triton`;
-- the decode-attention kernel over a 160-slot cache (index 150) at several tilings.
+- the decode-attention kernel over a 160-slot cache (index 150) at several tilings;
+- routing (router gemm + softmax top-8 of 128): XLA's, and the fused top-K kernel with
+  1, 2 and 4 warps.
 Times are µs per layer over a chain of 8 weight sets (`benchmarking.LayerChain`,
 chain update subtracted), with the read-bandwidth roofline of the bytes read.
 """
@@ -21,8 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from sere_jax import benchmarking
+from sere_jax import routing
 from sere_jax.kernels.decode_attention import decode_attention_triton
 from sere_jax.kernels.gmm_triton import gmm_triton
+from sere_jax.kernels.router_triton import route_triton
 from sere_jax.models import layers
 
 D, Q, KV, LAYERS = 2048, 32 * 128, 4 * 128, 8
@@ -39,6 +43,14 @@ def _triton(x, w, **tiles):
 
 
 CACHE, INDEX = 160, 150
+EXPERTS, TOP_K = 128, 8
+
+
+def _route(x, w_router, route):
+  """Router logits (bf16 x bf16 -> f32, as `MoeBlock`) and a top-K `route`; the weights."""
+  logits = jnp.dot(x, w_router, preferred_element_type=jnp.float32)
+  _, weights = route(logits, TOP_K, normalize=True)
+  return weights
 
 
 def _attend(x, k_cache, v_cache, **tiles):
@@ -74,6 +86,14 @@ def main(argv):
       "qkv_xla_fused": (jnp.dot, [(w,) for w in fused], D * (Q + 2 * KV)),
       "o_xla": (lambda x, w: jnp.dot(jnp.tile(x, (1, Q // D)), w), o_proj, Q * D),
   }
+  routers = [(weight(4 * i + 3, (D, EXPERTS)),) for i in range(LAYERS)]
+  cases["router_xla"] = (lambda x, w: _route(x, w, routing.route), routers, D * EXPERTS)
+  for warps in (1, 2, 4):
+    cases[f"router_triton_num_warps{warps}"] = (
+        lambda x, w, warps=warps: _route(
+            x, w, lambda lg, k, normalize: route_triton(lg, k, normalize=normalize,
+                                                        num_warps=warps)),
+        routers, D * EXPERTS)
   for t in TRITON_TILES:
     name = "_".join(f"{k}{v}" for k, v in t.items())
     cases[f"qkv_triton_{name}"] = (lambda x, w, t=t: _triton(x, w, **t),
