@@ -110,7 +110,7 @@ def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_expert
 # programs in flight); experts with many rows with 64-row blocks, which read each
 # weight tile once per 64 rows. At most 2112 programs (16 per SM), each looping over
 # work items: one program per possible item launched thousands that exit at once when
-# few experts have rows (the down projection at 8-16 experts took 10-20 % longer).
+# few experts have rows (the down projection at 8 experts took 13.6 instead of 10.7 us).
 TILES = dict(block_m=16, big_block_m=64, block_n=128, block_k=64, k_splits=2,
              num_warps=4, num_stages=3, max_programs=2112)
 
