@@ -61,7 +61,8 @@ _ATTENTION_IMPL = flags.DEFINE_enum(
     "(sere_jax.kernels.decode_attention); auto: the kernel on GPUs, XLA elsewhere.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", "", "decode: also trace one pass per case with jax.profiler into this "
-    "directory and add its per-step kernel list to the row.")
+    "directory, add its per-step kernel list to the row and write the compiled decode "
+    "loop's HLO beside the trace.")
 _PEERS = flags.DEFINE_list("peers", ["ragged_dot", "xla_dense"], "Reference impls timed too.")
 _TORCH = flags.DEFINE_bool("torch_peer", False, "Also time torch._grouped_mm (child process).")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.03, "Minimum timed span per repeat.")

@@ -77,8 +77,9 @@ def summarize_trace(directory: str, steps: int = 1, top: int = 40) -> dict[str, 
     ends.append(float(e["ts"]) + duration)
   groups: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
   for name, (count, total) in kernels.items():
-    groups[kernel_group(name)][0] += count
-    groups[kernel_group(name)][1] += total
+    group = groups[kernel_group(name)]
+    group[0] += count
+    group[1] += total
 
   def table(entries):
     largest = sorted(entries.items(), key=lambda kv: -kv[1][1])[:top]

@@ -78,8 +78,10 @@ GMM_CASES = {
     "f32_gather_one_program_per_column": (jnp.float32, 40, 24, True,
                                           dict(block_m=16, big_block_m=32, block_n=16,
                                                block_k=16, k_splits=2, max_programs=4)),
-    "bf16_sorted_three_item_programs": (jnp.bfloat16, 40, 48, False,
-                                        dict(TILES, max_programs=3 * 2)),
+    # D = 40 is one K chunk (no split) and N = 48 one N block: 6 programs for 11
+    # possible items
+    "bf16_sorted_six_item_programs": (jnp.bfloat16, 40, 48, False,
+                                      dict(TILES, max_programs=6)),
 }
 
 
