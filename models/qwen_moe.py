@@ -167,9 +167,7 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, cache: layers.KVCache,
                mask: jax.Array, cache_index: jax.Array) -> tuple[jax.Array, layers.KVCache]:
     b, l, _ = x.shape
-    q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     inv_freq = layers.rope_inv_freq(self.head_dim, self.rope_theta)
     if self.q_norm is None:
       norms, eps = (None, None), 0.0  # eps unused without q/k norm
@@ -178,14 +176,20 @@ class Attention(nnx.Module):
     scale = self.head_dim ** -0.5
     impl = resolve_attention_impl(self.attention_impl)
     if impl != "xla" and l == 1:  # one new token: the fused kernel
+      # One [B, H + 2 * Hkv, D] array: XLA merges the three projection dots, and this
+      # concatenation of their slices is the merged dot's output (one reduce of its
+      # split-K partials, not one slice fusion each for q, k and v).
+      qkv = jnp.concatenate([q, k, v], axis=-1).reshape(
+          b, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
       out, k_cache, v_cache = decode_attention_triton(
-          q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, mask[:, 0], cache_index,
-          positions[:, 0], inv_freq, *norms, eps=eps, scale=scale,
-          interpret=impl == "interpret")
+          qkv, cache.k, cache.v, mask[:, 0], cache_index, positions[:, 0], inv_freq,
+          *norms, eps=eps, scale=scale, interpret=impl == "interpret")
       out, cache = out[:, None], layers.KVCache(k_cache, v_cache)
     else:
-      out, cache = layers.cached_attention(q, k, v, cache, mask, cache_index, positions,
-                                           inv_freq, *norms, eps=eps, scale=scale)
+      heads = lambda t: t.reshape(b, l, -1, self.head_dim)
+      out, cache = layers.cached_attention(heads(q), heads(k), heads(v), cache, mask,
+                                           cache_index, positions, inv_freq, *norms,
+                                           eps=eps, scale=scale)
     return self.o_proj(out.reshape(b, l, -1)), cache
 
 

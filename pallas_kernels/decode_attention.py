@@ -7,6 +7,11 @@ all of it in one launch. Grid: (batch, kv head). A program normalises and rotate
 query-head group and its new key, writes the new key and value into the cache, and
 runs an online-softmax pass over the cache slots up to the current one.
 
+The new token's projections come in one array `qkv [B, H + 2 * Hkv, D]` (query heads,
+then key heads, then value heads): the model builds it by concatenating the q, k and v
+projections, which XLA computes as one dot, so a decode step has one reduce of that
+dot's split-K partials instead of three slice fusions each re-summing them.
+
 `decode_attention_reference` is the model's XLA path (`models.layers.cached_attention`)
 for one token, with the kernel's arguments and results.
 """
@@ -23,30 +28,52 @@ from jax.experimental.pallas import triton as plt
 from sere_jax.models import layers
 
 
-def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
-                               k_cache: jax.Array, v_cache: jax.Array, visible: jax.Array,
-                               cache_index: jax.Array, positions: jax.Array,
-                               inv_freq: jax.Array, q_norm: jax.Array | None,
-                               k_norm: jax.Array | None, *, eps: float, scale: float
+def _num_heads(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> int:
+  """The number of query heads `H` in `qkv [B, H + 2 * Hkv, D]` for caches
+  `[B, S, Hkv, D]`; raises ValueError on any other layout."""
+  if qkv.ndim != 3 or k_cache.ndim != 4:
+    raise ValueError(f"qkv {qkv.shape} and k_cache {k_cache.shape} are not "
+                     "[B, H + 2 * Hkv, D] and [B, S, Hkv, D]")
+  batch, qkv_heads, head_dim = qkv.shape
+  _, cache_len, kv_heads, key_dim = k_cache.shape
+  if v_cache.ndim == 4 and v_cache.shape[-1] != key_dim:
+    raise ValueError(f"key and value head dims differ (k_cache {k_cache.shape}, v_cache "
+                     f"{v_cache.shape}): one qkv array needs Dk == Dv")
+  want = (batch, cache_len, kv_heads, head_dim)
+  if k_cache.shape != want or v_cache.shape != want:
+    raise ValueError(f"cache shapes {k_cache.shape}, {v_cache.shape} are not "
+                     f"[B, S, Hkv, D] with B, D = {batch}, {head_dim} from qkv {qkv.shape}")
+  heads = qkv_heads - 2 * kv_heads
+  if kv_heads < 1 or heads < 1 or heads % kv_heads:
+    raise ValueError(f"qkv has {qkv_heads} heads, not H + 2 * Hkv with Hkv = {kv_heads} "
+                     "(the caches' KV heads) and H a positive multiple of Hkv")
+  return heads
+
+
+def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                               visible: jax.Array, cache_index: jax.Array,
+                               positions: jax.Array, inv_freq: jax.Array,
+                               q_norm: jax.Array | None, k_norm: jax.Array | None, *,
+                               eps: float, scale: float
                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`decode_attention_triton`'s result computed by the model's XLA building blocks."""
+  heads, kv_heads = _num_heads(qkv, k_cache, v_cache), k_cache.shape[2]
+  q, k, v = jnp.split(qkv[:, None], [heads, heads + kv_heads], axis=2)
   out, cache = layers.cached_attention(
-      q[:, None], k[:, None], v[:, None], layers.KVCache(k_cache, v_cache),
-      visible[:, None, :], cache_index, positions[:, None], inv_freq, q_norm, k_norm,
-      eps=eps, scale=scale)
+      q, k, v, layers.KVCache(k_cache, v_cache), visible[:, None, :], cache_index,
+      positions[:, None], inv_freq, q_norm, k_norm, eps=eps, scale=scale)
   return out[:, 0], cache.k, cache.v
 
 
-def _kernel(q_ref, k_ref, v_ref, visible_ref, index_ref, positions_ref, freq_ref,
-            q_norm_ref, k_norm_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref,
-            v_cache_ref, *, group, group_pad, head_dim, v_dim, cache_len, block_s, eps,
+def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
+            k_norm_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref, v_cache_ref, *,
+            num_heads, num_kv_heads, group, group_pad, head_dim, cache_len, block_s, eps,
             scale, qk_norm, interpret):
   del k_cache_in, v_cache_in  # aliased to k_cache_ref, v_cache_ref
   b, g = pl.program_id(0), pl.program_id(1)
   r = jnp.arange(group_pad)
   r_ok = r < group
   d = jnp.arange(head_dim)
-  dv = jnp.arange(v_dim)
   half = head_dim // 2
   partner = (d + half) % head_dim  # rotate-half: x * cos + [-x2, x1] * sin
   sign = jnp.where(d < half, -1.0, 1.0)
@@ -67,26 +94,29 @@ def _kernel(q_ref, k_ref, v_ref, visible_ref, index_ref, positions_ref, freq_ref
       x_partner = (x_partner * inv * weight_partner).astype(dtype).astype(jnp.float32)
     return (x * cos + sign * x_partner * sin).astype(dtype)
 
-  heads = g * group + r
-  q = norm_rope(plt.load(q_ref.at[b, heads[:, None], d[None, :]], mask=r_ok[:, None],
+  dtype = qkv_ref.dtype
+  heads = g * group + r  # this program's query heads; its key and value heads follow H
+  k_head, v_head = num_heads + g, num_heads + num_kv_heads + g
+  q = norm_rope(plt.load(qkv_ref.at[b, heads[:, None], d[None, :]], mask=r_ok[:, None],
                          other=0),
-                plt.load(q_ref.at[b, heads[:, None], partner[None, :]],
+                plt.load(qkv_ref.at[b, heads[:, None], partner[None, :]],
                          mask=r_ok[:, None], other=0),
-                q_norm_ref, q_ref.dtype).astype(k_cache_ref.dtype)  # [group_pad, Dk]
-  k_new = norm_rope(plt.load(k_ref.at[b, g, d]), plt.load(k_ref.at[b, g, partner]),
-                    k_norm_ref, k_ref.dtype).astype(k_cache_ref.dtype)
-  v_new = plt.load(v_ref.at[b, g, dv]).astype(v_cache_ref.dtype)
+                q_norm_ref, dtype).astype(k_cache_ref.dtype)  # [group_pad, D]
+  k_new = norm_rope(plt.load(qkv_ref.at[b, k_head, d]),
+                    plt.load(qkv_ref.at[b, k_head, partner]),
+                    k_norm_ref, dtype).astype(k_cache_ref.dtype)
+  v_new = plt.load(qkv_ref.at[b, v_head, d]).astype(v_cache_ref.dtype)
   plt.store(k_cache_ref.at[b, index, g, d], k_new)
-  plt.store(v_cache_ref.at[b, index, g, dv], v_new)
+  plt.store(v_cache_ref.at[b, index, g, d], v_new)
 
   def block(i, carry):
     m, l, acc = carry
     s = i * block_s + jnp.arange(block_s)
     s_ok = s < cache_len
     keys = plt.load(k_cache_ref.at[b, s[None, :], g, d[:, None]], mask=s_ok[None, :],
-                    other=0)  # [Dk, block_s]
-    values = plt.load(v_cache_ref.at[b, s[:, None], g, dv[None, :]], mask=s_ok[:, None],
-                      other=0)  # [block_s, Dv]
+                    other=0)  # [D, block_s]
+    values = plt.load(v_cache_ref.at[b, s[:, None], g, d[None, :]], mask=s_ok[:, None],
+                      other=0)  # [block_s, D]
     # The slot written above is taken from registers: no read-after-write ordering.
     keys = jnp.where((s == index)[None, :], k_new[:, None], keys)
     values = jnp.where((s == index)[:, None], v_new[None, :], values)
@@ -108,11 +138,11 @@ def _kernel(q_ref, k_ref, v_ref, visible_ref, index_ref, positions_ref, freq_ref
 
   init = (jnp.full((group_pad,), -jnp.inf, jnp.float32),
           jnp.zeros((group_pad,), jnp.float32),
-          jnp.zeros((group_pad, v_dim), jnp.float32))
+          jnp.zeros((group_pad, head_dim), jnp.float32))
   # Slots after the new token are never visible: stop at its block.
   _, l, acc = jax.lax.fori_loop(0, index // block_s + 1, block, init)
   out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
-  plt.store(out_ref.at[b, heads[:, None], dv[None, :]], out.astype(out_ref.dtype),
+  plt.store(out_ref.at[b, heads[:, None], d[None, :]], out.astype(out_ref.dtype),
             mask=r_ok[:, None])
 
 
@@ -122,8 +152,8 @@ def _is_pow2(x: int) -> bool:
 
 @functools.partial(jax.jit, static_argnames=("eps", "scale", "block_s", "num_warps",
                                              "interpret"))
-def decode_attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
-                            v_cache: jax.Array, visible: jax.Array, cache_index: jax.Array,
+def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                            visible: jax.Array, cache_index: jax.Array,
                             positions: jax.Array, inv_freq: jax.Array,
                             q_norm: jax.Array | None, k_norm: jax.Array | None, *,
                             eps: float, scale: float, block_s: int = 64,
@@ -132,38 +162,31 @@ def decode_attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: j
   """Attention of one new token per sequence over its KV cache.
 
   Args:
-    q: `[B, H, Dk]`, k: `[B, Hkv, Dk]`, v: `[B, Hkv, Dv]`: the new token's projections
-      (before q/k norm and RoPE).
-    k_cache: `[B, S, Hkv, Dk]`, v_cache: `[B, S, Hkv, Dv]`; the new k, v are written
-      at slot `cache_index` (in place where XLA can alias the buffers).
+    qkv: `[B, H + 2 * Hkv, D]`, the new token's projections (before q/k norm and RoPE):
+      its `H` query heads, then its `Hkv` key heads, then its `Hkv` value heads. One
+      array, so the model's q/k/v projection stays one XLA dot with one output.
+    k_cache, v_cache: `[B, S, Hkv, D]`; the new key and value are written at slot
+      `cache_index` (in place where XLA can alias the buffers).
     visible: `[B, S]` bool, the slots the new token attends to (itself included; no
       slot after `cache_index`).
-    positions: `[B]` RoPE positions; inv_freq: `[Dk / 2]` RoPE inverse frequencies.
-    q_norm, k_norm: per-head RMSNorm weights `[Dk]` (Qwen3), or both None; any float
+    positions: `[B]` RoPE positions; inv_freq: `[D / 2]` RoPE inverse frequencies.
+    q_norm, k_norm: per-head RMSNorm weights `[D]` (Qwen3), or both None; any float
       dtype, read as stored and widened in the kernel (an `astype` here would be two
       extra XLA kernels per layer and step).
     eps: the RMSNorm epsilon; scale: the logit scale.
 
   Returns:
-    `(out [B, H, Dv] in q's dtype, k_cache, v_cache)`. Head dims must be powers of two
-    of at least 16 (Triton tiles); the query-head group `H / Hkv` is padded to 16 rows
-    for the tensor-core dots.
+    `(out [B, H, D] in qkv's dtype, k_cache, v_cache)`. `H` must be a multiple of `Hkv`
+    and `D` a power of two of at least 16 (Triton tiles); the query-head group
+    `H / Hkv` is padded to 16 rows for the tensor-core dots.
   """
-  batch, heads, head_dim = q.shape
-  kv_heads, v_dim = v.shape[1], v.shape[2]
-  cache_len = k_cache.shape[1]
-  if k.shape != (batch, kv_heads, head_dim) or v.shape[0] != batch or heads % kv_heads:
-    raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} are not [B, H, Dk], "
-                     "[B, Hkv, Dk], [B, Hkv, Dv] with H a multiple of Hkv")
-  if k_cache.shape != (batch, cache_len, kv_heads, head_dim) or v_cache.shape != (
-      batch, cache_len, kv_heads, v_dim):
-    raise ValueError(f"cache shapes {k_cache.shape}, {v_cache.shape} do not fit "
-                     f"[B, S, Hkv, D] for q {q.shape} and v {v.shape}")
+  heads = _num_heads(qkv, k_cache, v_cache)
+  batch, cache_len, kv_heads, head_dim = k_cache.shape
   if visible.shape != (batch, cache_len):
     raise ValueError(f"visible must be [B, S] = {(batch, cache_len)}, got {visible.shape}")
-  if not (_is_pow2(head_dim) and _is_pow2(v_dim) and _is_pow2(block_s)):
-    raise ValueError(f"head dims ({head_dim}, {v_dim}) and block_s ({block_s}) must be "
-                     "powers of two >= 16")
+  if not (_is_pow2(head_dim) and _is_pow2(block_s)):
+    raise ValueError(f"head dim ({head_dim}) and block_s ({block_s}) must be powers of "
+                     "two >= 16")
   if inv_freq.shape != (head_dim // 2,):
     raise ValueError(f"inv_freq must be [{head_dim // 2}] (RoPE over the whole head), "
                      f"got {inv_freq.shape}")
@@ -174,19 +197,20 @@ def decode_attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: j
     q_norm = k_norm = jnp.zeros((head_dim,), jnp.float32)  # unused placeholders
   group = heads // kv_heads
   kernel = functools.partial(
-      _kernel, group=group, group_pad=max(16, 1 << (group - 1).bit_length()),
-      head_dim=head_dim, v_dim=v_dim, cache_len=cache_len, block_s=block_s, eps=eps,
-      scale=scale, qk_norm=qk_norm, interpret=bool(interpret))
+      _kernel, num_heads=heads, num_kv_heads=kv_heads, group=group,
+      group_pad=max(16, 1 << (group - 1).bit_length()), head_dim=head_dim,
+      cache_len=cache_len, block_s=block_s, eps=eps, scale=scale, qk_norm=qk_norm,
+      interpret=bool(interpret))
   return pl.pallas_call(
       kernel,
       grid=(batch, kv_heads),
-      out_shape=(jax.ShapeDtypeStruct((batch, heads, v_dim), q.dtype),
+      out_shape=(jax.ShapeDtypeStruct((batch, heads, head_dim), qkv.dtype),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-      input_output_aliases={9: 1, 10: 2},
+      input_output_aliases={7: 1, 8: 2},
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name="sere_decode_attention",
-  )(q, k, v, visible.astype(jnp.int32), jnp.reshape(cache_index, (1,)).astype(jnp.int32),
+  )(qkv, visible.astype(jnp.int32), jnp.reshape(cache_index, (1,)).astype(jnp.int32),
     positions.astype(jnp.int32), inv_freq.astype(jnp.float32),
     q_norm, k_norm, k_cache, v_cache)

@@ -24,8 +24,7 @@ EPS, SCALE = 1e-6, 0.25
 def _case(rng, *, batch, heads, kv_heads, head_dim, cache_len, index, dtype, qk_norm,
           cache_dtype=None):
   normal = lambda *shape, dtype=dtype: jnp.asarray(rng.normal(size=shape), dtype)
-  q, k, v = (normal(batch, heads, head_dim), normal(batch, kv_heads, head_dim),
-             normal(batch, kv_heads, head_dim))
+  qkv = normal(batch, heads + 2 * kv_heads, head_dim)  # q heads, then k, then v
   k_cache = normal(batch, cache_len, kv_heads, head_dim, dtype=cache_dtype or dtype)
   v_cache = normal(batch, cache_len, kv_heads, head_dim, dtype=cache_dtype or dtype)
   # Left padding: sequence i starts at slot 3 * i; slots after `index` are not visible.
@@ -38,7 +37,7 @@ def _case(rng, *, batch, heads, kv_heads, head_dim, cache_len, index, dtype, qk_
   norms = ((jnp.asarray(1 + 0.1 * rng.normal(size=head_dim), dtype),
             jnp.asarray(1 + 0.1 * rng.normal(size=head_dim), dtype))
            if qk_norm else (None, None))
-  return (q, k, v, k_cache, v_cache, jnp.asarray(visible), jnp.int32(index), positions,
+  return (qkv, k_cache, v_cache, jnp.asarray(visible), jnp.int32(index), positions,
           inv_freq, *norms)
 
 
@@ -70,7 +69,7 @@ def test_matches_model_attention(case):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                err_msg=name, **tol)
   # Only slot `index` of the caches changes.
-  for new, old in zip(got[1:], args[3:5]):
+  for new, old in zip(got[1:], args[1:3]):
     keep = np.arange(cache_len) != index
     np.testing.assert_array_equal(np.asarray(new)[:, keep], np.asarray(old)[:, keep])
 
@@ -79,7 +78,7 @@ def test_row_with_nothing_visible_is_zero():
   rng = np.random.default_rng(0)
   args = list(_case(rng, batch=2, heads=4, kv_heads=2, head_dim=16, cache_len=16, index=5,
                     dtype=jnp.float32, qk_norm=False))
-  args[5] = args[5].at[1].set(False)  # sequence 1 sees no slot (not even itself)
+  args[3] = args[3].at[1].set(False)  # sequence 1 sees no slot (not even itself)
   out, _, _ = decode_attention_triton(*args, eps=EPS, scale=SCALE, block_s=16,
                                       interpret=True)
   np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
@@ -93,14 +92,40 @@ def test_rejects_bad_shapes():
                     dtype=jnp.float32, qk_norm=True))
   call = functools.partial(decode_attention_triton, eps=EPS, scale=SCALE, interpret=True)
   with pytest.raises(ValueError, match="visible must be"):
-    call(*args[:5], args[5][:, :8], *args[6:])
+    call(*args[:3], args[3][:, :8], *args[4:])
   with pytest.raises(ValueError, match="powers of two"):
     call(*args, block_s=24)
   with pytest.raises(ValueError, match="both be given"):
-    call(*args[:10], None)
+    call(*args[:8], None)
   bad_cache = jnp.zeros((2, 16, 3, 16), jnp.float32)
   with pytest.raises(ValueError, match="cache shapes"):
-    call(*args[:3], bad_cache, *args[4:])
+    call(args[0], bad_cache, *args[2:])
+  with pytest.raises(ValueError, match="cache shapes"):  # qkv's D is not the caches'
+    call(jnp.zeros((2, 8, 32), jnp.float32), *args[1:])
+
+
+@pytest.mark.parametrize("qkv_heads", [4, 5, 7, 9])
+def test_rejects_qkv_not_h_plus_2hkv(qkv_heads):
+  """With Hkv = 2 KV heads (from the caches), qkv's heads are not H + 2 * Hkv with H a
+  positive multiple of 2."""
+  rng = np.random.default_rng(2)
+  args = list(_case(rng, batch=2, heads=4, kv_heads=2, head_dim=16, cache_len=16, index=5,
+                    dtype=jnp.float32, qk_norm=False))
+  qkv = jnp.zeros((2, qkv_heads, 16), jnp.float32)
+  for fn in (decode_attention_triton, decode_attention_reference):
+    with pytest.raises(ValueError, match=rf"qkv has {qkv_heads} heads, not H \+ 2 \* Hkv"):
+      fn(qkv, *args[1:], eps=EPS, scale=SCALE)
+
+
+def test_rejects_different_key_and_value_dims():
+  """One qkv array cannot hold keys of 16 and values of 32 (Dk != Dv)."""
+  rng = np.random.default_rng(3)
+  args = list(_case(rng, batch=2, heads=4, kv_heads=2, head_dim=16, cache_len=16, index=5,
+                    dtype=jnp.float32, qk_norm=False))
+  v_cache = jnp.zeros((2, 16, 2, 32), jnp.float32)
+  for fn in (decode_attention_triton, decode_attention_reference):
+    with pytest.raises(ValueError, match="key and value head dims differ"):
+      fn(args[0], args[1], v_cache, *args[3:], eps=EPS, scale=SCALE)
 
 
 def test_lowers_for_cuda():
@@ -109,8 +134,8 @@ def test_lowers_for_cuda():
   bf16, i32 = jnp.bfloat16, jnp.int32
   fn = functools.partial(decode_attention_triton, eps=EPS, scale=SCALE)
   exported = export_for(
-      "cuda", fn, spec((16, 32, 128), bf16), spec((16, 4, 128), bf16),
-      spec((16, 4, 128), bf16), spec((16, 160, 4, 128), bf16), spec((16, 160, 4, 128), bf16),
+      "cuda", fn, spec((16, 32 + 2 * 4, 128), bf16), spec((16, 160, 4, 128), bf16),
+      spec((16, 160, 4, 128), bf16),
       spec((16, 160), jnp.bool_), spec((), i32), spec((16,), i32),
       spec((64,), jnp.float32), spec((128,), bf16), spec((128,), bf16))
   module = exported.mlir_module()

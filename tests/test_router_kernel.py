@@ -42,6 +42,29 @@ def test_router_breaks_ties_towards_the_lower_expert():
   np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights), rtol=1e-6)
 
 
+@pytest.mark.parametrize("block_t", [1, 4, 8, 16])
+@pytest.mark.parametrize("experts,top_k,dtype,normalize", [
+    (60, 8, jnp.float32, True),     # E not a power of two, ties at the K-th place
+    (12, 12, jnp.bfloat16, False),  # K = E, bf16
+])
+def test_router_block_sizes_with_ties(block_t, experts, top_k, dtype, normalize):
+  # block_t + 3 tokens: a partial last block (but for block_t = 1). Logits on a coarse
+  # grid of 8 values, exact in bf16: ties at every place; row 0 is all one value.
+  tokens = block_t + 3
+  levels = np.random.default_rng(block_t + experts).integers(0, 8, (tokens, experts))
+  levels[0] = 3
+  logits = jnp.asarray(levels * 0.5 - 2, dtype)
+  if top_k < experts:
+    ordered = -np.sort(-levels, axis=1)
+    assert np.any(ordered[1:, top_k - 1] == ordered[1:, top_k])  # a tie across the cut
+  ids, weights = route_triton(logits, top_k, normalize=normalize, block_t=block_t,
+                              interpret=True)
+  want_ids, want_weights = routing.route(logits, top_k, normalize=normalize)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+  np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights),
+                             rtol=1e-6, atol=1e-7)
+
+
 def test_router_takes_bf16_logits():
   logits = jnp.asarray(np.random.default_rng(2).normal(size=(9, 32)), jnp.bfloat16)
   ids, weights = route_triton(logits, 3, normalize=True, interpret=True)
@@ -74,9 +97,26 @@ def test_router_rejects_bad_input(args, match):
     route_triton(*args, interpret=True)
 
 
+@pytest.mark.parametrize("block_t", [0, 3, 12])
+def test_router_rejects_block_t_not_a_power_of_two(block_t):
+  with pytest.raises(ValueError, match="block_t must be a power of two"):
+    route_triton(jnp.zeros((4, 8)), 2, block_t=block_t, interpret=True)
+
+
 @pytest.mark.parametrize("tokens", [1, 16, 256])
 def test_router_lowers_for_cuda(tokens):
   exported = export_for("cuda", lambda lg: route_triton(lg, 8, normalize=True),
                         jax.ShapeDtypeStruct((tokens, 128), jnp.float32))
   assert _TRITON_CALL in exported.mlir_module()
   assert [a.shape for a in exported.out_avals] == [(tokens, 8), (tokens, 8)]
+
+
+@pytest.mark.parametrize("block_t", [1, 2, 4, 8])
+@pytest.mark.parametrize("num_warps", [2, 8])
+def test_router_small_blocks_lower_for_cuda(block_t, num_warps):
+  exported = export_for(
+      "cuda", lambda lg: route_triton(lg, 8, normalize=True, block_t=block_t,
+                                      num_warps=num_warps),
+      jax.ShapeDtypeStruct((13, 60), jnp.bfloat16))
+  assert _TRITON_CALL in exported.mlir_module()
+  assert [a.shape for a in exported.out_avals] == [(13, 8), (13, 8)]

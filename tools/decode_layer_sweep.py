@@ -9,7 +9,7 @@ Per batch size (default 16,64):
   projection as an XLA dot and as `gmm_triton`;
 - the decode-attention kernel over a 160-slot cache (index 150) at several tilings;
 - routing (router gemm + softmax top-8 of 128): XLA's, and the fused top-K kernel with
-  1, 2 and 4 warps.
+  1, 2, 4 and 16 tokens per program and 1, 2 and 4 warps.
 Times are µs per layer over a chain of 8 weight sets (`benchmarking.LayerChain`,
 chain update subtracted), with the read-bandwidth roofline of the bytes read.
 """
@@ -60,7 +60,7 @@ def _attend(x, k_cache, v_cache, **tiles):
   kv = x.reshape(batch, 16, 128)[:, :4]
   visible = jnp.broadcast_to(jnp.arange(CACHE) <= INDEX, (batch, CACHE))
   out, _, _ = decode_attention_triton(
-      q, kv, kv, k_cache, v_cache, visible, jnp.int32(INDEX),
+      jnp.concatenate([q, kv, kv], axis=1), k_cache, v_cache, visible, jnp.int32(INDEX),
       jnp.full((batch,), INDEX, jnp.int32), layers.rope_inv_freq(128, 1e6),
       jnp.ones((128,), jnp.float32), jnp.ones((128,), jnp.float32), eps=1e-6,
       scale=128 ** -0.5, **tiles)
@@ -88,12 +88,13 @@ def main(argv):
   }
   routers = [(weight(4 * i + 3, (D, EXPERTS)),) for i in range(LAYERS)]
   cases["router_xla"] = (lambda x, w: _route(x, w, routing.route), routers, D * EXPERTS)
-  for warps in (1, 2, 4):
-    cases[f"router_triton_num_warps{warps}"] = (
-        lambda x, w, warps=warps: _route(
-            x, w, lambda lg, k, normalize: route_triton(lg, k, normalize=normalize,
-                                                        num_warps=warps)),
-        routers, D * EXPERTS)
+  for block_t in (1, 2, 4, 16):
+    for warps in (1, 2, 4):
+      cases[f"router_triton_block_t{block_t}_num_warps{warps}"] = (
+          lambda x, w, o=dict(block_t=block_t, num_warps=warps): _route(
+              x, w, lambda lg, k, normalize: route_triton(lg, k, normalize=normalize,
+                                                          **o)),
+          routers, D * EXPERTS)
   for t in TRITON_TILES:
     name = "_".join(f"{k}{v}" for k, v in t.items())
     cases[f"qkv_triton_{name}"] = (lambda x, w, t=t: _triton(x, w, **t),
