@@ -11,7 +11,8 @@ roofline of one step, and Hugging Face transformers' `generate()` as the peer.
 Suite `kernels` (DESIGN.md §7): one MoE layer at Qwen3-30B-A3B shapes, timed inside
 one jit over a chain of layers with different weights. For every batch size, forced
 distinct-expert counts and natural (uniform) routing under `none` and `sere`: our op
-(`impl`), the fused routing+schedule kernel alone, `jax.lax.ragged_dot`, the dense
+(`impl`), routing + schedule alone (the router `MoeBlock` runs with `impl`, then the
+fused schedule kernel), `jax.lax.ragged_dot`, the dense
 einsum, and the roofline from the read bandwidth measured in the same process.
 Writes `<out>.json` and `<out>.md`. `--torch_peer` adds PyTorch's `torch._grouped_mm`
 on the same routings, run in a child process.
@@ -35,6 +36,7 @@ import numpy as np
 
 from sere_jax import benchmarking
 from sere_jax import fileio
+from sere_jax import moe
 from sere_jax.scripts import bench_decode
 from sere_jax import policies
 from sere_jax import routing
@@ -126,6 +128,7 @@ def kernels_suite(env):
   rng = np.random.default_rng(0)
   sims = [jnp.asarray(synthetic_similarity(rng, e)) for _ in range(layers)]
   impl = moe_ffn_lib.resolve_impl(_IMPL.value)
+  route = moe.softmax_router(k, normalize=False, impl=impl)  # what MoeBlock runs
   chains = {}
 
   def op_chain(name, config):
@@ -133,7 +136,7 @@ def kernels_suite(env):
     if key not in chains:
       if name == "schedule":
         def step(x, logits, sim):
-          ids, _ = routing.route(logits, k)
+          ids, _, _ = route(logits)
           sched = moe_ffn_lib.kernel_schedule(impl, ids, jnp.ones(ids.shape[:1], bool),
                                               sim, config, e)
           return jnp.broadcast_to(sched.stats[1].astype(x.dtype) * 1e-9, x.shape)
@@ -231,10 +234,11 @@ def gmm_sweep(env):
   read_bw = benchmarking.read_bandwidth(shape["bandwidth_bytes"])
   weights = make_weights(shape, layers)
   rng = np.random.default_rng(0)
-  variants = [{}, dict(max_programs=528), dict(max_programs=1056),
-              dict(max_programs=2112), dict(max_programs=1056, k_splits=1),
-              dict(max_programs=1056, k_splits=4), dict(max_programs=1056, block_k=128),
-              dict(max_programs=1056, block_n=256, num_warps=8)]
+  # Around TILES: one program per possible item (no item loop), other K splits,
+  # narrower N blocks (twice the work items, each half as long), longer K steps.
+  variants = [{}, dict(max_programs=None), dict(k_splits=1), dict(k_splits=3),
+              dict(k_splits=4), dict(block_n=64), dict(block_n=64, k_splits=1),
+              dict(block_k=128)]
   configs = [dict(TILES, **v) for v in variants]
   rows = []
   for batch in [int(b) for b in _BATCHES.value]:
