@@ -1,0 +1,34 @@
+"""The kernels benchmark suite at tiny scale on this machine (interpret-mode kernels)."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_kernels_suite_tiny(tmp_path):
+  out = tmp_path / "kernels_cpu"
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  proc = subprocess.run(
+      [sys.executable, "-m", "sere_jax.scripts.benchmark", "--suite=kernels",
+       "--scale=tiny", "--batch=4", "--distinct=8", "--layers=2", "--min_seconds=0.001",
+       "--peers=ragged_dot", f"--out={out}"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(f"{out}.json") as fh:
+    result = json.load(fh)
+  assert result["suite"] == "kernels" and result["impl"] == "interpret"
+  assert "partial" not in result and result["read_bandwidth_tbs"] > 0
+  rows = result["rows"]
+  # One forced case (8 distinct experts of 16, top-4) and the natural policies.
+  assert [(r["mode"], r["policy"], r["select_top_k"]) for r in rows] == [
+      ("forced", "none", 0), ("natural", "none", 0), ("natural", "sere", 1),
+      ("natural", "sere", 2)]
+  assert rows[0]["distinct"] == 8
+  assert rows[2]["distinct"] <= 4  # S = 1: at most one expert per token
+  for r in rows:
+    for key in ("interpret_us", "ragged_dot_us", "routing_schedule_us", "roofline_us",
+                "ours_over_roofline"):
+      assert isinstance(r[key], float), (key, r)
+    assert r["roofline_us"] > 0 and r["interpret_us"] > 0
+  assert os.path.getsize(f"{out}.md") > 0
