@@ -257,6 +257,18 @@ def run_peer(python: str, device: str, hf: dict, batches, prompt_len: int, new_t
 # ---------------------------------------------------------------------------------------
 # The JAX side.
 
+def resolve_attention_impl(model_type: str, attention_impl: str) -> str:
+  """The attention a decode step of `model_type` runs: DeepSeek-V2's MLA has only the
+  XLA path (and takes `auto` or `xla`); the Qwen models resolve `auto` themselves."""
+  from sere_jax.models import qwen_moe  # pylint: disable=g-import-not-at-top
+  if model_type != "deepseek_v2":
+    return qwen_moe.resolve_attention_impl(attention_impl)
+  if attention_impl not in ("auto", "xla"):
+    raise ValueError(f"attention_impl={attention_impl!r} is for the Qwen models; "
+                     "DeepSeek-V2's MLA attention has only the XLA path")
+  return "xla"
+
+
 def build_model(model: str, scale: str, impl: str, seed: int = 0,
                 attention_impl: str = "auto"):
   """The model with random bf16 weights and synthetic similarities, made on the device.
@@ -273,10 +285,8 @@ def build_model(model: str, scale: str, impl: str, seed: int = 0,
 
   hf = hf_config(model, scale)
   options = dict(impl=impl, param_dtype=jnp.bfloat16)
+  resolve_attention_impl(hf["model_type"], attention_impl)  # rejects what cannot run
   if hf["model_type"] == "deepseek_v2":
-    if attention_impl not in ("auto", "xla"):
-      raise ValueError(f"attention_impl={attention_impl!r} is for the Qwen models; "
-                       "DeepSeek-V2's MLA attention has only the XLA path")
     config, cls = deepseek_v2.DeepseekV2Config.from_hf(hf), deepseek_v2.DeepseekV2ForCausalLM
   else:
     config, cls = qwen_moe.QwenMoeConfig.from_hf(hf), qwen_moe.QwenMoeForCausalLM
@@ -363,7 +373,6 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
   from sere_jax import generation  # pylint: disable=g-import-not-at-top
   from sere_jax import fileio  # pylint: disable=g-import-not-at-top
   from sere_jax import profiling  # pylint: disable=g-import-not-at-top
-  from sere_jax.models import qwen_moe  # pylint: disable=g-import-not-at-top
   from sere_jax.kernels import moe_ffn as moe_ffn_lib  # pylint: disable=g-import-not-at-top
 
   env = benchmarking.environment()
@@ -379,8 +388,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
   import dataclasses  # pylint: disable=g-import-not-at-top
   result = dict(suite="decode", env=env, model=model, scale=scale,
                 model_config=dataclasses.asdict(config), hf_config=hf, impl=resolved_impl,
-                attention_impl=("xla" if hf["model_type"] == "deepseek_v2" else
-                                qwen_moe.resolve_attention_impl(attention_impl)),
+                attention_impl=resolve_attention_impl(hf["model_type"], attention_impl),
                 protocol=dict(prompt_len=prompt_len, new_tokens=new_tokens,
                               batches=list(batches), policies=[p["name"] for p in policies],
                               repeats=repeats, sampling="greedy", dtype="bfloat16",

@@ -16,13 +16,13 @@ chain update subtracted), with the read-bandwidth roofline of the bytes read.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import jax
 import jax.numpy as jnp
 
 from sere_jax import benchmarking
+from sere_jax import fileio
 from sere_jax import routing
 from sere_jax.kernels.decode_attention import decode_attention_triton
 from sere_jax.kernels.gmm_triton import gmm_triton
@@ -122,9 +122,9 @@ def main(argv):
       rows.append(dict(batch=batch, case=name, us=us, roofline_us=roofline,
                        ratio=us / roofline))
       print(rows[-1], flush=True)
-  with open(out_path, "w") as fh:
-    json.dump(dict(env=benchmarking.environment(), read_bandwidth_tbs=read_bw / 1e12,
-                   rows=rows), fh, indent=1)
+  fileio.write_json_atomic(out_path, dict(
+      command="python tools/decode_layer_sweep.py " + " ".join(argv[1:]),
+      env=benchmarking.environment(), read_bandwidth_tbs=read_bw / 1e12, rows=rows))
 
 
 if __name__ == "__main__":
