@@ -24,29 +24,28 @@ from jax.experimental.pallas import triton as plt
 class _ItemTable:
   """The work items of one call, from the `[E + 1]` group offsets.
 
-  Items are the row blocks of every expert with rows, in expert order: an expert with
-  at most `block_m` rows is one `block_m`-row item; with `big_block_m` set, an expert
-  with more rows is split into `big_block_m`-row items (else into `block_m`-row ones).
-  Every program builds the table from the offsets (a prefix sum over the experts), so
-  the schedule need not know the tiling.
+  Items are the row blocks of every expert with rows, in expert order. An expert's
+  tile is the smallest of `row_tiles` that holds all its rows (one item), else the
+  largest (several items). Every program builds the table from the offsets (a prefix
+  sum over the experts), so the schedule need not know the tiling.
   """
 
-  def __init__(self, offsets_ref, *, num_experts, block_m, big_block_m):
+  def __init__(self, offsets_ref, *, num_experts, row_tiles):
     self.num_experts = num_experts
     self.expert = jnp.arange(_pow2_at_least(num_experts, 16))
     real = self.expert < num_experts
     self.starts = plt.load(offsets_ref.at[self.expert], mask=real, other=0)
     self.ends = plt.load(offsets_ref.at[self.expert + 1], mask=real, other=0)
     sizes = self.ends - self.starts
-    self.big = sizes > block_m if big_block_m else jnp.zeros_like(real)
-    self.tile = jnp.where(self.big, big_block_m or block_m, block_m)
+    self.tile = jnp.full_like(sizes, row_tiles[-1])
+    for tile in reversed(row_tiles[:-1]):
+      self.tile = jnp.where(sizes <= tile, tile, self.tile)
     self.blocks = (sizes + self.tile - 1) // self.tile
     self.done_after = jnp.cumsum(self.blocks)  # items of experts 0..e
     self.count = jnp.sum(self.blocks)
 
   def item(self, index):
-    """Item `index < count`: its expert, first row, the group's end, and whether it
-    is a big-tile item."""
+    """Item `index < count`: its expert, first row, the group's end and its tile."""
     done = self.done_after <= index  # experts whose items all come before `index`
     owner = jnp.sum(jnp.where(done, 1, 0))
     is_owner = self.expert == owner
@@ -55,15 +54,14 @@ class _ItemTable:
              + block * jnp.sum(jnp.where(is_owner, self.tile, 0)))
     return (jnp.minimum(owner, self.num_experts - 1), first,
             jnp.sum(jnp.where(is_owner, self.ends, 0)),
-            jnp.sum(jnp.where(is_owner & self.big, 1, 0)) > 0)
+            jnp.sum(jnp.where(is_owner, self.tile, 0)))
 
 
 def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_experts,
-                block_m, big_block_m, block_n, block_k, chunks_per_split, num_chunks,
-                contract, n, gather, item_programs, interpret):
+                row_tiles, block_n, block_k, chunks_per_split, num_chunks, contract, n,
+                gather, item_programs, interpret):
   n_block, split, program = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  items = _ItemTable(offsets_ref, num_experts=num_experts, block_m=block_m,
-                     big_block_m=big_block_m)
+  items = _ItemTable(offsets_ref, num_experts=num_experts, row_tiles=row_tiles)
   cols = n_block * block_n + jnp.arange(block_n)
   col_ok = cols < n
 
@@ -92,12 +90,12 @@ def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_expert
               mask=row_ok[:, None] & col_ok[None, :])
 
   def one_item(step, carry):
-    expert, row0, end, big = items.item(program + step * item_programs)
-    if big_block_m:
-      pl.when(~big)(lambda: row_block(block_m, expert, row0, end))
-      pl.when(big)(lambda: row_block(big_block_m, expert, row0, end))
-    else:
-      row_block(block_m, expert, row0, end)
+    expert, row0, end, tile = items.item(program + step * item_programs)
+    if len(row_tiles) == 1:
+      row_block(row_tiles[0], expert, row0, end)
+    else:  # one branch per tile: Triton tiles have static shapes
+      for tile_m in row_tiles:
+        pl.when(tile == tile_m)(functools.partial(row_block, tile_m, expert, row0, end))
     return carry
 
   # Programs along the item axis take items program, program + item_programs, ...
@@ -108,24 +106,25 @@ def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_expert
 # Tiles from sweeps on an H200 (docs/benchmarks/gmm_sweep_h200.md): experts with few
 # rows (the common decode case) are fastest with 16-row blocks (less wasted work, more
 # programs in flight); experts with many rows with 64-row blocks, which read each
-# weight tile once per 64 rows. At most 2112 programs (16 per SM), each looping over
-# work items: one program per possible item launched thousands that exit at once when
-# few experts have rows (the down projection at 8 experts took 13.6 instead of 10.7 us).
-TILES = dict(block_m=16, big_block_m=64, block_n=128, block_k=64, k_splits=2,
-             num_warps=4, num_stages=3, max_programs=2112)
+# weight tile once per 64 rows; experts with 17-32 rows with 32-row blocks (at B = 64
+# over 16 experts, 32 rows each, gate+up 34.7 and down 19.5 us against 39.3 and 25.3
+# with 64-row blocks). At most 2112 programs (16 per SM), each looping over work
+# items: one program per possible item launched thousands that exit at once when few
+# experts have rows (the down projection at 8 experts took 13.6 instead of 10.7 us).
+TILES = dict(row_tiles=(16, 32, 64), block_n=128, block_k=64, k_splits=2, num_warps=4,
+             num_stages=3, max_programs=2112)
 
 
 def _pow2_at_least(x: int, low: int) -> int:
   return max(low, 1 << (max(x, 1) - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("num_rows", "block_m", "big_block_m",
-                                             "block_n", "block_k", "k_splits", "num_warps",
+@functools.partial(jax.jit, static_argnames=("num_rows", "row_tiles", "block_n",
+                                             "block_k", "k_splits", "num_warps",
                                              "num_stages", "max_programs", "interpret"))
 def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
                row_token: jax.Array | None = None, *, num_rows: int | None = None,
-               block_m: int = 16, big_block_m: int | None = None,
-               block_n: int = 128, block_k: int = 64,
+               row_tiles: tuple[int, ...] = (16,), block_n: int = 128, block_k: int = 64,
                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3,
                max_programs: int | None = None, interpret: bool = False) -> jax.Array:
   """Grouped matmul over experts with rows only; see `gmm_reference` for the semantics.
@@ -136,8 +135,9 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     group_offsets: `[E + 1]` int32 row offsets per expert, ascending, at most M.
     row_token: optional `[M]` int32 token of each row.
     num_rows: M (required when `row_token` is None and x has extra rows).
-    block_m: rows per work item; big_block_m: rows per item of experts with more
-      than `block_m` rows (None: `block_m` for every expert). See `TILES`.
+    row_tiles: ascending powers of two (at least 16), the row-block sizes of the work
+      items: an expert's rows go into the smallest tile that holds them all, or into
+      several of the largest. See `TILES`.
     max_programs: cap on the programs launched; each then loops over several work
       items (None: one program per possible item, most of which exit at once when
       few experts have rows).
@@ -154,8 +154,11 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
   if group_offsets.shape != (num_experts + 1,):
     raise ValueError(f"group_offsets must be [E + 1] = [{num_experts + 1}] for w of "
                      f"shape {w.shape}, got {group_offsets.shape}")
-  if big_block_m is not None and big_block_m < block_m:
-    raise ValueError(f"big_block_m ({big_block_m}) must be at least block_m ({block_m})")
+  row_tiles = tuple(row_tiles)
+  if (not row_tiles or list(row_tiles) != sorted(set(row_tiles))
+      or any(t < 16 or t & (t - 1) for t in row_tiles)):
+    raise ValueError("row_tiles must be ascending distinct powers of two >= 16, got "
+                     f"{row_tiles}")
   block_n = min(block_n, _pow2_at_least(n, 16))
   block_k = min(block_k, _pow2_at_least(contract, 16))
   num_chunks = pl.cdiv(contract, block_k)
@@ -164,15 +167,15 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
   k_splits = pl.cdiv(num_chunks, chunks_per_split)
   if row_token is None:
     row_token = jnp.zeros((1,), jnp.int32)  # unused placeholder
-  # An expert of s rows has at most s // tile + 1 items (tile >= block_m), and at
-  # most min(E, M) experts have rows.
-  max_items = max(min(num_experts, num_rows) + num_rows // block_m, 1)
+  # An expert of s rows has at most s // tile + 1 items (tile >= row_tiles[0]), and
+  # at most min(E, M) experts have rows.
+  max_items = max(min(num_experts, num_rows) + num_rows // row_tiles[0], 1)
   n_blocks = pl.cdiv(n, block_n)
   item_programs = max_items
   if max_programs is not None:
     item_programs = min(max_items, max(1, max_programs // (n_blocks * k_splits)))
   kernel = functools.partial(
-      _gmm_kernel, num_experts=num_experts, block_m=block_m, big_block_m=big_block_m,
+      _gmm_kernel, num_experts=num_experts, row_tiles=row_tiles,
       block_n=block_n, block_k=block_k, chunks_per_split=chunks_per_split,
       num_chunks=num_chunks, contract=contract, n=n, gather=gather,
       item_programs=item_programs, interpret=bool(interpret))

@@ -83,6 +83,9 @@ _PEER_DEVICE = flags.DEFINE_string("peer_device", "cuda", "decode: torch device 
 _PEER_TIMEOUT = flags.DEFINE_float("peer_timeout", 1800, "decode: seconds for the peer.")
 _GMM_MATMULS = flags.DEFINE_list("gmm_matmuls", ["gate_up", "down"],
                                   "gmm_sweep: the projections swept (gate_up, down).")
+_GMM_VARIANTS = flags.DEFINE_string(
+    "gmm_variants", "", "gmm_sweep: the tilings timed, as a JSON list of overrides of "
+    "gmm_triton.TILES (e.g. '[{}, {\"k_splits\": 4}]'); empty: a built-in list.")
 _MERGE = flags.DEFINE_list("merge", [], "Instead of running: merge these result JSON files "
                            "of one suite (e.g. runs over different batch sizes).")
 
@@ -223,6 +226,37 @@ def run_torch_peer(shape, layers, cases):
   return result["times_us"], result["env"]
 
 
+# Around TILES: other row tiles, one program per possible item (no item loop), other K
+# splits, narrower N blocks (twice the work items, each half as long), longer K steps,
+# fewer warps per program, a deeper software pipeline.
+DEFAULT_GMM_VARIANTS = (
+    {}, dict(row_tiles=(16, 64)), dict(row_tiles=(16,)), dict(max_programs=None),
+    dict(k_splits=1), dict(k_splits=4), dict(block_n=64), dict(block_k=128),
+    dict(num_warps=2), dict(num_stages=4))
+
+
+def gmm_variants() -> list[dict]:
+  """The tile overrides `--gmm_variants` names (a JSON list of objects), else the defaults."""
+  # pylint: disable-next=g-import-not-at-top
+  from sere_jax.kernels.gmm_triton import TILES
+  if not _GMM_VARIANTS.value:
+    return [dict(v) for v in DEFAULT_GMM_VARIANTS]
+  try:
+    variants = json.loads(_GMM_VARIANTS.value)
+  except json.JSONDecodeError as err:
+    raise app.UsageError(f"--gmm_variants is not JSON: {err}") from err
+  if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+    raise app.UsageError("--gmm_variants must be a JSON list of objects, e.g. "
+                         '\'[{}, {"k_splits": 4}]\'')
+  unknown = sorted({k for v in variants for k in v} - set(TILES))
+  if unknown:
+    raise app.UsageError(f"--gmm_variants names unknown tile options {unknown}; "
+                         f"known: {sorted(TILES)}")
+  # JSON has no tuples; jit's static arguments must be hashable.
+  return [{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}
+          for v in variants]
+
+
 def gmm_sweep(env):
   """Tile configurations of the Triton grouped matmul, on the gate+up projection
   (tokens gathered in-kernel) and on the down projection (expert-sorted rows)."""
@@ -234,12 +268,7 @@ def gmm_sweep(env):
   read_bw = benchmarking.read_bandwidth(shape["bandwidth_bytes"])
   weights = make_weights(shape, layers)
   rng = np.random.default_rng(0)
-  # Around TILES: one program per possible item (no item loop), other K splits,
-  # narrower N blocks (twice the work items, each half as long), longer K steps.
-  variants = [{}, dict(max_programs=None), dict(k_splits=1), dict(k_splits=3),
-              dict(k_splits=4), dict(block_n=64), dict(block_n=64, k_splits=1),
-              dict(block_k=128)]
-  configs = [dict(TILES, **v) for v in variants]
+  configs = [dict(TILES, **v) for v in gmm_variants()]
   rows = []
   for batch in [int(b) for b in _BATCHES.value]:
     x = jax.random.normal(jax.random.PRNGKey(batch), (batch, d), jnp.bfloat16)

@@ -5,6 +5,13 @@ import os
 import subprocess
 import sys
 
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+from sere_jax.scripts import benchmark
+
 
 def test_kernels_suite_tiny(tmp_path):
   out = tmp_path / "kernels_cpu"
@@ -32,3 +39,17 @@ def test_kernels_suite_tiny(tmp_path):
       assert isinstance(r[key], float), (key, r)
     assert r["roofline_us"] > 0 and r["interpret_us"] > 0
   assert os.path.getsize(f"{out}.md") > 0
+
+
+def test_gmm_variants_flag():
+  """`--gmm_variants`: JSON tile overrides (lists become the tuples jit needs), the
+  built-in list by default, and a usage error naming the problem otherwise."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  assert benchmark.gmm_variants() == [dict(v) for v in benchmark.DEFAULT_GMM_VARIANTS]
+  with flagsaver.flagsaver(gmm_variants='[{}, {"row_tiles": [16, 32]}, {"k_splits": 4}]'):
+    assert benchmark.gmm_variants() == [{}, {"row_tiles": (16, 32)}, {"k_splits": 4}]
+  for bad, message in (("[{", "not JSON"), ('{"k_splits": 4}', "list of objects"),
+                       ('[{"block_m": 16}]', r"unknown tile options \['block_m'\]")):
+    with flagsaver.flagsaver(gmm_variants=bad), pytest.raises(app.UsageError, match=message):
+      benchmark.gmm_variants()

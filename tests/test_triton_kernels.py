@@ -40,7 +40,7 @@ def _routing(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     ids = np.full((T, K), E - 1)
   elif kind == "all_active":
     ids = (np.arange(T * K).reshape(T, K) * 5) % E
-  elif kind == "big_group":  # exactly 40 rows of expert 2, more than block_m=16
+  elif kind == "big_group":  # exactly 40 rows of expert 2, more than a 32-row tile
     flat = np.concatenate([np.full(40, 2), rng.choice([0, 4, 6], T * K - 40)])
     ids = rng.permutation(flat).reshape(T, K)
   elif kind == "odd_rows":  # 13 valid tokens: 39 rows, not a block multiple
@@ -60,23 +60,26 @@ SCENARIOS = ("random", "duplicates", "one_expert", "all_active", "big_group", "o
 GMM_CASES = {
     # 3 contraction chunks of 16 split 2 ways (2 + 1 chunks), 2 N blocks (16 + 8)
     "f32_gather_ksplit": (jnp.float32, 40, 24,
-                          True, dict(block_m=16, block_n=16, block_k=16, k_splits=2)),
+                          True, dict(row_tiles=(16,), block_n=16, block_k=16, k_splits=2)),
     # pre-sorted rows (plus extra rows to ignore), one split, 2 N blocks (32 + 16)
     "bf16_sorted_nosplit": (jnp.bfloat16, 40, 48,
-                            False, dict(block_m=16, block_n=32, block_k=32, k_splits=1)),
+                            False, dict(row_tiles=(16,), block_n=32, block_k=32, k_splits=1)),
     # a split per chunk (3), one N block wider than N
     "bf16_gather_ksplit3": (jnp.bfloat16, 40, 24,
-                            True, dict(block_m=16, block_n=32, block_k=16, k_splits=4)),
+                            True, dict(row_tiles=(16,), block_n=32, block_k=16, k_splits=4)),
     # the production tiles (block_n, block_k clamp to the small dims)
     "f32_sorted_production_tiles": (jnp.float32, 40, 48, False, TILES),
     "bf16_gather_production_tiles": (jnp.bfloat16, 40, 48, True, TILES),
     # 16-row items for groups of up to 16 rows, 32-row items for bigger groups
     "f32_gather_two_tiles": (jnp.float32, 40, 24, True,
-                             dict(block_m=16, big_block_m=32, block_n=16, block_k=16,
-                                  k_splits=2)),
+                             dict(row_tiles=(16, 32), block_n=16, block_k=16, k_splits=2)),
+    # the production row tiles (16, 32, 64) with small N and K blocks: groups of
+    # up to 16, up to 32 and more rows in one call (scenario big_group: 40 rows)
+    "bf16_gather_three_tiles": (jnp.bfloat16, 40, 24, True,
+                                dict(TILES, block_n=16, block_k=16)),
     # few programs, each looping over several work items (4 = 2 N blocks x 2 splits x 1)
     "f32_gather_one_program_per_column": (jnp.float32, 40, 24, True,
-                                          dict(block_m=16, big_block_m=32, block_n=16,
+                                          dict(row_tiles=(16, 32), block_n=16,
                                                block_k=16, k_splits=2, max_programs=4)),
     # D = 40 is one K chunk (no split) and N = 48 one N block: 6 programs for 11
     # possible items
@@ -131,12 +134,14 @@ def test_gmm_reference_is_an_independent_matmul():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("tiles", [dict(block_m=16), dict(block_m=16, big_block_m=32),
-                                   dict(block_m=16, max_programs=2 * 2 * 2)],
-                         ids=["one_tile", "two_tiles", "looping_programs"])
+@pytest.mark.parametrize("tiles", [dict(row_tiles=(16,)), dict(row_tiles=(16, 32)),
+                                   dict(row_tiles=(16, 32, 64)),
+                                   dict(row_tiles=(16,), max_programs=2 * 2 * 2)],
+                         ids=["one_tile", "two_tiles", "three_tiles", "looping_programs"])
 def test_gmm_writes_only_grouped_rows(tiles):
   """Rows past the last group are left alone (NaN in interpret mode); an expert with
-  several row blocks gets one work item per block, all written."""
+  several row blocks gets one work item per block, all written, and a tile larger than
+  its group writes none of the rows after it."""
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(T, 40)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(E, 40, 24)), jnp.float32)
@@ -148,6 +153,13 @@ def test_gmm_writes_only_grouped_rows(tiles):
   assert np.all(np.isnan(out[37:]))
   want = np.asarray(gmm_reference(x, w, offsets, row_token))
   np.testing.assert_allclose(out[:37], want[:37], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("row_tiles", [(), (32, 16), (16, 16), (16, 24), (8,)])
+def test_gmm_rejects_bad_row_tiles(row_tiles):
+  with pytest.raises(ValueError, match="row_tiles must be ascending distinct powers of two"):
+    gmm_triton(jnp.zeros((6, 8)), jnp.zeros((4, 8, 8)), jnp.zeros((5,), jnp.int32),
+               row_tiles=row_tiles, interpret=True)
 
 
 def test_gmm_rejects_bad_contraction():
