@@ -4,7 +4,8 @@ Grid: one program per block of `chunk` slots (a power of two, as Triton tiles
 require). Every program first derives, for the whole batch, what its block needs: the
 primary set (flags scattered into the program's own scratch row), each expert's target
 (a masked argmax over the `[E, E]` similarity) and the re-routed ids of all slots (a
-gather of the targets). It then places its own slots: a slot's row is the number of
+gather of the targets); these element-wise passes take up to `max_scan_chunk` slots
+per step (the whole batch in one step up to 2048 slots). It then places its own slots: a slot's row is the number of
 valid slots that sort before it by (expert, slot index), a comparison count against
 every slot, so no prefix sum crosses programs and the sort is stable. The same pass
 counts, for the program's slice of the experts, the valid slots below each expert
@@ -30,8 +31,8 @@ from sere_jax.config import RerouteConfig
 from sere_jax.kernels import schedule as schedule_lib
 
 # Rows of a program's scratch, each `experts_pad` wide, followed by the new ids.
-_USED, _PRIMARY, _SECONDARY, _TARGET, _USED_AFTER = range(5)
-_SCRATCH_ROWS = 5
+_PRIMARY, _SECONDARY, _TARGET, _USED_AFTER = range(4)
+_SCRATCH_ROWS = 4
 
 
 def _pow2_at_least(x: int) -> int:
@@ -56,7 +57,7 @@ def _over_chunks(num_chunks: int, body, carry):
 def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
                      row_token_ref, offsets_ref, stats_ref, scratch_ref, *, num_tokens,
                      top_k, num_experts, select_top_k, threshold, min_batch, chunk,
-                     num_chunks, experts_pad, expert_slice, interpret):
+                     num_chunks, scan_chunk, experts_pad, expert_slice, interpret):
   num_slots = num_tokens * top_k
   program = pl.program_id(0)
   expert = jnp.arange(experts_pad)
@@ -72,9 +73,10 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     if not interpret:
       plt.debug_barrier()
 
-  def load_chunk(c):
-    """Slot indices, ids, token, rank within token and validity of chunk `c`."""
-    slot = c * chunk + jnp.arange(chunk)
+  def load_chunk(c, size=chunk):
+    """Slot indices, ids, token, rank within token and validity of the `c`-th block
+    of `size` slots."""
+    slot = c * size + jnp.arange(size)
     in_range = slot < num_slots
     token = slot // top_k
     ids = plt.load(ids_ref.at[slot], mask=in_range, other=0)
@@ -91,7 +93,8 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     return plt.load(scratch(row, expert), volatile=True) > 0
 
   reroute = select_top_k > 0
-  zero_rows = (_USED, _PRIMARY, _SECONDARY, _USED_AFTER) if reroute else (_USED_AFTER,)
+  num_scans = pl.cdiv(num_slots, scan_chunk)
+  zero_rows = (_PRIMARY, _SECONDARY, _USED_AFTER) if reroute else (_USED_AFTER,)
   for row in zero_rows:
     plt.store(scratch(row, expert), jnp.zeros_like(expert))
   barrier()
@@ -101,17 +104,16 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     sim = plt.load(sim_ref.at[expert[:, None], expert[None, :]],
                    mask=real[:, None] & real[None, :], other=-jnp.inf)
 
-    def mark(c, valid_tokens):  # which experts are used, primary, used by secondaries
-      _, _, ids, _, j, valid = load_chunk(c)
-      scatter_ones(_USED, ids, valid)
+    def mark(c, valid_tokens):  # which experts are primary, used by secondaries
+      _, _, ids, _, j, valid = load_chunk(c, scan_chunk)
       scatter_ones(_PRIMARY, ids, valid & (j < select_top_k))
       scatter_ones(_SECONDARY, ids, valid & (j >= select_top_k))
       return valid_tokens + _count(valid & (j == 0))
 
-    valid_tokens = _over_chunks(num_chunks, mark, jnp.int32(0))
+    valid_tokens = _over_chunks(num_scans, mark, jnp.int32(0))
     barrier()
-    used, is_primary, secondary_used = flags(_USED), flags(_PRIMARY), flags(_SECONDARY)
-    distinct_before = _count(used & real)
+    is_primary, secondary_used = flags(_PRIMARY), flags(_SECONDARY)
+    distinct_before = _count((is_primary | secondary_used) & real)
 
     # Per-expert target: itself, or its most similar primary expert.
     apply = (_count(is_primary) > 0) & (valid_tokens >= max(min_batch, 1))
@@ -128,13 +130,13 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     barrier()
 
     def reroute_chunk(c, rerouted):  # every slot's new id, into this program's scratch
-      slot, in_range, ids, _, j, valid = load_chunk(c)
+      slot, in_range, ids, _, j, valid = load_chunk(c, scan_chunk)
       mapped = plt.load(scratch(_TARGET, ids), mask=in_range, other=0, volatile=True)
       new_ids = jnp.where(j >= select_top_k, mapped, ids)
       plt.store(scratch(_SCRATCH_ROWS, slot), new_ids, mask=in_range)
       return rerouted + _count(valid & (new_ids != ids))
 
-    slots_rerouted = _over_chunks(num_chunks, reroute_chunk, jnp.int32(0))
+    slots_rerouted = _over_chunks(num_scans, reroute_chunk, jnp.int32(0))
     barrier()
 
   def rerouted_chunk(c):
@@ -185,10 +187,10 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_experts", "max_chunk",
-                                             "num_warps", "interpret"))
+                                             "max_scan_chunk", "num_warps", "interpret"))
 def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | None,
                     config: RerouteConfig, *, num_experts: int, max_chunk: int = 64,
-                    num_warps: int = 4,
+                    max_scan_chunk: int = 2048, num_warps: int = 4,
                     interpret: bool = False) -> schedule_lib.Schedule:
   """Re-routes `ids [T, K]` (policy `none` or `sere`) and builds the schedule.
 
@@ -199,17 +201,21 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
     config: the re-routing config.
     num_experts: E.
     max_chunk: slots per program (a power of two of at least 64).
+    max_scan_chunk: slots per step of the batch-wide element-wise passes (marking the
+      primary set, re-routing); a power of two, raised to the program's chunk.
     num_warps: warps per program.
   """
   num_tokens, top_k = ids.shape
   select_top_k, threshold, min_batch = schedule_lib.sere_kernel_config(config, top_k)
-  if max_chunk < 64 or max_chunk & (max_chunk - 1):
-    raise ValueError(f"max_chunk must be a power of two >= 64, got {max_chunk}")
+  for name, value in (("max_chunk", max_chunk), ("max_scan_chunk", max_scan_chunk)):
+    if value < 64 or value & (value - 1):
+      raise ValueError(f"{name} must be a power of two >= 64, got {value}")
   # Triton tiles hold a power of two of elements; tiny slot tiles mis-lowered on an
   # H200 (T=1, K=8), so a chunk holds at least 64 slots and at most `max_chunk`.
   num_slots = num_tokens * top_k
   chunk = min(max(64, _pow2_at_least(num_slots)), max_chunk)
   num_chunks = pl.cdiv(num_slots, chunk)
+  scan_chunk = max(chunk, min(_pow2_at_least(num_slots), max_scan_chunk))
   experts_pad = _pow2_at_least(num_experts)
   # Each program counts the offsets of a slice of the experts (at least 16 lanes);
   # the slices together cover every expert.
@@ -219,7 +225,7 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
   kernel = functools.partial(
       _schedule_kernel, num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
       select_top_k=select_top_k, threshold=threshold, min_batch=min_batch,
-      chunk=chunk, num_chunks=num_chunks, experts_pad=experts_pad,
+      chunk=chunk, num_chunks=num_chunks, scan_chunk=scan_chunk, experts_pad=experts_pad,
       expert_slice=expert_slice, interpret=bool(interpret))
   i32 = jnp.int32
   scratch_width = _SCRATCH_ROWS * experts_pad + num_chunks * chunk
