@@ -5,9 +5,10 @@ require). Every program first derives, for the whole batch, what its block needs
 primary set (flags scattered into the program's own scratch row), each expert's target
 (a masked argmax over the `[E, E]` similarity) and the re-routed ids of all slots (a
 gather of the targets); these element-wise passes take up to `max_scan_chunk` slots
-per step (the whole batch in one step up to 2048 slots). It then places its own slots: a slot's row is the number of
-valid slots that sort before it by (expert, slot index), a comparison count against
-every slot, so no prefix sum crosses programs and the sort is stable. The same pass
+per step (the whole batch in one step up to 2048 slots). It then places its own
+slots: a slot's row is the number of valid slots that sort before it by (expert, slot
+index), a comparison count against every slot, so no prefix sum crosses programs and
+the sort is stable. The same pass
 counts, for the program's slice of the experts, the valid slots below each expert
 (the group offsets) and marks the experts in use (the distinct count). Its outputs
 equal `schedule.reference_schedule` exactly; the active-expert list is derived from

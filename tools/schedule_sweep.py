@@ -5,8 +5,8 @@
 Qwen3-30B-A3B routing shapes (E = 128, K = 8), natural routing, policies `none` and
 `sere` S=2 rho=0.3; µs per call inside one jit over 8 layers (chain update
 subtracted). Writes one JSON row per (batch, policy, max_chunk, max_scan_chunk,
-num_warps); max_scan_chunk 64 is the kernel before session 7 (marking and re-routing
-in 64-slot steps).
+num_warps); max_scan_chunk 64 runs the marking and re-routing passes in 64-slot steps,
+as the kernel did before session 7.
 """
 
 import sys
