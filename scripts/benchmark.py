@@ -262,6 +262,10 @@ def gmm_sweep(env):
   (tokens gathered in-kernel) and on the down projection (expert-sorted rows)."""
   # pylint: disable-next=g-import-not-at-top
   from sere_jax.kernels.gmm_triton import TILES, gmm_triton
+  impl = moe_ffn_lib.resolve_impl(_IMPL.value)
+  if impl not in ("triton", "interpret"):
+    raise app.UsageError("--suite=gmm_sweep times the Triton grouped matmul: run it on a "
+                         f"GPU, or interpreted on a CPU (--impl resolved to {impl!r})")
   shape = SCALES[_SCALE.value]
   d, f, e, k = shape["dim"], shape["ffn"], shape["experts"], shape["top_k"]
   layers = _LAYERS.value
@@ -291,7 +295,8 @@ def gmm_sweep(env):
           roofline = n * f * d * 2 / read_bw
         for cfg in configs:
           def step(x, offsets, row_token, w, lhs, cfg=cfg):
-            out = gmm_triton(lhs, w, offsets, row_token, **cfg)
+            out = gmm_triton(lhs, w, offsets, row_token, interpret=impl == "interpret",
+                             **cfg)
             return x + jnp.sum(out[:1, :1]).astype(x.dtype) * 0
           t = benchmarking.LayerChain(step).seconds_per_layer(
               x, layer_args, min_seconds=_MIN_SECONDS.value) - overhead
@@ -299,8 +304,8 @@ def gmm_sweep(env):
                            roofline_us=roofline * 1e6, us=t * 1e6, ratio=t / roofline,
                            **cfg))
           logging.info("%s", rows[-1])
-  return dict(suite="gmm_sweep", env=env, shape=shape, read_bandwidth_tbs=read_bw / 1e12,
-              rows=rows)
+  return dict(suite="gmm_sweep", env=env, shape=shape, impl=impl,
+              read_bandwidth_tbs=read_bw / 1e12, rows=rows)
 
 
 def merge_results(paths):

@@ -13,17 +13,23 @@ import pytest
 from sere_jax.scripts import benchmark
 
 
-def test_kernels_suite_tiny(tmp_path):
-  out = tmp_path / "kernels_cpu"
+def _run_benchmark(tmp_path, name: str, *flags_: str) -> dict:
+  """Runs the benchmark script at tiny scale on this machine; its JSON result."""
+  out = tmp_path / name
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   proc = subprocess.run(
-      [sys.executable, "-m", "sere_jax.scripts.benchmark", "--suite=kernels",
-       "--scale=tiny", "--batch=4", "--distinct=8", "--layers=2", "--min_seconds=0.001",
-       "--peers=ragged_dot", f"--out={out}"],
+      [sys.executable, "-m", "sere_jax.scripts.benchmark", "--scale=tiny", "--batch=4",
+       "--layers=2", "--min_seconds=0.001", f"--out={out}", *flags_],
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert os.path.getsize(f"{out}.md") > 0
   with open(f"{out}.json") as fh:
-    result = json.load(fh)
+    return json.load(fh)
+
+
+def test_kernels_suite_tiny(tmp_path):
+  result = _run_benchmark(tmp_path, "kernels_cpu", "--suite=kernels", "--distinct=8",
+                          "--peers=ragged_dot")
   assert result["suite"] == "kernels" and result["impl"] == "interpret"
   assert "partial" not in result and result["read_bandwidth_tbs"] > 0
   rows = result["rows"]
@@ -38,7 +44,19 @@ def test_kernels_suite_tiny(tmp_path):
                 "ours_over_roofline"):
       assert isinstance(r[key], float), (key, r)
     assert r["roofline_us"] > 0 and r["interpret_us"] > 0
-  assert os.path.getsize(f"{out}.md") > 0
+
+
+def test_gmm_sweep_tiny(tmp_path):
+  """The tile sweep, interpreted: one row per (distinct count, projection, tiling)."""
+  result = _run_benchmark(tmp_path, "gmm_cpu", "--suite=gmm_sweep", "--distinct=4,16",
+                          '--gmm_variants=[{}, {"row_tiles": [16, 32], "k_splits": 1}]')
+  assert result["suite"] == "gmm_sweep" and result["impl"] == "interpret"
+  rows = result["rows"]
+  assert [(r["distinct"], r["matmul"], r["row_tiles"], r["k_splits"]) for r in rows] == [
+      (n, m, tiles, splits) for n in (4, 16) for m in ("gate_up", "down")
+      for tiles, splits in (([16, 32, 64], 2), ([16, 32], 1))]
+  for r in rows:
+    assert r["us"] > 0 and r["roofline_us"] > 0 and r["ratio"] > 0, r
 
 
 def test_gmm_variants_flag():
