@@ -16,6 +16,10 @@ fused schedule kernel), `jax.lax.ragged_dot`, the dense
 einsum, and the roofline from the read bandwidth measured in the same process.
 Writes `<out>.json` and `<out>.md`. `--torch_peer` adds PyTorch's `torch._grouped_mm`
 on the same routings, run in a child process.
+
+Suite `gmm_sweep`: the Triton grouped matmul alone (gate+up and down) at forced
+distinct-expert counts, once per tiling (`--gmm_variants`, JSON overrides of
+`gmm_triton.TILES`; interpreted on a CPU).
 """
 
 from __future__ import annotations
