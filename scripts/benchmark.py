@@ -46,6 +46,7 @@ from sere_jax import policies
 from sere_jax import routing
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
+from sere_jax.kernels.gmm_triton import TILES, gmm_triton
 from sere_jax.kernels import schedule as schedule_lib
 
 _SUITE = flags.DEFINE_enum("suite", "kernels", ["kernels", "gmm_sweep", "decode"],
@@ -241,8 +242,6 @@ DEFAULT_GMM_VARIANTS = (
 
 def gmm_variants() -> list[dict]:
   """The tile overrides `--gmm_variants` names (a JSON list of objects), else the defaults."""
-  # pylint: disable-next=g-import-not-at-top
-  from sere_jax.kernels.gmm_triton import TILES
   if not _GMM_VARIANTS.value:
     return [dict(v) for v in DEFAULT_GMM_VARIANTS]
   try:
@@ -264,8 +263,6 @@ def gmm_variants() -> list[dict]:
 def gmm_sweep(env):
   """Tile configurations of the Triton grouped matmul, on the gate+up projection
   (tokens gathered in-kernel) and on the down projection (expert-sorted rows)."""
-  # pylint: disable-next=g-import-not-at-top
-  from sere_jax.kernels.gmm_triton import TILES, gmm_triton
   impl = moe_ffn_lib.resolve_impl(_IMPL.value)
   if impl not in ("triton", "interpret"):
     raise app.UsageError("--suite=gmm_sweep times the Triton grouped matmul: run it on a "
