@@ -7,8 +7,9 @@ primary set (flags scattered into the program's own scratch row), each expert's 
 gather of the targets); these element-wise passes take up to `max_scan_chunk` slots
 per step (the whole batch in one step up to 2048 slots). It then places its own
 slots: a slot's row is the number of valid slots that sort before it by (expert, slot
-index), a comparison count against every slot, so no prefix sum crosses programs and
-the sort is stable. The same pass
+index), a comparison count against every slot (up to `max_place_chunk` other slots
+per step: the whole batch in one step up to 512 slots), so no prefix sum crosses
+programs and the sort is stable. The same pass
 counts, for the program's slice of the experts, the valid slots below each expert
 (the group offsets) and marks the experts in use (the distinct count). Its outputs
 equal `schedule.reference_schedule` exactly; the active-expert list is derived from
@@ -58,7 +59,8 @@ def _over_chunks(num_chunks: int, body, carry):
 def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
                      row_token_ref, offsets_ref, stats_ref, scratch_ref, *, num_tokens,
                      top_k, num_experts, select_top_k, threshold, min_batch, chunk,
-                     num_chunks, scan_chunk, experts_pad, expert_slice, interpret):
+                     num_chunks, scan_chunk, place_chunk, experts_pad, expert_slice,
+                     interpret):
   num_slots = num_tokens * top_k
   program = pl.program_id(0)
   expert = jnp.arange(experts_pad)
@@ -140,8 +142,8 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     slots_rerouted = _over_chunks(num_scans, reroute_chunk, jnp.int32(0))
     barrier()
 
-  def rerouted_chunk(c):
-    slot, in_range, ids, token, _, valid = load_chunk(c)
+  def rerouted_chunk(c, size=chunk):
+    slot, in_range, ids, token, _, valid = load_chunk(c, size)
     if reroute:
       ids = plt.load(scratch(_SCRATCH_ROWS, slot), mask=in_range, other=0, volatile=True)
     return slot, in_range, ids, token, valid
@@ -153,7 +155,7 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
 
   def place(c, carry):
     rows, below, total = carry
-    other_slot, _, other_ids, _, other_valid = rerouted_chunk(c)
+    other_slot, _, other_ids, _, other_valid = rerouted_chunk(c, place_chunk)
     scatter_ones(_USED_AFTER, other_ids, other_valid)
     before = (other_ids[None, :] < new_ids[:, None]) | (
         (other_ids[None, :] == new_ids[:, None]) & (other_slot[None, :] < slot[:, None]))
@@ -163,7 +165,7 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     return rows, below, total + _count(other_valid)
 
   rows, below, total = _over_chunks(
-      num_chunks, place, (jnp.zeros_like(slot), jnp.zeros_like(my_experts), jnp.int32(0)))
+      pl.cdiv(num_slots, place_chunk), place, (jnp.zeros_like(slot), jnp.zeros_like(my_experts), jnp.int32(0)))
   plt.store(new_ids_ref.at[slot], new_ids, mask=in_range)
   plt.store(slot_row_ref.at[slot], jnp.where(valid, rows, 0), mask=in_range)
   plt.store(row_token_ref.at[slot], jnp.zeros_like(slot), mask=in_range & (slot >= total))
@@ -188,10 +190,12 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_experts", "max_chunk",
-                                             "max_scan_chunk", "num_warps", "interpret"))
+                                             "max_scan_chunk", "max_place_chunk",
+                                             "num_warps", "interpret"))
 def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | None,
                     config: RerouteConfig, *, num_experts: int, max_chunk: int = 64,
-                    max_scan_chunk: int = 2048, num_warps: int = 4,
+                    max_scan_chunk: int = 2048, max_place_chunk: int = 512,
+                    num_warps: int = 8,
                     interpret: bool = False) -> schedule_lib.Schedule:
   """Re-routes `ids [T, K]` (policy `none` or `sere`) and builds the schedule.
 
@@ -204,11 +208,18 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
     max_chunk: slots per program (a power of two of at least 64).
     max_scan_chunk: slots per step of the batch-wide element-wise passes (marking the
       primary set, re-routing); a power of two, raised to the program's chunk.
+    max_place_chunk: slots compared with a program's own per step of the placing
+      pass (a power of two, raised to the program's chunk).
     num_warps: warps per program.
+
+  The defaults are the fastest of the schedule sweep on an H200
+  (`docs/benchmarks/schedule_sweep_h200.json`): placing in one 512-slot step instead
+  of 64-slot steps took SERE S=2 at B = 64 from 15.1 to 11.8 us, and 8 warps to 10.0.
   """
   num_tokens, top_k = ids.shape
   select_top_k, threshold, min_batch = schedule_lib.sere_kernel_config(config, top_k)
-  for name, value in (("max_chunk", max_chunk), ("max_scan_chunk", max_scan_chunk)):
+  for name, value in (("max_chunk", max_chunk), ("max_scan_chunk", max_scan_chunk),
+                      ("max_place_chunk", max_place_chunk)):
     if value < 64 or value & (value - 1):
       raise ValueError(f"{name} must be a power of two >= 64, got {value}")
   # Triton tiles hold a power of two of elements; tiny slot tiles mis-lowered on an
@@ -217,6 +228,7 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
   chunk = min(max(64, _pow2_at_least(num_slots)), max_chunk)
   num_chunks = pl.cdiv(num_slots, chunk)
   scan_chunk = max(chunk, min(_pow2_at_least(num_slots), max_scan_chunk))
+  place_chunk = max(chunk, min(_pow2_at_least(num_slots), max_place_chunk))
   experts_pad = _pow2_at_least(num_experts)
   # Each program counts the offsets of a slice of the experts (at least 16 lanes);
   # the slices together cover every expert.
@@ -226,7 +238,8 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
   kernel = functools.partial(
       _schedule_kernel, num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
       select_top_k=select_top_k, threshold=threshold, min_batch=min_batch,
-      chunk=chunk, num_chunks=num_chunks, scan_chunk=scan_chunk, experts_pad=experts_pad,
+      chunk=chunk, num_chunks=num_chunks, scan_chunk=scan_chunk, place_chunk=place_chunk,
+      experts_pad=experts_pad,
       expert_slice=expert_slice, interpret=bool(interpret))
   i32 = jnp.int32
   scratch_width = _SCRATCH_ROWS * experts_pad + num_chunks * chunk

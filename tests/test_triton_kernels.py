@@ -199,33 +199,37 @@ def _schedule_case(rng, num_tokens, top_k, num_experts, case):
   return jnp.asarray(ids, jnp.int32), jnp.asarray(valid), jnp.asarray(sim)
 
 
-# (T, K, E, max_chunk, max_scan_chunk, configs, cases per config)
+# (T, K, E, kernel options, configs, cases per config)
 SCHEDULE_SHAPES = {
-    "small": (6, 4, 16, 256, 2048, SCHEDULE_CONFIGS[:6], 6),  # min_batch: other shapes
-    "batch_of_one": (1, 4, 16, 256, 2048, [SCHEDULE_CONFIGS[i] for i in (0, 3, 6)], 3),
+    "small": (6, 4, 16, dict(max_chunk=256), SCHEDULE_CONFIGS[:6], 6),  # min_batch below
+    "batch_of_one": (1, 4, 16, dict(max_chunk=256),
+                     [SCHEDULE_CONFIGS[i] for i in (0, 3, 6)], 3),
     # 160 slots in 3 chunks of 64 (the last one partial), 20 experts in 32 lanes; the
-    # marking and re-routing passes take all 160 slots in one 256-lane step
-    "multi_chunk": (40, 4, 20, 64, 2048, [SCHEDULE_CONFIGS[0], SCHEDULE_CONFIGS[4],
-                                          SCHEDULE_CONFIGS[6]], 3),
+    # marking, re-routing and placing passes take all 160 slots in one 256-lane step
+    "multi_chunk": (40, 4, 20, dict(max_chunk=64), [SCHEDULE_CONFIGS[0], SCHEDULE_CONFIGS[4],
+                                                    SCHEDULE_CONFIGS[6]], 3),
     # the same with those passes in 64-slot steps (3, the last one partial)
-    "multi_chunk_multi_scan": (40, 4, 20, 64, 64, SCHEDULE_CONFIGS[3:5], 2),
+    "multi_chunk_multi_scan": (40, 4, 20, dict(max_chunk=64, max_scan_chunk=64,
+                                               max_place_chunk=64), SCHEDULE_CONFIGS[3:5], 2),
     # 3 programs splitting the offsets of 100 experts (128 lanes) into 64-wide slices;
-    # two 128-slot marking / re-routing steps
-    "multi_chunk_many_experts": (40, 4, 100, 64, 128, SCHEDULE_CONFIGS[3:5], 2),
+    # two 128-slot marking / re-routing steps, placing in one step
+    "multi_chunk_many_experts": (40, 4, 100, dict(max_chunk=64, max_scan_chunk=128),
+                                 SCHEDULE_CONFIGS[3:5], 2),
+    # placing in two 128-slot steps, marking and re-routing in one
+    "multi_chunk_multi_place": (40, 4, 20, dict(max_chunk=64, max_place_chunk=128),
+                                SCHEDULE_CONFIGS[3:5], 2),
 }
 
 
 @pytest.mark.parametrize("shape", SCHEDULE_SHAPES)
 def test_schedule_matches_reference(shape):
-  (num_tokens, top_k, num_experts, max_chunk, max_scan_chunk, configs,
-   cases) = SCHEDULE_SHAPES[shape]
+  num_tokens, top_k, num_experts, options, configs, cases = SCHEDULE_SHAPES[shape]
   rng = np.random.default_rng(num_tokens)
   for config in configs:
     for case in range(cases):
       ids, valid, sim = _schedule_case(rng, num_tokens, top_k, num_experts, case)
       got = schedule_triton(ids, valid, sim, config, num_experts=num_experts,
-                            max_chunk=max_chunk, max_scan_chunk=max_scan_chunk,
-                            interpret=True)
+                            interpret=True, **options)
       want = kernel_checks.jitted_reference_schedule(config, num_experts)(ids, valid, sim)
       kernel_checks.check_schedule(got, want, np.asarray(valid), f"{config} case {case}")
 
@@ -249,7 +253,7 @@ def test_schedule_reroutes_and_sorts():
 
 
 @pytest.mark.parametrize("option", [dict(max_chunk=32), dict(max_chunk=96),
-                                    dict(max_scan_chunk=48)])
+                                    dict(max_scan_chunk=48), dict(max_place_chunk=32)])
 def test_schedule_rejects_bad_chunks(option):
   ids, valid = jnp.zeros((4, 2), jnp.int32), jnp.ones((4,), bool)
   with pytest.raises(ValueError, match=f"{next(iter(option))} must be a power of two"):

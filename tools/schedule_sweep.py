@@ -5,8 +5,9 @@
 Qwen3-30B-A3B routing shapes (E = 128, K = 8), natural routing, policies `none` and
 `sere` S=2 rho=0.3; µs per call inside one jit over 8 layers (chain update
 subtracted). Writes one JSON row per (batch, policy, max_chunk, max_scan_chunk,
-num_warps); max_scan_chunk 64 runs the marking and re-routing passes in 64-slot steps,
-as the kernel did before session 7.
+max_place_chunk, num_warps); max_scan_chunk 64 runs the marking and re-routing passes
+in 64-slot steps, as the kernel did before session 7, and max_place_chunk 64 the
+placing pass, as it did before session 8.
 """
 
 import sys
@@ -20,8 +21,9 @@ from sere_jax import routing
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels.schedule_triton import schedule_triton
 
-# (max_chunk, max_scan_chunk, num_warps)
-OPTIONS = [(64, 2048, 4), (64, 64, 4), (128, 2048, 4), (128, 2048, 8), (256, 2048, 8)]
+# (max_chunk, max_scan_chunk, max_place_chunk, num_warps)
+OPTIONS = [(64, 2048, 512, 4), (64, 2048, 64, 4), (64, 2048, 256, 4), (64, 2048, 1024, 4),
+           (64, 2048, 512, 8), (128, 2048, 512, 4), (128, 2048, 512, 8)]
 POLICIES = {"none": RerouteConfig(policy="none"),
             "sere2": RerouteConfig(select_top_k=2, threshold=0.3)}
 
@@ -40,17 +42,16 @@ def main():
                          top_k)[0] for _ in range(layers)]
     valid = jnp.ones((batch,), bool)
     for name, config in POLICIES.items():
-      for max_chunk, max_scan_chunk, num_warps in OPTIONS:
-        def step(x, ids, sim, config=config, max_chunk=max_chunk,
-                 max_scan_chunk=max_scan_chunk, num_warps=num_warps):
-          sched = schedule_triton(ids, valid, sim, config, num_experts=experts,
-                                  max_chunk=max_chunk, max_scan_chunk=max_scan_chunk,
-                                  num_warps=num_warps)
+      for max_chunk, max_scan_chunk, max_place_chunk, num_warps in OPTIONS:
+        options = dict(max_chunk=max_chunk, max_scan_chunk=max_scan_chunk,
+                       max_place_chunk=max_place_chunk, num_warps=num_warps)
+
+        def step(x, ids, sim, config=config, options=options):
+          sched = schedule_triton(ids, valid, sim, config, num_experts=experts, **options)
           return jnp.broadcast_to(sched.stats[1].astype(x.dtype) * 1e-9, x.shape)
         t = benchmarking.LayerChain(step).seconds_per_layer(
             x, list(zip(ids, sims))) - overhead
-        rows.append(dict(batch=batch, policy=name, max_chunk=max_chunk,
-                         max_scan_chunk=max_scan_chunk, num_warps=num_warps, us=t * 1e6))
+        rows.append(dict(batch=batch, policy=name, **options, us=t * 1e6))
         print(rows[-1], flush=True)
   command = "python tools/schedule_sweep.py " + " ".join(sys.argv[1:])
   fileio.write_json_atomic(out, dict(suite="schedule_sweep", command=command,
