@@ -164,8 +164,8 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     below += jnp.sum(jnp.where(lower, 1, 0), axis=0)
     return rows, below, total + _count(other_valid)
 
-  rows, below, total = _over_chunks(
-      pl.cdiv(num_slots, place_chunk), place, (jnp.zeros_like(slot), jnp.zeros_like(my_experts), jnp.int32(0)))
+  zeros = (jnp.zeros_like(slot), jnp.zeros_like(my_experts), jnp.int32(0))
+  rows, below, total = _over_chunks(pl.cdiv(num_slots, place_chunk), place, zeros)
   plt.store(new_ids_ref.at[slot], new_ids, mask=in_range)
   plt.store(slot_row_ref.at[slot], jnp.where(valid, rows, 0), mask=in_range)
   plt.store(row_token_ref.at[slot], jnp.zeros_like(slot), mask=in_range & (slot >= total))
@@ -212,9 +212,10 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
       pass (a power of two, raised to the program's chunk).
     num_warps: warps per program.
 
-  The defaults are the fastest of the schedule sweep on an H200
+  The defaults come from the schedule sweep on an H200
   (`docs/benchmarks/schedule_sweep_h200.json`): placing in one 512-slot step instead
-  of 64-slot steps took SERE S=2 at B = 64 from 15.1 to 11.8 us, and 8 warps to 10.0.
+  of 64-slot steps took SERE S=2 from 14.2 to 10.6 us at B = 64 and from 38.6 to 30.0
+  at B = 256; 8 warps then 10.4 and 26.8.
   """
   num_tokens, top_k = ids.shape
   select_top_k, threshold, min_batch = schedule_lib.sere_kernel_config(config, top_k)
@@ -239,8 +240,7 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
       _schedule_kernel, num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
       select_top_k=select_top_k, threshold=threshold, min_batch=min_batch,
       chunk=chunk, num_chunks=num_chunks, scan_chunk=scan_chunk, place_chunk=place_chunk,
-      experts_pad=experts_pad,
-      expert_slice=expert_slice, interpret=bool(interpret))
+      experts_pad=experts_pad, expert_slice=expert_slice, interpret=bool(interpret))
   i32 = jnp.int32
   scratch_width = _SCRATCH_ROWS * experts_pad + num_chunks * chunk
   new_ids, slot_row, row_token, offsets, stats, _ = pl.pallas_call(
