@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Prints a PYTHONPATH under which `sere_jax.*` imports work without installing the
 # package (for machines without network or pip, e.g. the benchmark GPU machine):
-#   export PYTHONPATH=$(tools/device_pythonpath.sh)
+#   export PYTHONPATH=$(tools/device_pythonpath.sh)       # this checkout
+#   export PYTHONPATH=$(tools/device_pythonpath.sh DIR)   # the source tree in DIR
+# DIR lets one process compare versions on a machine without git: export a branch
+# beside the checkout first (`mkdir -p ab/x && git archive exp/x | tar -x -C ab/x`;
+# an untracked, unignored directory travels to the device with the working tree).
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
+repo=${1:-$(cd "$(dirname "$0")/.." && pwd)}
+for part in sere_jax pallas_kernels models scripts; do
+  [[ -d "$repo/$part" ]] || { echo "device_pythonpath.sh: no $part/ in $repo" >&2; exit 1; }
+done
 root=$(mktemp -d)
 mkdir -p "$root/sere_jax"
 cp -r "$repo"/sere_jax/. "$root/sere_jax/"
