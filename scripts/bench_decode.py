@@ -113,15 +113,6 @@ def hf_config(model: str, scale: str) -> dict[str, Any]:
   return config
 
 
-def parse_policy(spec: str) -> dict[str, Any]:
-  """"none" | "sere:S[:rho]" | "topk_truncate:S" | any policy "name:S[:rho]"."""
-  parts = spec.split(":")
-  name = parts[0]
-  s = int(parts[1]) if len(parts) > 1 else (0 if name == "none" else 2)
-  rho = float(parts[2]) if len(parts) > 2 else 0.0
-  return dict(name=spec, policy=name, select_top_k=s, threshold=rho)
-
-
 # ---------------------------------------------------------------------------------------
 # The transformers peer (child process; imports torch, never JAX).
 
@@ -390,7 +381,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
                 model_config=dataclasses.asdict(config), hf_config=hf, impl=resolved_impl,
                 attention_impl=resolve_attention_impl(hf["model_type"], attention_impl),
                 protocol=dict(prompt_len=prompt_len, new_tokens=new_tokens,
-                              batches=list(batches), policies=[p["name"] for p in policies],
+                              batches=list(batches), policies=[p.text for p in policies],
                               repeats=repeats, sampling="greedy", dtype="bfloat16",
                               seed=seed),
                 copy_bandwidth_tbs=copy_bw / 1e12, read_bandwidth_tbs=read_bw / 1e12,
@@ -449,13 +440,13 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
       expert_bytes = sum(d * e for d, e in zip(distinct_per_layer,
                                                budget["expert_bytes_per_layer"]))
       kv_bytes = batch * mean_context * kv_token_bytes
-      sim_bytes = budget["similarity_bytes"] if pol["policy"] in ("sere", "sere_hybrid") else 0
+      sim_bytes = budget["similarity_bytes"] if pol.uses_similarity else 0
       step_bytes = (budget["dense_bytes"] + batch * budget["embed_row_bytes"]
                     + expert_bytes + kv_bytes + sim_bytes)
       roofline_s = step_bytes / copy_bw
       row = dict(
-          batch=batch, policy=pol["policy"], select_top_k=pol["select_top_k"],
-          threshold=pol["threshold"], label=pol["name"], compile_batch_s=compile_s,
+          batch=batch, policy=pol.policy, select_top_k=pol.select_top_k,
+          threshold=pol.threshold, label=pol.text, compile_batch_s=compile_s,
           ms_per_token=step_s * 1e3, ms_per_token_mean=statistics.fmean(step_times) * 1e3,
           tokens_per_s=batch / step_s, steps_timed=steps * repeats,
           distinct_experts=float(np.mean(distinct_per_layer)) if distinct_per_layer else 0.0,
@@ -467,7 +458,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
           roofline_ms=roofline_s * 1e3, measured_over_roofline=step_s / roofline_s,
           roofline_read_ms=step_bytes / read_bw * 1e3)
       if profile_dir:
-        trace_dir = os.path.join(profile_dir, f"B{batch}_{pol['name'].replace(':', '_')}")
+        trace_dir = os.path.join(profile_dir, f"B{batch}_{pol.text.replace(':', '_')}")
         with profiling.trace(trace_dir):
           one_pass()
         row["profile"] = profiling.summarize_trace(trace_dir, steps=new_tokens - 1)
@@ -477,7 +468,7 @@ def decode_suite(*, model: str, scale: str, batches, policies, prompt_len: int,
         row["speedup_over_hf"] = row["hf_ms_per_token"] / row["ms_per_token"]
       result["rows"].append(row)
       write_partial(dict(result, partial=True))
-      print(f"{model} B={batch} {pol['name']}: {row['ms_per_token']:.3f} ms/token, "
+      print(f"{model} B={batch} {pol.text}: {row['ms_per_token']:.3f} ms/token, "
             f"distinct {row['distinct_experts']:.1f}, roofline {row['roofline_ms']:.3f} ms "
             f"(x{row['measured_over_roofline']:.2f})", flush=True)
   add_speedups(result["rows"])
@@ -493,11 +484,10 @@ def _compile_programs(net, policies, prefill_args, loop_args, sampling, new_toke
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sere_jax import generation  # pylint: disable=g-import-not-at-top
   from sere_jax import moe  # pylint: disable=g-import-not-at-top
-  from sere_jax.config import RerouteConfig  # pylint: disable=g-import-not-at-top
+  from sere_jax import policy_spec  # pylint: disable=g-import-not-at-top
 
-  def split(policy="none", select_top_k=0, threshold=0.0):
-    moe.set_reroute(net, RerouteConfig(policy=policy, select_top_k=select_top_k,
-                                       threshold=threshold))
+  def split(spec=policy_spec.PolicySpec("none")):
+    moe.set_reroute(net, spec.config())
     moe.check_calibrated(net)
     return nnx.split(net)
 
@@ -505,7 +495,7 @@ def _compile_programs(net, policies, prefill_args, loop_args, sampling, new_toke
   lowered = [(state, generation._model_step.lower(  # pylint: disable=protected-access
       graphdef, state, *prefill_args, sampling=sampling, decode=False))]
   for pol in policies:
-    graphdef, state = split(pol["policy"], pol["select_top_k"], pol["threshold"])
+    graphdef, state = split(pol)
     lowered.append((state, generation._decode_loop.lower(  # pylint: disable=protected-access
         graphdef, state, *loop_args, sampling=sampling, max_new_tokens=new_tokens,
         eos_ids=(), stop_sequences=(), pad_id=0)))

@@ -43,6 +43,7 @@ from sere_jax import fileio
 from sere_jax import moe
 from sere_jax.scripts import bench_decode
 from sere_jax import policies
+from sere_jax import policy_spec
 from sere_jax import routing
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
@@ -405,7 +406,7 @@ def decode(command):
     logging.info("transformers peer: %s", peer.get("skipped") or peer.get("env"))
   return bench_decode.decode_suite(
       model=_MODEL.value, scale=scale, batches=batches,
-      policies=[bench_decode.parse_policy(p) for p in _POLICIES.value],
+      policies=policy_spec.parse_list(_POLICIES.value),
       prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value, impl=_IMPL.value,
       attention_impl=_ATTENTION_IMPL.value, profile_dir=_PROFILE_DIR.value,
       repeats=_REPEATS.value,

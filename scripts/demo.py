@@ -35,6 +35,7 @@ from sere_jax import evaluation
 from sere_jax import fileio
 from sere_jax import generation
 from sere_jax import moe
+from sere_jax import policy_spec
 from sere_jax import shakespeare
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ def _generate(model, prompts: list[list[int]]) -> tuple[generation.GenerationRes
 
 def main(argv: list[str]) -> None:
   del argv
-  specs = [evaluation.parse_spec("none")] + evaluation.parse_specs(_POLICIES.value)
+  specs = [policy_spec.parse("none")] + policy_spec.parse_list(_POLICIES.value)
   if any(s.metric not in (None, "weights") for s in specs):
     raise ValueError("the demo uses the model's stored similarity; name no data metric")
   if _PPL_SEQUENCES.value % _BATCH.value:
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> None:
   outputs: dict[str, list[list[int]]] = {}
   for spec in specs:
     print(f"running {spec.label} ...", flush=True)
-    configs = evaluation.layer_configs(spec, matrices, len(matrices))
+    configs = policy_spec.layer_configs(spec, matrices, len(matrices))
     evaluation.configure(model, configs, 0)
     result, seconds = _generate(model, prompts)
     outputs[spec.label] = result.tokens

@@ -50,6 +50,7 @@ from sere_jax import checkpoint
 from sere_jax import evaluation
 from sere_jax import fileio
 from sere_jax import moe
+from sere_jax import policy_spec
 from sere_jax import textio
 from sere_jax.models import hf_import
 
@@ -298,7 +299,7 @@ def main(argv: list[str]) -> None:
   if not batch_sizes or min(batch_sizes) < 1:
     raise app.UsageError("--batch_sizes must be integers >= 1")
   try:
-    specs = evaluation.parse_specs(_POLICIES.value)
+    specs = policy_spec.parse_list(_POLICIES.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   needs_text = sorted({s.metric for s in specs if s.metric not in (None, "weights")})

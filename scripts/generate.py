@@ -2,7 +2,7 @@ r"""Batched generation with SERE re-routing over a model directory.
 
   python -m sere_jax.scripts.generate --model_dir=/path/to/model \
       --prompts=prompts.txt --batch_size=16 --max_new_tokens=64 \
-      --policy=sere --select_top_k=2 --threshold=0.3 \
+      --policy=sere:2:0.3 \
       --output=generations.jsonl --stats_output=stats.json
 
 `--model_dir` is a sere-jax checkpoint (`sere_jax.checkpoint.save`; it keeps the
@@ -37,8 +37,8 @@ import numpy as np
 from sere_jax import checkpoint
 from sere_jax import fileio
 from sere_jax import generation
+from sere_jax import policy_spec
 from sere_jax import textio
-from sere_jax.config import POLICIES, RerouteConfig
 from sere_jax.models import hf_import
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "sere-jax checkpoint or HF directory.",
@@ -54,12 +54,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (batch i uses seed + i).")
-_POLICY = flags.DEFINE_enum("policy", "sere", POLICIES, "Re-routing policy.")
-_SELECT = flags.DEFINE_integer("select_top_k", 2, "Primary experts per token S.")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.0, "SERE critical-expert threshold rho.")
-_REROUTE_PREFILL = flags.DEFINE_bool("reroute_prefill", False,
-                                     "Re-route in prefill too (default: decode only).")
-_MIN_BATCH = flags.DEFINE_integer("min_batch", 1, "No re-routing below this many tokens.")
+_POLICY = flags.DEFINE_string("policy", "sere:2", "Re-routing policy spec, e.g. `none`, "
+                              "`sere:2:0.3`, `sere:1:0:min8`, `topk_truncate:2` (grammar: "
+                              "sere_jax.policy_spec).")
 _IMPL = flags.DEFINE_string("impl", "auto", "MoE op implementation.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
                                  "Parameter dtype.")
@@ -78,10 +75,14 @@ def main(argv):
     raise app.UsageError("--length_multiple must be >= 1")
   sampling = generation.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                                        top_p=_TOP_P.value, seed=_SEED.value)
-  reroute = RerouteConfig(policy=_POLICY.value, select_top_k=_SELECT.value,
-                          threshold=_THRESHOLD.value,
-                          decode_only=not _REROUTE_PREFILL.value,
-                          min_batch=_MIN_BATCH.value, seed=_SEED.value)
+  try:
+    spec = policy_spec.parse(_POLICY.value)
+  except ValueError as e:
+    raise app.UsageError(f"--policy: {e}") from None
+  if spec.quantile is not None or spec.metric is not None:
+    raise app.UsageError(f"--policy {spec.text}: generation uses the model's stored "
+                         "similarity and one threshold (no metric, no qX)")
+  reroute = spec.config()
   param_dtype = jnp.dtype(_PARAM_DTYPE.value)
 
   rows = textio.read_records(_PROMPTS.value, "prompt")
@@ -137,6 +138,7 @@ def main(argv):
   stats = {
       "model_dir": model_dir,
       "architecture": model.config.architecture,
+      "policy": spec.text,
       "reroute": dataclasses.asdict(reroute),
       "sampling": dataclasses.asdict(sampling),
       "batch_size": _BATCH.value,
@@ -163,7 +165,7 @@ def main(argv):
   print(f"{len(prompts)} prompts in {num_batches} batches, {new_tokens} new tokens in "
         f"{elapsed:.1f} s (including compilation); finish reasons "
         f"{stats['finish_reasons']}")
-  print(f"policy {reroute.policy} (S={reroute.select_top_k}, rho={reroute.threshold}); "
+  print(f"policy {spec.text}; "
         f"{num_layers} MoE layers, {steps.shape[0]} decode steps")
   if mean["distinct_before"] is not None:
     print(f"mean distinct experts per layer and step: {mean['distinct_before']:.2f} -> "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-POLICIES = ("none", "sere", "sere_hybrid", "topk_truncate", "oea", "random")
+POLICIES = ("none", "sere", "sere_hybrid", "topk_truncate", "keep_active", "oea",
+            "random", "expert_pool", "oracle")
 # Policies that read the layer's expert similarity matrix.
-SIMILARITY_POLICIES = ("sere", "sere_hybrid")
+SIMILARITY_POLICIES = ("sere", "sere_hybrid", "expert_pool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,9 +20,16 @@ class RerouteConfig:
       is chosen per token by `(1 - score_weight) * similarity + score_weight * router
       score` (critical experts as in `sere`); `topk_truncate` keeps only the top-S
       experts; `oea` lets slots past S take the token's best-scoring already-active
-      experts; `random` re-routes each secondary expert to a random primary expert.
+      experts; `keep_active` keeps the secondary slots whose expert is already a
+      primary of the batch and drops the rest; `random` re-routes each secondary
+      expert to a random primary expert (a fresh draw per step and layer);
+      `expert_pool` keeps a per-batch pool of `pool_size` experts chosen by router
+      mass and maps every other selected expert to its most similar pool member,
+      rescaling that slot's weight; `oracle` gives each secondary slot the active
+      expert whose output is closest to the original expert's output for that token
+      (a diagnostic ceiling: it reads every expert's output).
     select_top_k: S, the number of primary experts per token that are never changed.
-      `S <= 0` or `S >= K` disables re-routing.
+      `S <= 0` or `S >= K` disables re-routing (not used by `expert_pool`).
     threshold: rho in [0, 1]. Under `sere` and `sere_hybrid`, a secondary expert whose
       best similarity to the primary set is below rho is critical and kept. 0 disables
       the check.
@@ -30,6 +38,9 @@ class RerouteConfig:
     seed: seed of the `random` policy's draws.
     score_weight: lambda in [0, 1] of `sere_hybrid`: the weight of the token's router
       score against the similarity when ranking primaries. 0 gives `sere` exactly.
+    renormalize: for `topk_truncate` and `keep_active`, whether the kept weights are
+      renormalised to the original total; None follows the model's own top-K rule.
+    pool_size: D of `expert_pool`, the experts kept per batch (0 for other policies).
   """
 
   policy: str = "sere"
@@ -39,6 +50,8 @@ class RerouteConfig:
   min_batch: int = 1
   seed: int = 0
   score_weight: float = 0.5
+  renormalize: bool | None = None
+  pool_size: int = 0
 
   def __post_init__(self):
     if self.policy not in POLICIES:
@@ -50,9 +63,16 @@ class RerouteConfig:
     _check_int("min_batch", self.min_batch, low=0)
     _check_int("seed", self.seed, low=0, high=2**32 - 1)
     _check_unit("score_weight", self.score_weight)
+    if self.renormalize is not None and not isinstance(self.renormalize, bool):
+      raise ValueError(f"renormalize must be None or a bool, got {self.renormalize!r}")
+    _check_int("pool_size", self.pool_size, low=0)
+    if self.policy == "expert_pool" and self.pool_size < 1:
+      raise ValueError("policy 'expert_pool' needs pool_size >= 1")
 
   def is_active(self, top_k: int) -> bool:
     """Whether this config changes a top-`top_k` routing at all."""
+    if self.policy == "expert_pool":
+      return True
     return self.policy != "none" and 0 < self.select_top_k < top_k
 
 

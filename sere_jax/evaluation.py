@@ -1,6 +1,6 @@
 """Quality of SERE and its baselines against top-K routing (`none`), in batched decoding.
 
-    specs = parse_specs(["none", "sere:2:0.3", "topk_truncate:2"])
+    specs = policy_spec.parse_list(["none", "sere:2:0.3", "topk_truncate:2"])
     ref = reference(model, tokens, max_tokens=8192)          # `none` log-probs, once
     matrices = stored_similarity(model)
     configure(model, layer_configs(specs[1], matrices, len(matrices)), 16, matrices)
@@ -26,19 +26,7 @@ Greedy exact match: `generation.generate` of M new tokens with `none` and with t
 policy; task accuracy: greedy answers to JSONL prompts, scored by `score_gsm8k` or
 `score_exact`.
 
-Policy specs (`parse_spec`), colon-separated, positional fields first:
-
-    none
-    topk_truncate:S        oea:S        random:S
-    sere:S[:RHO][:OPTION...]
-    sere_hybrid:S[:RHO[:W]][:OPTION...]
-
-S is the number of primary experts; RHO the critical-expert threshold, a number in
-[0, 1] or `qX`: per layer, the X-quantile of that layer's off-diagonal similarity;
-W the `sere_hybrid` router-score weight (default 0.5). Options, in any order: a
-similarity metric of `similarity.METRICS` (sere and sere_hybrid only; default: the
-model's stored similarity), `minN` (RerouteConfig.min_batch = N, counted per group)
-and `seedN` (RerouteConfig.seed). Example: `sere:2:q0.5:cosine:min8`.
+Policies are named by `sere_jax.policy_spec` strings (`sere:2:0.3`, ...).
 """
 
 from __future__ import annotations
@@ -58,168 +46,12 @@ import numpy as np
 from sere_jax import generation
 from sere_jax import moe
 from sere_jax import numerics
-from sere_jax import similarity as similarity_lib
-from sere_jax.config import POLICIES, SIMILARITY_POLICIES, RerouteConfig
+from sere_jax.config import RerouteConfig
+from sere_jax.policy_spec import PolicySpec, layer_configs
 
 # Fields of the per-layer routing statistics (generation.STAT_FIELDS order).
 STAT_FIELDS = generation.STAT_FIELDS
 TASK_SCORING = ("gsm8k", "exact")
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicySpec:
-  """One point of the policy grid (see the module docstring for the syntax).
-
-  `quantile` replaces `threshold` when set: each layer's rho is that quantile of its
-  off-diagonal similarity. `metric` None means the model's stored similarity.
-  """
-
-  policy: str
-  select_top_k: int = 0
-  threshold: float = 0.0
-  quantile: float | None = None
-  score_weight: float = 0.5
-  metric: str | None = None
-  min_batch: int = 1
-  seed: int = 0
-
-  @property
-  def uses_similarity(self) -> bool:
-    return self.policy in SIMILARITY_POLICIES
-
-  def _fields(self) -> list[tuple[str, str, str]]:
-    """`(label prefix, text prefix, value)` of each field after the policy name."""
-    fields = [("S=", "", str(self.select_top_k))]
-    if self.uses_similarity:
-      fields.append(("rho=", "", f"q{_num(self.quantile)}" if self.quantile is not None
-                     else _num(self.threshold)))
-      if self.policy == "sere_hybrid":
-        fields.append(("w=", "", _num(self.score_weight)))
-      if self.metric is not None:
-        fields.append(("", "", self.metric))
-    if self.min_batch != 1:
-      fields.append(("min_batch=", "min", str(self.min_batch)))
-    if self.seed:
-      fields.append(("seed=", "seed", str(self.seed)))
-    return fields
-
-  @property
-  def text(self) -> str:
-    """The canonical spec string (parses back to this spec)."""
-    if self.policy == "none":
-      return "none"
-    return ":".join([self.policy] + [prefix + value for _, prefix, value in self._fields()])
-
-  @property
-  def label(self) -> str:
-    """A readable name, e.g. `sere S=2 rho=q0.5 cosine min_batch=8`."""
-    if self.policy == "none":
-      return "none"
-    return " ".join([self.policy] + [prefix + value for prefix, _, value in self._fields()])
-
-  def config(self, threshold: float | None = None) -> RerouteConfig:
-    """The RerouteConfig of this spec (`threshold` overrides, for per-layer rho)."""
-    return RerouteConfig(
-        policy=self.policy, select_top_k=self.select_top_k,
-        threshold=self.threshold if threshold is None else threshold,
-        min_batch=self.min_batch, seed=self.seed, score_weight=self.score_weight)
-
-
-def _num(x: float) -> str:
-  return f"{x:g}"
-
-
-def _unit(token: str, what: str, spec: str) -> float:
-  try:
-    value = float(token)
-  except ValueError:
-    value = math.nan
-  if not 0.0 <= value <= 1.0:  # NaN fails too
-    raise ValueError(f"policy spec {spec!r}: {what} {token!r} must be a number in [0, 1]")
-  return value
-
-
-def parse_spec(text: str) -> PolicySpec:
-  """Parses one policy spec; ValueError names the bad token."""
-  tokens = [t.strip() for t in text.strip().split(":")]
-  policy, rest = tokens[0], tokens[1:]
-  if policy not in POLICIES:
-    raise ValueError(f"policy spec {text!r}: unknown policy {policy!r}; one of {POLICIES}")
-  if policy == "none":
-    if rest:
-      raise ValueError(f"policy spec {text!r}: 'none' takes no fields, got {rest[0]!r}")
-    return PolicySpec("none")
-  if not rest or not re.fullmatch(r"\d+", rest[0]):
-    bad = rest[0] if rest else "(missing)"
-    raise ValueError(f"policy spec {text!r}: S {bad!r} must be an integer >= 1 "
-                     f"(e.g. {policy}:2)")
-  kw: dict[str, Any] = {"select_top_k": int(rest[0])}
-  if kw["select_top_k"] < 1:
-    raise ValueError(f"policy spec {text!r}: S {rest[0]!r} must be >= 1")
-  rest = rest[1:]
-  positional = {"sere": ["threshold"], "sere_hybrid": ["threshold", "score_weight"]}.get(
-      policy, [])
-  for name in positional:
-    if not rest or not re.fullmatch(r"q?[\d.]+", rest[0]):
-      break
-    token, rest = rest[0], rest[1:]
-    if name == "threshold" and token.startswith("q"):
-      kw["quantile"] = _unit(token[1:], "quantile", text)
-    elif token.startswith("q"):
-      raise ValueError(f"policy spec {text!r}: score weight {token!r} must be a number "
-                       "in [0, 1]")
-    else:
-      kw[name] = _unit(token, name.replace("_", " "), text)
-  for token in rest:
-    if match := re.fullmatch(r"min(\d+)", token):
-      kw["min_batch"] = int(match.group(1))
-    elif match := re.fullmatch(r"seed(\d+)", token):
-      kw["seed"] = int(match.group(1))
-    elif token in similarity_lib.METRICS:
-      if policy not in SIMILARITY_POLICIES:
-        raise ValueError(f"policy spec {text!r}: metric {token!r} only applies to "
-                         f"{SIMILARITY_POLICIES}")
-      if "metric" in kw:
-        raise ValueError(f"policy spec {text!r}: a second metric {token!r}")
-      kw["metric"] = token
-    else:
-      raise ValueError(f"policy spec {text!r}: unknown token {token!r} (expected a "
-                       f"metric of {similarity_lib.METRICS}, minN or seedN)")
-  spec = PolicySpec(policy, **kw)
-  spec.config()  # RerouteConfig's own validation
-  return spec
-
-
-def parse_specs(texts: Sequence[str]) -> list[PolicySpec]:
-  """Parses specs; ValueError on a duplicate (same canonical text)."""
-  texts = [t for t in texts if t.strip()]
-  specs = [parse_spec(t) for t in texts]
-  seen: dict[str, str] = {}
-  for text, spec in zip(texts, specs):
-    if spec.text in seen:
-      raise ValueError(f"policy spec {text!r} repeats {seen[spec.text]!r}")
-    seen[spec.text] = text
-  return specs
-
-
-def off_diagonal_quantile(matrix: Any, q: float) -> float:
-  """The `q`-quantile of a square matrix's off-diagonal entries, clipped to [0, 1]."""
-  m = np.asarray(matrix, np.float64)
-  values = m[~np.eye(m.shape[0], dtype=bool)]
-  if not np.all(np.isfinite(values)):
-    raise ValueError("the similarity holds NaN or inf (not calibrated?)")
-  return float(np.clip(np.quantile(values, q), 0.0, 1.0))
-
-
-def layer_configs(spec: PolicySpec, matrices: Sequence[Any] | None, num_layers: int
-                  ) -> list[RerouteConfig]:
-  """One RerouteConfig per MoE layer (per-layer rho when `spec.quantile` is set)."""
-  if spec.quantile is None:
-    return [spec.config()] * num_layers
-  if matrices is None or len(matrices) != num_layers:
-    raise ValueError(f"{spec.text}: per-layer thresholds need one similarity matrix per "
-                     f"MoE layer ({num_layers})")
-  return [spec.config(off_diagonal_quantile(m, spec.quantile)) for m in matrices]
 
 
 def configure(model: nnx.Module, configs: Sequence[RerouteConfig], group_size: int,

@@ -17,6 +17,7 @@ import pytest
 from sere_jax import checkpoint
 from sere_jax import evaluation
 from sere_jax import moe
+from sere_jax import policy_spec
 from sere_jax.config import RerouteConfig
 from sere_jax.models.qwen_moe import QwenMoeConfig, QwenMoeForCausalLM
 
@@ -55,75 +56,20 @@ def ref(model, tokens):
 
 
 def _evaluate(model, tokens, ref, spec_text, g):
-  spec = evaluation.parse_spec(spec_text)
+  spec = policy_spec.parse(spec_text)
   mats = evaluation.stored_similarity(model)
-  evaluation.configure(model, evaluation.layer_configs(spec, mats, 2), g)
+  evaluation.configure(model, policy_spec.layer_configs(spec, mats, 2), g)
   return evaluation.teacher_forced(model, tokens, g, ref, max_tokens=MAX_TOKENS)
-
-
-# --- Spec parsing -------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, expected", [
-    ("none", evaluation.PolicySpec("none")),
-    ("topk_truncate:2", evaluation.PolicySpec("topk_truncate", 2)),
-    ("sere:2:0.3", evaluation.PolicySpec("sere", 2, threshold=0.3)),
-    ("sere:2:0.3:cosine", evaluation.PolicySpec("sere", 2, 0.3, metric="cosine")),
-    ("sere:2", evaluation.PolicySpec("sere", 2)),
-    ("sere:2:cosine", evaluation.PolicySpec("sere", 2, metric="cosine")),
-    ("oea:3", evaluation.PolicySpec("oea", 3)),
-    ("random:1:seed7", evaluation.PolicySpec("random", 1, seed=7)),
-    ("sere_hybrid:2:0:0.5", evaluation.PolicySpec("sere_hybrid", 2, 0.0, score_weight=0.5)),
-    ("sere_hybrid:1:0.2:0.7:weights",
-     evaluation.PolicySpec("sere_hybrid", 1, 0.2, score_weight=0.7, metric="weights")),
-    ("sere:2:q0.5", evaluation.PolicySpec("sere", 2, quantile=0.5)),
-    ("sere:2:0:cosine:min8", evaluation.PolicySpec("sere", 2, metric="cosine", min_batch=8)),
-    ("topk_truncate:2:min4", evaluation.PolicySpec("topk_truncate", 2, min_batch=4)),
-])
-def test_parse_valid(text, expected):
-  spec = evaluation.parse_spec(text)
-  assert spec == expected
-  assert evaluation.parse_spec(spec.text) == spec  # canonical text round-trips
-  assert spec.label.startswith(spec.policy)
-
-
-def test_labels():
-  assert evaluation.parse_spec("sere:2:q0.5:cosine:min8").label == (
-      "sere S=2 rho=q0.5 cosine min_batch=8")
-  assert evaluation.parse_spec("sere_hybrid:2:0:0.5").text == "sere_hybrid:2:0:0.5"
-
-
-@pytest.mark.parametrize("text, bad", [
-    ("bogus:2", "'bogus'"),
-    ("none:2", "'2'"),
-    ("sere", "(missing)"),
-    ("sere:x", "'x'"),
-    ("sere:0", "'0'"),
-    ("sere:2:1.5", "'1.5'"),
-    ("sere:2:q2", "'2'"),
-    ("sere:2:0.3:nometric", "'nometric'"),
-    ("topk_truncate:2:cosine", "'cosine'"),
-    ("sere:2:0:cosine:weights", "'weights'"),
-    ("sere_hybrid:2:0:q0.5", "'q0.5'"),
-    ("oea:2:0.3", "'0.3'"),
-])
-def test_parse_errors_name_the_token(text, bad):
-  with pytest.raises(ValueError, match=re.escape(bad)):
-    evaluation.parse_spec(text)
-
-
-def test_parse_specs_rejects_duplicates():
-  with pytest.raises(ValueError, match="repeats"):
-    evaluation.parse_specs(["sere:2", "sere:2:0"])
 
 
 def test_per_layer_quantile_thresholds():
   mats = [_similarity(0), _similarity(1)]
-  configs = evaluation.layer_configs(evaluation.parse_spec("sere:2:q0.5"), mats, 2)
+  configs = policy_spec.layer_configs(policy_spec.parse("sere:2:q0.5"), mats, 2)
   for sim, config in zip(mats, configs):
     off = sim[~np.eye(8, dtype=bool)]
     assert config.threshold == pytest.approx(float(np.median(off)))
   with pytest.raises(ValueError, match="one similarity matrix per"):
-    evaluation.layer_configs(evaluation.parse_spec("sere:2:q0.5"), mats[:1], 2)
+    policy_spec.layer_configs(policy_spec.parse("sere:2:q0.5"), mats[:1], 2)
 
 
 # --- Teacher forcing ----------------------------------------------------------------
@@ -166,7 +112,7 @@ def _stepwise_nll(model, seqs, config):
 def test_teacher_forcing_equals_step_by_step_decode(model, tokens, ref, spec_text):
   result = _evaluate(model, tokens, ref, spec_text, 4)
   group = tokens[4:]
-  expected = _stepwise_nll(model, group, evaluation.parse_spec(spec_text).config())
+  expected = _stepwise_nll(model, group, policy_spec.parse(spec_text).config())
   np.testing.assert_allclose(result.nll[4:], expected, atol=1e-4)
   assert np.abs(result.nll - ref.nll).max() > 1e-4  # the policy does change something
 
@@ -182,8 +128,8 @@ def test_groups_equal_separate_evaluations(model, tokens, ref):
 
 def test_chunking_does_not_change_results(model, tokens, ref):
   big = _evaluate(model, tokens, ref, "sere:2", 2)
-  spec = evaluation.parse_spec("sere:2")
-  evaluation.configure(model, evaluation.layer_configs(spec, None, 2), 2)
+  spec = policy_spec.parse("sere:2")
+  evaluation.configure(model, policy_spec.layer_configs(spec, None, 2), 2)
   small = evaluation.teacher_forced(model, tokens, 2, ref, max_tokens=2 * 12)
   np.testing.assert_allclose(small.nll, big.nll, atol=1e-5)
   assert small.kl == pytest.approx(big.kl, rel=1e-4)
@@ -297,7 +243,7 @@ def test_curves_and_interpolation():
 
 def test_comparisons_metrics_table():
   def row(spec, g, distinct, delta):
-    p = evaluation.parse_spec(spec)
+    p = policy_spec.parse(spec)
     return {"spec": p.text, "policy": p.policy, "batch_size": g,
             "comparison_family": evaluation.comparison_family(p), "metric": p.metric,
             "select_top_k": p.select_top_k, "threshold": p.threshold,

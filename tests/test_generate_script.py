@@ -25,7 +25,7 @@ def test_generate_script_matches_the_library(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "sere_jax.scripts.generate", f"--model_dir={MODEL}",
        f"--prompts={prompts_path}", "--batch_size=2", "--max_new_tokens=5",
-       "--length_multiple=8", "--policy=sere", "--select_top_k=1",
+       "--length_multiple=8", "--policy=sere:1",
        f"--output={out}", f"--stats_output={stats_path}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
