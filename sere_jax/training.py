@@ -15,15 +15,21 @@ sequences (`decode=False`), with a differentiable MoE implementation (`ragged_do
 from __future__ import annotations
 
 import functools
-from typing import Any
+import json
+import os
+import time
+from typing import Any, Callable
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+import tqdm
 
 from sere_jax import calibration
+from sere_jax import fileio
 from sere_jax import moe
 from sere_jax import numerics
 
@@ -190,3 +196,76 @@ def routing_statistics(model: nnx.Module, tokens: np.ndarray, group_size: int
       block.reroute, block.group_size = config, size
   return {"load": loads, "group_size": group_size,
           "distinct_per_step": [float(jnp.mean(s.distinct_after)) for s in stats]}
+
+
+def fit(trainer: Trainer, batch_fn: Callable[[int], tuple[np.ndarray, np.ndarray]], *,
+        steps: int, manager: ocp.CheckpointManager, history_path: str,
+        log_every: int, checkpoint_every: int, eval_every: int = 0,
+        eval_fn: Callable[[], float] | None = None, desc: str = "train",
+        time_budget_s: float | None = None) -> list[dict[str, float]]:
+  """Runs (or resumes from `manager`'s latest step) `steps` optimiser steps.
+
+  `batch_fn(step)` gives step `step`'s `(inputs, targets)` (a pure function of the step,
+  so a resumed run sees the same batches). Every `log_every` steps the metrics, tokens/s
+  and (every `eval_every`) `eval_fn()` are appended to the history, which is kept in
+  `history_path` (so a resumed run reports all of it) and returned. A progress bar shows
+  the loss and an ETA. With `time_budget_s` the loop stops once that many seconds have
+  passed since its first step finished (compilation excluded); the history's last entry
+  then has `stopped_early`.
+  """
+  start, history = 0, []
+  if manager.latest_step() is not None:
+    start = manager.latest_step()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.train_state())
+    trainer.load_train_state(manager.restore(start, args=ocp.args.StandardRestore(abstract)))
+    if os.path.isfile(history_path):
+      with open(history_path) as fh:
+        history = [e for e in json.load(fh) if e["step"] <= start]
+  tic, seen = time.time(), 0
+  bar = tqdm.tqdm(total=steps, initial=start, desc=desc, unit="step",
+                  disable=start >= steps)
+  for step in range(start, steps):
+    inputs, targets = batch_fn(step)
+    metrics = trainer.step(inputs, targets)
+    if step == start and time_budget_s:
+      jax.block_until_ready(metrics)
+      deadline = time.time() + time_budget_s
+    seen += inputs.size
+    done = step + 1
+    bar.update(1)
+    stop = bool(time_budget_s) and time.time() > deadline and done < steps
+    if done % log_every == 0 or done == steps or stop:
+      entry = {"step": done, **{k: float(v) for k, v in metrics.items()},
+               "tokens_per_s": seen / (time.time() - tic)}
+      if eval_fn is not None and (done == steps or stop or
+                                  (eval_every and done % eval_every == 0)):
+        entry["val_nll"] = eval_fn()
+      if stop:
+        entry["stopped_early"] = True
+      history.append(entry)
+      fileio.write_json_atomic(history_path, history)
+      bar.set_postfix(loss=f"{entry['nll']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+      tic, seen = time.time(), 0
+    if done % checkpoint_every == 0 or done == steps or stop:
+      manager.save(done, args=ocp.args.StandardSave(trainer.train_state()))
+    if stop:
+      break
+  bar.close()
+  manager.wait_until_finished()
+  return history
+
+
+def checkpoint_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """An Orbax manager of training states in `directory` (created if absent)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def mean_nll(trainer: Trainer, inputs: np.ndarray, targets: np.ndarray,
+             batch_size: int) -> float:
+  """Mean next-token NLL over `[N, L]` windows, `batch_size` windows at a time."""
+  total = 0.0
+  for i in range(0, inputs.shape[0], batch_size):
+    total += trainer.eval_loss(inputs[i:i + batch_size], targets[i:i + batch_size]) * (
+        inputs[i:i + batch_size].shape[0])
+  return total / inputs.shape[0]
