@@ -1,5 +1,9 @@
 """Building blocks shared by the decoder models: norms, RoPE, MLP, cached attention.
 
+The RMSNorm, RoPE, cache-write and attention math are the decode-attention kernel's
+reference (`sere_jax.kernels.decode_attention.reference`, a lower floor), so the
+models and the kernel's tests share one definition.
+
 Conventions (every model follows them, so one generation loop serves all):
   * Prompts are LEFT-padded to a common length, so a step writes the same cache slot
     `cache_index` for every sequence; `positions [B, L]` count from 0 at each
@@ -18,7 +22,13 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from sere_jax.numerics import mixed_dot_operands
+from sere_jax.kernels.decode_attention.reference import (apply_rope, attend,
+                                                         attend_with_cache, rms_norm,
+                                                         update_cache)
+
+__all__ = ["KVCache", "Linear", "RMSNorm", "SwiGLU", "apply_rope", "attend",
+           "attention_mask", "cached_attention", "linear_param", "rms_norm",
+           "rope_inv_freq"]
 
 
 class KVCache(NamedTuple):
@@ -35,9 +45,7 @@ class KVCache(NamedTuple):
 
   def update(self, k: jax.Array, v: jax.Array, index: jax.Array) -> KVCache:
     """Writes `k, v [B, L, H_kv, D]` at slots `[index, index + L)`."""
-    start = (0, index, 0, 0)
-    return KVCache(jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
-                   jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start))
+    return KVCache(*update_cache(self.k, self.v, k, v, index))
 
 
 class RMSNorm(nnx.Module):
@@ -49,13 +57,6 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return rms_norm(x, self.weight[...], self.eps)
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  """`weight * x / rms(x)` over the last axis, in float32, returned in x's dtype."""
-  xf = x.astype(jnp.float32)
-  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (weight.astype(jnp.float32) * xf).astype(x.dtype)
 
 
 def linear_param(rngs: nnx.Rngs, shape: tuple[int, ...], param_dtype) -> nnx.Param:
@@ -94,44 +95,12 @@ def rope_inv_freq(rotary_dim: int, theta: float) -> jax.Array:
   return 1.0 / theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-               scale: float = 1.0) -> jax.Array:
-  """Rotates `x [B, L, H, R]` by `positions [B, L]` (rotate-half layout, as HF Llama/Qwen).
-
-  `scale` multiplies cos and sin (YaRN's attention factor).
-  """
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, R/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
-  xf = x.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-  return (xf * cos + rotated * sin).astype(x.dtype)
-
-
 def attention_mask(cache_valid: jax.Array, cache_index: jax.Array, length: int) -> jax.Array:
   """`[B, L, S]` bool: query `l` (at slot `cache_index + l`) sees valid slots `<=` it."""
   slots = jnp.arange(cache_valid.shape[1])
   query_slots = cache_index + jnp.arange(length)
   causal = slots[None, :] <= query_slots[:, None]  # [L, S]
   return causal[None] & cache_valid[:, None, :]
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
-           ) -> jax.Array:
-  """Grouped-query attention. `q [B, L, H, Dk]`, `k [B, S, Hkv, Dk]`, `v [B, S, Hkv, Dv]`,
-  `mask [B, L, S]` -> `[B, L, H, Dv]` in q's dtype. Products accumulate in float32
-  and the softmax is float32; the cache is read in its own dtype (no f32 copy)."""
-  b, l, h, dk = q.shape
-  kv_heads, dtype = k.shape[2], q.dtype
-  q, k = mixed_dot_operands(q.reshape(b, l, kv_heads, h // kv_heads, dk).astype(k.dtype), k)
-  logits = jnp.einsum("blgrd,bsgd->bgrls", q, k, preferred_element_type=jnp.float32)
-  logits = jnp.where(mask[:, None, None], logits * scale, -jnp.inf)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows with no visible slot
-  probs, v = mixed_dot_operands(probs.astype(v.dtype), v)
-  out = jnp.einsum("bgrls,bsgd->blgrd", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(b, l, h, v.shape[-1]).astype(dtype)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache,
@@ -145,9 +114,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache,
   projections: the optional per-head RMSNorm (`q_norm`, `k_norm` weights `[Dk]`) and
   RoPE are applied here. Returns `(out [B, L, H, Dv], cache)`.
   """
-  if q_norm is not None:
-    q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-  q = apply_rope(q, positions, inv_freq)
-  k = apply_rope(k, positions, inv_freq)
-  cache = cache.update(k, v, cache_index)
-  return attend(q, cache.k, cache.v, mask, scale), cache
+  out, k_cache, v_cache = attend_with_cache(q, k, v, cache.k, cache.v, mask, cache_index,
+                                            positions, inv_freq, q_norm, k_norm, eps=eps,
+                                            scale=scale)
+  return out, KVCache(k_cache, v_cache)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels.decode_attention import decode_attention_triton
+from sere_jax.kernels.decode_attention import api as attention_api
 from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models import layers
@@ -181,9 +181,9 @@ class Attention(nnx.Module):
       # split-K partials, not one slice fusion each for q, k and v).
       qkv = jnp.concatenate([q, k, v], axis=-1).reshape(
           b, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-      out, k_cache, v_cache = decode_attention_triton(
+      out, k_cache, v_cache = attention_api.decode_attention(
           qkv, cache.k, cache.v, mask[:, 0], cache_index, positions[:, 0], inv_freq,
-          *norms, eps=eps, scale=scale, interpret=impl == "interpret")
+          *norms, eps=eps, scale=scale, implementation=impl)
       out, cache = out[:, None], layers.KVCache(k_cache, v_cache)
     else:
       heads = lambda t: t.reshape(b, l, -1, self.head_dim)

@@ -58,6 +58,10 @@ INVALID_FIELDS = [
     ("score_weight", None),
     ("score_weight", True),
     ("score_weight", False),
+    ("renormalize", 1),
+    ("renormalize", "yes"),
+    ("pool_size", -1),
+    ("pool_size", 2.5),
 ]
 
 
@@ -66,6 +70,11 @@ INVALID_FIELDS = [
 def test_invalid_config_field_raises_naming_the_field(field, value):
   with pytest.raises(ValueError, match=field):
     RerouteConfig(**{field: value})
+
+
+def test_expert_pool_needs_a_pool_size():
+  with pytest.raises(ValueError, match="pool_size"):
+    RerouteConfig(policy="expert_pool")
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -86,7 +95,10 @@ def test_invalid_config_field_raises_naming_the_field(field, value):
     {"score_weight": 0.0},
     {"score_weight": 0.25},
     {"score_weight": 1.0},
-] + [{"policy": p} for p in POLICIES])
+    {"policy": "keep_active", "renormalize": True},
+    {"policy": "topk_truncate", "renormalize": False},
+    {"policy": "expert_pool", "pool_size": 1},
+] + [{"policy": p} for p in POLICIES if p != "expert_pool"])
 def test_valid_config_accepted(kwargs):
   cfg = RerouteConfig(**kwargs)
   for name, value in kwargs.items():
@@ -105,8 +117,8 @@ def test_config_defaults_and_frozen():
 
 
 def test_policies_listed():
-  assert set(POLICIES) == {"none", "sere", "sere_hybrid", "topk_truncate", "oea",
-                           "random"}
+  assert set(POLICIES) == {"none", "sere", "sere_hybrid", "topk_truncate", "keep_active",
+                           "oea", "random", "expert_pool", "oracle"}
 
 
 @pytest.mark.parametrize("policy,s,k,active", [

@@ -1,5 +1,6 @@
-"""The decode-attention kernel against the model's XLA attention (its reference), in
-interpret mode, inside the Qwen models, and its lowering for an H200."""
+"""The decode-attention op (`sere_jax.kernels.decode_attention`): every kernel backend
+that runs here (interpret mode on a CPU) against the models' XLA attention (its
+reference), inside the Qwen models, and the Triton kernel's lowering for an H200."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 
 from sere_jax import generation
-from sere_jax.kernels.decode_attention import decode_attention_reference
-from sere_jax.kernels.decode_attention import decode_attention_triton
+from sere_jax.kernels import decode_attention as attention_op
+from sere_jax.kernels.decode_attention.reference import decode_attention_reference
+from sere_jax.kernels.decode_attention.triton import decode_attention_triton
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.models import layers
 from sere_jax.models import qwen_moe
+from tests import kernel_backends
 from tests.random_models import random_qwen
 
 EPS, SCALE = 1e-6, 0.25
@@ -51,16 +54,17 @@ CASES = {
 }
 
 
+@kernel_backends.over_implementations(attention_op.REGISTRY)
 @pytest.mark.parametrize("case", CASES)
-def test_matches_model_attention(case):
+def test_matches_model_attention(case, implementation):
   heads, kv_heads, head_dim, cache_len, block_s, index, dtype, qk_norm, cache_dtype = (
       CASES[case])
   rng = np.random.default_rng(sum(map(ord, case)))
   args = _case(rng, batch=3, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                cache_len=cache_len, index=index, dtype=dtype, qk_norm=qk_norm,
                cache_dtype=cache_dtype)
-  got = decode_attention_triton(*args, eps=EPS, scale=SCALE, block_s=block_s,
-                                interpret=True)
+  got = attention_op.decode_attention(*args, eps=EPS, scale=SCALE, block_s=block_s,
+                                      implementation=implementation)
   want = decode_attention_reference(*args, eps=EPS, scale=SCALE)
   exact = dtype == jnp.float32 and cache_dtype is None
   tol = dict(rtol=1e-5, atol=1e-5) if exact else dict(rtol=2e-2, atol=2e-2)
@@ -74,13 +78,14 @@ def test_matches_model_attention(case):
     np.testing.assert_array_equal(np.asarray(new)[:, keep], np.asarray(old)[:, keep])
 
 
-def test_row_with_nothing_visible_is_zero():
+@kernel_backends.over_implementations(attention_op.REGISTRY)
+def test_row_with_nothing_visible_is_zero(implementation):
   rng = np.random.default_rng(0)
   args = list(_case(rng, batch=2, heads=4, kv_heads=2, head_dim=16, cache_len=16, index=5,
                     dtype=jnp.float32, qk_norm=False))
   args[3] = args[3].at[1].set(False)  # sequence 1 sees no slot (not even itself)
-  out, _, _ = decode_attention_triton(*args, eps=EPS, scale=SCALE, block_s=16,
-                                      interpret=True)
+  out, _, _ = attention_op.decode_attention(*args, eps=EPS, scale=SCALE, block_s=16,
+                                            implementation=implementation)
   np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
   want, _, _ = decode_attention_reference(*args, eps=EPS, scale=SCALE)
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)

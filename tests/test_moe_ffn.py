@@ -11,9 +11,11 @@ import pytest
 
 from sere_jax import policies
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels.moe_ffn import moe_ffn, resolve_impl
+from sere_jax.kernels.moe_ffn import REGISTRY, moe_ffn, resolve_impl
+from tests import kernel_backends
 
 T, K, E, D, F = 8, 4, 8, 24, 20  # 32 rows; D and F are not powers of two
+KERNELS = kernel_backends.implementations(REGISTRY)  # those that run here
 
 CONFIGS = {
     "none": RerouteConfig(policy="none"),
@@ -73,7 +75,7 @@ def test_impls_agree(policy):
   problem, config = _problem(), CONFIGS[policy]
   valid = problem["valid"]
   outs = {impl: _run(problem, config, impl)
-          for impl in ("xla_dense", "ragged_dot", "interpret")}
+          for impl in ("xla_dense", "ragged_dot", *KERNELS)}
   want = outs["xla_dense"]
   # The reference routing of every impl is `policies.reroute`.
   ref_ids, ref_w, ref_stats = policies.reroute(
@@ -98,7 +100,7 @@ def test_impls_agree(policy):
 
 
 @pytest.mark.parametrize("policy", ["none", "sere_rho05"])
-@pytest.mark.parametrize("impl", ["xla_dense", "interpret", "tpu_interpret"])
+@pytest.mark.parametrize("impl", ["xla_dense", *KERNELS])
 def test_matches_numpy_ffn(policy, impl):
   problem = _problem()
   out = _run(problem, CONFIGS[policy], impl)
@@ -140,7 +142,7 @@ def test_default_impl_on_cpu_is_interpret():
 
 def test_all_tokens_invalid_gives_zeros():
   problem = dict(_problem(), valid=np.zeros(T, bool))
-  for impl in ("xla_dense", "ragged_dot", "interpret"):
+  for impl in ("xla_dense", "ragged_dot", *KERNELS):
     out = _run(problem, CONFIGS["sere_rho05"], impl)
     np.testing.assert_array_equal(np.asarray(out.y), 0.0, err_msg=impl)
     assert [int(s) for s in out.stats] == [0, 0, 0, 0], impl
@@ -171,3 +173,24 @@ def test_rejects_bad_inputs():
     _bad(impl="cuda")
   with pytest.raises(ValueError, match="impl must be one of"):
     resolve_impl("gpu")
+
+
+def test_implementation_is_an_alias_of_impl():
+  problem = _problem()
+  p = {k: jnp.asarray(v) for k, v in problem.items()}
+  args = (p["x"], p["ids"], p["weights"], p["w_gate_up"], p["w_down"])
+  want = moe_ffn(*args, valid=p["valid"], impl="ragged_dot")
+  got = moe_ffn(*args, valid=p["valid"], implementation="ragged_dot")
+  np.testing.assert_array_equal(np.asarray(got.y), np.asarray(want.y))
+  with pytest.raises(ValueError, match="disagree"):
+    moe_ffn(*args, impl="xla_dense", implementation="ragged_dot")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU-only check")
+@pytest.mark.parametrize("impl", ["triton", "tpu"])
+def test_device_backend_off_its_device_raises(impl):
+  p = {k: jnp.asarray(v) for k, v in _problem().items()}
+  with pytest.raises(ValueError, match=rf"moe_ffn: impl '{impl}' runs only on "
+                                       rf"{'gpu' if impl == 'triton' else 'tpu'} devices, "
+                                       "not on this 'cpu' device"):
+    moe_ffn(p["x"], p["ids"], p["weights"], p["w_gate_up"], p["w_down"], impl=impl)

@@ -1,5 +1,6 @@
-"""The fused softmax top-K router kernel against `routing.route` (interpret mode on
-this CPU machine) and its CUDA lowering."""
+"""The softmax top-K router op (`sere_jax.kernels.router`): every kernel backend that
+runs here (interpret mode on a CPU) against `routing.route`, and the Triton kernel's
+CUDA lowering."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 
 from sere_jax import moe
 from sere_jax import routing
+from sere_jax.kernels import router as router_op
 from sere_jax.kernels.lowering_check import export_for
-from sere_jax.kernels.router_triton import route_triton
+from sere_jax.kernels.router.triton import route_triton
+from tests import kernel_backends
 
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -22,10 +25,12 @@ _TRITON_CALL = "__gpu$xla.gpu.triton"
     (16, 128, 8, True),    # Qwen3-30B-A3B decode at B = 16
     (3, 16, 16, False),    # K = E: every expert, in score order
 ])
-def test_router_matches_reference(tokens, experts, top_k, normalize):
+@kernel_backends.over_implementations(router_op.REGISTRY)
+def test_router_matches_reference(tokens, experts, top_k, normalize, implementation):
   rng = np.random.default_rng(tokens * experts + top_k)
   logits = jnp.asarray(rng.normal(size=(tokens, experts)) * 3, jnp.float32)
-  ids, weights = route_triton(logits, top_k, normalize=normalize, interpret=True)
+  ids, weights = router_op.route(logits, top_k, normalize=normalize,
+                                 implementation=implementation)
   want_ids, want_weights = routing.route(logits, top_k, normalize=normalize)
   assert ids.dtype == jnp.int32 and weights.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
@@ -33,10 +38,11 @@ def test_router_matches_reference(tokens, experts, top_k, normalize):
                              rtol=1e-6, atol=1e-7)
 
 
-def test_router_breaks_ties_towards_the_lower_expert():
+@kernel_backends.over_implementations(router_op.REGISTRY)
+def test_router_breaks_ties_towards_the_lower_expert(implementation):
   # Integer logits in {0, 1, 2}: many exact ties, resolved as lax.top_k does.
   logits = jnp.asarray(np.random.default_rng(1).integers(0, 3, (20, 16)), jnp.float32)
-  ids, weights = route_triton(logits, 5, interpret=True)
+  ids, weights = router_op.route(logits, 5, implementation=implementation)
   want_ids, want_weights = routing.route(logits, 5)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
   np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights), rtol=1e-6)
@@ -47,7 +53,9 @@ def test_router_breaks_ties_towards_the_lower_expert():
     (60, 8, jnp.float32, True),     # E not a power of two, ties at the K-th place
     (12, 12, jnp.bfloat16, False),  # K = E, bf16
 ])
-def test_router_block_sizes_with_ties(block_t, experts, top_k, dtype, normalize):
+@kernel_backends.over_implementations(router_op.REGISTRY)
+def test_router_block_sizes_with_ties(block_t, experts, top_k, dtype, normalize,
+                                      implementation):
   # block_t + 3 tokens: a partial last block (but for block_t = 1). Logits on a coarse
   # grid of 8 values, exact in bf16: ties at every place; row 0 is all one value.
   tokens = block_t + 3
@@ -57,17 +65,18 @@ def test_router_block_sizes_with_ties(block_t, experts, top_k, dtype, normalize)
   if top_k < experts:
     ordered = -np.sort(-levels, axis=1)
     assert np.any(ordered[1:, top_k - 1] == ordered[1:, top_k])  # a tie across the cut
-  ids, weights = route_triton(logits, top_k, normalize=normalize, block_t=block_t,
-                              interpret=True)
+  ids, weights = router_op.route(logits, top_k, normalize=normalize, block_t=block_t,
+                                 implementation=implementation)
   want_ids, want_weights = routing.route(logits, top_k, normalize=normalize)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
   np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights),
                              rtol=1e-6, atol=1e-7)
 
 
-def test_router_takes_bf16_logits():
+@kernel_backends.over_implementations(router_op.REGISTRY)
+def test_router_takes_bf16_logits(implementation):
   logits = jnp.asarray(np.random.default_rng(2).normal(size=(9, 32)), jnp.bfloat16)
-  ids, weights = route_triton(logits, 3, normalize=True, interpret=True)
+  ids, weights = router_op.route(logits, 3, normalize=True, implementation=implementation)
   want_ids, want_weights = routing.route(logits, 3, normalize=True)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
   np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights), rtol=1e-6)

@@ -3,7 +3,8 @@
 Correctness runs in TPU interpret mode (`pltpu.InterpretParams`), which simulates
 TPU DMAs and fills fresh buffers with NaN, so unwritten output rows are caught. The
 lowering tests run the real Pallas -> Mosaic lowering for a TPU on this CPU machine
-(Mosaic's own layout passes run only on a TPU host).
+(Mosaic's own layout passes run only on a TPU host). The cases every backend shares
+(through the ops' api) are in test_schedule_op.py and test_gmm_op.py.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interp
 from jax.experimental.pallas import tpu as pltpu
 
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels import gmm_tpu as gmm_tpu_lib
-from sere_jax.kernels.gmm_reference import gmm_reference
-from sere_jax.kernels.gmm_tpu import gmm_tpu
+from sere_jax.kernels.gmm import tpu as gmm_tpu_lib
+from sere_jax.kernels.gmm.reference import gmm_reference
+from sere_jax.kernels.gmm.tpu import gmm_tpu
 from sere_jax.kernels.lowering_check import export_for
-from sere_jax.kernels.schedule import build_schedule
-from sere_jax.kernels.schedule_tpu import schedule_tpu
-from tests import kernel_checks
+from sere_jax.kernels.schedule.reference import build_schedule
+from sere_jax.kernels.schedule.tpu import schedule_tpu
+from tests import kernel_backends
 
 INTERPRET = pltpu.InterpretParams()
 GMM_INTERPRET = pltpu.InterpretParams(detect_races=True)  # also checks the pipeline's DMAs
@@ -34,21 +35,7 @@ T, K, E = 12, 3, 8  # grouped-matmul batches: 36 rows over 8 experts
 
 def _routing(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """`ids [T, K]`, `valid [T]` of one routing scenario."""
-  valid = np.ones(T, bool)
-  if kind == "random":  # duplicate (token, expert) slots, invalid tokens, empty experts
-    ids = rng.integers(1, E - 2, (T, K))
-    valid = rng.random(T) < 0.75
-  elif kind == "one_expert":
-    ids = np.full((T, K), 5)
-  elif kind == "all_active":
-    ids = (np.arange(T * K).reshape(T, K) * 5) % E
-  elif kind == "big_group":  # one group longer than a row block
-    ids = np.where(rng.random((T, K)) < 0.8, 2, rng.integers(0, E, (T, K)))
-  elif kind == "no_valid":
-    ids, valid = rng.integers(0, E, (T, K)), np.zeros(T, bool)
-  else:
-    raise ValueError(kind)
-  return ids.astype(np.int32), valid
+  return kernel_backends.routing(kind, rng, T, K, E)
 
 
 SCENARIOS = ("random", "one_expert", "all_active", "big_group", "no_valid")
@@ -128,38 +115,19 @@ def test_gmm_reads_each_active_weight_block_once_per_row_block(num_blocks, block
       assert len(fetched) == 1
 
 
-SCHEDULE_CONFIGS = [
-    RerouteConfig(policy="none"),
-    RerouteConfig(select_top_k=4),  # S >= K: no change
-    RerouteConfig(select_top_k=1, threshold=0.0),
-    RerouteConfig(select_top_k=2, threshold=0.5),
-    RerouteConfig(select_top_k=2, threshold=1.0),
-    RerouteConfig(select_top_k=3, threshold=0.25, min_batch=6),
-]
-
-
-# (T, K, E, configs, cases): the second shape spans three sort chunks (640 padded
-# slots) and 256 expert lanes.
-@pytest.mark.parametrize("shape", [(12, 4, 16, SCHEDULE_CONFIGS, 36),
-                                   (70, 8, 130, SCHEDULE_CONFIGS[3:4], 3)],
-                         ids=["small", "multi_chunk"])
-def test_schedule_matches_reference(shape):
-  num_tokens, top_k, num_experts, configs, cases = shape
+def test_schedule_spanning_sort_chunks_matches_reference():
+  """70 tokens x 8 slots: three sort chunks (640 padded slots), 256 expert lanes. The
+  small cases (one chunk), shared with the other backends, are in test_schedule_op.py."""
+  num_tokens, top_k, num_experts = 70, 8, 130
+  config = RerouteConfig(select_top_k=2, threshold=0.5)
   rng = np.random.default_rng(num_tokens)
-  for case in range(cases):
-    config = configs[case % len(configs)]
-    valid = rng.random(num_tokens) < (0.0, 0.6, 1.0)[case % 3]
-    if case % 2:  # distinct experts per token, as a router gives
-      ids = np.argsort(rng.random((num_tokens, num_experts)), axis=1)[:, :top_k]
-    else:  # repeats within a token and few experts
-      ids = rng.integers(0, min(num_experts, 9), (num_tokens, top_k))
-    # Quarter steps: similarity ties, and values equal to the thresholds.
-    sim = rng.integers(0, 5, (num_experts, num_experts)).astype(np.float32) / 4
-    np.fill_diagonal(sim, 1.0)
-    args = (jnp.asarray(ids, jnp.int32), jnp.asarray(valid), jnp.asarray(sim))
-    got = schedule_tpu(*args, config, num_experts=num_experts, interpret=INTERPRET)
-    want = kernel_checks.jitted_reference_schedule(config, num_experts)(*args)
-    kernel_checks.check_schedule(got, want, valid)
+  for case in range(3):
+    ids, valid, sim = kernel_backends.schedule_case(rng, num_tokens, top_k, num_experts,
+                                                    case, few=9)
+    got = schedule_tpu(ids, valid, sim, config, num_experts=num_experts,
+                       interpret=INTERPRET)
+    want = kernel_backends.jitted_reference_schedule(config, num_experts)(ids, valid, sim)
+    kernel_backends.check_schedule(got, want, np.asarray(valid))
 
 
 def test_schedule_rejects_bad_inputs():

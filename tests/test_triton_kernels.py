@@ -1,9 +1,10 @@
-"""GPU (Pallas Triton) kernels: interpret-mode correctness and CUDA lowering on CPU.
+"""GPU (Pallas Triton) kernels: their options in interpret mode, and CUDA lowering on CPU.
 
 Correctness runs the kernels with `interpret=True`. Pallas interpret mode fills fresh
 float outputs with NaN, so a grouped-matmul row that no program writes shows up as
 non-finite. The lowering tests run the real Pallas -> Triton lowering for an H200 on
-this CPU machine.
+this CPU machine. The cases every backend shares (through the ops' api) are in
+test_schedule_op.py and test_gmm_op.py.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import numpy as np
 import pytest
 
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels.gmm_reference import gmm_reference
-from sere_jax.kernels.gmm_triton import TILES, gmm_triton
+from sere_jax.kernels.gmm.reference import gmm_reference
+from sere_jax.kernels.gmm.tiles import TILES
+from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.kernels.moe_ffn import moe_ffn
-from sere_jax.kernels.schedule import build_schedule
-from sere_jax.kernels.schedule_triton import schedule_triton
-from tests import kernel_checks
+from sere_jax.kernels.schedule.reference import build_schedule
+from sere_jax.kernels.schedule.triton import schedule_triton
+from tests import kernel_backends
 
 T, K, E = 16, 3, 8  # grouped-matmul batches: 48 rows over 8 experts
 _TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -30,31 +32,10 @@ _TRITON_CALL = "__gpu$xla.gpu.triton"
 
 def _routing(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """`ids [T, K]`, `valid [T]` of one routing scenario."""
-  valid = np.ones(T, bool)
-  if kind == "random":  # duplicate (token, expert) slots, invalid tokens, empty experts
-    ids = rng.integers(1, E - 2, (T, K))
-    valid = rng.random(T) < 0.75
-  elif kind == "duplicates":  # every token sends all its slots to one expert
-    ids = np.repeat(rng.integers(0, E, (T, 1)), K, axis=1)
-  elif kind == "one_expert":  # 48 rows, a single active expert (the last one)
-    ids = np.full((T, K), E - 1)
-  elif kind == "all_active":
-    ids = (np.arange(T * K).reshape(T, K) * 5) % E
-  elif kind == "big_group":  # exactly 40 rows of expert 2, more than a 32-row tile
-    flat = np.concatenate([np.full(40, 2), rng.choice([0, 4, 6], T * K - 40)])
-    ids = rng.permutation(flat).reshape(T, K)
-  elif kind == "odd_rows":  # 13 valid tokens: 39 rows, not a block multiple
-    ids = rng.integers(0, E, (T, K))
-    valid = np.arange(T) < 13
-  elif kind == "no_valid":
-    ids, valid = rng.integers(0, E, (T, K)), np.zeros(T, bool)
-  else:
-    raise ValueError(kind)
-  return ids.astype(np.int32), valid
+  return kernel_backends.routing(kind, rng, T, K, E)
 
 
-SCENARIOS = ("random", "duplicates", "one_expert", "all_active", "big_group", "odd_rows",
-             "no_valid")
+SCENARIOS = kernel_backends.SCENARIOS
 
 # (w dtype, D, N, gather rows by token, kernel options)
 GMM_CASES = {
@@ -67,9 +48,6 @@ GMM_CASES = {
     # a split per chunk (3), one N block wider than N
     "bf16_gather_ksplit3": (jnp.bfloat16, 40, 24,
                             True, dict(row_tiles=(16,), block_n=32, block_k=16, k_splits=4)),
-    # the production tiles (block_n, block_k clamp to the small dims)
-    "f32_sorted_production_tiles": (jnp.float32, 40, 48, False, TILES),
-    "bf16_gather_production_tiles": (jnp.bfloat16, 40, 48, True, TILES),
     # 16-row items for groups of up to 16 rows, 32-row items for bigger groups
     "f32_gather_two_tiles": (jnp.float32, 40, 24, True,
                              dict(row_tiles=(16, 32), block_n=16, block_k=16, k_splits=2)),
@@ -116,24 +94,6 @@ def test_gmm_matches_reference(case):
     np.testing.assert_allclose(got, np.asarray(want[:rows]), err_msg=kind, **tol)
 
 
-def test_gmm_reference_is_an_independent_matmul():
-  """Pins the oracle itself to a NumPy loop (gathered and sorted rows)."""
-  rng = np.random.default_rng(5)
-  ids, valid = _routing("random", rng)
-  sched = build_schedule(jnp.asarray(ids), jnp.asarray(valid), E)
-  x = rng.normal(size=(T, 40)).astype(np.float32)
-  w = rng.normal(size=(E, 40, 24)).astype(np.float32)
-  offsets, row_token = np.asarray(sched.group_offsets), np.asarray(sched.row_token)
-  want = np.zeros((T * K, 24), np.float32)
-  for e in range(E):
-    for r in range(offsets[e], offsets[e + 1]):
-      want[r] = x[row_token[r]].astype(np.float64) @ w[e]
-  got = gmm_reference(jnp.asarray(x), jnp.asarray(w), sched.group_offsets, sched.row_token)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
-  got = gmm_reference(jnp.asarray(x[row_token]), jnp.asarray(w), sched.group_offsets)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
-
-
 @pytest.mark.parametrize("tiles", [dict(row_tiles=(16,)), dict(row_tiles=(16, 32)),
                                    dict(row_tiles=(16, 32, 64)),
                                    dict(row_tiles=(16,), max_programs=2 * 2 * 2)],
@@ -176,6 +136,7 @@ def test_gmm_rejects_bad_offsets():
 
 # ---------------------------------------------------------------- schedule kernel
 
+# The cases without kernel options (one chunk) are in test_schedule_op.py.
 SCHEDULE_CONFIGS = [
     RerouteConfig(policy="none"),
     RerouteConfig(select_top_k=0),  # S = 0: no re-routing
@@ -187,23 +148,8 @@ SCHEDULE_CONFIGS = [
 ]
 
 
-def _schedule_case(rng, num_tokens, top_k, num_experts, case):
-  valid = rng.random(num_tokens) < (0.0, 0.6, 1.0)[case % 3]
-  if case % 2:  # distinct experts per token, as a router gives
-    ids = np.argsort(rng.random((num_tokens, num_experts)), axis=1)[:, :top_k]
-  else:  # repeats within a token and few experts
-    ids = rng.integers(0, min(num_experts, 6), (num_tokens, top_k))
-  # Quarter steps: similarity ties, and values equal to the thresholds.
-  sim = rng.integers(0, 5, (num_experts, num_experts)).astype(np.float32) / 4
-  np.fill_diagonal(sim, 1.0)
-  return jnp.asarray(ids, jnp.int32), jnp.asarray(valid), jnp.asarray(sim)
-
-
 # (T, K, E, kernel options, configs, cases per config)
 SCHEDULE_SHAPES = {
-    "small": (6, 4, 16, dict(max_chunk=256), SCHEDULE_CONFIGS[:6], 6),  # min_batch below
-    "batch_of_one": (1, 4, 16, dict(max_chunk=256),
-                     [SCHEDULE_CONFIGS[i] for i in (0, 3, 6)], 3),
     # 160 slots in 3 chunks of 64 (the last one partial), 20 experts in 32 lanes; the
     # marking, re-routing and placing passes take all 160 slots in one 256-lane step
     "multi_chunk": (40, 4, 20, dict(max_chunk=64), [SCHEDULE_CONFIGS[0], SCHEDULE_CONFIGS[4],
@@ -227,29 +173,12 @@ def test_schedule_matches_reference(shape):
   rng = np.random.default_rng(num_tokens)
   for config in configs:
     for case in range(cases):
-      ids, valid, sim = _schedule_case(rng, num_tokens, top_k, num_experts, case)
+      ids, valid, sim = kernel_backends.schedule_case(rng, num_tokens, top_k,
+                                                      num_experts, case)
       got = schedule_triton(ids, valid, sim, config, num_experts=num_experts,
                             interpret=True, **options)
-      want = kernel_checks.jitted_reference_schedule(config, num_experts)(ids, valid, sim)
-      kernel_checks.check_schedule(got, want, np.asarray(valid), f"{config} case {case}")
-
-
-def test_schedule_reroutes_and_sorts():
-  """A hand-checked case: the kernel really re-routes (not only matches a no-op)."""
-  ids = jnp.asarray([[0, 1, 2], [0, 1, 3], [4, 1, 2]], jnp.int32)
-  valid = jnp.asarray([True, True, False])
-  sim = np.eye(8, dtype=np.float32)
-  sim[2, 1] = sim[3, 0] = 0.9  # 2 -> 1, 3 -> 0; everything else below rho
-  config = RerouteConfig(select_top_k=2, threshold=0.5)
-  got = schedule_triton(ids, valid, jnp.asarray(sim), config, num_experts=8, interpret=True)
-  np.testing.assert_array_equal(np.asarray(got.ids)[:2], [[0, 1, 1], [0, 1, 0]])
-  # stable sort by expert: expert 0 <- slots 0, 3, 5; expert 1 <- slots 1, 2, 4
-  np.testing.assert_array_equal(got.group_offsets, [0, 3, 6, 6, 6, 6, 6, 6, 6])
-  np.testing.assert_array_equal(got.active_experts, [0, 1, 1, 1, 1, 1, 1, 1])
-  np.testing.assert_array_equal(np.asarray(got.row_token)[:6], [0, 1, 1, 0, 0, 1])
-  np.testing.assert_array_equal(np.asarray(got.slot_row)[:2], [[0, 3, 4], [1, 5, 2]])
-  # distinct before (0, 1, 2, 3), after (0, 1), no critical, 2 slots re-routed, 6 rows
-  np.testing.assert_array_equal(got.stats, [4, 2, 0, 2, 6])
+      want = kernel_backends.jitted_reference_schedule(config, num_experts)(ids, valid, sim)
+      kernel_backends.check_schedule(got, want, np.asarray(valid), f"{config} case {case}")
 
 
 @pytest.mark.parametrize("option", [dict(max_chunk=32), dict(max_chunk=96),
@@ -259,13 +188,6 @@ def test_schedule_rejects_bad_chunks(option):
   with pytest.raises(ValueError, match=f"{next(iter(option))} must be a power of two"):
     schedule_triton(ids, valid, jnp.eye(8), RerouteConfig(select_top_k=1),
                     num_experts=8, interpret=True, **option)
-
-
-def test_schedule_rejects_unfused_policy():
-  ids, valid = jnp.zeros((4, 2), jnp.int32), jnp.ones((4,), bool)
-  with pytest.raises(ValueError, match="oea"):
-    schedule_triton(ids, valid, jnp.eye(8), RerouteConfig(policy="oea", select_top_k=1),
-                    num_experts=8, interpret=True)
 
 
 # ---------------------------------------------------------------- CUDA lowering

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from sere_jax import benchmarking
 from sere_jax import fileio
 from sere_jax import routing
-from sere_jax.kernels.decode_attention import decode_attention_triton
-from sere_jax.kernels.gmm_triton import gmm_triton
-from sere_jax.kernels.router_triton import route_triton
+from sere_jax.kernels.decode_attention.triton import decode_attention_triton
+from sere_jax.kernels.gmm.triton import gmm_triton
+from sere_jax.kernels.router.triton import route_triton
 from sere_jax.models import layers
 
 D, Q, KV, LAYERS = 2048, 32 * 128, 4 * 128, 8

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import RerouteConfig, reroute, route
-from sere_jax.kernels.decode_attention import decode_attention_reference
-from sere_jax.kernels.decode_attention import decode_attention_triton
+from sere_jax.kernels.decode_attention.reference import decode_attention_reference
+from sere_jax.kernels.decode_attention.triton import decode_attention_triton
 from sere_jax.kernels.moe_ffn import moe_ffn
-from sere_jax.kernels.router_triton import route_triton
+from sere_jax.kernels.router.triton import route_triton
 from sere_jax.models import layers
-from sere_jax.kernels.schedule import reference_schedule
-from sere_jax.kernels.schedule_triton import schedule_triton
+from sere_jax.kernels.schedule.reference import reference_schedule
+from sere_jax.kernels.schedule.triton import schedule_triton
 
 
 def main():

@@ -19,7 +19,7 @@ from sere_jax import benchmarking
 from sere_jax import fileio
 from sere_jax import routing
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels.schedule_triton import schedule_triton
+from sere_jax.kernels.schedule.triton import schedule_triton
 
 # (max_chunk, max_scan_chunk, max_place_chunk, num_warps)
 OPTIONS = [(64, 2048, 512, 4), (64, 2048, 64, 4), (64, 2048, 256, 4), (64, 2048, 1024, 4),

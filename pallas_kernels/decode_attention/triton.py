@@ -12,8 +12,8 @@ then key heads, then value heads): the model builds it by concatenating the q, k
 projections, which XLA computes as one dot, so a decode step has one reduce of that
 dot's split-K partials instead of three slice fusions each re-summing them.
 
-`decode_attention_reference` is the model's XLA path (`models.layers.cached_attention`)
-for one token, with the kernel's arguments and results.
+Its reference is `reference.decode_attention_reference`, the models' XLA path for
+one token, with the kernel's arguments and results.
 """
 
 from __future__ import annotations
@@ -25,44 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from sere_jax.models import layers
-
-
-def _num_heads(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> int:
-  """The number of query heads `H` in `qkv [B, H + 2 * Hkv, D]` for caches
-  `[B, S, Hkv, D]`; raises ValueError on any other layout."""
-  if qkv.ndim != 3 or k_cache.ndim != 4:
-    raise ValueError(f"qkv {qkv.shape} and k_cache {k_cache.shape} are not "
-                     "[B, H + 2 * Hkv, D] and [B, S, Hkv, D]")
-  batch, qkv_heads, head_dim = qkv.shape
-  _, cache_len, kv_heads, key_dim = k_cache.shape
-  if v_cache.ndim == 4 and v_cache.shape[-1] != key_dim:
-    raise ValueError(f"key and value head dims differ (k_cache {k_cache.shape}, v_cache "
-                     f"{v_cache.shape}): one qkv array needs Dk == Dv")
-  want = (batch, cache_len, kv_heads, head_dim)
-  if k_cache.shape != want or v_cache.shape != want:
-    raise ValueError(f"cache shapes {k_cache.shape}, {v_cache.shape} are not "
-                     f"[B, S, Hkv, D] with B, D = {batch}, {head_dim} from qkv {qkv.shape}")
-  heads = qkv_heads - 2 * kv_heads
-  if kv_heads < 1 or heads < 1 or heads % kv_heads:
-    raise ValueError(f"qkv has {qkv_heads} heads, not H + 2 * Hkv with Hkv = {kv_heads} "
-                     "(the caches' KV heads) and H a positive multiple of Hkv")
-  return heads
-
-
-def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                               visible: jax.Array, cache_index: jax.Array,
-                               positions: jax.Array, inv_freq: jax.Array,
-                               q_norm: jax.Array | None, k_norm: jax.Array | None, *,
-                               eps: float, scale: float
-                               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`decode_attention_triton`'s result computed by the model's XLA building blocks."""
-  heads, kv_heads = _num_heads(qkv, k_cache, v_cache), k_cache.shape[2]
-  q, k, v = jnp.split(qkv[:, None], [heads, heads + kv_heads], axis=2)
-  out, cache = layers.cached_attention(
-      q, k, v, layers.KVCache(k_cache, v_cache), visible[:, None, :], cache_index,
-      positions[:, None], inv_freq, q_norm, k_norm, eps=eps, scale=scale)
-  return out[:, 0], cache.k, cache.v
+from sere_jax.kernels.decode_attention.reference import num_query_heads
 
 
 def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
@@ -180,7 +143,7 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     and `D` a power of two of at least 16 (Triton tiles); the query-head group
     `H / Hkv` is padded to 16 rows for the tensor-core dots.
   """
-  heads = _num_heads(qkv, k_cache, v_cache)
+  heads = num_query_heads(qkv, k_cache, v_cache)
   batch, cache_len, kv_heads, head_dim = k_cache.shape
   if visible.shape != (batch, cache_len):
     raise ValueError(f"visible must be [B, S] = {(batch, cache_len)}, got {visible.shape}")

@@ -8,7 +8,8 @@ one expert run side by side in different programs and share the expert's weight 
 through L2. A program loops over its share of the contraction (a
 `fori_loop`, which Triton software-pipelines); split-K partial sums are written in
 float32 and summed afterwards. Left-hand rows can be gathered from the token array
-in-kernel (`row_token`), so no sorted copy is made.
+in-kernel (`row_token`), so no sorted copy is made. The tuned tiles are
+`tiles.TILES`.
 """
 
 from __future__ import annotations
@@ -103,18 +104,6 @@ def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_expert
   jax.lax.fori_loop(0, trips, one_item, 0)
 
 
-# Tiles from sweeps on an H200 (docs/benchmarks/gmm_sweep_h200.md): experts with few
-# rows (the common decode case) are fastest with 16-row blocks (less wasted work, more
-# programs in flight); experts with many rows with 64-row blocks, which read each
-# weight tile once per 64 rows; experts with 17-32 rows with 32-row blocks (at B = 64
-# over 16 experts, 32 rows each, gate+up 34.7 and down 19.5 us against 39.3 and 25.3
-# with 64-row blocks). At most 2112 programs (16 per SM), each looping over work
-# items: one program per possible item launched thousands that exit at once when few
-# experts have rows (the down projection at 8 experts took 13.6 instead of 10.7 us).
-TILES = dict(row_tiles=(16, 32, 64), block_n=128, block_k=64, k_splits=2, num_warps=4,
-             num_stages=3, max_programs=2112)
-
-
 def _pow2_at_least(x: int, low: int) -> int:
   return max(low, 1 << (max(x, 1) - 1).bit_length())
 
@@ -127,7 +116,7 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
                row_tiles: tuple[int, ...] = (16,), block_n: int = 128, block_k: int = 64,
                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3,
                max_programs: int | None = None, interpret: bool = False) -> jax.Array:
-  """Grouped matmul over experts with rows only; see `gmm_reference` for the semantics.
+  """Grouped matmul over experts with rows only; see `reference.gmm_reference`.
 
   Args:
     x: `[M, D]` rows in expert order, or `[T, D]` tokens when `row_token` is given.
@@ -137,7 +126,7 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     num_rows: M (required when `row_token` is None and x has extra rows).
     row_tiles: ascending powers of two (at least 16), the row-block sizes of the work
       items: an expert's rows go into the smallest tile that holds them all, or into
-      several of the largest. See `TILES`.
+      several of the largest. See `tiles.TILES`.
     max_programs: cap on the programs launched; each then loops over several work
       items (None: one program per possible item, most of which exit at once when
       few experts have rows).

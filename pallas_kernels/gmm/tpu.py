@@ -113,7 +113,7 @@ def gmm_tpu(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
             block_m: int = 512, tile_m: int = 128, block_n: int = 512,
             block_k: int = 2048, dynamic_grid: bool = True,
             interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
-  """Grouped matmul over active experts only; see `gmm_reference` for the semantics.
+  """Grouped matmul over active experts only; see `reference.gmm_reference`.
 
   Args:
     x: `[M, D]` rows in expert order, or `[T, D]` tokens when `row_token` is given.

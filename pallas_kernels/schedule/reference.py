@@ -1,8 +1,9 @@
-"""The expert-skip schedule: the data every grouped-matmul backend consumes.
+"""The expert-skip schedule and its pure-jnp reference.
 
 A batch's `T*K` (token, slot) pairs become rows sorted by expert. Slots of invalid
-tokens get no row. `reference_schedule` is the pure-jnp definition; the Pallas kernels
-(`schedule_triton`, `schedule_tpu`) must reproduce it exactly.
+tokens get no row. `Schedule` is the data every grouped-matmul backend consumes;
+`reference_schedule` (re-routing with `none` or `sere`, then `build_schedule`) is the
+definition that the kernels in `triton.py` and `tpu.py` must reproduce exactly.
 """
 
 from __future__ import annotations

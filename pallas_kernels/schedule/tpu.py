@@ -9,7 +9,7 @@ similarity) -> critical experts -> re-routed ids -> stable counting sort by expe
 (pairwise comparisons of `(expert, slot)` keys, no cumsum) -> group offsets, the
 active-expert list and statistics. Orientation changes of small vectors are
 masked reductions against an identity mask, so no transposes are lowered. Integer
-arithmetic avoids division. Outputs equal `schedule.reference_schedule` exactly.
+arithmetic avoids division. Outputs equal `reference.reference_schedule` exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels import schedule as schedule_lib
+from sere_jax.kernels.schedule import reference as schedule_lib
 
 _LANES = 128
 _SLOT_CHUNK = 256  # slots per pass of the [chunk, S] sort comparisons

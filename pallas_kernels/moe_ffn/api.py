@@ -1,6 +1,7 @@
 """The MoE FFN op: re-routing -> schedule -> grouped matmuls -> weighted combine.
 
-`moe_ffn` is the one entry point. Implementations (`impl`):
+`moe_ffn` is the one entry point. Implementations (`impl`, or its alias
+`implementation`; `IMPLS`, `REGISTRY`):
   triton     Pallas Triton kernels (NVIDIA GPUs): fused schedule kernel and an
              expert-skipping grouped matmul; weights of inactive experts are not read.
   tpu        Pallas Mosaic kernels (TPUs), same structure.
@@ -9,30 +10,28 @@
   xla_dense  reference: every expert applied to every token, combined by weight.
   ragged_dot reference: `jax.lax.ragged_dot` over expert-sorted rows.
   auto       triton on GPU, tpu on TPU, interpret on CPU.
+The kernels are the `schedule` and `gmm` ops; the references live in `reference.py`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
-from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from sere_jax import policies
 from sere_jax import validation
-from sere_jax.numerics import mixed_dot_operands
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels import schedule as schedule_lib
+from sere_jax.kernels import registry
 # Imported eagerly: importing Pallas backends registers config state, and doing it
 # during a first trace would change the tracing context and force a recompile.
-from sere_jax.kernels.gmm_tpu import gmm_tpu
-from sere_jax.kernels.gmm_triton import TILES, gmm_triton
-from sere_jax.kernels.schedule_tpu import schedule_tpu
-from sere_jax.kernels.schedule_triton import schedule_triton
+from sere_jax.kernels.gmm import api as gmm_api
+from sere_jax.kernels.moe_ffn.reference import combine, dense_ffn, ragged_dot_ffn, swiglu
+from sere_jax.kernels.schedule import api as schedule_api
+from sere_jax.kernels.schedule import reference as schedule_lib
 
-IMPLS = ("auto", "triton", "tpu", "interpret", "tpu_interpret", "xla_dense", "ragged_dot")
-_KERNEL_IMPLS = ("triton", "tpu", "interpret", "tpu_interpret")
 _NO_REROUTE = RerouteConfig(policy="none")
 
 
@@ -45,13 +44,49 @@ class MoeOutput(NamedTuple):
   stats: policies.RerouteStats
 
 
+def _grouped_ffn(impl, x, ids, weights, valid, sched, w_gate_up, w_down):
+  """The FFN with the grouped-matmul kernels of `impl` over the schedule's rows."""
+  del ids  # the schedule holds them
+  active = {}
+  if impl in ("tpu", "tpu_interpret"):  # only the TPU kernel reads the active list
+    active = dict(active_experts=sched.active_experts, num_active=sched.num_distinct)
+  matmul = functools.partial(gmm_api.gmm, implementation=impl, **active)
+  gate_up = matmul(x, w_gate_up, sched.group_offsets, sched.row_token)
+  hidden = swiglu(gate_up).astype(w_down.dtype)
+  down = matmul(hidden, w_down, sched.group_offsets)
+  return combine(down, weights, valid, sched.slot_row, x.dtype)
+
+
+def _ragged_dot(x, ids, weights, valid, sched, w_gate_up, w_down):
+  del ids
+  return ragged_dot_ffn(x, weights, valid, sched, w_gate_up, w_down)
+
+
+def _xla_dense(x, ids, weights, valid, sched, w_gate_up, w_down):
+  del sched  # not built: every expert is applied
+  return dense_ffn(x, ids, weights, valid, w_gate_up, w_down)
+
+
+# name -> `ffn(x, ids, weights, valid, sched, w_gate_up, w_down) -> y [T, D]`, after
+# re-routing; `sched` is None for `xla_dense`.
+IMPLEMENTATIONS = {
+    "triton": functools.partial(_grouped_ffn, "triton"),
+    "tpu": functools.partial(_grouped_ffn, "tpu"),
+    "interpret": functools.partial(_grouped_ffn, "interpret"),
+    "tpu_interpret": functools.partial(_grouped_ffn, "tpu_interpret"),
+    "xla_dense": _xla_dense,
+    "ragged_dot": _ragged_dot,
+}
+REGISTRY = registry.Registry("moe_ffn", IMPLEMENTATIONS,
+                             references=("xla_dense", "ragged_dot"), fallback="xla_dense",
+                             arg="impl")
+IMPLS = REGISTRY.names  # ("auto", "triton", "tpu", ...)
+_KERNEL_IMPLS = REGISTRY.kernels
+
+
 def resolve_impl(impl: str) -> str:
   """Maps `auto` to the implementation of the default backend."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-  if impl != "auto":
-    return impl
-  return {"gpu": "triton", "tpu": "tpu"}.get(jax.default_backend(), "interpret")
+  return REGISTRY.resolve(impl)
 
 
 def check_expert_weights(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> None:
@@ -70,17 +105,12 @@ def check_expert_weights(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) 
                      f"got {w_down.shape}")
 
 
-def swiglu(gate_up: jax.Array) -> jax.Array:
-  """`SiLU(gate) * up` of a fused `[..., 2F]` projection (gate first)."""
-  gate, up = jnp.split(gate_up, 2, axis=-1)
-  return jax.nn.silu(gate) * up
-
-
 def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Array,
             w_down: jax.Array, *, valid: jax.Array | None = None,
             similarity: jax.Array | None = None, config: RerouteConfig = _NO_REROUTE,
             router_scores: jax.Array | None = None, renormalize: bool = False,
-            key: jax.Array | None = None, impl: str = "auto") -> MoeOutput:
+            key: jax.Array | None = None, impl: str = "auto",
+            implementation: str | None = None) -> MoeOutput:
   """Routed-expert FFN of one MoE layer for a batch of tokens.
 
   Args:
@@ -94,13 +124,21 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
       schedule kernel; every other policy re-routes with `sere_jax.reroute` first.
     router_scores, renormalize, key: passed to `sere_jax.reroute` (policies `oea`,
       `sere_hybrid`, `topk_truncate`, `random`).
-    impl: one of `IMPLS`.
+    impl: one of `IMPLS`; a kernel backend that cannot run on this device (`triton`
+      off GPUs, `tpu` off TPUs) raises ValueError.
+    implementation: the same as `impl` (the other kernel ops' keyword); when given,
+      it wins over the default `impl`.
 
   Returns:
     `MoeOutput(y [T, D] in x.dtype, ids, weights, stats)`.
   """
+  if implementation is not None:
+    if impl not in ("auto", implementation):
+      raise ValueError(f"impl={impl!r} and implementation={implementation!r} disagree")
+    impl = implementation
   check_expert_weights(x, w_gate_up, w_down)
   impl = resolve_impl(impl)
+  REGISTRY.check(impl)
   num_experts = w_gate_up.shape[0]
   valid = jnp.ones(x.shape[:1], jnp.bool_) if valid is None else valid.astype(jnp.bool_)
   validation.check_routing(ids, weights, valid, num_experts)
@@ -113,14 +151,11 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
         ids, weights, valid, similarity, config, num_experts=num_experts,
         router_scores=router_scores, renormalize=renormalize, key=key)
     if impl == "xla_dense":
-      return MoeOutput(_dense_ffn(x, ids, weights, valid, w_gate_up, w_down), ids,
-                       weights, stats)
+      y = IMPLEMENTATIONS[impl](x, ids, weights, valid, None, w_gate_up, w_down)
+      return MoeOutput(y, ids, weights, stats)
     sched = schedule_lib.build_schedule(ids, valid, num_experts, stats)
 
-  if impl == "ragged_dot":
-    y = _ragged_dot_ffn(x, weights, valid, sched, w_gate_up, w_down)
-  else:
-    y = _grouped_ffn(impl, x, weights, valid, sched, w_gate_up, w_down)
+  y = IMPLEMENTATIONS[impl](x, sched.ids, weights, valid, sched, w_gate_up, w_down)
   stats = policies.RerouteStats(*(sched.stats[i] for i in range(4)))
   return MoeOutput(y, sched.ids, weights, stats)
 
@@ -129,63 +164,5 @@ def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
                     similarity: jax.Array | None, config: RerouteConfig,
                     num_experts: int) -> schedule_lib.Schedule:
   """The fused re-routing + schedule kernel of `impl` (policies `none`, `sere`)."""
-  if impl in ("tpu", "tpu_interpret"):
-    return schedule_tpu(ids, valid, similarity, config, num_experts=num_experts,
-                        interpret=_tpu_interpret(impl))
-  return schedule_triton(ids, valid, similarity, config, num_experts=num_experts,
-                         interpret=impl == "interpret")
-
-
-def _tpu_interpret(impl):
-  if impl != "tpu_interpret":
-    return False
-  return pltpu.InterpretParams()
-
-
-def _gmm_fn(impl):
-  """`gmm(x, w, sched, row_token=None)` of a kernel implementation."""
-  if impl in ("tpu", "tpu_interpret"):
-    interpret = _tpu_interpret(impl)
-    return lambda x, w, sched, row_token=None: gmm_tpu(
-        x, w, sched.group_offsets, sched.active_experts, sched.num_distinct, row_token,
-        interpret=interpret)
-  return lambda x, w, sched, row_token=None: gmm_triton(
-      x, w, sched.group_offsets, row_token, interpret=impl == "interpret", **TILES)
-
-
-def _combine(rows: jax.Array, weights, valid, slot_row, dtype) -> jax.Array:
-  """`y[t] = sum_j weights[t, j] * rows[slot_row[t, j]]` over valid tokens."""
-  gathered = rows[slot_row]  # [T, K, D]
-  scaled = gathered * weights[..., None].astype(jnp.float32)
-  y = jnp.sum(jnp.where(valid[:, None, None], scaled, 0.0), axis=1)
-  return y.astype(dtype)
-
-
-def _grouped_ffn(impl, x, weights, valid, sched, w_gate_up, w_down):
-  gmm = _gmm_fn(impl)
-  gate_up = gmm(x, w_gate_up, sched, sched.row_token)
-  hidden = swiglu(gate_up).astype(w_down.dtype)
-  down = gmm(hidden, w_down, sched)
-  return _combine(down, weights, valid, sched.slot_row, x.dtype)
-
-
-def _ragged_dot_ffn(x, weights, valid, sched, w_gate_up, w_down):
-  # Rows past the last group belong to no expert: ragged_dot leaves them zero.
-  sizes = sched.group_sizes
-  lhs, w_gate_up = mixed_dot_operands(x[sched.row_token], w_gate_up)
-  gate_up = jax.lax.ragged_dot(lhs, w_gate_up, sizes, preferred_element_type=jnp.float32)
-  hidden, w_down = mixed_dot_operands(swiglu(gate_up).astype(w_down.dtype), w_down)
-  down = jax.lax.ragged_dot(hidden, w_down, sizes, preferred_element_type=jnp.float32)
-  return _combine(down, weights, valid, sched.slot_row, x.dtype)
-
-
-def _dense_ffn(x, ids, weights, valid, w_gate_up, w_down):
-  num_experts = w_gate_up.shape[0]
-  combine = jnp.sum(jax.nn.one_hot(ids, num_experts, dtype=jnp.float32)
-                    * weights[..., None].astype(jnp.float32), axis=1)
-  combine = jnp.where(valid[:, None], combine, 0.0)  # [T, E]
-  lhs, w_gate_up = mixed_dot_operands(x, w_gate_up)
-  gate_up = jnp.einsum("td,edf->tef", lhs, w_gate_up, preferred_element_type=jnp.float32)
-  hidden, w_down = mixed_dot_operands(swiglu(gate_up).astype(w_down.dtype), w_down)
-  out = jnp.einsum("tef,efd->ted", hidden, w_down, preferred_element_type=jnp.float32)
-  return jnp.einsum("ted,te->td", out, combine).astype(x.dtype)
+  return schedule_api.schedule(ids, valid, similarity, config, num_experts=num_experts,
+                               implementation=impl)

@@ -1,4 +1,5 @@
-"""Pure-jnp grouped matmul: the definition the kernels are tested against."""
+"""Pure-jnp grouped matmul: the definition the kernels (`triton.py`, `tpu.py`) are
+tested against."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def gmm_reference(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     lhs = x[row_token]
   else:
     num_rows = x.shape[0] if num_rows is None else num_rows
-    lhs = x
+    lhs = x[:num_rows]
   expert = row_experts(group_offsets, num_rows)
   inside = jnp.arange(num_rows) < group_offsets[num_experts]
   rhs = w[jnp.clip(expert, 0, num_experts - 1)].astype(jnp.float32)

@@ -8,7 +8,7 @@ The picks form the kernel's serial chain, one cross-lane argmax per round; the
 softmax weights are computed after the loop from the picked logits (independent
 reductions), renormalised to sum to 1 if asked. Softmax is monotonic, so selecting on
 the logits selects the same experts as selecting on the probabilities. Reference:
-`sere_jax.routing.route`.
+`reference.route_reference` (`sere_jax.routing.route`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _router_kernel(logits_ref, ids_ref, weights_ref, *, num_tokens, num_experts,
 def route_triton(router_logits: jax.Array, top_k: int, *, normalize: bool = False,
                  block_t: int = 1, num_warps: int = 1, interpret: bool = False
                  ) -> tuple[jax.Array, jax.Array]:
-  """`sere_jax.routing.route` as one kernel: `[T, E]` logits -> `(ids [T, K] int32,
+  """`reference.route_reference` as one kernel: `[T, E]` logits -> `(ids [T, K] int32,
   weights [T, K] float32)`, ids by descending score, ties to the lower expert.
 
   `block_t` (tokens per program, a power of two) and `num_warps` are GPU tuning knobs.

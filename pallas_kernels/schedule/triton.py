@@ -12,7 +12,7 @@ per step: the whole batch in one step up to 512 slots), so no prefix sum crosses
 programs and the sort is stable. The same pass
 counts, for the program's slice of the experts, the valid slots below each expert
 (the group offsets) and marks the experts in use (the distinct count). Its outputs
-equal `schedule.reference_schedule` exactly; the active-expert list is derived from
+equal `reference.reference_schedule` exactly; the active-expert list is derived from
 the offsets outside the kernel (and dropped by XLA where nothing reads it).
 
 Programs share nothing: each repeats the batch-wide steps (latency-bound work done in
@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels import schedule as schedule_lib
+from sere_jax.kernels.schedule import reference as schedule_lib
 
 # Rows of a program's scratch, each `experts_pad` wide, followed by the new ids.
 _PRIMARY, _SECONDARY, _TARGET, _USED_AFTER = range(4)

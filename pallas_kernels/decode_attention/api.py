@@ -1,0 +1,47 @@
+"""The decode-attention op: `decode_attention(..., implementation=)`.
+
+One new token per sequence: per-head q/k RMSNorm, RoPE, the write of its key and
+value into the cache, and grouped-query attention over the cache. Implementations
+(`IMPLEMENTATIONS`, `REGISTRY`):
+  triton     one Pallas Triton kernel (NVIDIA GPUs), `triton.decode_attention_triton`.
+  interpret  the Triton kernel in Pallas interpret mode (any backend).
+  xla        the models' XLA path, `reference.decode_attention_reference`.
+  auto       triton on GPU, interpret on CPU, xla on TPU (no TPU kernel).
+(The Qwen models choose with their own `attention_impl`, whose `auto` is `xla`
+off GPUs.)
+"""
+
+from __future__ import annotations
+
+import jax
+
+from sere_jax.kernels import registry
+from sere_jax.kernels.decode_attention.reference import decode_attention_reference
+from sere_jax.kernels.decode_attention.triton import decode_attention_triton
+
+IMPLEMENTATIONS = {
+    "triton": decode_attention_triton,
+    "interpret": lambda *args, **kw: decode_attention_triton(*args, interpret=True, **kw),
+    "xla": decode_attention_reference,
+}
+REGISTRY = registry.Registry("decode_attention", IMPLEMENTATIONS, references=("xla",),
+                             fallback="xla")
+
+
+def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     visible: jax.Array, cache_index: jax.Array, positions: jax.Array,
+                     inv_freq: jax.Array, q_norm: jax.Array | None,
+                     k_norm: jax.Array | None, *, eps: float, scale: float,
+                     implementation: str = "auto", **options
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Attention of one new token per sequence over its KV cache.
+
+  Arguments and results as `triton.decode_attention_triton`: `qkv [B, H + 2 * Hkv, D]`,
+  caches `[B, S, Hkv, D]`, `visible [B, S]`, `positions [B]`, `inv_freq [D / 2]`,
+  optional per-head norm weights `[D]`; returns `(out [B, H, D], k_cache, v_cache)`.
+  `implementation` is one of `REGISTRY.names`; `**options` are the chosen backend's
+  tuning knobs (`block_s`, `num_warps` for the Triton kernel).
+  """
+  fn = REGISTRY.get(implementation)
+  return fn(qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm,
+            k_norm, eps=eps, scale=scale, **options)

@@ -1,0 +1,120 @@
+"""Attention over a KV cache in jnp: the reference of the decode-attention kernel.
+
+The models' attention is built from these functions (`sere_jax.models.layers` imports
+them): per-head RMSNorm, RoPE (rotate-half layout), the cache write and grouped-query
+attention. `decode_attention_reference` applies them to one new token per sequence,
+with the kernel's arguments and results.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sere_jax.numerics import mixed_dot_operands
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """`weight * x / rms(x)` over the last axis, in float32, returned in x's dtype."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               scale: float = 1.0) -> jax.Array:
+  """Rotates `x [B, L, H, R]` by `positions [B, L]` (rotate-half layout, as HF Llama/Qwen).
+
+  `scale` multiplies cos and sin (YaRN's attention factor).
+  """
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, R/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+           ) -> jax.Array:
+  """Grouped-query attention. `q [B, L, H, Dk]`, `k [B, S, Hkv, Dk]`, `v [B, S, Hkv, Dv]`,
+  `mask [B, L, S]` -> `[B, L, H, Dv]` in q's dtype. Products accumulate in float32
+  and the softmax is float32; the cache is read in its own dtype (no f32 copy)."""
+  b, l, h, dk = q.shape
+  kv_heads, dtype = k.shape[2], q.dtype
+  q, k = mixed_dot_operands(q.reshape(b, l, kv_heads, h // kv_heads, dk).astype(k.dtype), k)
+  logits = jnp.einsum("blgrd,bsgd->bgrls", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask[:, None, None], logits * scale, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows with no visible slot
+  probs, v = mixed_dot_operands(probs.astype(v.dtype), v)
+  out = jnp.einsum("bgrls,bsgd->blgrd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, l, h, v.shape[-1]).astype(dtype)
+
+
+def update_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
+                 index: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Writes `k, v [B, L, H_kv, D]` into the caches `[B, S, H_kv, D]` at slots
+  `[index, index + L)`, in the caches' dtypes."""
+  start = (0, index, 0, 0)
+  return (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start),
+          jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start))
+
+
+def attend_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
+                      v_cache: jax.Array, mask: jax.Array, cache_index: jax.Array,
+                      positions: jax.Array, inv_freq: jax.Array, q_norm: jax.Array | None,
+                      k_norm: jax.Array | None, *, eps: float, scale: float
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Attention of `L` new tokens over the cache, with their keys and values written.
+
+  `q [B, L, H, Dk]`, `k [B, L, Hkv, Dk]`, `v [B, L, Hkv, Dv]` come straight from the
+  projections: the optional per-head RMSNorm (`q_norm`, `k_norm` weights `[Dk]`) and
+  RoPE are applied here. `mask [B, L, S]`. Returns `(out [B, L, H, Dv], k_cache,
+  v_cache)`.
+  """
+  if q_norm is not None:
+    q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+  q = apply_rope(q, positions, inv_freq)
+  k = apply_rope(k, positions, inv_freq)
+  k_cache, v_cache = update_cache(k_cache, v_cache, k, v, cache_index)
+  return attend(q, k_cache, v_cache, mask, scale), k_cache, v_cache
+
+
+def num_query_heads(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> int:
+  """The number of query heads `H` in `qkv [B, H + 2 * Hkv, D]` for caches
+  `[B, S, Hkv, D]`; raises ValueError on any other layout."""
+  if qkv.ndim != 3 or k_cache.ndim != 4:
+    raise ValueError(f"qkv {qkv.shape} and k_cache {k_cache.shape} are not "
+                     "[B, H + 2 * Hkv, D] and [B, S, Hkv, D]")
+  batch, qkv_heads, head_dim = qkv.shape
+  _, cache_len, kv_heads, key_dim = k_cache.shape
+  if v_cache.ndim == 4 and v_cache.shape[-1] != key_dim:
+    raise ValueError(f"key and value head dims differ (k_cache {k_cache.shape}, v_cache "
+                     f"{v_cache.shape}): one qkv array needs Dk == Dv")
+  want = (batch, cache_len, kv_heads, head_dim)
+  if k_cache.shape != want or v_cache.shape != want:
+    raise ValueError(f"cache shapes {k_cache.shape}, {v_cache.shape} are not "
+                     f"[B, S, Hkv, D] with B, D = {batch}, {head_dim} from qkv {qkv.shape}")
+  heads = qkv_heads - 2 * kv_heads
+  if kv_heads < 1 or heads < 1 or heads % kv_heads:
+    raise ValueError(f"qkv has {qkv_heads} heads, not H + 2 * Hkv with Hkv = {kv_heads} "
+                     "(the caches' KV heads) and H a positive multiple of Hkv")
+  return heads
+
+
+def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                               visible: jax.Array, cache_index: jax.Array,
+                               positions: jax.Array, inv_freq: jax.Array,
+                               q_norm: jax.Array | None, k_norm: jax.Array | None, *,
+                               eps: float, scale: float
+                               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`triton.decode_attention_triton`'s result by the models' XLA path
+  (`attend_with_cache`) for one token per sequence."""
+  heads, kv_heads = num_query_heads(qkv, k_cache, v_cache), k_cache.shape[2]
+  q, k, v = jnp.split(qkv[:, None], [heads, heads + kv_heads], axis=2)
+  out, k_cache, v_cache = attend_with_cache(
+      q, k, v, k_cache, v_cache, visible[:, None, :], cache_index, positions[:, None],
+      inv_freq, q_norm, k_norm, eps=eps, scale=scale)
+  return out[:, 0], k_cache, v_cache

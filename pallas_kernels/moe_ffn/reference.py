@@ -1,0 +1,58 @@
+"""The MoE FFN's XLA references and the glue shared with the kernel path.
+
+Given re-routed `ids`, `weights` and (for `ragged_dot`) the schedule:
+  dense_ffn       (`xla_dense`) every expert applied to every token, combined by the
+                  routing weights: the plain definition.
+  ragged_dot_ffn  (`ragged_dot`) `jax.lax.ragged_dot` over the expert-sorted rows.
+`swiglu` and `combine` are the steps around the grouped matmuls, used by every
+implementation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sere_jax.numerics import mixed_dot_operands
+from sere_jax.kernels.schedule.reference import Schedule
+
+
+def swiglu(gate_up: jax.Array) -> jax.Array:
+  """`SiLU(gate) * up` of a fused `[..., 2F]` projection (gate first)."""
+  gate, up = jnp.split(gate_up, 2, axis=-1)
+  return jax.nn.silu(gate) * up
+
+
+def combine(rows: jax.Array, weights: jax.Array, valid: jax.Array, slot_row: jax.Array,
+            dtype) -> jax.Array:
+  """`y[t] = sum_j weights[t, j] * rows[slot_row[t, j]]` over valid tokens."""
+  gathered = rows[slot_row]  # [T, K, D]
+  scaled = gathered * weights[..., None].astype(jnp.float32)
+  y = jnp.sum(jnp.where(valid[:, None, None], scaled, 0.0), axis=1)
+  return y.astype(dtype)
+
+
+def ragged_dot_ffn(x: jax.Array, weights: jax.Array, valid: jax.Array, sched: Schedule,
+                   w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """The FFN with `jax.lax.ragged_dot` over the schedule's expert-sorted rows."""
+  # Rows past the last group belong to no expert: ragged_dot leaves them zero.
+  sizes = sched.group_sizes
+  lhs, w_gate_up = mixed_dot_operands(x[sched.row_token], w_gate_up)
+  gate_up = jax.lax.ragged_dot(lhs, w_gate_up, sizes, preferred_element_type=jnp.float32)
+  hidden, w_down = mixed_dot_operands(swiglu(gate_up).astype(w_down.dtype), w_down)
+  down = jax.lax.ragged_dot(hidden, w_down, sizes, preferred_element_type=jnp.float32)
+  return combine(down, weights, valid, sched.slot_row, x.dtype)
+
+
+def dense_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, valid: jax.Array,
+              w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """The FFN with every expert applied to every token, combined by weight."""
+  num_experts = w_gate_up.shape[0]
+  combine_weights = jnp.sum(jax.nn.one_hot(ids, num_experts, dtype=jnp.float32)
+                            * weights[..., None].astype(jnp.float32), axis=1)
+  combine_weights = jnp.where(valid[:, None], combine_weights, 0.0)  # [T, E]
+  lhs, w_gate_up = mixed_dot_operands(x, w_gate_up)
+  gate_up = jnp.einsum("td,edf->tef", lhs, w_gate_up, preferred_element_type=jnp.float32)
+  hidden, w_down = mixed_dot_operands(swiglu(gate_up).astype(w_down.dtype), w_down)
+  out = jnp.einsum("tef,efd->ted", hidden, w_down, preferred_element_type=jnp.float32)
+  return jnp.einsum("ted,te->td", out, combine_weights).astype(x.dtype)

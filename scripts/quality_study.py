@@ -1,0 +1,191 @@
+r"""Does re-routing keep quality? Every policy at equal distinct experts, per model.
+
+    python -m sere_jax.scripts.quality_study \
+        --model_dir=checkpoints/fine_grained_moe,checkpoints/upcycled_moe \
+        --heldout_dir=checkpoints/quality_heldout --out_dir=docs/results
+
+For each model and decode batch size B (`--batch_sizes`), one teacher-forced forward
+per policy spec over held-out windows of every domain (B sequences re-route together
+at each position, as when decoding them): `none`; SERE at S = 1..3 with rho = 0 and a
+per-layer rho sweep; the controls at the same S (truncation with and without
+renormalisation, keep-active with and without, a random substitute over
+`--random_seeds` seeds, OEA), the per-token oracle ceiling, the SERE/router-score
+hybrid, and the expert pool at pool sizes D equal to SERE's distinct experts. Writes
+`quality_<model>.json` (rows, paired comparisons of SERE against each control at the
+same S, the command), `quality_<model>.md`, `quality_<model>_pareto.png` and
+`quality_summary.json` (one row per model, B and policy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+
+from sere_jax import checkpoint
+from sere_jax import fileio
+from sere_jax import model_card
+from sere_jax import moe
+from sere_jax import policy_spec
+from sere_jax.evaluation import metrics
+from sere_jax.evaluation import study
+from sere_jax.evaluation.runner import reference
+
+_MODELS = flags.DEFINE_list("model_dir", None, "Model directories (HF layout with "
+                            "similarity and pool statistics).", required=True)
+_HELDOUT = flags.DEFINE_string("heldout_dir", None, "Held-out texts: <domain>.txt per "
+                               "domain, documents separated by <|endoftext|>.",
+                               required=True)
+_OUT = flags.DEFINE_string("out_dir", "docs/results", "Where the result files go.")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["8", "16", "32", "64"], "Decode batch sizes.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per window.")
+_PER_DOMAIN = flags.DEFINE_integer("per_domain", 64, "Windows per domain.")
+_SEEDS = flags.DEFINE_integer("random_seeds", 5, "Seeds of the random substitute.")
+_THREADS = flags.DEFINE_integer("compile_threads", 16, "Parallel compilations.")
+_EOT = "<|endoftext|>"
+
+
+def grid(top_k: int, seeds: int) -> list[policy_spec.PolicySpec]:
+  """The policy specs of the study for a top-`top_k` model (expert pools come later)."""
+  texts = ["none"]
+  for s in range(1, min(3, top_k - 1) + 1):
+    texts += [f"sere:{s}", f"topk_truncate:{s}:renorm", f"topk_truncate:{s}:raw",
+              f"keep_active:{s}:renorm", f"keep_active:{s}:raw", f"oea:{s}",
+              f"oracle:{s}", f"sere_hybrid:{s}:0:0.5"]
+    texts += [f"random:{s}:seed{k}" for k in range(seeds)]
+  texts += ["sere:2:q0.25", "sere:2:q0.5", "sere:2:q0.75"]
+  return policy_spec.parse_list(texts)
+
+
+def _documents(directory: str) -> dict[str, list[str]]:
+  docs = {}
+  for name in sorted(os.listdir(directory)):
+    if name.endswith(".txt"):
+      with open(os.path.join(directory, name), encoding="utf-8") as fh:
+        docs[name[:-4]] = [d for d in fh.read().split(_EOT) if d.strip()]
+  if not docs:
+    raise FileNotFoundError(f"no <domain>.txt files in {directory}")
+  return docs
+
+
+def _random_mean(rows, outcomes, ref, data, group):
+  """One row per S averaging the random seeds' NLL per position."""
+  out = []
+  by_s: dict[int, list[int]] = {}
+  for i, r in enumerate(rows):
+    if r["policy"] == "random":
+      by_s.setdefault(r["select_top_k"], []).append(i)
+  for s, idx in by_s.items():
+    mean = study.Outcome(np.mean([outcomes[i].nll for i in idx], axis=0),
+                         outcomes[idx[0]].correct, outcomes[idx[0]].agree,
+                         np.mean([outcomes[i].kl for i in idx], axis=0),
+                         np.mean([outcomes[i].stats for i in idx], axis=0))
+    r = study.row(policy_spec.parse(f"random:{s}"), group, mean, ref, data)
+    accs = [rows[i]["task_accuracy"] for i in idx]
+    r.update(spec=f"random:{s}:mean{len(idx)}", label=f"random S={s} ({len(idx)} seeds)",
+             seeds=len(idx), task_accuracy=float(np.mean(accs)),
+             task_accuracy_seed_range=[min(accs), max(accs)],
+             agreement=float(np.mean([rows[i]["agreement"] for i in idx])))
+    out.append((r, mean))
+  return out
+
+
+def _versus(rows, outcomes, data) -> list[dict[str, Any]]:
+  """SERE minus each control at the same S: paired interval over sequences."""
+  found = {r["spec"]: (r, o) for r, o in zip(rows, outcomes)}
+  result = []
+  for spec, (r, o) in found.items():
+    if r["policy"] != "sere" or ":q" in spec:
+      continue
+    s = r["select_top_k"]
+    for other, (r2, o2) in found.items():
+      if r2["policy"] in ("sere", "none") or r2.get("seed") or r2["select_top_k"] != s:
+        continue
+      if r2["policy"] == "random" and "mean" not in other:
+        continue
+      low, high = metrics.paired_bootstrap_delta_ppl_ci(o.nll, o2.nll)
+      right_a, total = study.answers_correct(o.correct, data.answer)
+      right_b, _ = study.answers_correct(o2.correct, data.answer)
+      acc = study.paired_ratio_delta_ci(right_a, right_b, total)
+      result.append({
+          "sere": spec, "control": other, "batch_size": r["batch_size"],
+          "distinct": [r["distinct_per_layer"], r2["distinct_per_layer"]],
+          "sere_vs_control_ppl_pct": 100.0 * np.expm1(o.nll.mean() - o2.nll.mean()),
+          "ci": [low, high],
+          "verdict": "sere better" if high < 0 else "sere worse" if low > 0
+                     else "no difference",
+          "task_accuracy_delta_points_ci": list(acc)})
+  return result
+
+
+def _study_model(model_dir: str, documents, log) -> dict[str, Any]:
+  model = checkpoint.load_model(model_dir, impl="xla_dense")
+  tokenizer = tokenizers.Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+  data = study.study_data(tokenizer, documents, seq_len=_SEQ_LEN.value,
+                          per_domain=_PER_DOMAIN.value)
+  top_k = moe.moe_blocks(model)[0].top_k
+  ref = reference(model, data.tokens, max_tokens=data.tokens.size)
+  ref_logp = jnp.asarray(ref.logp)
+  specs = grid(top_k, _SEEDS.value)
+  rows, versus = [], []
+  for group in [int(b) for b in _BATCHES.value]:
+    t0 = time.time()
+    outcomes = study.run_grid(model, specs, group, data, ref_logp,
+                              threads=_THREADS.value)
+    none = outcomes[0]
+    group_rows = [study.row(s, group, o, none, data) for s, o in zip(specs, outcomes)]
+    sere_distinct = sorted({round(r["distinct_per_layer"]) for r in group_rows
+                            if r["policy"] == "sere" and ":q" not in r["spec"]})
+    pools = policy_spec.parse_list([f"expert_pool:{max(d, 1)}" for d in sere_distinct])
+    pool_out = study.run_grid(model, pools, group, data, ref_logp, threads=_THREADS.value)
+    group_rows += [study.row(s, group, o, none, data) for s, o in zip(pools, pool_out)]
+    outcomes += pool_out
+    for r, o in _random_mean(group_rows, outcomes, none, data, group):
+      group_rows.append(r)
+      outcomes.append(o)
+    versus += _versus(group_rows, outcomes, data)
+    rows += group_rows
+    log(f"{os.path.basename(model_dir)} B={group}: {len(group_rows)} rows in "
+        f"{time.time() - t0:.0f} s")
+  return {"model": os.path.basename(os.path.normpath(model_dir)), "rows": rows,
+          "sere_vs_controls": versus, "top_k": top_k,
+          "num_experts": moe.moe_blocks(model)[0].num_experts,
+          "data": {"seq_len": _SEQ_LEN.value, "per_domain": _PER_DOMAIN.value,
+                   "domains": sorted(set(data.domains)),
+                   "task_answers": int((data.answer.max(axis=1)).sum())}}
+
+
+def main(argv):
+  del argv
+  documents = _documents(_HELDOUT.value)
+  os.makedirs(_OUT.value, exist_ok=True)
+  summary = []
+  for model_dir in _MODELS.value:
+    if not os.path.isdir(model_dir):
+      raise FileNotFoundError(f"no model directory {model_dir}")
+  for model_dir in _MODELS.value:
+    result = _study_model(model_dir, documents, print)
+    result["command"] = model_card.command_line()
+    name = result["model"]
+    fileio.write_json_atomic(os.path.join(_OUT.value, f"quality_{name}.json"), result)
+    summary += [{k: r[k] for k in ("batch_size", "policy", "distinct_per_layer",
+                                   "ppl_delta_pct", "ppl_delta_ci", "task_accuracy",
+                                   "task_accuracy_ci")} | {"model": name, "spec": r["spec"]}
+                for r in result["rows"]]
+  fileio.write_json_atomic(os.path.join(_OUT.value, "quality_summary.json"), summary)
+  print(json.dumps({"rows": len(summary)}))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

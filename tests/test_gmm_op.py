@@ -1,0 +1,93 @@
+"""The grouped-matmul op (`sere_jax.kernels.gmm`): every backend that runs here, through
+the op's api with its default (tuned) options, against the pure-jnp reference; and
+the reference against a NumPy loop. Backend options, unwritten rows and lowering are
+tested in test_triton_kernels.py and test_tpu_kernels.py."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sere_jax.kernels import gmm as gmm_op
+from sere_jax.kernels.schedule.reference import build_schedule
+from tests import kernel_backends
+
+T, K, E = 16, 3, 8  # 48 rows over 8 experts
+
+# (w dtype, D, N, gather rows by token): the tuned blocks clamp to the small dims.
+CASES = {
+    "f32_sorted": (jnp.float32, 40, 48, False),
+    "bf16_gather": (jnp.bfloat16, 40, 48, True),
+}
+
+
+@kernel_backends.over_implementations(gmm_op.REGISTRY)
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(implementation, case):
+  w_dtype, d, n, gather = CASES[case]
+  rng = np.random.default_rng(sum(map(ord, case)))
+  w = jnp.asarray(rng.normal(size=(E, d, n)), w_dtype)
+  tol = dict(rtol=1e-5, atol=1e-3) if w_dtype == jnp.float32 else dict(rtol=1e-2,
+                                                                         atol=1e-2)
+  for kind in kernel_backends.SCENARIOS:
+    ids, valid = kernel_backends.routing(kind, rng, T, K, E)
+    sched = build_schedule(jnp.asarray(ids), jnp.asarray(valid), E)
+    rows = int(sched.stats[4])
+    assert rows == int(valid.sum()) * K
+    if gather:
+      x = jnp.asarray(rng.normal(size=(T, d)), w_dtype)
+      row_token, options = sched.row_token, {}
+    else:  # sorted rows plus extra rows that must be ignored
+      x = jnp.asarray(rng.normal(size=(T * K + 5, d)), w_dtype)
+      row_token, options = None, dict(num_rows=T * K)
+    out = gmm_op.gmm(x, w, sched.group_offsets, row_token,
+                     active_experts=sched.active_experts, num_active=sched.num_distinct,
+                     implementation=implementation, **options)
+    want = gmm_op.gmm(x, w, sched.group_offsets, row_token, implementation="xla",
+                      **options)
+    assert out.shape == (T * K, n) and out.dtype == jnp.float32, kind
+    got = np.asarray(out[:rows])
+    assert np.all(np.isfinite(got)), (kind, np.argwhere(~np.isfinite(got))[:5])
+    np.testing.assert_allclose(got, np.asarray(want[:rows]), err_msg=kind, **tol)
+
+
+@kernel_backends.over_implementations(gmm_op.REGISTRY)
+def test_active_experts_default_to_the_offsets(implementation):
+  """Without the schedule's active-expert list (which only the TPU kernel reads), the
+  op derives it from the offsets."""
+  rng = np.random.default_rng(4)
+  ids, valid = kernel_backends.routing("random", rng, T, K, E)
+  sched = build_schedule(jnp.asarray(ids), jnp.asarray(valid), E)
+  x = jnp.asarray(rng.normal(size=(T, 40)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(E, 40, 24)), jnp.float32)
+  rows = int(sched.stats[4])
+  got = gmm_op.gmm(x, w, sched.group_offsets, sched.row_token,
+                   implementation=implementation)
+  want = gmm_op.gmm_reference(x, w, sched.group_offsets, sched.row_token)
+  np.testing.assert_allclose(np.asarray(got[:rows]), np.asarray(want[:rows]), rtol=1e-5,
+                             atol=1e-3)
+
+
+def test_reference_is_an_independent_matmul():
+  """Pins the oracle itself to a NumPy loop (gathered and sorted rows)."""
+  rng = np.random.default_rng(5)
+  ids, valid = kernel_backends.routing("random", rng, T, K, E)
+  sched = build_schedule(jnp.asarray(ids), jnp.asarray(valid), E)
+  x = rng.normal(size=(T, 40)).astype(np.float32)
+  w = rng.normal(size=(E, 40, 24)).astype(np.float32)
+  offsets, row_token = np.asarray(sched.group_offsets), np.asarray(sched.row_token)
+  want = np.zeros((T * K, 24), np.float32)
+  for e in range(E):
+    for r in range(offsets[e], offsets[e + 1]):
+      want[r] = x[row_token[r]].astype(np.float64) @ w[e]
+  got = gmm_op.gmm_reference(jnp.asarray(x), jnp.asarray(w), sched.group_offsets,
+                             sched.row_token)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+  got = gmm_op.gmm_reference(jnp.asarray(x[row_token]), jnp.asarray(w), sched.group_offsets)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+  # sorted rows with extra rows after them: only the first num_rows are read
+  extra = np.concatenate([x[row_token], np.ones((5, 40), np.float32)])
+  got = gmm_op.gmm_reference(jnp.asarray(extra), jnp.asarray(w), sched.group_offsets,
+                             num_rows=T * K)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
