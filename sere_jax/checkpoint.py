@@ -5,14 +5,16 @@
     model = checkpoint.load_model(path, param_dtype=jnp.bfloat16,
                                   reroute=RerouteConfig(), impl="auto")
                                                # our checkpoint or a Hugging Face directory,
-                                               # + sere_similarity.safetensors if present
+                                               # + sere_similarity.safetensors and
+                                               # sere_pool_stats.safetensors if present
 
 Layout of a checkpoint directory:
   config.json  {"sere_jax_architecture": ..., "config": dataclasses.asdict(config),
-                "param_dtype": ..., "reroute": {...}, "impl": ...}
+                "param_dtype": ..., "reroute": {...}, "impl": ..., "pool_stats": bool}
                written to a temporary name and renamed, after the state is complete.
-  state/       the NNX state (every variable, including each layer's ExpertSimilarity),
-               written by `orbax.checkpoint.StandardCheckpointer`.
+  state/       the NNX state (every variable, including each layer's ExpertSimilarity
+               and, when `pool_stats` is true, its ExpertPoolStats), written by
+               `orbax.checkpoint.StandardCheckpointer`.
 
 `restore` builds an abstract model with `nnx.eval_shape` from the architecture
 registry (no weights allocated) and restores the state into its shapes and dtypes.
@@ -35,8 +37,8 @@ import orbax.checkpoint as ocp
 from sere_jax import calibration
 from sere_jax import fileio
 from sere_jax import moe
-from sere_jax import numerics
 from sere_jax.config import RerouteConfig
+from sere_jax.models import base as model_base
 
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
@@ -133,9 +135,10 @@ def save(model: nnx.Module, directory: str, *, overwrite: bool = False) -> None:
   meta = {
       ARCH_KEY: config.architecture,
       "config": dataclasses.asdict(config),
-      "param_dtype": numerics.param_dtype(model).name,
+      "param_dtype": model_base.param_dtype(model).name,
       "reroute": dataclasses.asdict(reroute) if reroute is not None else None,
       "impl": impl,
+      "pool_stats": any(b.output_norm is not None for b in moe.moe_blocks(model)),
   }
   fileio.write_json_atomic(config_path, meta)
 
@@ -166,8 +169,16 @@ def restore(directory: str, *, param_dtype=None, reroute: RerouteConfig | None =
     reroute = RerouteConfig(**saved) if saved else moe.NO_REROUTE
   if impl is None:
     impl = meta.get("impl") or "auto"
-  abstract = nnx.eval_shape(lambda: model_cls(
-      config, reroute=reroute, impl=impl, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  def build():
+    model = model_cls(config, reroute=reroute, impl=impl, param_dtype=param_dtype,
+                      rngs=nnx.Rngs(0))
+    if meta.get("pool_stats"):  # saved with ExpertPoolStats: restore them too
+      for block in moe.moe_blocks(model):
+        e = block.num_experts
+        block.set_pool_stats(jnp.ones((e,)), jnp.ones((e, e)))
+    return model
+
+  abstract = nnx.eval_shape(build)
   graphdef, abstract_state = nnx.split(abstract)
   # Restore onto this process's first device, whatever device saved the checkpoint
   # (the shipped tiny model was saved on a GPU and loads on CPUs).
@@ -184,12 +195,17 @@ def load_model(directory: str, *, param_dtype=jnp.float32,
   """A sere-jax checkpoint (`restore`) or a Hugging Face directory (the model's `load_hf`).
 
   A `sere_similarity.safetensors` in the directory (`calibration.save_similarity`)
-  replaces the model's expert similarity (ValueError if it does not fit the model).
+  replaces the model's expert similarity, and a `sere_pool_stats.safetensors`
+  (`calibration.save_pool_stats`) its `expert_pool` statistics (ValueError if one
+  does not fit the model).
   """
   model = _load_weights(directory, param_dtype=param_dtype, reroute=reroute, impl=impl)
   if os.path.isfile(os.path.join(directory, calibration.SIMILARITY_FILE)):
     matrices, _ = calibration.load_similarity(directory)
     calibration.apply_similarity(model, matrices)
+  if os.path.isfile(os.path.join(directory, calibration.POOL_STATS_FILE)):
+    stats, _ = calibration.load_pool_stats(directory)
+    calibration.apply_pool_stats(model, stats)
   return model
 
 

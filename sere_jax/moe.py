@@ -13,8 +13,15 @@ re-route independently, so one call evaluates batches of g sequences.
 
 The block owns the router, the fused expert weights (`w_gate_up [E, D, 2F]`,
 `w_down [E, F, D]`) and the layer's expert similarity (an `ExpertSimilarity`
-variable, saved and restored with the model; NaN until calibrated). Shared experts
-are the model's business and live outside the block.
+variable, saved and restored with the model; NaN until calibrated). The
+`expert_pool` policy's calibrated statistics (`ExpertPoolStats` variables
+`output_norm [E]` and `pool_scale [E, E]`) exist only once `set_pool_stats` was
+called; until then that policy uses ones. Shared experts are the model's business
+and live outside the block.
+
+Policies other than `none` and `sere` (the fused schedule kernel's) re-route in the
+block before the MoE op runs. The `oracle` diagnostic computes every expert's output
+for every token first (`[T, E, D]`, dense: memory grows with T x E x (2F + D)).
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ from sere_jax import policies
 from sere_jax import routing
 from sere_jax.config import SIMILARITY_POLICIES, RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
-from sere_jax.kernels.router_triton import route_triton
+from sere_jax.kernels.router import api as router_api
 from sere_jax.numerics import mixed_dot_operands
 
 # A router maps `[T, E]` logits to `(ids [T, K], weights [T, K], scores [T, E])`, where
 # `scores` are the per-expert scores on the weights' scale (for the `oea` policy).
 Router = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 NO_REROUTE = RerouteConfig(policy="none")
+# Policies that the MoE op re-routes itself (the fused schedule kernel's); the block
+# re-routes every other one before calling it.
+FUSED_POLICIES = ("none", "sere")
 # Names under which a block records values inside `nnx.capture`: its input and valid
 # mask (calibration) and its load-balancing loss (training).
 CAPTURE_INPUT, CAPTURE_VALID = "moe_input", "moe_valid"
@@ -47,18 +57,23 @@ class ExpertSimilarity(nnx.Variable):
   """`[E, E]` similarity between one MoE layer's experts (NaN until calibrated)."""
 
 
+class ExpertPoolStats(nnx.Variable):
+  """`expert_pool` statistics of one MoE layer: the experts' mean output norm `[E]` or
+  the weight scale `[E, E]` of a route moved from one expert to another."""
+
+
 def softmax_router(top_k: int, normalize: bool, impl: str = "auto") -> Router:
   """Softmax scores, top-K, optionally renormalised (Qwen's `norm_topk_prob`).
 
   `impl` is the MoE op's (`moe_ffn.IMPLS`): with the Triton kernels (`triton`, or
-  `interpret` on any backend) the top-K runs as one fused kernel
-  (`kernels.router_triton`), otherwise as `routing.route`.
+  `interpret` on any backend) the top-K runs as one fused kernel (the `kernels.router`
+  op with that implementation), otherwise as `routing.route`.
   """
   def route(logits):
     resolved = moe_ffn_lib.resolve_impl(impl)
     if resolved in ("triton", "interpret"):
-      ids, weights = route_triton(logits, top_k, normalize=normalize,
-                                  interpret=resolved == "interpret")
+      ids, weights = router_api.route(logits, top_k, normalize=normalize,
+                                      implementation=resolved)
     else:
       ids, weights = routing.route(logits, top_k, normalize=normalize)
     return ids, weights, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -83,10 +98,28 @@ class MoeBlock(nnx.Module):
         rngs.params(), (num_experts, ffn_dim, dim), param_dtype))
     self.similarity = ExpertSimilarity(jnp.full((num_experts, num_experts), jnp.nan,
                                                 jnp.float32))
+    self.output_norm = nnx.data(None)  # ExpertPoolStats [E] once set_pool_stats ran
+    self.pool_scale = nnx.data(None)  # ExpertPoolStats [E, E] likewise
     self.reroute = reroute
     self.route = router or softmax_router(top_k, normalize, impl)
     self.impl = impl
     self.group_size = group_size
+
+  def set_pool_stats(self, output_norm: jax.Array, pool_scale: jax.Array) -> None:
+    """Sets the `expert_pool` statistics (`similarity.pool_stats`): mean output norms
+    `[E]` and weight scales `[E, E]` (float32)."""
+    e = self.num_experts
+    if output_norm.shape != (e,) or pool_scale.shape != (e, e):
+      raise ValueError(f"pool stats must be [E] and [E, E] with E={e}, got "
+                       f"{output_norm.shape} and {pool_scale.shape}")
+    output_norm = jnp.asarray(output_norm, jnp.float32)
+    pool_scale = jnp.asarray(pool_scale, jnp.float32)
+    if self.output_norm is None:
+      self.output_norm = ExpertPoolStats(output_norm)
+      self.pool_scale = ExpertPoolStats(pool_scale)
+    else:
+      self.output_norm.set_value(output_norm)
+      self.pool_scale.set_value(pool_scale)
 
   def active_config(self, decode: bool) -> RerouteConfig:
     """The re-routing config of a decode (or prefill) step."""
@@ -117,19 +150,38 @@ class MoeBlock(nnx.Module):
     self._record(CAPTURE_LOAD_BALANCE,
                  routing.load_balancing_loss(logits, ids, flat_valid))
     config = self.active_config(decode)
-    similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
     stepwise = decode and (self.group_size > 0 or (x.ndim == 3 and x.shape[1] > 1))
-    stats = None
+    if not stepwise and config.policy in FUSED_POLICIES:
+      similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
+      out = self._ffn(flat, ids, weights, flat_valid, similarity, config, scores)
+      return out.y.reshape(x.shape), out.stats
+    expert_out = None
+    if config.policy == "oracle" and config.is_active(self.top_k):
+      expert_out = self.expert_outputs(flat)
+    inputs = (ids, weights, flat_valid, scores, expert_out)
     if stepwise:
       steps = x.shape[:2] if x.ndim == 3 else (x.shape[0], 1)
-      ids, weights, stats = self._reroute_steps(ids, weights, flat_valid, scores,
-                                                similarity, steps, config)
-      config, similarity = NO_REROUTE, None
-    out = moe_ffn_lib.moe_ffn(
-        flat, ids, weights, self.w_gate_up[...], self.w_down[...], valid=flat_valid,
+      ids, weights, stats = self._reroute_steps(inputs, steps, config)
+    else:
+      ids, weights, stats = self._reroute(config)(*inputs)
+    out = self._ffn(flat, ids, weights, flat_valid, None, NO_REROUTE, scores)
+    return out.y.reshape(x.shape), stats
+
+  def _ffn(self, x, ids, weights, valid, similarity, config, scores):
+    return moe_ffn_lib.moe_ffn(
+        x, ids, weights, self.w_gate_up[...], self.w_down[...], valid=valid,
         similarity=similarity, config=config, router_scores=scores,
         renormalize=self.normalize, impl=self.impl)
-    return out.y.reshape(x.shape), out.stats if stats is None else stats
+
+  def expert_outputs(self, x: jax.Array) -> jax.Array:
+    """Every expert's output for every token of `x [T, D]`: `[T, E, D]` float32,
+    computed densely as the `xla_dense` MoE op does."""
+    w_down = self.w_down[...]
+    lhs, w_gate_up = mixed_dot_operands(x, self.w_gate_up[...])
+    gate_up = jnp.einsum("td,edf->tef", lhs, w_gate_up, preferred_element_type=jnp.float32)
+    hidden, w_down = mixed_dot_operands(moe_ffn_lib.swiglu(gate_up).astype(w_down.dtype),
+                                        w_down)
+    return jnp.einsum("tef,efd->ted", hidden, w_down, preferred_element_type=jnp.float32)
 
   def _record(self, name: str, value: jax.Array) -> None:
     """`sow`s `value` inside `nnx.capture` only. (Checked by hand: flax 0.12.10, the
@@ -138,7 +190,22 @@ class MoeBlock(nnx.Module):
     if hasattr(self, "__captures__"):
       self.sow(nnx.Intermediate, name, value)
 
-  def _reroute_steps(self, ids, weights, valid, scores, similarity, steps, config):
+  def _reroute(self, config: RerouteConfig) -> Callable:
+    """`(ids, weights, valid, scores, expert_out) -> (ids, weights, stats)` of one
+    re-routing batch, with this block's similarity and pool statistics."""
+    similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
+    pool = config.policy == "expert_pool" and self.output_norm is not None
+    output_norm = self.output_norm[...] if pool else None
+    pool_scale = self.pool_scale[...] if pool else None
+
+    def reroute(ids, weights, valid, scores, expert_out):
+      return policies.reroute(
+          ids, weights, valid, similarity, config, num_experts=self.num_experts,
+          router_scores=scores, renormalize=self.normalize, output_norm=output_norm,
+          pool_scale=pool_scale, expert_out=expert_out)
+    return reroute
+
+  def _reroute_steps(self, inputs, steps, config):
     """Re-routes `[B * L]` tokens per position and per group of `group_size` rows."""
     batch, length = steps
     group = self.group_size or batch
@@ -152,12 +219,8 @@ class MoeBlock(nnx.Module):
     def from_steps(a):
       return jnp.moveaxis(a, 0, 2).reshape(batch * length, *a.shape[3:])
 
-    def one_step(i, w, v, s):
-      return policies.reroute(i, w, v, similarity, config, num_experts=self.num_experts,
-                              router_scores=s, renormalize=self.normalize)
-
-    new_ids, new_w, stats = jax.vmap(jax.vmap(one_step))(
-        to_steps(ids), to_steps(weights), to_steps(valid), to_steps(scores))
+    new_ids, new_w, stats = jax.vmap(jax.vmap(self._reroute(config)))(
+        *jax.tree.map(to_steps, inputs))
     return from_steps(new_ids), from_steps(new_w), stats
 
 
@@ -183,7 +246,7 @@ def set_reroute(model: nnx.Module, config: RerouteConfig, impl: str | None = Non
 
 def check_calibrated(model: nnx.Module) -> None:
   """Raises ValueError if a block's policy reads the similarity (`sere`,
-  `sere_hybrid`) but the block has no valid one."""
+  `sere_hybrid`, `expert_pool`) but the block has no valid one."""
   for i, block in enumerate(moe_blocks(model)):
     if block.reroute.policy not in SIMILARITY_POLICIES:
       continue

@@ -1,9 +1,10 @@
 """Re-routing policies: SERE (DESIGN.md §4), its per-token hybrid `sere_hybrid`, and
-the baselines of DESIGN.md §5.
+the baselines and controls of DESIGN.md §5 (the controls live in `control_policies`).
 
 Every policy maps a top-K routing of one batch to a new one with the same static
 shapes: `ids [T, K]`, `weights [T, K]`. Slots that a policy drops keep the token's
-first expert with weight 0, so they never add an expert to the batch.
+first expert with weight 0, so they never add an expert to the batch. `reroute` is
+the one entry point.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sere_jax import control_policies
 from sere_jax import validation
 from sere_jax.config import RerouteConfig
+
+# Policies whose `renormalize` field, when set, overrides the model's top-K rule.
+_TRUNCATING = ("topk_truncate", "keep_active")
 
 
 class RerouteStats(NamedTuple):
@@ -102,19 +107,47 @@ def random_targets(is_primary: jax.Array, key: jax.Array) -> jax.Array:
   return jnp.where(keep, experts, pick.astype(jnp.int32))
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser (uint32 arithmetic wraps)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def routing_fingerprint(ids: jax.Array, weights: jax.Array, valid: jax.Array
+                        ) -> jax.Array:
+  """A uint32 hash of the valid tokens' routing: each slot's weight bits, expert id
+  and position. Different layers and decode steps route differently, so they hash
+  differently; equal routings hash equally."""
+  bits = jax.lax.bitcast_convert_type(weights.astype(jnp.float32), jnp.uint32)
+  position = jnp.arange(ids.size, dtype=jnp.uint32).reshape(ids.shape)
+  slot = _mix32(ids.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + position)
+  slot = jnp.where(valid[:, None], _mix32(bits ^ slot), jnp.uint32(0))
+  return _mix32(jnp.sum(slot, dtype=jnp.uint32))
+
+
+def random_key(ids: jax.Array, weights: jax.Array, valid: jax.Array, seed: int
+               ) -> jax.Array:
+  """The `random` policy's default key: `PRNGKey(seed)` folded with the batch's
+  `routing_fingerprint`, a fresh draw per step and layer without a key to thread."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed),
+                            routing_fingerprint(ids, weights, valid))
+
+
 def _remap_secondary(ids: jax.Array, target: jax.Array, select_top_k: int) -> jax.Array:
   return jnp.concatenate([ids[:, :select_top_k], target[ids[:, select_top_k:]]], axis=1)
 
 
 def _truncate(ids, weights, select_top_k, renormalize):
-  top_w = weights[:, :select_top_k]
-  if renormalize:
-    top_w = top_w * (jnp.sum(weights, axis=1, keepdims=True)
-                     / jnp.sum(top_w, axis=1, keepdims=True))
   rest = ids.shape[1] - select_top_k
   new_ids = jnp.concatenate(
       [ids[:, :select_top_k], jnp.repeat(ids[:, :1], rest, axis=1)], axis=1)
-  new_w = jnp.concatenate([top_w, jnp.zeros_like(weights[:, select_top_k:])], axis=1)
+  new_w = jnp.concatenate([weights[:, :select_top_k],
+                           jnp.zeros_like(weights[:, select_top_k:])], axis=1)
+  if renormalize:
+    new_w = control_policies.rescale_to_total(new_w, weights).astype(weights.dtype)
   return new_ids, new_w
 
 
@@ -144,10 +177,38 @@ def _oea(ids, weights, is_primary, router_scores, select_top_k, renormalize):
   return new_ids.astype(ids.dtype), new_w.astype(weights.dtype)
 
 
+def oracle_ids(ids: jax.Array, valid: jax.Array, expert_out: jax.Array,
+               select_top_k: int) -> jax.Array:
+  """The `oracle` policy's ids (weights are unchanged).
+
+  Each secondary slot j >= S of token t gets the primary expert of the batch (top-S of
+  a valid token) whose output `expert_out[t, p]` is nearest in L2 to the original
+  expert's `expert_out[t, e]`, ties to the lowest index; e stays when it is a primary.
+  `expert_out [T, E, D]` is every expert's output for every token.
+  """
+  is_primary = primary_mask(ids, valid.astype(jnp.bool_), select_top_k,
+                            expert_out.shape[1])
+  return control_policies.oracle_secondary(ids, is_primary, expert_out, select_top_k)
+
+
+def rerouting_stats(ids: jax.Array, weights: jax.Array, new_ids: jax.Array,
+                    new_weights: jax.Array, valid: jax.Array, num_experts: int,
+                    critical_kept: jax.Array | int = 0) -> RerouteStats:
+  """`RerouteStats` of a re-routing `(ids, weights) -> (new_ids, new_weights)`."""
+  changed = ((new_ids != ids) | (new_weights != weights)) & valid[:, None]
+  return RerouteStats(
+      distinct_before=count_distinct(ids, valid, num_experts),
+      distinct_after=count_distinct(new_ids, valid, num_experts),
+      critical_kept=jnp.asarray(critical_kept, jnp.int32),
+      slots_rerouted=jnp.sum(changed, dtype=jnp.int32))
+
+
 def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
             similarity: jax.Array | None, config: RerouteConfig, *,
             num_experts: int | None = None, router_scores: jax.Array | None = None,
-            renormalize: bool = False, key: jax.Array | None = None
+            renormalize: bool = False, key: jax.Array | None = None,
+            output_norm: jax.Array | None = None, pool_scale: jax.Array | None = None,
+            expert_out: jax.Array | None = None
             ) -> tuple[jax.Array, jax.Array, RerouteStats]:
   """Applies `config.policy` to one batch's top-K routing.
 
@@ -155,14 +216,23 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
     ids: `[T, K]` expert ids, sorted by descending router score.
     weights: `[T, K]` routing weights.
     valid: `[T]` bool; invalid tokens (padding, finished sequences) add no experts.
-    similarity: `[E, E]` expert similarity; required by `sere` and `sere_hybrid`.
+    similarity: `[E, E]` expert similarity; required by `sere`, `sere_hybrid` and
+      `expert_pool`.
     config: the policy and its parameters (static under jit).
     num_experts: E; inferred from `similarity` or `router_scores` when omitted.
     router_scores: `[T, E]` the router's per-expert scores on the weights' scale
       (softmax probabilities for Qwen); required by `oea` and `sere_hybrid`.
-    renormalize: the model renormalises top-K weights (`topk_truncate` and `oea`
-      then renormalise the weights they keep).
-    key: PRNG key of `random`; defaults to `PRNGKey(config.seed)`.
+    renormalize: the model renormalises top-K weights (`oea` then renormalises the
+      weights it keeps, and so do `topk_truncate` and `keep_active` unless
+      `config.renormalize` says otherwise).
+    key: PRNG key of `random`. By default `random_key`: `PRNGKey(config.seed)` folded
+      with a hash of this batch's routing, so every layer and decode step draws
+      afresh while equal inputs give equal outputs.
+    output_norm: `[E]` each expert's mean output norm (`expert_pool`; default ones).
+    pool_scale: `[E, E]` the weight scale of a slot moved from e to p (`expert_pool`;
+      default ones; clipped to [0, 2]).
+    expert_out: `[T, E, D]` every expert's output for every token; required by
+      `oracle` (`MoeBlock` computes it).
 
   Returns:
     `(new_ids, new_weights, stats)`.
@@ -171,50 +241,71 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
   validation.check_routing(ids, weights, valid, num_experts)
   valid = valid.astype(jnp.bool_)
   s = config.select_top_k
-  top_k = ids.shape[1]
-  before = count_distinct(ids, valid, num_experts)
-  zero = jnp.zeros((), jnp.int32)
-  if not config.is_active(top_k):
-    return ids, weights, RerouteStats(before, before, zero, zero)
+  policy = config.policy
+  if not config.is_active(ids.shape[1]):
+    return ids, weights, rerouting_stats(ids, weights, ids, weights, valid, num_experts)
 
   is_primary = primary_mask(ids, valid, s, num_experts)
-  critical_kept = zero
-  if config.policy in ("sere", "sere_hybrid"):
+  renorm = renormalize
+  if policy in _TRUNCATING and config.renormalize is not None:
+    renorm = config.renormalize
+  critical_kept = jnp.zeros((), jnp.int32)
+  new_w = weights
+  if policy in ("sere", "sere_hybrid", "expert_pool"):
     if similarity is None:
-      raise ValueError(f"policy {config.policy!r} needs a similarity matrix")
+      raise ValueError(f"policy {policy!r} needs a similarity matrix")
     validation.check_similarity(similarity, num_experts)
-    if config.policy == "sere":
+  if policy in ("sere", "sere_hybrid"):
+    if policy == "sere":
       target, critical = sere_targets(is_primary, similarity, config.threshold)
       new_ids = _remap_secondary(ids, target, s)
     else:
-      _check_router_scores(router_scores, config.policy, ids.shape[0], num_experts)
+      _check_router_scores(router_scores, policy, ids.shape[0], num_experts)
       new_ids, critical = hybrid_secondary(ids, is_primary, similarity, router_scores, s,
                                            config.threshold, config.score_weight)
-    new_w = weights
     secondary_used = jnp.zeros((num_experts,), jnp.bool_).at[ids[:, s:]].max(
         jnp.broadcast_to(valid[:, None], ids[:, s:].shape))
     critical_kept = jnp.sum(critical & secondary_used, dtype=jnp.int32)
-  elif config.policy == "random":
-    key = jax.random.PRNGKey(config.seed) if key is None else key
-    new_ids, new_w = _remap_secondary(ids, random_targets(is_primary, key), s), weights
-  elif config.policy == "topk_truncate":
-    new_ids, new_w = _truncate(ids, weights, s, renormalize)
-  elif config.policy == "oea":
-    _check_router_scores(router_scores, config.policy, ids.shape[0], num_experts)
-    new_ids, new_w = _oea(ids, weights, is_primary, router_scores, s, renormalize)
+  elif policy == "random":
+    key = random_key(ids, weights, valid, config.seed) if key is None else key
+    new_ids = _remap_secondary(ids, random_targets(is_primary, key), s)
+  elif policy == "topk_truncate":
+    new_ids, new_w = _truncate(ids, weights, s, renorm)
+  elif policy == "keep_active":
+    new_ids, new_w = control_policies.keep_active(ids, weights, is_primary, s, renorm)
+  elif policy == "oea":
+    _check_router_scores(router_scores, policy, ids.shape[0], num_experts)
+    new_ids, new_w = _oea(ids, weights, is_primary, router_scores, s, renorm)
+  elif policy == "expert_pool":
+    output_norm = _check_pool_array(output_norm, "output_norm", (num_experts,))
+    pool_scale = _check_pool_array(pool_scale, "pool_scale", (num_experts, num_experts))
+    new_ids, new_w = control_policies.expert_pool(
+        ids, weights, valid, similarity, output_norm, pool_scale, config.pool_size)
+  elif policy == "oracle":
+    if expert_out is None:
+      raise ValueError("policy 'oracle' needs every expert's output expert_out "
+                       "[T, E, D]: run it in a MoeBlock, or call oracle_ids")
+    if expert_out.shape[:2] != (ids.shape[0], num_experts):
+      raise ValueError(f"expert_out must be [T, E, D] with [T, E] = "
+                       f"{(ids.shape[0], num_experts)}, got shape {expert_out.shape}")
+    new_ids = oracle_ids(ids, valid, expert_out, s)
   else:  # RerouteConfig validation makes this unreachable.
-    raise ValueError(f"unknown policy {config.policy!r}")
+    raise ValueError(f"unknown policy {policy!r}")
 
   apply = jnp.sum(valid) >= max(config.min_batch, 1)
   new_ids = jnp.where(apply, new_ids, ids)
   new_w = jnp.where(apply, new_w, weights)
-  changed = ((new_ids != ids) | (new_w != weights)) & valid[:, None]
-  stats = RerouteStats(
-      distinct_before=before,
-      distinct_after=count_distinct(new_ids, valid, num_experts),
-      critical_kept=jnp.where(apply, critical_kept, 0),
-      slots_rerouted=jnp.sum(changed, dtype=jnp.int32))
+  stats = rerouting_stats(ids, weights, new_ids, new_w, valid, num_experts,
+                          jnp.where(apply, critical_kept, 0))
   return new_ids, new_w, stats
+
+
+def _check_pool_array(value, name: str, shape: tuple[int, ...]) -> jax.Array:
+  if value is None:
+    return jnp.ones(shape, jnp.float32)
+  if value.shape != shape:
+    raise ValueError(f"{name} must have shape {shape}, got {value.shape}")
+  return value
 
 
 def _check_router_scores(router_scores, policy: str, num_tokens: int,

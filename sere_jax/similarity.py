@@ -20,6 +20,10 @@ matrix as one batch of all tokens where that is possible:
              but the expert weights (`weight_similarity`).
 
 All results are symmetric `[E, E]` float32 matrices in [0, 1] with a unit diagonal.
+
+The same outputs give the `expert_pool` policy's statistics (`PoolState`, exact when
+streamed): each expert's mean output norm `[E]` and the least-squares weight scale
+`[E, E]` of a route moved from expert e to expert p.
 """
 
 from __future__ import annotations
@@ -133,6 +137,59 @@ def similarity(outputs: jax.Array, metric: str, *, gram_tokens: int = 1024) -> j
   state = init_state(metric, outputs.shape[0], outputs.shape[2],
                      gram_tokens=gram_tokens if metric in _CKA_KERNELS else 0)
   return finalize(update(state, outputs, metric), metric)
+
+
+class PoolState(NamedTuple):
+  """Sufficient statistics of `expert_pool`'s output norms and weight scales."""
+
+  norm_sum: jax.Array  # [E] sum over tokens of ||A_e[t]||
+  cross: jax.Array  # [E, E] sum over tokens of ||A_e[t]|| <A_e[t], A_p[t]>
+  energy: jax.Array  # [E, E] sum over tokens of ||A_e[t]|| ||A_p[t]||^2
+  tokens: jax.Array  # int32 scalar, tokens seen
+
+
+def init_pool_state(num_experts: int) -> PoolState:
+  """Empty `PoolState` of a layer with `num_experts` experts."""
+  pair = (num_experts, num_experts)
+  return PoolState(jnp.zeros((num_experts,), jnp.float32), jnp.zeros(pair, jnp.float32),
+                   jnp.zeros(pair, jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def update_pool_state(state: PoolState, outputs: jax.Array) -> PoolState:
+  """Adds one batch of expert outputs `[E, T, H]` (all-zero rows add nothing but a
+  token: callers that mask tokens set `tokens` themselves)."""
+  if state.norm_sum.shape[0] != outputs.shape[0]:
+    raise ValueError(f"outputs hold {outputs.shape[0]} experts, the state "
+                     f"{state.norm_sum.shape[0]}")
+  out = outputs.astype(jnp.float32)
+  norm = jnp.linalg.norm(out, axis=-1)  # [E, T]
+  cross = jnp.einsum("ph,qh->pq", (norm[:, :, None] * out).reshape(out.shape[0], -1),
+                     out.reshape(out.shape[0], -1), precision="highest")
+  energy = jnp.einsum("pt,qt->pq", norm, norm * norm, precision="highest")
+  return PoolState(state.norm_sum + jnp.sum(norm, axis=1), state.cross + cross,
+                   state.energy + energy, state.tokens + out.shape[1])
+
+
+def finalize_pool_state(state: PoolState, ridge: float = 1e-6
+                        ) -> tuple[jax.Array, jax.Array]:
+  """`(output_norm [E], scale [E, E])` from accumulated statistics.
+
+  `output_norm[e]` is the mean over tokens of `||A_e[t]||`. `scale[e, p]` minimises
+  `sum_t ||u_t|| ||u_t - s v_t||^2` with `u = A_e`, `v = A_p`:
+  `sum_t ||u|| <u, v> / (sum_t ||u|| ||v||^2 + lam)`, `lam = ridge` x the mean
+  denominator; the diagonal is 1.
+  """
+  output_norm = state.norm_sum / jnp.maximum(state.tokens, 1)
+  lam = jnp.maximum(ridge * jnp.mean(state.energy), 1e-30)
+  scale = state.cross / (state.energy + lam)
+  return output_norm, scale.at[jnp.diag_indices(scale.shape[0])].set(1.0)
+
+
+def pool_stats(outputs: jax.Array, ridge: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+  """`expert_pool`'s `(output_norm [E], scale [E, E])` of one batch of outputs
+  `[E, T, H]` (no streaming)."""
+  state = update_pool_state(init_pool_state(outputs.shape[0]), outputs)
+  return finalize_pool_state(state, ridge)
 
 
 def expert_outputs(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array,

@@ -189,3 +189,155 @@ def random_valid_mask(rng: np.random.Generator, mode: str, n: int) -> np.ndarray
     valid[rng.integers(0, n)] = True
     return valid
   return rng.random(n) < rng.random()
+
+
+# ---------------------------------------------------------------------------
+# Controls and rivals of DESIGN.md §5: keep_active, expert_pool, oracle, and the
+# expert_pool calibration statistics. Same conventions: plain loops, every row is
+# re-routed (valid or not), statistics count valid tokens only, and a dropped slot is
+# the token's first expert with weight 0.
+
+
+class PolicyResult(NamedTuple):
+  ids: np.ndarray  # [T, K] int
+  weights: np.ndarray  # [T, K] float64
+  stats: OracleStats
+
+
+def _applies(valid, min_batch: int) -> bool:
+  return sum(bool(v) for v in valid) >= max(int(min_batch), 1)
+
+
+def _primary_set(ids, valid, s: int) -> set:
+  return {int(ids[t, j]) for t in range(ids.shape[0]) if valid[t] for j in range(s)}
+
+
+def _result(ids, weights, new_ids, new_w, valid) -> PolicyResult:
+  rerouted = 0
+  for t in range(ids.shape[0]):
+    if valid[t]:
+      for j in range(ids.shape[1]):
+        if new_ids[t, j] != ids[t, j] or new_w[t, j] != weights[t, j]:
+          rerouted += 1
+  stats = OracleStats(_distinct_valid(ids, valid), _distinct_valid(new_ids, valid), 0,
+                      rerouted)
+  return PolicyResult(new_ids, new_w, stats)
+
+
+def keep_active_oracle(ids, weights, valid, select_top_k: int, renormalize: bool,
+                       min_batch: int = 1) -> PolicyResult:
+  """Keep the top-S slots; keep a slot past S whose expert is a primary of the batch,
+  drop the rest; optionally rescale the kept weights to the token's original sum."""
+  ids = np.asarray(ids)
+  weights = np.asarray(weights, np.float64)
+  valid = [bool(v) for v in np.asarray(valid).reshape(-1)]
+  num_tokens, top_k = ids.shape
+  s = int(select_top_k)
+  new_ids, new_w = ids.copy(), weights.copy()
+  if not (0 < s < top_k and _applies(valid, min_batch)):
+    return _result(ids, weights, new_ids, new_w, valid)
+  primary = _primary_set(ids, valid, s)
+  for t in range(num_tokens):
+    for j in range(s, top_k):
+      if int(ids[t, j]) not in primary:
+        new_ids[t, j] = ids[t, 0]
+        new_w[t, j] = 0.0
+    if renormalize:
+      kept = sum(new_w[t])
+      if kept > 0:
+        total = sum(weights[t])
+        for j in range(top_k):
+          new_w[t, j] = new_w[t, j] * total / kept
+  return _result(ids, weights, new_ids, new_w, valid)
+
+
+def expert_pool_oracle(ids, weights, valid, similarity, pool_size: int,
+                       output_norm=None, scale=None, min_batch: int = 1) -> PolicyResult:
+  """importance(e) = sum over valid tokens' slots on e of weight x output_norm[e]; the
+  pool is the `pool_size` most important experts valid tokens use (ties to the lower
+  index); every slot outside it moves to its most similar pool member (ties to the
+  lower index), its weight times scale[e, p] clipped to [0, 2]."""
+  ids = np.asarray(ids)
+  weights = np.asarray(weights, np.float64)
+  valid = [bool(v) for v in np.asarray(valid).reshape(-1)]
+  sim = np.asarray(similarity, np.float32)
+  num_experts = sim.shape[0]
+  norm = np.ones(num_experts) if output_norm is None else np.asarray(output_norm)
+  scale = np.ones((num_experts, num_experts)) if scale is None else np.asarray(scale)
+  num_tokens, top_k = ids.shape
+  new_ids, new_w = ids.copy(), weights.copy()
+  if not _applies(valid, min_batch):
+    return _result(ids, weights, new_ids, new_w, valid)
+  importance = {}
+  for t in range(num_tokens):
+    if valid[t]:
+      for j in range(top_k):
+        e = int(ids[t, j])
+        importance[e] = importance.get(e, 0.0) + weights[t, j] * float(norm[e])
+  ranked = sorted(importance, key=lambda e: (-importance[e], e))
+  pool = sorted(ranked[:pool_size])
+  for t in range(num_tokens):
+    for j in range(top_k):
+      e = int(ids[t, j])
+      if e in pool:
+        continue
+      best_p, best_sim = None, None
+      for p in pool:
+        if best_sim is None or float(sim[e, p]) > best_sim:
+          best_p, best_sim = p, float(sim[e, p])
+      new_ids[t, j] = best_p
+      new_w[t, j] = weights[t, j] * min(max(float(scale[e, best_p]), 0.0), 2.0)
+  return _result(ids, weights, new_ids, new_w, valid)
+
+
+def oracle_policy_oracle(ids, weights, valid, expert_out, select_top_k: int,
+                         min_batch: int = 1) -> PolicyResult:
+  """Each slot past S of token t holding expert e takes the primary p minimising
+  ||expert_out[t, p] - expert_out[t, e]|| (ties to the lower index), e itself if it
+  is a primary. Weights are unchanged."""
+  ids = np.asarray(ids)
+  weights = np.asarray(weights, np.float64)
+  valid = [bool(v) for v in np.asarray(valid).reshape(-1)]
+  out = np.asarray(expert_out, np.float64)
+  num_tokens, top_k = ids.shape
+  s = int(select_top_k)
+  new_ids = ids.copy()
+  if not (0 < s < top_k and _applies(valid, min_batch)):
+    return _result(ids, weights, new_ids, weights.copy(), valid)
+  primary = sorted(_primary_set(ids, valid, s))
+  for t in range(num_tokens):
+    for j in range(s, top_k):
+      e = int(ids[t, j])
+      if e in primary:
+        continue
+      best_p, best_d = None, None
+      for p in primary:
+        d = float(np.sum((out[t, p] - out[t, e]) ** 2))
+        if best_d is None or d < best_d:
+          best_p, best_d = p, d
+      new_ids[t, j] = best_p
+  return _result(ids, weights, new_ids, weights.copy(), valid)
+
+
+def pool_stats_oracle(outputs, ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+  """Per expert, the mean output norm over tokens; per pair (e, p), with u = A_e[t]
+  and v = A_p[t], sum_t ||u|| <u, v> / (sum_t ||u|| ||v||^2 + lam), lam = ridge x the
+  mean denominator over all pairs, diagonal 1. `outputs` is [E, T, H]."""
+  a = np.asarray(outputs, np.float64)
+  num_experts, num_tokens, _ = a.shape
+  norm = np.zeros(num_experts)
+  num = np.zeros((num_experts, num_experts))
+  den = np.zeros((num_experts, num_experts))
+  for e in range(num_experts):
+    for t in range(num_tokens):
+      norm[e] += np.linalg.norm(a[e, t]) / num_tokens
+  for e in range(num_experts):
+    for p in range(num_experts):
+      for t in range(num_tokens):
+        u, v = a[e, t], a[p, t]
+        num[e, p] += np.linalg.norm(u) * float(u @ v)
+        den[e, p] += np.linalg.norm(u) * float(v @ v)
+  lam = ridge * den.mean()
+  scale = num / (den + lam)
+  np.fill_diagonal(scale, 1.0)
+  return norm, scale
