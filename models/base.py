@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from flax import nnx
 import jax
+import jax.numpy as jnp
 
 from sere_jax import policies
 
@@ -23,3 +25,13 @@ class ForwardOutput(NamedTuple):
   logits: jax.Array
   cache: list[Any]
   stats: tuple[policies.RerouteStats, ...]
+
+
+def param_dtype(model: nnx.Module) -> jnp.dtype:
+  """The dtype of the model's first floating-point parameter (float32 if none): the
+  dtype its KV cache and checkpoints use."""
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+      return jnp.dtype(dtype)
+  return jnp.dtype(jnp.float32)

@@ -4,9 +4,10 @@ r"""Benchmarks of the MoE kernels and of whole-model decoding.
   python -m sere_jax.scripts.benchmark --suite=decode --model=qwen3_30b_a3b \
       --out=docs/benchmarks/decode_qwen3_30b_a3b_h200
 
-Suite `decode` (scripts/bench_decode.py): a whole model of a real configuration with
-random bf16 weights, prefill + timed decode steps per batch size and policy, the
-roofline of one step, and Hugging Face transformers' `generate()` as the peer.
+Suite `decode` (`sere_jax.benchmarking.decode`): a whole model of a real configuration
+with random bf16 weights, prefill + timed decode steps per batch size and policy, the
+roofline of one step, and Hugging Face transformers' `generate()` as the peer
+(`tools/hf_peer.py`, in a child process; a checkout is needed for it).
 
 Suite `kernels` (DESIGN.md §7): one MoE layer at Qwen3-30B-A3B shapes, timed inside
 one jit over a chain of layers with different weights. For every batch size, forced
@@ -15,20 +16,18 @@ distinct-expert counts and natural (uniform) routing under `none` and `sere`: ou
 fused schedule kernel), `jax.lax.ragged_dot`, the dense
 einsum, and the roofline from the read bandwidth measured in the same process.
 Writes `<out>.json` and `<out>.md`. `--torch_peer` adds PyTorch's `torch._grouped_mm`
-on the same routings, run in a child process.
+on the same routings (`tools/torch_peer.py`, in a child process from a checkout).
 
 Suite `gmm_sweep`: the Triton grouped matmul alone (gate+up and down) at forced
 distinct-expert counts, once per tiling (`--gmm_variants`, JSON overrides of
-`gmm_triton.TILES`; interpreted on a CPU).
+`sere_jax.kernels.gmm.TILES`; interpreted on a CPU).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app
@@ -39,16 +38,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import benchmarking
+from sere_jax.benchmarking import decode as decode_lib
+from sere_jax.benchmarking import decode_models
+from sere_jax.benchmarking import peers as peers_lib
+from sere_jax.benchmarking.report import markdown, merge_results
 from sere_jax import fileio
 from sere_jax import moe
-from sere_jax.scripts import bench_decode
 from sere_jax import policies
 from sere_jax import policy_spec
 from sere_jax import routing
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
-from sere_jax.kernels.gmm_triton import TILES, gmm_triton
-from sere_jax.kernels import schedule as schedule_lib
+from sere_jax.kernels.gmm.tiles import TILES
+from sere_jax.kernels.gmm.triton import gmm_triton
+from sere_jax.kernels.schedule import reference as schedule_lib
 
 _SUITE = flags.DEFINE_enum("suite", "kernels", ["kernels", "gmm_sweep", "decode"],
                            "What to run.")
@@ -74,9 +77,9 @@ _PROFILE_DIR = flags.DEFINE_string(
 _PEERS = flags.DEFINE_list("peers", ["ragged_dot", "xla_dense"], "Reference impls timed too.")
 _TORCH = flags.DEFINE_bool("torch_peer", False, "Also time torch._grouped_mm (child process).")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.03, "Minimum timed span per repeat.")
-_MODEL = flags.DEFINE_enum("model", "qwen3_30b_a3b", list(bench_decode.MODELS),
+_MODEL = flags.DEFINE_enum("model", "qwen3_30b_a3b", list(decode_models.MODELS),
                            "decode: the model configuration.")
-_POLICIES = flags.DEFINE_list("policies", list(bench_decode.DEFAULT_POLICIES),
+_POLICIES = flags.DEFINE_list("policies", list(decode_lib.DEFAULT_POLICIES),
                               "decode: policies as name[:S[:rho]].")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "decode: new tokens per sequence.")
@@ -91,7 +94,7 @@ _GMM_MATMULS = flags.DEFINE_list("gmm_matmuls", ["gate_up", "down"],
                                   "gmm_sweep: the projections swept (gate_up, down).")
 _GMM_VARIANTS = flags.DEFINE_string(
     "gmm_variants", "", "gmm_sweep: the tilings timed, as a JSON list of overrides of "
-    "gmm_triton.TILES (e.g. '[{}, {\"k_splits\": 4}]'); empty: a built-in list.")
+    "sere_jax.kernels.gmm.TILES (e.g. '[{}, {\"k_splits\": 4}]'); empty: a built-in list.")
 _MERGE = flags.DEFINE_list("merge", [], "Instead of running: merge these result JSON files "
                            "of one suite (e.g. runs over different batch sizes).")
 
@@ -206,7 +209,8 @@ def kernels_suite(env):
     write_result(dict(result, partial=True))  # a long run keeps what it measured
   if _TORCH.value:
     try:
-      torch_times, torch_env = run_torch_peer(shape, layers, torch_cases)
+      torch_times, torch_env = peers_lib.run_torch_peer(sys.executable, shape, layers,
+                                                        torch_cases, _MIN_SECONDS.value)
     except subprocess.CalledProcessError as err:  # keep the JAX results; say why
       logging.error("torch peer failed: %s", err)
       result["torch_error"] = str(err)
@@ -215,21 +219,6 @@ def kernels_suite(env):
       for case, t in zip(torch_cases, torch_times):
         rows[case["row_index"]]["torch_grouped_mm_us"] = t
   return result
-
-
-def run_torch_peer(shape, layers, cases):
-  """Times torch._grouped_mm on the same routings in a child process."""
-  with tempfile.TemporaryDirectory() as tmp:
-    spec = os.path.join(tmp, "cases.json")
-    out = os.path.join(tmp, "torch.json")
-    with open(spec, "w") as fh:
-      json.dump(dict(shape=shape, layers=layers, cases=cases,
-                     min_seconds=_MIN_SECONDS.value), fh)
-    subprocess.run([sys.executable, "-m", "sere_jax.scripts.torch_peer", spec, out],
-                   check=True)
-    with open(out) as fh:
-      result = json.load(fh)
-  return result["times_us"], result["env"]
 
 
 # Around TILES: other row tiles, one program per possible item (no item loop), other K
@@ -310,65 +299,6 @@ def gmm_sweep(env):
               read_bandwidth_tbs=read_bw / 1e12, rows=rows)
 
 
-def merge_results(paths):
-  """Concatenates the rows of several result files of one suite and device."""
-  results = []
-  for path in paths:
-    with open(path) as fh:
-      results.append(json.load(fh))
-  first = results[0]
-  for other in results[1:]:
-    for key in ("suite", "shape", "model", "scale"):
-      if other.get(key) != first.get(key):
-        raise ValueError(f"cannot merge results with different {key}: {paths}")
-    if other["env"]["device_kind"] != first["env"]["device_kind"]:
-      raise ValueError(f"cannot merge results from different devices: {paths}")
-  merged = dict(first)
-  merged["rows"] = [row for r in results for row in r["rows"]]
-  if first["suite"] == "decode":  # `none` and the other policies may come from two runs
-    bench_decode.add_speedups(merged["rows"])
-  merged["commands"] = [r["command"] for r in results]
-  merged["command"] = " ; ".join(merged["commands"])
-  merged["runs"] = [{k: r.get(k) for k in ("command", "read_bandwidth_tbs",
-                                           "copy_bandwidth_tbs", "seconds", "torch_env",
-                                           "peer", "partial")} for r in results]
-  return merged
-
-
-def markdown(result, command):
-  env = result["env"]
-  lines = [f"# Benchmark: {result['suite']}", "",
-           f"- device: {env['device_kind']} ({env['backend']}), jax {env['jax']}",
-           f"- command: `{command}`"]
-  for run in result.get("runs", []):
-    lines.append(f"- run: read bandwidth {run['read_bandwidth_tbs']:.2f} TB/s, copy "
-                 f"{run['copy_bandwidth_tbs']:.2f} TB/s, {run.get('seconds') or 0:.0f} s"
-                 + (f", torch {run['torch_env']['torch']}" if run.get("torch_env") else ""))
-  if "read_bandwidth_tbs" in result and "runs" not in result:
-    lines.append(f"- measured read bandwidth {result['read_bandwidth_tbs']:.2f} TB/s"
-                 + (f", copy {result['copy_bandwidth_tbs']:.2f} TB/s"
-                    if "copy_bandwidth_tbs" in result else ""))
-  lines.append("")
-  rows = result["rows"]
-  if result["suite"] == "decode":
-    return "\n".join(lines + bench_decode.markdown_rows(result)) + "\n"
-  if result["suite"] == "kernels":
-    impl = result["impl"]
-    cols = ["batch", "mode", "policy", "select_top_k", "distinct", "roofline_us",
-            f"{impl}_us", "ours_over_roofline", "routing_schedule_us"]
-    cols += [c for c in ("ragged_dot_us", "xla_dense_us", "torch_grouped_mm_us")
-             if any(c in r for r in rows)]
-    lines.append("Times are µs per MoE layer (gate+up, SwiGLU, down, combine), chain "
-                 "update subtracted.")
-  else:
-    cols = list(rows[0].keys()) if rows else []
-  lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  for r in rows:
-    cells = [f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
-
-
 def main(argv):
   del argv
   command = _command()
@@ -380,6 +310,11 @@ def main(argv):
     result["seconds"] = time.time() - start
     result["command"] = command
   else:
+    if _TORCH.value and _SUITE.value == "kernels":
+      try:
+        peers_lib.tool_path("torch_peer.py")  # before the suite, not after it
+      except FileNotFoundError as err:
+        raise app.UsageError(str(err)) from err
     env = benchmarking.environment()
     logging.info("environment: %s", env)
     start = time.time()
@@ -393,18 +328,18 @@ def main(argv):
 def decode(command):
   """The decode suite; the transformers peer runs first, before JAX takes the device."""
   batches = ([int(b) for b in _BATCHES.value] if flags.FLAGS["batch"].present
-             else list(bench_decode.DEFAULT_BATCHES))
+             else list(decode_lib.DEFAULT_BATCHES))
   scale = "tiny" if _SCALE.value == "tiny" else "full"
-  hf = bench_decode.hf_config(_MODEL.value, scale)
+  hf = decode_models.hf_config(_MODEL.value, scale)
   peer = None
   if _HF_PEER.value:
     start = time.time()
-    peer = bench_decode.run_peer(_PEER_PYTHON.value, _PEER_DEVICE.value, hf, batches,
+    peer = peers_lib.run_hf_peer(_PEER_PYTHON.value, _PEER_DEVICE.value, hf, batches,
                                  _PROMPT_LEN.value, _NEW_TOKENS.value, _REPEATS.value,
                                  _PEER_TIMEOUT.value)
     peer["seconds"] = time.time() - start
     logging.info("transformers peer: %s", peer.get("skipped") or peer.get("env"))
-  return bench_decode.decode_suite(
+  return decode_lib.decode_suite(
       model=_MODEL.value, scale=scale, batches=batches,
       policies=policy_spec.parse_list(_POLICIES.value),
       prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value, impl=_IMPL.value,

@@ -4,7 +4,7 @@ r"""Batch quality evaluation of SERE against its baselines over a model director
       --text=data/test.txt --metrics_text=data/valid.txt \
       --batch_sizes=1,4,16,64 --impl=xla_dense --out=results/eval --plot
 
-For every batch size g and policy spec (`--policies`; syntax in `sere_jax.evaluation`,
+For every batch size g and policy spec (`--policies`; syntax in `sere_jax.policy_spec`,
 e.g. `none`, `topk_truncate:2`, `sere:2:0.3`, `sere:2:0:cosine`, `sere:2:q0.5`,
 `sere_hybrid:2:0:0.5`, `sere:2:0:min8`):
   * teacher-forced perplexity over `--num_sequences` windows of `--seq_len` tokens of
@@ -51,7 +51,6 @@ from sere_jax import evaluation
 from sere_jax import fileio
 from sere_jax import moe
 from sere_jax import policy_spec
-from sere_jax import textio
 from sere_jax.models import hf_import
 
 DEFAULT_POLICIES = [
@@ -78,7 +77,7 @@ _NUM_SEQ = flags.DEFINE_integer("num_sequences", 64, "Perplexity windows (rounde
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "4", "16", "64"],
                                  "Decode batch sizes g (sequences re-routing together).")
 _POLICIES = flags.DEFINE_list("policies", DEFAULT_POLICIES,
-                              "Policy specs (see sere_jax.evaluation), comma separated.")
+                              "Policy specs (see sere_jax.policy_spec), comma separated.")
 _METRICS_TEXT = flags.DEFINE_string(
     "metrics_text", None, "Text to calibrate the metrics that specs name (e.g. the "
     "validation split); needed unless every named metric is `weights`.")
@@ -108,24 +107,9 @@ _COMMAND = flags.DEFINE_string("command", None, "Command recorded in the outputs
                                "(default: this process's argv).")
 
 
-def read_stream(path: str, tokenizer) -> list[int]:
-  """The token ids of a text file: plain text encoded whole, or JSONL records
-  ("tokens", or "text" encoded) concatenated."""
-  with open(path) as fh:
-    text = fh.read()
-  first = next((line for line in text.splitlines() if line.strip()), "")
-  if path.endswith(".jsonl") or first.lstrip().startswith("{"):
-    return [t for seq in textio.tokenize_records(textio.read_records(path, "text"), "text",
-                                                 tokenizer) for t in seq]
-  if tokenizer is None:
-    raise ValueError(f"{path} is text but the model directory has no tokenizer.json; "
-                     "give JSONL with \"tokens\" lists instead")
-  return tokenizer.encode(text).ids
-
-
 def _windows(paths: list[str], tokenizer, length: int, count: int, batch_sizes: list[int],
              vocab_size: int, what: str) -> np.ndarray:
-  streams = [read_stream(p, tokenizer) for p in paths]
+  streams = [evaluation.read_stream(p, tokenizer) for p in paths]
   windows = evaluation.token_windows(streams, length, count)
   windows = windows[:evaluation.divisible_count(len(windows), batch_sizes)]
   if len(windows) == 0:
@@ -142,17 +126,10 @@ def _windows(paths: list[str], tokenizer, length: int, count: int, batch_sizes: 
 def _task(tokenizer, model_dir: str) -> evaluation.Task | None:
   if not _TASK_FILE.value:
     return None
-  rows = textio.read_records(_TASK_FILE.value, "prompt")
-  missing = [i for i, r in enumerate(rows) if "answer" not in r]
-  if missing:
-    raise ValueError(f"{_TASK_FILE.value}: record {missing[0]} has no \"answer\"")
-  prompts = textio.tokenize_records(rows, "prompt", tokenizer)
-  decode = (tokenizer.decode if tokenizer is not None
-            else lambda toks: " ".join(str(t) for t in toks))
-  return evaluation.Task(prompts, [str(r["answer"]) for r in rows], decode,
-                         scoring=_TASK_SCORING.value, max_new_tokens=_TASK_MAX_TOKENS.value,
-                         eos_ids=hf_import.eos_token_ids(model_dir),
-                         stop=tuple(_TASK_STOP.value))
+  return evaluation.load_task(_TASK_FILE.value, tokenizer, scoring=_TASK_SCORING.value,
+                              max_new_tokens=_TASK_MAX_TOKENS.value,
+                              eos_ids=hf_import.eos_token_ids(model_dir),
+                              stop=_TASK_STOP.value)
 
 
 def _calibrator(model, tokenizer):
@@ -160,8 +137,8 @@ def _calibrator(model, tokenizer):
   def similarity_for(metric: str):
     if metric == "weights":
       return calibration.calibrate(model, [], metric, token_budget=1)
-    windows = evaluation.token_windows([read_stream(_METRICS_TEXT.value, tokenizer)],
-                                       _SEQ_LEN.value, 1 << 30)
+    stream = evaluation.read_stream(_METRICS_TEXT.value, tokenizer)
+    windows = evaluation.token_windows([stream], _SEQ_LEN.value, 1 << 30)
     if len(windows) == 0:
       raise ValueError(f"{_METRICS_TEXT.value} holds fewer than {_SEQ_LEN.value} tokens")
     batches = (windows[i:i + 8] for i in range(0, len(windows), 8))
@@ -190,6 +167,10 @@ def _fmt(value, digits: int = 3) -> str:
       return "-"
     return f"{value:.{digits}f}"
   return str(value)
+
+
+def _interval(ci) -> str:
+  return "-" if ci is None else f"{ci[0]:+.2f} to {ci[1]:+.2f}"
 
 
 def _pair(value, best) -> str:
@@ -225,19 +206,24 @@ def markdown(data: dict[str, Any]) -> str:
       ["task", s["task_file"] or "-"], ["metrics text", s["metrics_text"] or "-"],
       ["impl", s["impl"]], ["param dtype", s["param_dtype"]]])
   out += ["Distinct experts: mean per MoE layer per decode step (teacher forcing). "
-          "Δppl: perplexity increase over `none` in %. Agreement: top-1 next-token "
-          "agreement with `none`. KL: mean KL(none || policy) per token. Exact match: "
+          "Δppl: perplexity increase over `none` in %, with its 95% interval from a "
+          "paired bootstrap over sequences (task accuracy likewise over items). "
+          "Agreement: top-1 next-token agreement with `none`. KL: mean KL(none || "
+          "policy) per token. Exact match: "
           "greedy continuations equal to `none`'s (prefix: mean agreeing tokens).", ""]
   task = s["task_file"] is not None
   for g in s["batch_sizes"]:
     rows = [r for r in data["results"] if r["batch_size"] == g]
     out += [f"## Batch size {g}", ""]
-    header = ["policy", "distinct/layer", "% of none", "perplexity", "Δppl %", "agreement",
-              "KL", "exact match", "prefix"] + (["task acc."] if task else [])
+    header = ["policy", "distinct/layer", "% of none", "perplexity", "Δppl %",
+              "Δppl 95% CI", "agreement", "KL", "exact match", "prefix"] + (
+                  ["task acc.", "Δacc 95% CI"] if task else [])
     out += _table(header, [
         [r["label"], r["distinct"], r["distinct_pct_of_none"], r["perplexity"],
-         r["delta_ppl_pct"], r["agreement"], r["kl"], r.get("exact_match"),
-         r.get("prefix_agreement")] + ([r.get("task_accuracy")] if task else [])
+         r["delta_ppl_pct"], _interval(r.get("ppl_delta_ci")), r["agreement"], r["kl"],
+         r.get("exact_match"), r.get("prefix_agreement")]
+        + ([r.get("task_accuracy"), _interval(r.get("task_accuracy_delta_ci"))]
+           if task else [])
         for r in rows])
   out += ["## At equal distinct-expert count", "",
           "Δppl % of each family at common distinct-expert levels: interpolated linearly "

@@ -13,7 +13,7 @@ How it runs: prompts are left-padded to a common length `P` (layers.py conventio
 so every sequence writes cache slot `cache_index`. The prefill is one jitted call of
 the whole model (all layers) over `[B, P]` that also samples the first token. All
 decode steps then run on the device in one more jitted call, a `lax.while_loop`
-(`_decode_loop`) whose step runs the model over `[B, 1]` and samples; EOS and
+(`decode_loop`) whose step runs the model over `[B, 1]` and samples; EOS and
 stop-sequence checks and the output buffer live there too, so the host dispatches two
 calls per `generate`, not one per token (per-call host work, e.g. hashing the model's
 graph definition, costs milliseconds for a 48-layer model). The KV cache is donated,
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import moe
-from sere_jax import numerics
+from sere_jax.models import base as model_base
 
 STAT_FIELDS = ("distinct_before", "distinct_after", "critical_kept", "slots_rerouted")
 FINISH_REASONS = ("eos", "stop", "length")
@@ -115,9 +115,10 @@ class GenerationResult(NamedTuple):
   prefill_stats: np.ndarray  # [num_moe_layers, 4] float64
 
 
-def _stats_array(stats) -> jax.Array:
-  """A tuple of RerouteStats -> `[num_layers, 4]` float32 (means over re-routing
-  groups when the blocks re-route in groups, else the values themselves)."""
+def stats_array(stats: Sequence[Any]) -> jax.Array:
+  """A model output's per-layer RerouteStats -> `[num_layers, 4]` float32 in
+  STAT_FIELDS order (means over re-routing groups when the blocks re-route in groups,
+  else the values themselves)."""
   if not stats:
     return jnp.zeros((0, 4), jnp.float32)
   return jnp.stack([jnp.stack([jnp.mean(jnp.asarray(getattr(s, f), jnp.float32))
@@ -138,14 +139,20 @@ def _forward_and_sample(model, tokens, positions, token_valid, cache, cache_vali
   out = model(tokens, positions, token_valid, cache, cache_valid, cache_index,
               decode=decode)
   next_token = sample(out.logits[:, -1, :], key, sampling)
-  return next_token, out.cache, cache_valid, _stats_array(out.stats)
+  return next_token, out.cache, cache_valid, stats_array(out.stats)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "decode"),
                    donate_argnames=("cache", "cache_valid"))
-def _model_step(graphdef, state, tokens, positions, token_valid, cache, cache_valid,
-                cache_index, key, *, sampling: SamplingConfig, decode: bool):
-  """`_forward_and_sample` as one jitted call (the prefill; tools time single steps)."""
+def model_step(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Array,
+               token_valid: jax.Array, cache: Any, cache_valid: jax.Array,
+               cache_index: jax.Array, key: jax.Array, *, sampling: SamplingConfig,
+               decode: bool) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+  """One jitted forward of the `nnx.split` model `(graphdef, state)` over `tokens
+  [B, L]` that samples the next token: `generate`'s prefill (`decode=False`), or one
+  decode step when timed alone. Marks cache slots `[cache_index, cache_index + L)` valid
+  where `token_valid`; the cache is donated. Returns `(next_token [B], cache,
+  cache_valid, stats [num_moe_layers, 4])`."""
   return _forward_and_sample(nnx.merge(graphdef, state), tokens, positions, token_valid,
                              cache, cache_valid, cache_index, key, sampling, decode)
 
@@ -201,7 +208,7 @@ RUNNING = -1
 _EOS, _STOP, _LENGTH = (FINISH_REASONS.index(r) for r in ("eos", "stop", "length"))
 
 
-class _Accepted(NamedTuple):
+class Accepted(NamedTuple):
   """What the decode loop keeps per sequence (all on the device)."""
 
   tokens: jax.Array  # [B, max_new_tokens] int32; the first `count` are the output
@@ -209,8 +216,8 @@ class _Accepted(NamedTuple):
   reason: jax.Array  # [B] int32: RUNNING or an index into FINISH_REASONS
 
 
-def _accept(acc: _Accepted, token: jax.Array, *, eos_ids: tuple[int, ...],
-            stop_sequences: tuple[tuple[int, ...], ...], max_new_tokens: int) -> _Accepted:
+def _accept(acc: Accepted, token: jax.Array, *, eos_ids: tuple[int, ...],
+            stop_sequences: tuple[tuple[int, ...], ...], max_new_tokens: int) -> Accepted:
   """Appends `token [B]` to every running sequence and decides which ones finish.
 
   A sequence finishes at an EOS token (not kept), when its tokens end with a stop
@@ -237,22 +244,24 @@ def _accept(acc: _Accepted, token: jax.Array, *, eos_ids: tuple[int, ...],
     stopped = stopped | hit
   full = append & ~stopped & (count >= max_new_tokens)
   reason = jnp.select([is_eos, stopped, full], [_EOS, _STOP, _LENGTH], acc.reason)
-  return _Accepted(tokens, count, reason.astype(jnp.int32))
+  return Accepted(tokens, count, reason.astype(jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens",
                                              "eos_ids", "stop_sequences", "pad_id"),
                    donate_argnames=("cache", "cache_valid"))
-def _decode_loop(graphdef, state, first_token, lengths, cache, cache_valid, prompt_len,
-                 base_key, *, sampling: SamplingConfig, max_new_tokens: int,
-                 eos_ids: tuple[int, ...], stop_sequences: tuple[tuple[int, ...], ...],
-                 pad_id: int):
-  """Every decode step of `generate` in one jitted call (a `lax.while_loop`).
+def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.Array,
+                cache: Any, cache_valid: jax.Array, prompt_len: jax.Array,
+                base_key: jax.Array, *, sampling: SamplingConfig, max_new_tokens: int,
+                eos_ids: tuple[int, ...], stop_sequences: tuple[tuple[int, ...], ...],
+                pad_id: int) -> tuple[Accepted, jax.Array, jax.Array, Any, jax.Array]:
+  """Every decode step of `generate` in one jitted call (a `lax.while_loop`) over the
+  `nnx.split` model `(graphdef, state)`; the cache is donated.
 
   Starts from the prefill's `first_token [B]`; step `s` feeds each running sequence's
   last token at cache slot `prompt_len + s` and position `lengths + s`, and finished
   sequences pad with `token_valid = False`. The loop ends when every sequence has
-  finished or after `max_new_tokens - 1` steps. Returns `(accepted: _Accepted,
+  finished or after `max_new_tokens - 1` steps. Returns `(accepted: Accepted,
   steps: int32, stats [max(max_new_tokens - 1, 1), num_moe_layers, 4], cache,
   cache_valid)`; rows of `stats` past `steps` are zero. (The cache is returned so that
   the donated input buffers become the loop's, without a copy.)
@@ -260,9 +269,9 @@ def _decode_loop(graphdef, state, first_token, lengths, cache, cache_valid, prom
   accept = functools.partial(_accept, eos_ids=eos_ids, stop_sequences=stop_sequences,
                              max_new_tokens=max_new_tokens)
   batch = first_token.shape[0]
-  acc = accept(_Accepted(jnp.zeros((batch, max_new_tokens), jnp.int32),
-                         jnp.zeros((batch,), jnp.int32),
-                         jnp.full((batch,), RUNNING, jnp.int32)), first_token)
+  acc = accept(Accepted(jnp.zeros((batch, max_new_tokens), jnp.int32),
+                        jnp.zeros((batch,), jnp.int32),
+                        jnp.full((batch,), RUNNING, jnp.int32)), first_token)
   model = nnx.merge(graphdef, state)
   num_layers = len(moe.moe_blocks(model))
   # One row at least: the body is traced even when it never runs (max_new_tokens = 1).
@@ -328,16 +337,16 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   sampling_static = _sampling_static(sampling)
   base_key = jax.random.PRNGKey(sampling.seed)
   if cache_dtype is None:
-    cache_dtype = numerics.param_dtype(model)
+    cache_dtype = model_base.param_dtype(model)
   cache = model.init_cache(batch, total, cache_dtype)
   cache_valid = jnp.zeros((batch, total), jnp.bool_)
 
-  first_token, cache, cache_valid, prefill_stats = _model_step(
+  first_token, cache, cache_valid, prefill_stats = model_step(
       graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
       jnp.asarray(token_valid), cache, cache_valid,
       jnp.asarray(0, jnp.int32), jax.random.fold_in(base_key, 0),
       sampling=sampling_static, decode=False)
-  acc, steps, stats, _, _ = _decode_loop(
+  acc, steps, stats, _, _ = decode_loop(
       graphdef, state, first_token, jnp.asarray(lengths), cache, cache_valid,
       jnp.asarray(prompt_len, jnp.int32), base_key, sampling=sampling_static,
       max_new_tokens=max_new_tokens, eos_ids=eos_ids, stop_sequences=stop_sequences,

@@ -1,8 +1,8 @@
-"""Precision helpers shared by the kernels' references, the models and the library."""
+"""Dot-product operand precision shared by the kernels' references, the models and the
+library."""
 
 from __future__ import annotations
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 
@@ -18,12 +18,3 @@ def mixed_dot_operands(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(a.astype(jnp.float32) for a in arrays)
   return arrays
 
-
-def param_dtype(model: nnx.Module) -> jnp.dtype:
-  """The dtype of the model's first floating-point parameter (float32 if none): the
-  dtype its KV cache and checkpoints use."""
-  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-      return jnp.dtype(dtype)
-  return jnp.dtype(jnp.float32)

@@ -42,7 +42,7 @@ def test_decode_suite_and_report(tmp_path):
   assert result["peer"].get("skipped") or result["peer"].get("env")
   rows = result["rows"]
   assert [(r["batch"], r["label"]) for r in rows] == [
-      (1, "none"), (1, "sere:1"), (4, "none"), (4, "sere:1")]
+      (1, "none"), (1, "sere:1:0"), (4, "none"), (4, "sere:1:0")]  # canonical spec text
   top_k = result["model_config"]["top_k"]
   for r in rows:
     for key in REQUIRED_ROW:
@@ -52,7 +52,7 @@ def test_decode_suite_and_report(tmp_path):
     assert r["steps_timed"] == 3
     assert len(r["distinct_per_layer"]) == result["model_config"]["num_layers"]
     # S=1 under SERE: one primary expert per token, so at most B distinct experts.
-    limit = r["batch"] * (1 if r["label"] == "sere:1" else top_k)
+    limit = r["batch"] * (1 if r["label"] == "sere:1:0" else top_k)
     assert 1 <= r["distinct_experts"] <= limit
   assert rows[0]["distinct_experts"] == top_k  # B=1 under none: exactly K experts
   for r in rows:  # --profile_dir: a kernel list (empty here: no GPU) and the loop's HLO
@@ -74,6 +74,19 @@ def test_decode_suite_and_report(tmp_path):
 
 
 def test_attention_kernel_is_refused_for_deepseek():
-  from sere_jax.scripts import bench_decode  # pylint: disable=g-import-not-at-top
+  from sere_jax.benchmarking import decode_models  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="MLA attention has only the XLA path"):
-    bench_decode.build_model("deepseek_v2_lite", "tiny", "auto", attention_impl="triton")
+    decode_models.build_model("deepseek_v2_lite", "tiny", "auto", attention_impl="triton")
+
+
+def test_peers_run_from_the_checkout(monkeypatch, tmp_path):
+  """The torch peers are the checkout's tools/; elsewhere the decode peer is skipped and
+  `tool_path` says where they live."""
+  from sere_jax.benchmarking import peers  # pylint: disable=g-import-not-at-top
+  for name in ("hf_peer.py", "torch_peer.py"):
+    assert os.path.isfile(peers.tool_path(name))
+  monkeypatch.setattr(peers, "TOOLS_DIR", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="tools/.*run from a checkout"):
+    peers.tool_path("torch_peer.py")
+  peer = peers.run_hf_peer(sys.executable, "cpu", {}, [1], 4, 2, 1, timeout_s=10)
+  assert "run from a checkout" in peer["skipped"]

@@ -213,6 +213,27 @@ def test_task_accuracy(model):
   assert evaluation.cut_at_stop("a b\n\nc", ["\n\n", "zz"]) == "a b"
 
 
+def test_grid_rows_carry_paired_intervals(model, tokens):
+  """`ppl_delta_ci` and `task_accuracy_delta_ci`: bootstrap intervals of the differences
+  to `none` at the same batch size ([0, 0] for `none` itself)."""
+  prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+  decode = lambda toks: " ".join(str(t) for t in toks)  # pylint: disable=unnecessary-lambda-assignment
+  moe.set_reroute(model, moe.NO_REROUTE)
+  _, texts = evaluation.task_accuracy(model, prompts, ["x"] * 4, decode, batch_size=4,
+                                      max_new_tokens=3, scoring="exact")
+  task = evaluation.Task(prompts, texts, decode, max_new_tokens=3)  # `none` is right
+  rows = evaluation.evaluate_grid(model, policy_spec.parse_list(["sere:1"]), [4], tokens,
+                                  max_tokens=MAX_TOKENS, task=task, log=lambda *a: None)
+  none, sere = rows
+  assert none["ppl_delta_ci"] == pytest.approx([0.0, 0.0], abs=1e-6)
+  assert none["task_accuracy"] == 1.0 and none["task_accuracy_delta_ci"] == [0.0, 0.0]
+  low, high = sere["ppl_delta_ci"]
+  assert low <= sere["delta_ppl_pct"] <= high
+  low, high = sere["task_accuracy_delta_ci"]
+  assert low <= sere["task_accuracy"] - 1.0 <= high <= 0.0
+  json.dumps(rows)  # JSON-ready
+
+
 # --- Windows and comparisons --------------------------------------------------------
 
 def test_token_windows():

@@ -290,9 +290,9 @@ def test_device_stopping_rules_match_host_reference(seed):
   stops += ((9,) * (max_new + 1),)  # longer than any output: never matches
   accept = jax.jit(functools.partial(generation._accept, eos_ids=eos_ids,
                                      stop_sequences=stops, max_new_tokens=max_new))
-  acc = generation._Accepted(jnp.zeros((batch, max_new), jnp.int32),
-                             jnp.zeros((batch,), jnp.int32),
-                             jnp.full((batch,), generation.RUNNING, jnp.int32))
+  acc = generation.Accepted(jnp.zeros((batch, max_new), jnp.int32),
+                            jnp.zeros((batch,), jnp.int32),
+                            jnp.full((batch,), generation.RUNNING, jnp.int32))
   for step in range(max_new):
     acc = accept(acc, jnp.asarray(streams[:, step], jnp.int32))
   want_tokens, want_reasons = _host_accept(streams.tolist(), eos_ids, stops, max_new)

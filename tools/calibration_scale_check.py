@@ -20,7 +20,7 @@ import numpy as np
 
 from sere_jax import benchmarking
 from sere_jax import calibration
-from sere_jax.scripts import bench_decode
+from sere_jax.benchmarking import decode_models
 
 _OUT = flags.DEFINE_string("out", None, "JSON output path.", required=True)
 _METRICS = flags.DEFINE_list("metrics", ["cosine", "frobenius", "cka_linear"], "Metrics.")
@@ -28,7 +28,7 @@ _SEQUENCES = flags.DEFINE_integer("sequences", 400, "Calibration sequences.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per prefill.")
 _GRAM = flags.DEFINE_integer("gram_tokens", 256, "CKA Gram-matrix tokens per layer.")
-_MODEL = flags.DEFINE_string("model", "qwen3_30b_a3b", "bench_decode model name.")
+_MODEL = flags.DEFINE_string("model", "qwen3_30b_a3b", "A model of sere_jax.benchmarking.decode_models.")
 
 
 def _peak_bytes() -> int | None:
@@ -39,7 +39,7 @@ def _peak_bytes() -> int | None:
 def main(argv):
   del argv
   tic = time.time()
-  model, config, _ = bench_decode.build_model(_MODEL.value, "full", "auto")
+  model, config, _ = decode_models.build_model(_MODEL.value, "full", "auto")
   build_s = time.time() - tic
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, config.vocab_size, (_SEQUENCES.value, _SEQ_LEN.value)

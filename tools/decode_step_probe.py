@@ -2,18 +2,18 @@
 
     python tools/decode_step_probe.py OUT.json [TRACE_DIR [BATCHES]]
 
-Random bf16 weights (`bench_decode.build_model`), policy `none`, a 128-token prompt.
-Per batch size (BATCHES, default "1,16"), 20 decode steps of `generation._model_step`
+Random bf16 weights (`decode_models.build_model`), policy `none`, a 128-token prompt.
+Per batch size (BATCHES, default "1,16"), 20 decode steps of `generation.model_step`
 timed two ways: `blocked` waits for every step's token (as a host-side loop does) and
 `async` lets the host enqueue the next step before the previous one finishes (so its
 per-step time is the larger of the host's and the device's); and `device_loop`: 20
-steps in one `generation._decode_loop` call (as `generate` runs them), three times.
+steps in one `generation.decode_loop` call (as `generate` runs them), three times.
 Also: the host cost of flattening the model state (`num_leaves` leaves), of
 dispatching a trivial jitted function that takes it and of hashing the graph
-definition (a static argument of every `_model_step` call).
+definition (a static argument of every `model_step` call).
 OUT.json holds `B{batch}_{blocked,async}: [mean, median]` and `B{batch}_device_loop:
 [three runs]` seconds per step, and the host costs in ms.
-With TRACE_DIR, one `_decode_loop` call of three steps (the last batch size) is traced
+With TRACE_DIR, one `decode_loop` call of three steps (the last batch size) is traced
 with `jax.profiler` for the kernel list (`tools/trace_summary.py TRACE_DIR 3`).
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from sere_jax import benchmarking
 from sere_jax import generation
-from sere_jax.scripts import bench_decode
+from sere_jax.benchmarking import decode_models
 
 PROMPT, STEPS = 128, 20
 
@@ -44,7 +44,7 @@ def _decoder(net, batch: int):
   prompts = jnp.asarray(np.random.default_rng(0).integers(3, 1000, (batch, PROMPT)),
                         jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(PROMPT, dtype=jnp.int32), (batch, PROMPT))
-  carry = generation._model_step(  # pylint: disable=protected-access
+  carry = generation.model_step(
       graphdef, state, prompts, positions, jnp.ones((batch, PROMPT), bool),
       net.init_cache(batch, total, jnp.bfloat16), jnp.zeros((batch, total), bool),
       jnp.asarray(0, jnp.int32), jax.random.PRNGKey(0), sampling=sampling, decode=False)[:3]
@@ -57,7 +57,7 @@ def _decoder(net, batch: int):
     for s in range(steps):
       slot = PROMPT + s % STEPS
       tic = time.perf_counter()
-      token, cache, valid, _ = generation._model_step(  # pylint: disable=protected-access
+      token, cache, valid, _ = generation.model_step(
           graphdef, state, token[:, None], jnp.full((batch, 1), slot, jnp.int32), ones,
           cache, valid, jnp.asarray(slot, jnp.int32), jax.random.PRNGKey(s),
           sampling=sampling, decode=True)
@@ -69,11 +69,11 @@ def _decoder(net, batch: int):
     return (time.perf_counter() - start) / steps, statistics.median(times)
 
   def loop(steps: int) -> float:
-    """Seconds per step of `steps` decode steps in one `generation._decode_loop` call."""
+    """Seconds per step of `steps` decode steps in one `generation.decode_loop` call."""
     nonlocal carry
     token, cache, valid = carry
     tic = time.perf_counter()
-    acc, _, _, cache, valid = generation._decode_loop(  # pylint: disable=protected-access
+    acc, _, _, cache, valid = generation.decode_loop(
         graphdef, state, token, jnp.full((batch,), PROMPT, jnp.int32), cache, valid,
         jnp.asarray(PROMPT, jnp.int32), jax.random.PRNGKey(0), sampling=sampling,
         max_new_tokens=steps + 1, eos_ids=(), stop_sequences=(), pad_id=0)
@@ -87,7 +87,7 @@ def _decoder(net, batch: int):
 def main(argv: list[str]) -> None:
   out_path, trace_dir = argv[1], (argv[2] if len(argv) > 2 and argv[2] else None)
   batches = [int(b) for b in (argv[3] if len(argv) > 3 else "1,16").split(",")]
-  net, _, _ = bench_decode.build_model("qwen3_30b_a3b", "full", "auto")
+  net, _, _ = decode_models.build_model("qwen3_30b_a3b", "full", "auto")
   result = {"environment": benchmarking.environment()}
   for batch in batches:
     run, loop, state = _decoder(net, batch)

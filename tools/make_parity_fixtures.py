@@ -1,6 +1,6 @@
 r"""Builds the Hugging Face parity fixtures under tests/fixtures/parity/.
 
-  /tmp/hfenv/bin/python scripts/make_parity_fixtures.py [--out_dir=tests/fixtures/parity --seed=0]
+  /tmp/hfenv/bin/python tools/make_parity_fixtures.py [--out_dir=tests/fixtures/parity --seed=0]
 
 Needs `torch`, `transformers`, `safetensors`, `numpy` and `absl-py` (not JAX; the
 project's own venv has no torch, so run it from a separate one, see

@@ -1,10 +1,11 @@
 """PyTorch peer for the kernel benchmark: the MoE FFN with `torch._grouped_mm`.
 
-Run by `benchmark.py --torch_peer` as `python -m sere_jax.scripts.torch_peer SPEC OUT`;
-SPEC holds the shapes and the routings (ids, weights per layer) of every case. The
-8-layer chain (sort by expert, grouped gate+up, SwiGLU, grouped down, weighted
-combine, normalised residual) is captured in a CUDA graph and replayed, mirroring
-the JAX harness; the chain update alone is timed the same way and subtracted.
+Run by `benchmark.py --torch_peer` (`sere_jax.benchmarking.peers.run_torch_peer`) as
+`python tools/torch_peer.py SPEC OUT` with a Python that has torch; SPEC holds the
+shapes and the routings (ids, weights per layer) of every case. The 8-layer chain
+(sort by expert, grouped gate+up, SwiGLU, grouped down, weighted combine, normalised
+residual) is captured in a CUDA graph and replayed, mirroring the JAX harness; the
+chain update alone is timed the same way and subtracted.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Timing helpers for benchmarks on any backend (DESIGN.md §7).
-
-Everything is timed inside one jit: a `fori_loop` over rounds, each round running a
-chain of layers whose weights differ (so caches never serve a repeat), with a data
-dependency from each layer to the next. The chain update itself is timed with a
-trivial step and subtracted.
+"""Timing helpers for benchmarks on any backend (DESIGN.md §7): the environment record
+of a result, the device's read and copy bandwidths (the rooflines' denominators), and
+`LayerChain`, which times one layer inside one jit — a `fori_loop` over rounds, each
+round running a chain of layers whose weights differ (so caches never serve a repeat),
+with a data dependency from each layer to the next; the chain update itself is timed
+with a trivial step and subtracted (`chain_overhead`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def environment() -> dict[str, Any]:
 
 def _git_commit() -> str | None:
   """The source tree's commit (with `+dirty` for local changes), if it is a git checkout."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   try:
     commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True, check=True).stdout.strip()
