@@ -36,6 +36,7 @@ from sere_jax import moe
 from sere_jax import policy_spec
 from sere_jax.evaluation import metrics
 from sere_jax.evaluation import study
+from sere_jax.evaluation import study_report
 from sere_jax.evaluation.runner import reference
 
 _MODELS = flags.DEFINE_list("model_dir", None, "Model directories (HF layout with "
@@ -49,6 +50,8 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per window.")
 _PER_DOMAIN = flags.DEFINE_integer("per_domain", 64, "Windows per domain.")
 _SEEDS = flags.DEFINE_integer("random_seeds", 5, "Seeds of the random substitute.")
 _THREADS = flags.DEFINE_integer("compile_threads", 16, "Parallel compilations.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only re-render the Markdown and "
+                                 "plots from the JSON files already in --out_dir.")
 _EOT = "<|endoftext|>"
 
 
@@ -89,8 +92,11 @@ def _random_mean(rows, outcomes, ref, data, group):
                          np.mean([outcomes[i].stats for i in idx], axis=0))
     r = study.row(policy_spec.parse(f"random:{s}"), group, mean, ref, data)
     accs = [rows[i]["task_accuracy"] for i in idx]
+    counts = [study.answers_correct(outcomes[i].correct, data.answer) for i in idx]
+    right, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
     r.update(spec=f"random:{s}:mean{len(idx)}", label=f"random S={s} ({len(idx)} seeds)",
              seeds=len(idx), task_accuracy=float(np.mean(accs)),
+             task_accuracy_ci=list(study.ratio_ci(right, total)),
              task_accuracy_seed_range=[min(accs), max(accs)],
              agreement=float(np.mean([rows[i]["agreement"] for i in idx])))
     out.append((r, mean))
@@ -125,7 +131,7 @@ def _versus(rows, outcomes, data) -> list[dict[str, Any]]:
   return result
 
 
-def _study_model(model_dir: str, documents, log) -> dict[str, Any]:
+def _study_model(model_dir: str, documents, log, partial) -> dict[str, Any]:
   model = checkpoint.load_model(model_dir, impl="xla_dense")
   tokenizer = tokenizers.Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
   data = study.study_data(tokenizer, documents, seq_len=_SEQ_LEN.value,
@@ -154,31 +160,52 @@ def _study_model(model_dir: str, documents, log) -> dict[str, Any]:
     rows += group_rows
     log(f"{os.path.basename(model_dir)} B={group}: {len(group_rows)} rows in "
         f"{time.time() - t0:.0f} s")
-  return {"model": os.path.basename(os.path.normpath(model_dir)), "rows": rows,
-          "sere_vs_controls": versus, "top_k": top_k,
-          "num_experts": moe.moe_blocks(model)[0].num_experts,
-          "data": {"seq_len": _SEQ_LEN.value, "per_domain": _PER_DOMAIN.value,
-                   "domains": sorted(set(data.domains)),
-                   "task_answers": int((data.answer.max(axis=1)).sum())}}
+    result = {"model": os.path.basename(os.path.normpath(model_dir)), "rows": rows,
+              "sere_vs_controls": versus, "top_k": top_k,
+              "num_experts": moe.moe_blocks(model)[0].num_experts,
+              "data": {"seq_len": _SEQ_LEN.value, "per_domain": _PER_DOMAIN.value,
+                       "domains": sorted(set(data.domains)),
+                       "task_answers": int((data.answer.max(axis=1)).sum())},
+              "command": model_card.command_line()}
+    partial(result)
+  return result
+
+
+def _render(result: dict[str, Any]) -> None:
+  base = os.path.join(_OUT.value, f"quality_{result['model']}")
+  fileio.write_atomic(base + ".md", study_report.markdown(result))
+  study_report.pareto_png(result, base + "_pareto.png")
+
+
+def _summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+  keys = ("batch_size", "policy", "distinct_per_layer", "ppl_delta_pct", "ppl_delta_ci",
+          "task_accuracy", "task_accuracy_ci")
+  return [{"model": result["model"], "spec": r["spec"], **{k: r[k] for k in keys}}
+          for r in result["rows"]]
 
 
 def main(argv):
   del argv
-  documents = _documents(_HELDOUT.value)
-  os.makedirs(_OUT.value, exist_ok=True)
-  summary = []
-  for model_dir in _MODELS.value:
-    if not os.path.isdir(model_dir):
-      raise FileNotFoundError(f"no model directory {model_dir}")
-  for model_dir in _MODELS.value:
-    result = _study_model(model_dir, documents, print)
-    result["command"] = model_card.command_line()
-    name = result["model"]
-    fileio.write_json_atomic(os.path.join(_OUT.value, f"quality_{name}.json"), result)
-    summary += [{k: r[k] for k in ("batch_size", "policy", "distinct_per_layer",
-                                   "ppl_delta_pct", "ppl_delta_ci", "task_accuracy",
-                                   "task_accuracy_ci")} | {"model": name, "spec": r["spec"]}
-                for r in result["rows"]]
+  names = [os.path.basename(os.path.normpath(m)) for m in _MODELS.value]
+  results = []
+  if _REPORT_ONLY.value:
+    for name in names:
+      with open(os.path.join(_OUT.value, f"quality_{name}.json")) as fh:
+        results.append(json.load(fh))
+  else:
+    for model_dir in _MODELS.value:
+      if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"no model directory {model_dir}")
+    documents = _documents(_HELDOUT.value)
+    os.makedirs(_OUT.value, exist_ok=True)
+    for model_dir, name in zip(_MODELS.value, names):
+      path = os.path.join(_OUT.value, f"quality_{name}.json")
+      results.append(_study_model(
+          model_dir, documents, print,
+          lambda result, path=path: fileio.write_json_atomic(path, result)))
+  for result in results:
+    _render(result)
+  summary = [row for result in results for row in _summary_rows(result)]
   fileio.write_json_atomic(os.path.join(_OUT.value, "quality_summary.json"), summary)
   print(json.dumps({"rows": len(summary)}))
 

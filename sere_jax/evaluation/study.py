@@ -31,11 +31,11 @@ import numpy as np
 
 from sere_jax import generation
 from sere_jax import moe
-from sere_jax import numerics
 from sere_jax.evaluation import metrics
 from sere_jax.evaluation.data import token_windows
 from sere_jax.evaluation.runner import configure, stored_similarity
 from sere_jax.policy_spec import PolicySpec, layer_configs
+from sere_jax.models import base as model_base
 
 _ANSWER = re.compile(r"\nA:([^\n]*)\n")
 
@@ -174,7 +174,7 @@ def run_grid(model: nnx.Module, specs: Sequence[PolicySpec], group: int,
              data: StudyData, ref_logp: jax.Array, *, threads: int = 16,
              progress: Callable[[str], None] = lambda _: None) -> list[Outcome]:
   """Every spec at decode batch size `group`: compiled in parallel, then run."""
-  dtype = numerics.param_dtype(model)
+  dtype = model_base.param_dtype(model)
   matrices = stored_similarity(model)
   programs = [_lowered(model, s, group, data, ref_logp, matrices, dtype) for s in specs]
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
