@@ -31,7 +31,7 @@ import tqdm
 from sere_jax import calibration
 from sere_jax import fileio
 from sere_jax import moe
-from sere_jax import numerics
+from sere_jax.models import base as model_base
 
 TRAINABLE_IMPLS = ("ragged_dot", "xla_dense")
 
@@ -91,7 +91,7 @@ class Trainer:
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.tx = tx
     self.opt_state = tx.init(self.params)
-    dtype = numerics.param_dtype(model)
+    dtype = model_base.param_dtype(model)
     self._step = jax.jit(functools.partial(_train_step, self.graphdef, tx,
                                            float(aux_loss_weight), dtype),
                          donate_argnums=(0, 2))
@@ -175,7 +175,7 @@ def routing_statistics(model: nnx.Module, tokens: np.ndarray, group_size: int
   """
   tokens = jnp.asarray(tokens)
   valid = jnp.ones(tokens.shape, jnp.bool_)
-  dtype = numerics.param_dtype(model)
+  dtype = model_base.param_dtype(model)
   graphdef, state = nnx.split(model)
   captured = calibration.capture_moe_inputs(graphdef, state, tokens, valid,
                                             cache_dtype=dtype)
