@@ -8,12 +8,14 @@ importer can reject checkpoints with tensors it did not expect.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors import safe_open
+
+from sere_jax import fileio
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -24,8 +26,7 @@ def read_config(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no config.json in {directory}")
-  with open(path) as fh:
-    return json.load(fh)
+  return fileio.read_json(path)
 
 
 def eos_token_ids(directory: str) -> tuple[int, ...]:
@@ -34,8 +35,7 @@ def eos_token_ids(directory: str) -> tuple[int, ...]:
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
       continue
-    with open(path) as fh:
-      value = json.load(fh).get("eos_token_id")
+    value = fileio.read_json(path).get("eos_token_id")
     if value is not None:
       return tuple(int(i) for i in (value if isinstance(value, list) else [value]))
   return ()
@@ -47,7 +47,22 @@ def load_tokenizer(directory: str):
   if not os.path.isfile(path):
     return None
   import tokenizers  # pylint: disable=g-import-not-at-top  (loaded only when needed)
-  return tokenizers.Tokenizer.from_file(path)
+  try:
+    return tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # tokenizers raises a bare Exception for a bad file
+    raise ValueError(f"{path} is not a readable tokenizer file: {e}") from None
+
+
+def open_safetensors(path: str):
+  """`safe_open(path)` for NumPy; FileNotFoundError / ValueError name the file and
+  what is wrong (missing, truncated, not safetensors)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no file {path}")
+  try:
+    return safe_open(path, framework="numpy")
+  except SafetensorError as e:
+    raise ValueError(f"{path} is not a readable safetensors file (truncated or "
+                     f"corrupt?): {e}") from None
 
 
 class CheckpointReader:
@@ -57,10 +72,12 @@ class CheckpointReader:
     self.directory = directory
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index_path):
-      with open(index_path) as fh:
-        weight_map = json.load(fh)["weight_map"]
+      index = fileio.read_json(index_path)
+      if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise ValueError(f"{index_path} has no \"weight_map\" object")
+      weight_map = index["weight_map"]
     elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
-      with safe_open(os.path.join(directory, SINGLE_FILE), framework="numpy") as f:
+      with open_safetensors(os.path.join(directory, SINGLE_FILE)) as f:
         weight_map = {name: SINGLE_FILE for name in f.keys()}
     else:
       raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
@@ -82,9 +99,13 @@ class CheckpointReader:
     if file not in self._handles:
       path = os.path.join(self.directory, file)
       if not os.path.isfile(path):
-        raise FileNotFoundError(f"shard {file} listed for {name!r} is missing")
-      self._handles[file] = safe_open(path, framework="numpy")
-    array = self._handles[file].get_tensor(name)
+        raise FileNotFoundError(f"shard {path} listed for {name!r} is missing")
+      self._handles[file] = open_safetensors(path)
+    try:
+      array = self._handles[file].get_tensor(name)
+    except SafetensorError as e:
+      path = os.path.join(self.directory, file)
+      raise ValueError(f"cannot read tensor {name!r} of {path}: {e}") from None
     if shape is not None and tuple(array.shape) != tuple(shape):
       raise ValueError(f"tensor {name!r} has shape {tuple(array.shape)}, expected "
                        f"{tuple(shape)}")

@@ -42,6 +42,7 @@ from sere_jax.benchmarking import decode as decode_lib
 from sere_jax.benchmarking import decode_models
 from sere_jax.benchmarking import peers as peers_lib
 from sere_jax.benchmarking.report import markdown, merge_results
+from sere_jax import cli
 from sere_jax import fileio
 from sere_jax import moe
 from sere_jax import policies
@@ -97,6 +98,7 @@ _GMM_VARIANTS = flags.DEFINE_string(
     "sere_jax.kernels.gmm.TILES (e.g. '[{}, {\"k_splits\": 4}]'); empty: a built-in list.")
 _MERGE = flags.DEFINE_list("merge", [], "Instead of running: merge these result JSON files "
                            "of one suite (e.g. runs over different batch sizes).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing <out>.json / <out>.md.")
 
 SCALES = {
     "qwen3_30b": dict(dim=2048, ffn=768, experts=128, top_k=8, bandwidth_bytes=4 << 30),
@@ -299,8 +301,11 @@ def gmm_sweep(env):
               read_bandwidth_tbs=read_bw / 1e12, rows=rows)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv
+  cli.check_outputs([_OUT.value + ".json", _OUT.value + ".md"], overwrite=_OVERWRITE.value,
+                    flag="--out")
+  cli.check_outputs([_PROFILE_DIR.value], overwrite=True, directory=True)
   command = _command()
   if _MERGE.value:
     result = merge_results(_MERGE.value)
@@ -357,12 +362,13 @@ def write_result(result):
   """Writes `<out>.json` and `<out>.md`."""
   result.setdefault("command", _command())
   command = result["command"]
-  fileio.write_atomic(_OUT.value + ".json", json.dumps(result, indent=1))
-  fileio.write_atomic(_OUT.value + ".md", markdown(result, command))
+  fileio.write_all_atomic({_OUT.value + ".json": json.dumps(result, indent=1),
+                           _OUT.value + ".md": markdown(result, command)})
 
 
-def run():
-  app.run(main)
+def run() -> None:
+  """Console-script entry point (`sere-benchmark`)."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from typing import Iterable, Sequence, TypeVar
 from absl import app
 from absl import flags
 import numpy as np
-import tqdm
 
+from sere_jax import cli
 from sere_jax import corpus as corpus_lib
 from sere_jax import tasks
 
@@ -57,8 +57,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out_di
 
 
 def _progress(items: Sequence[T], desc: str) -> Iterable[T]:
-  return tqdm.tqdm(items, desc=desc, unit="file" if desc.startswith("python") else "doc",
-                   leave=False, file=sys.stderr, disable=None)
+  return cli.progress(items, desc=desc, leave=False,
+                      unit="file" if desc.startswith("python") else "doc")
 
 
 def tokenizer_sample(corpus: corpus_lib.Corpus, total_bytes: int, seed: int) -> list[str]:
@@ -97,9 +97,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   out_dir = os.path.abspath(_OUT_DIR.value)
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    if not _OVERWRITE.value:
-      raise app.UsageError(f"{out_dir} exists and is not empty; pass --overwrite")
+  cli.check_outputs([out_dir], overwrite=_OVERWRITE.value, directory=True, flag="--out_dir")
   tic = time.time()
   records = {"train": _TRAIN_TASKS.value, "validation": _HELDOUT_TASKS.value,
              "test": _HELDOUT_TASKS.value}
@@ -130,10 +128,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  """Entry point of `python -m sere_jax.scripts.build_corpus`; `--help` exits 0."""
-  if {"--help", "-help", "-h", "-?"} & set(sys.argv[1:]):
-    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-  app.run(main)
+  """Entry point of `python -m sere_jax.scripts.build_corpus`."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

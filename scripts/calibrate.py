@@ -11,11 +11,13 @@ document gives one sequence, its first `--seq_len` tokens (shorter ones are
 left-padded in their batch); documents are used in order until `--token_budget`
 tokens. `--metric=weights` needs no data.
 
-Writes to `--output` (default: the model directory, where `load_model` picks it up):
+Writes to `--out_dir` (default: the model directory, where `load_model` picks it up):
   sere_similarity.safetensors   one [E, E] matrix per MoE layer (+ metadata)
   sere_similarity_stats.json    per-layer statistics (`calibration.layer_statistics`)
   sere_similarity.png           with --plot: one heatmap per MoE layer
-all written to a temporary name and renamed.
+all written to a temporary name and renamed. Existing files (such as a model's shipped
+similarity) are replaced only with `--overwrite`; the paths are checked before the
+model loads.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from typing import Any, Iterator
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import calibration
 from sere_jax import checkpoint
+from sere_jax import cli
 from sere_jax import fileio
 from sere_jax import moe
 from sere_jax import similarity
@@ -49,7 +51,10 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
 _EXPERT_CHUNK = flags.DEFINE_integer("expert_chunk", 16, "Experts run at a time.")
 _TOKEN_CHUNK = flags.DEFINE_integer("token_chunk", 256, "Tokens run at a time.")
 _GRAM_TOKENS = flags.DEFINE_integer("gram_tokens", 1024, "Tokens kept for the CKA metrics.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory (default: --model_dir).")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (default: --model_dir).")
+flags.DEFINE_alias("output", "out_dir")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files (such "
+                               "as the model directory's similarity).")
 _SELECT = flags.DEFINE_integer("select_top_k", 2, "S, recorded in the statistics.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.3, "rho, for the critical-expert statistics.")
 _STATS_BATCH = flags.DEFINE_integer(
@@ -127,46 +132,47 @@ def _format_table(stats: list[dict[str, float]]) -> str:
 def main(argv: list[str]) -> None:
   del argv
   model_dir = _MODEL_DIR.value
-  output = _OUTPUT.value or model_dir
+  output = _OUT_DIR.value or model_dir
   metric = _METRIC.value
+  if metric != "weights" and not _DATA.value:
+    raise app.UsageError(f"--data is required for --metric={metric}")
+  cli.check_outputs([os.path.join(output, calibration.SIMILARITY_FILE),
+                     os.path.join(output, STATS_FILE),
+                     os.path.join(output, PLOT_FILE) if _PLOT.value else None],
+                    overwrite=_OVERWRITE.value, flag="--out_dir")
   model = checkpoint.load_model(model_dir, param_dtype=jnp.dtype(_PARAM_DTYPE.value),
                                 impl=_IMPL.value)
   if metric == "weights":
     data, data_source = [], "none (expert weights)"
   else:
-    if not _DATA.value:
-      raise app.UsageError(f"--data is required for --metric={metric}")
     sequences = tokenize(textio.read_records(_DATA.value, "text"),
                          hf_import.load_tokenizer(model_dir),
                          model.config.vocab_size, _SEQ_LEN.value)
     data, data_source = batches(sequences, _BATCH.value, _SEQ_LEN.value), _DATA.value
-  used = [0]
-
-  def progress(tokens: int, budget: int) -> None:
-    used[0] = tokens
-    logging.info("calibration tokens: %d / %d", tokens, budget)
-
+  counter = cli.Counter("calibration", "tok")
   matrices = calibration.calibrate(
       model, data, metric, token_budget=_BUDGET.value, expert_chunk=_EXPERT_CHUNK.value,
-      token_chunk=_TOKEN_CHUNK.value, gram_tokens=_GRAM_TOKENS.value, progress=progress)
+      token_chunk=_TOKEN_CHUNK.value, gram_tokens=_GRAM_TOKENS.value, progress=counter)
+  counter.close()
   matrices = [np.asarray(m) for m in matrices]
+  tokens = counter.done
   path = calibration.save_similarity(
-      output, matrices, {"metric": metric, "tokens": used[0], "data_source": data_source})
+      output, matrices, {"metric": metric, "tokens": tokens, "data_source": data_source})
   stats = calibration.layer_statistics(matrices, _SELECT.value, _THRESHOLD.value,
                                        top_k=moe.moe_blocks(model)[0].top_k,
                                        batch=_STATS_BATCH.value)
-  summary = {"metric": metric, "tokens": used[0], "data_source": data_source,
+  summary = {"metric": metric, "tokens": tokens, "data_source": data_source,
              "model_dir": model_dir, "layers": stats}
   fileio.write_json_atomic(os.path.join(output, STATS_FILE), summary)
   print(_format_table(stats))
-  print(f"wrote {path} ({metric}, {used[0]} tokens)")
+  print(f"wrote {path} ({metric}, {tokens} tokens)")
   if _PLOT.value:
-    plot(os.path.join(output, PLOT_FILE), matrices, f"{metric} similarity, {used[0]} tokens")
+    plot(os.path.join(output, PLOT_FILE), matrices, f"{metric} similarity, {tokens} tokens")
 
 
 def run() -> None:
   """Console-script entry point (`sere-calibrate`)."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

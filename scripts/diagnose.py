@@ -9,22 +9,23 @@ its stored similarity, the distinct experts per decode batch before and after SE
 each S of `--select_top_k` and `--threshold`, the share of secondary slots that find a
 substitute above rho, the layer output's relative error under SERE and under the
 per-token oracle, and a recommended S or "do not re-route" (`sere_jax.diagnosis`).
-Writes the same as JSON to `--out`.
+Writes the same as JSON to `--out` (checked before the model loads; an existing file is
+replaced only with `--overwrite`).
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import app
 from absl import flags
 import numpy as np
-import tokenizers
 
 from sere_jax import checkpoint
+from sere_jax import cli
 from sere_jax import diagnosis
 from sere_jax import fileio
 from sere_jax.evaluation.data import token_windows
+from sere_jax.models import hf_import
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Calibrated model directory.",
                                  required=True)
@@ -37,6 +38,7 @@ _TOLERANCE = flags.DEFINE_float("tolerance", 0.05, "Largest acceptable relative 
 _NUM = flags.DEFINE_integer("num_sequences", 64, "Windows (a multiple of --batch_size).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per window.")
 _OUT = flags.DEFINE_string("out", None, "JSON output path.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file.")
 _EOT = "<|endoftext|>"
 
 
@@ -44,14 +46,10 @@ def _tokens(model_dir: str) -> np.ndarray:
   path = os.path.join(model_dir, "tokenizer.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} is missing: the model directory needs its tokenizer")
-  tokenizer = tokenizers.Tokenizer.from_file(path)
+  tokenizer = hf_import.load_tokenizer(model_dir)
   docs = []
   for name in _TEXT.value:
-    try:
-      with open(name, encoding="utf-8") as fh:
-        docs += [d for d in fh.read().split(_EOT) if d.strip()]
-    except UnicodeDecodeError as e:
-      raise ValueError(f"{name} is not UTF-8 text: {e}") from None
+    docs += [d for d in fileio.read_text(name).split(_EOT) if d.strip()]
   streams = [np.asarray(e.ids, np.int32)
              for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
   tokens = token_windows(streams, _SEQ_LEN.value, _NUM.value)
@@ -62,8 +60,9 @@ def _tokens(model_dir: str) -> np.ndarray:
   return tokens[:count]
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv
+  cli.check_outputs([_OUT.value], overwrite=_OVERWRITE.value, flag="--out")
   model = checkpoint.load_model(_MODEL_DIR.value, impl="xla_dense")
   report = diagnosis.diagnose(model, _tokens(_MODEL_DIR.value), batch_size=_BATCH.value,
                               select_top_k=[int(s) for s in _SELECT.value],
@@ -84,8 +83,9 @@ def main(argv):
     fileio.write_json_atomic(_OUT.value, report)
 
 
-def run():
-  app.run(main)
+def run() -> None:
+  """Entry point of `python -m sere_jax.scripts.diagnose`."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ Pallas interpret mode (slow): use `--impl=xla_dense` or `--impl=ragged_dot` ther
 Writes `<out>.json` (settings, environment, one row per (batch size, spec) and the
 computed `comparisons`), `<out>.md` (tables) and with `--plot` `<out>_pareto.png`
 (perplexity increase in percent against distinct experts, one panel per batch size),
-each to a temporary name then renamed.
+each to a temporary name then renamed. The paths are checked before the model loads;
+existing files are replaced only with `--overwrite`. A progress bar counts the
+(batch size, spec) configurations.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import numpy as np
 from sere_jax import benchmarking
 from sere_jax import calibration
 from sere_jax import checkpoint
+from sere_jax import cli
 from sere_jax import evaluation
 from sere_jax import fileio
 from sere_jax import moe
@@ -105,6 +108,7 @@ _OUT = flags.DEFINE_string("out", "evaluation", "Output prefix: <out>.json, <out
 _PLOT = flags.DEFINE_bool("plot", False, "Also write <out>_pareto.png (needs matplotlib).")
 _COMMAND = flags.DEFINE_string("command", None, "Command recorded in the outputs "
                                "(default: this process's argv).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 
 
 def _windows(paths: list[str], tokenizer, length: int, count: int, batch_sizes: list[int],
@@ -291,6 +295,10 @@ def main(argv: list[str]) -> None:
   needs_text = sorted({s.metric for s in specs if s.metric not in (None, "weights")})
   if needs_text and not _METRICS_TEXT.value:
     raise app.UsageError(f"--metrics_text is required for the metrics {needs_text}")
+  out = _OUT.value
+  cli.check_outputs([f"{out}.json", f"{out}.md",
+                     f"{out}_pareto.png" if _PLOT.value else None],
+                    overwrite=_OVERWRITE.value, flag="--out")
 
   model = checkpoint.load_model(model_dir, param_dtype=jnp.dtype(_PARAM_DTYPE.value),
                                 impl=_IMPL.value)
@@ -305,10 +313,21 @@ def main(argv: list[str]) -> None:
   logging.info("%d policy specs x %d batch sizes over %s windows of %d tokens",
                len(specs), len(batch_sizes), len(tokens), _SEQ_LEN.value)
 
+  runs = len(specs) + (0 if any(s.policy == "none" for s in specs) else 1)  # adds none
+  bar = cli.progress(total=runs * len(batch_sizes), desc="evaluating", unit="config")
+
+  def log(fmt: str, *args: Any) -> None:
+    """evaluate_grid's progress messages to absl INFO; each finished (batch size, spec)
+    configuration ("config i/n ...") also advances the bar."""
+    logging.info(fmt, *args)
+    if fmt.startswith("config "):
+      bar.update(1)
+
   rows = evaluation.evaluate_grid(
       model, specs, batch_sizes, tokens, max_tokens=_MAX_TOKENS.value, prompts=prompts,
       greedy_tokens=_GREEDY_TOKENS.value, task=_task(tokenizer, model_dir),
-      similarity_for=_calibrator(model, tokenizer))
+      similarity_for=_calibrator(model, tokenizer), log=log)
+  bar.close()
   data = {
       "command": _COMMAND.value or " ".join(sys.argv),
       "environment": benchmarking.environment(),
@@ -327,16 +346,16 @@ def main(argv: list[str]) -> None:
       "results": rows,
       "comparisons": evaluation.comparisons(rows, batch_sizes, FAMILIES),
   }
-  out = _OUT.value
-  fileio.write_atomic(f"{out}.json", json.dumps(data, indent=2).encode())
-  fileio.write_atomic(f"{out}.md", markdown(data).encode())
+  fileio.write_all_atomic({f"{out}.json": json.dumps(data, indent=2).encode(),
+                           f"{out}.md": markdown(data).encode()})
   if _PLOT.value:
     plot(f"{out}_pareto.png", data)
   print(f"wrote {out}.json and {out}.md" + (f" and {out}_pareto.png" if _PLOT.value else ""))
 
 
-def run():
-  app.run(main)
+def run() -> None:
+  """Console-script entry point (`sere-evaluate`)."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

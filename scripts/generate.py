@@ -18,7 +18,9 @@ Prompts are decoded in consecutive batches of `--batch_size` (SERE's choices dep
 a token's batch neighbours, so the batching is part of the result). The output JSONL
 has one line per prompt, in input order; `--stats_output` gets per-layer means over
 decode steps of the distinct experts before/after re-routing, critical experts kept
-and slots re-routed. Both are written to a temporary name and renamed.
+and slots re-routed. Both paths are checked before the model loads (an existing file
+is replaced only with `--overwrite`) and written to temporary names, renamed into place
+together at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import checkpoint
+from sere_jax import cli
 from sere_jax import fileio
 from sere_jax import generation
 from sere_jax import policy_spec
@@ -64,15 +67,22 @@ _EOS = flags.DEFINE_list("eos_ids", None, "EOS token ids (default: from config.j
                          "generation_config.json).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL of generations.")
 _STATS_OUTPUT = flags.DEFINE_string("stats_output", None, "JSON of routing statistics.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing --output / "
+                               "--stats_output files.")
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv
   model_dir = _MODEL_DIR.value
   if _BATCH.value < 1:
     raise app.UsageError("--batch_size must be >= 1")
   if _LENGTH_MULTIPLE.value < 1:
     raise app.UsageError("--length_multiple must be >= 1")
+  if _OUTPUT.value and _OUTPUT.value == _STATS_OUTPUT.value:
+    raise app.UsageError("--output and --stats_output name the same file")
+  cli.check_outputs([_OUTPUT.value], overwrite=_OVERWRITE.value, flag="--output")
+  cli.check_outputs([_STATS_OUTPUT.value], overwrite=_OVERWRITE.value,
+                    flag="--stats_output")
   sampling = generation.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                                        top_p=_TOP_P.value, seed=_SEED.value)
   try:
@@ -106,9 +116,9 @@ def main(argv):
   new_tokens = 0
   t_start = time.time()
   num_batches = (len(prompts) + _BATCH.value - 1) // _BATCH.value
+  bar = cli.progress(total=len(prompts), desc="generating", unit="prompt")
   for b in range(num_batches):
     lo, hi = b * _BATCH.value, min(len(prompts), (b + 1) * _BATCH.value)
-    tb = time.time()
     res = generation.generate(
         model, prompts[lo:hi], max_new_tokens=_MAX_NEW.value,
         sampling=dataclasses.replace(sampling, seed=(sampling.seed + b) % 2**32),
@@ -125,11 +135,12 @@ def main(argv):
       new_tokens += len(toks)
     all_steps.append(res.decode_stats)
     prefill.append(res.prefill_stats)
-    step_mean = res.decode_stats.mean(axis=(0, 1)) if res.decode_stats.size else None
-    logging.info("batch %d/%d: %d prompts, %d decode steps, %.2f s%s", b + 1, num_batches,
-                 hi - lo, res.decode_stats.shape[0], time.time() - tb,
-                 "" if step_mean is None else
-                 f", distinct experts/layer {step_mean[0]:.1f} -> {step_mean[1]:.1f}")
+    bar.update(hi - lo)
+    if res.decode_stats.size:
+      step_mean = res.decode_stats.mean(axis=(0, 1))
+      bar.set_postfix_str(f"distinct experts/layer {step_mean[0]:.1f} -> "
+                          f"{step_mean[1]:.1f}")
+  bar.close()
   elapsed = time.time() - t_start
 
   steps = (np.concatenate(all_steps) if all_steps else np.zeros((0, 0, 4), np.int64))
@@ -156,10 +167,12 @@ def main(argv):
       "finish_reasons": {r: sum(1 for row in results if row["finish_reason"] == r)
                          for r in generation.FINISH_REASONS},
   }
+  files = {}
   if _OUTPUT.value:
-    fileio.write_atomic(_OUTPUT.value, "".join(json.dumps(r) + "\n" for r in results))
+    files[_OUTPUT.value] = "".join(json.dumps(r) + "\n" for r in results)
   if _STATS_OUTPUT.value:
-    fileio.write_atomic(_STATS_OUTPUT.value, json.dumps(stats, indent=2) + "\n")
+    files[_STATS_OUTPUT.value] = json.dumps(stats, indent=2) + "\n"
+  fileio.write_all_atomic(files)
 
   mean = stats["mean"]
   print(f"{len(prompts)} prompts in {num_batches} batches, {new_tokens} new tokens in "
@@ -177,8 +190,9 @@ def main(argv):
     print(f"stats: {_STATS_OUTPUT.value}")
 
 
-def run():
-  app.run(main)
+def run() -> None:
+  """Console-script entry point (`sere-generate`)."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ and environment of every input) and PNG plots next to it: for `decode`, the spee
 over policy `none` against batch size (one line per policy; one figure per model and
 device); for `kernels`, our op's time against the number of distinct experts (one line
 per batch size, the roofline dashed). Any subset of suites and devices may be present.
-Every file is written atomically (temporary name, then rename).
+Every file is written atomically (temporary name, then rename); an existing
+`<out_dir>/README.md` is replaced only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import json
 import os
 import re
 
-from absl import app
 from absl import flags
 
+from sere_jax import cli
 from sere_jax import fileio
 
 _INPUTS = flags.DEFINE_list("inputs", ["docs/benchmarks/*.json"],
                             "Result JSON files or globs (comma separated).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs/benchmarks", "Where README.md and PNGs go.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing README.md and its "
+                               "plots in --out_dir.")
 
 
 def expand(patterns) -> list[str]:
@@ -44,9 +47,8 @@ def expand(patterns) -> list[str]:
 def load(paths) -> list[dict]:
   results = []
   for path in paths:
-    with open(path) as fh:
-      result = json.load(fh)
-    if "suite" not in result or "rows" not in result:
+    result = fileio.read_json(path)
+    if not isinstance(result, dict) or "suite" not in result or "rows" not in result:
       continue  # not a benchmark result
     result["_path"] = path
     results.append(result)
@@ -245,15 +247,18 @@ def report(paths, out_dir) -> dict:
               inputs=[r["_path"] for r in results])
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv
+  cli.check_outputs([os.path.join(_OUT_DIR.value, "README.md")], overwrite=_OVERWRITE.value,
+                    flag="--out_dir")
   out = report(expand(_INPUTS.value), _OUT_DIR.value)
   print(f"wrote {out['readme']} and {len(out['pngs'])} plots from {len(out['inputs'])} "
         "inputs")
 
 
-def run():
-  app.run(main)
+def run() -> None:
+  """Entry point of `python -m sere_jax.scripts.report`."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

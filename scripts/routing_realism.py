@@ -10,20 +10,22 @@ of a batch. For each model and batch size B this measures the mean distinct expe
 layer per decode step (teacher forced, no re-routing) over held-out windows under the
 trained weights and under random weights of the same shapes (the model class's
 initialisation), beside the uniform expectation `E (1 - (1 - K/E)^B)`. Writes
-`--out`.json and `--out`.md.
+`--out`.json and `--out`.md (checked first; existing files are replaced only with
+`--overwrite`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
-from absl import app
 from absl import flags
 from flax import nnx
 import numpy as np
 import tokenizers
 
 from sere_jax import checkpoint
+from sere_jax import cli
 from sere_jax import fileio
 from sere_jax import model_card
 from sere_jax import moe
@@ -37,6 +39,7 @@ _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "16", "32", "64"], "Batch
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Tokens per window.")
 _PER_DOMAIN = flags.DEFINE_integer("per_domain", 64, "Windows per domain.")
 _OUT = flags.DEFINE_string("out", "docs/results/routing_realism", "Output path prefix.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 
 
 def _distinct(model, tokens: np.ndarray, group: int) -> float:
@@ -44,13 +47,15 @@ def _distinct(model, tokens: np.ndarray, group: int) -> float:
       "distinct_per_step"]))
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv
+  cli.check_outputs([_OUT.value + ".json", _OUT.value + ".md"], overwrite=_OVERWRITE.value,
+                    flag="--out")
   documents = {}
   for name in sorted(os.listdir(_HELDOUT.value)):
     if name.endswith(".txt"):
-      with open(os.path.join(_HELDOUT.value, name), encoding="utf-8") as fh:
-        documents[name[:-4]] = [d for d in fh.read().split("<|endoftext|>") if d.strip()]
+      text = fileio.read_text(os.path.join(_HELDOUT.value, name))
+      documents[name[:-4]] = [d for d in text.split("<|endoftext|>") if d.strip()]
   rows = []
   for model_dir in _MODELS.value:
     model = checkpoint.load_model(model_dir, impl="xla_dense")
@@ -77,13 +82,15 @@ def main(argv):
   lines += [f"| {r['model']} | {r['num_experts']} | {r['top_k']} | {r['batch_size']} | "
             f"{r['trained']:.1f} | {r['random_weights']:.1f} | {r['uniform']:.1f} |"
             for r in rows]
-  fileio.write_json_atomic(_OUT.value + ".json", {"command": model_card.command_line(),
-                                                  "rows": rows})
-  fileio.write_atomic(_OUT.value + ".md", "\n".join(lines) + "\n")
+  fileio.write_all_atomic({
+      _OUT.value + ".json": json.dumps({"command": model_card.command_line(), "rows": rows},
+                                       indent=2) + "\n",
+      _OUT.value + ".md": "\n".join(lines) + "\n"})
 
 
-def run():
-  app.run(main)
+def run() -> None:
+  """Entry point of `python -m sere_jax.scripts.routing_realism`."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import numpy as np
 import tokenizers
 
 from sere_jax import calibration
+from sere_jax import cli
 from sere_jax import corpus as corpus_lib
 from sere_jax import model_card
 from sere_jax import moe
@@ -284,8 +285,9 @@ def main(argv):
   print(model_card.headline(summary))
 
 
-def run():
-  app.run(main)
+def run() -> None:
+  """Entry point of `python -m sere_jax.scripts.train_moe`."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

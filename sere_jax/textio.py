@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sere_jax.fileio import read_text
+
 
 def read_records(path: str, field: str) -> list[dict[str, Any]]:
-  """The records of `path`; ValueError names an empty file or a bad line."""
-  with open(path) as fh:
-    lines = [line.rstrip("\n") for line in fh if line.strip()]
+  """The records of `path`; errors name the file: missing, not UTF-8, empty, or a bad
+  line."""
+  lines = [line for line in read_text(path).split("\n") if line.strip()]
   if not lines:
     raise ValueError(f"{path} holds no records")
   if not (path.endswith(".jsonl") or lines[0].lstrip().startswith("{")):

@@ -242,4 +242,7 @@ def test_script_end_to_end(tmp_path):
   text = tmp_path / "data.txt"
   text.write_text("some text\n")
   proc = _run_script(f"--model_dir={FIXTURE}", f"--data={text}", f"--output={out}")
+  assert proc.returncode != 0 and "pass --overwrite" in proc.stderr  # checked first
+  proc = _run_script(f"--model_dir={FIXTURE}", f"--data={text}", f"--output={out}",
+                     "--overwrite")
   assert proc.returncode != 0 and "no tokenizer.json" in proc.stderr

@@ -387,8 +387,11 @@ def test_script_end_to_end_and_resume(corpus_dir, tmp_path):
   assert tokenizer.encode(text).ids == list(text.encode("utf-8"))
   assert tokenizer.decode(tokenizer.encode(text).ids) == text
 
-  # The same command again resumes from the last checkpoint (nothing left to train).
+  # The same command again resumes from the last checkpoint (nothing left to train);
+  # replacing the export needs --overwrite.
   proc = _train_tiny(corpus_dir, str(tmp_path))
+  assert proc.returncode != 0 and "pass --overwrite" in proc.stderr
+  proc = _train_tiny(corpus_dir, str(tmp_path), "--overwrite")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from step 6" in proc.stderr
   resumed = json.loads((out / "training_summary.json").read_text())
@@ -399,6 +402,6 @@ def test_script_end_to_end_and_resume(corpus_dir, tmp_path):
     assert resumed["results"][split] == pytest.approx(results[split], rel=1e-5)
 
   # Other settings in the same workdir are refused, naming the setting.
-  proc = _train_tiny(corpus_dir, str(tmp_path), "--learning_rate=0.01")
+  proc = _train_tiny(corpus_dir, str(tmp_path), "--learning_rate=0.01", "--overwrite")
   assert proc.returncode != 0
   assert "learning_rate" in proc.stderr and "other settings" in proc.stderr

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from sere_jax import fileio
 from sere_jax import textio
 
 
@@ -31,9 +32,9 @@ class Task:
 
 def read_stream(path: str, tokenizer: Any) -> list[int]:
   """The token ids of a text file: plain text encoded whole, or JSONL records
-  ("tokens", or "text" encoded) concatenated."""
-  with open(path) as fh:
-    text = fh.read()
+  ("tokens", or "text" encoded) concatenated. Errors name the file (missing, not
+  UTF-8, a bad record)."""
+  text = fileio.read_text(path)
   first = next((line for line in text.splitlines() if line.strip()), "")
   if path.endswith(".jsonl") or first.lstrip().startswith("{"):
     return [t for seq in textio.tokenize_records(textio.read_records(path, "text"), "text",
