@@ -53,7 +53,8 @@ def resolve_attention_impl(attention_impl: str) -> str:
 class QwenMoeConfig:
   """Shapes and options of a Qwen MoE model (`dataclasses.asdict` round-trips it).
 
-  `shared_expert_size` 0 means no shared expert; `qk_norm` is Qwen3's per-head norm.
+  `shared_expert_size` 0 means no shared expert; `qk_norm` is Qwen3's per-head norm;
+  `max_position_embeddings` bounds prompt + generated tokens (None: unlimited).
   """
 
   architecture: str
@@ -77,6 +78,7 @@ class QwenMoeConfig:
   tie_word_embeddings: bool = False
   decoder_sparse_step: int = 1
   mlp_only_layers: tuple[int, ...] = ()
+  max_position_embeddings: int | None = None
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -87,6 +89,12 @@ class QwenMoeConfig:
                        f"{self.num_kv_heads}")
     if self.decoder_sparse_step < 1:
       raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+    if self.max_position_embeddings is not None and (
+        isinstance(self.max_position_embeddings, bool)
+        or not isinstance(self.max_position_embeddings, int)
+        or self.max_position_embeddings < 1):
+      raise ValueError("max_position_embeddings must be None or an integer >= 1, got "
+                       f"{self.max_position_embeddings!r}")
     object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
 
   def is_moe_layer(self, layer: int) -> bool:
@@ -141,7 +149,8 @@ class QwenMoeConfig:
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         decoder_sparse_step=hf.get("decoder_sparse_step", 1),
-        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()))
+        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+        max_position_embeddings=hf.get("max_position_embeddings"))
 
 
 class Attention(nnx.Module):

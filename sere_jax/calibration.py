@@ -42,6 +42,7 @@ import safetensors.numpy
 from sere_jax import moe
 from sere_jax import similarity
 from sere_jax.models import base as model_base
+from sere_jax.models import hf_import
 
 SIMILARITY_FILE = "sere_similarity.safetensors"
 POOL_STATS_FILE = "sere_pool_stats.safetensors"
@@ -302,8 +303,9 @@ def load_pool_stats(directory: str) -> tuple[list[PoolStats], dict[str, str]]:
 
 def _load(path: str, prefixes: Sequence[str]
           ) -> tuple[list[tuple[np.ndarray, ...]], dict[str, str]]:
-  """Per layer i, the tensors `<prefix>_<i>` of a file holding exactly those."""
-  with safetensors.safe_open(path, framework="numpy") as fh:
+  """Per layer i, the tensors `<prefix>_<i>` of a file holding exactly those; errors
+  name the file (missing, truncated or corrupt, other keys)."""
+  with hf_import.open_safetensors(path) as fh:
     metadata = dict(fh.metadata() or {})
     keys = set(fh.keys())
     layers = len(keys) // len(prefixes)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from sere_jax.validation import check_int, check_unit
+
 POLICIES = ("none", "sere", "sere_hybrid", "topk_truncate", "keep_active", "oea",
             "random", "expert_pool", "oracle")
 # Policies that read the layer's expert similarity matrix.
@@ -28,8 +30,11 @@ class RerouteConfig:
       rescaling that slot's weight; `oracle` gives each secondary slot the active
       expert whose output is closest to the original expert's output for that token
       (a diagnostic ceiling: it reads every expert's output).
-    select_top_k: S, the number of primary experts per token that are never changed.
-      `S <= 0` or `S >= K` disables re-routing (not used by `expert_pool`).
+    select_top_k: S, the number of primary experts per token that are never changed
+      (not used by `none` and `expert_pool`). As in the paper, `reroute` and `moe_ffn`
+      leave a top-K routing unchanged when `S <= 0` or `S >= K` (`is_active`); a
+      `MoeBlock` rejects such a config for every other policy
+      (`validation.check_layer_config`).
     threshold: rho in [0, 1]. Under `sere` and `sere_hybrid`, a secondary expert whose
       best similarity to the primary set is below rho is critical and kept. 0 disables
       the check.
@@ -40,7 +45,8 @@ class RerouteConfig:
       score against the similarity when ranking primaries. 0 gives `sere` exactly.
     renormalize: for `topk_truncate` and `keep_active`, whether the kept weights are
       renormalised to the original total; None follows the model's own top-K rule.
-    pool_size: D of `expert_pool`, the experts kept per batch (0 for other policies).
+    pool_size: D of `expert_pool`, the experts kept per batch (0 for other policies;
+      a `MoeBlock` rejects more than its number of experts).
   """
 
   policy: str = "sere"
@@ -56,16 +62,16 @@ class RerouteConfig:
   def __post_init__(self):
     if self.policy not in POLICIES:
       raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-    _check_int("select_top_k", self.select_top_k, low=0)
-    _check_unit("threshold", self.threshold)
+    check_int("select_top_k", self.select_top_k, low=0)
+    check_unit("threshold", self.threshold)
     if not isinstance(self.decode_only, bool):
       raise ValueError(f"decode_only must be a bool, got {self.decode_only!r}")
-    _check_int("min_batch", self.min_batch, low=0)
-    _check_int("seed", self.seed, low=0, high=2**32 - 1)
-    _check_unit("score_weight", self.score_weight)
+    check_int("min_batch", self.min_batch, low=0)
+    check_int("seed", self.seed, low=0, high=2**32 - 1)
+    check_unit("score_weight", self.score_weight)
     if self.renormalize is not None and not isinstance(self.renormalize, bool):
       raise ValueError(f"renormalize must be None or a bool, got {self.renormalize!r}")
-    _check_int("pool_size", self.pool_size, low=0)
+    check_int("pool_size", self.pool_size, low=0)
     if self.policy == "expert_pool" and self.pool_size < 1:
       raise ValueError("policy 'expert_pool' needs pool_size >= 1")
 
@@ -74,18 +80,3 @@ class RerouteConfig:
     if self.policy == "expert_pool":
       return True
     return self.policy != "none" and 0 < self.select_top_k < top_k
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
-  if value < low or (high is not None and value > high):
-    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise ValueError(f"{name} must be {bound}, got {value}")
-
-
-def _check_unit(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-  if not 0.0 <= float(value) <= 1.0:
-    raise ValueError(f"{name} must be in [0, 1], got {value}")

@@ -190,7 +190,8 @@ def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_len
   max_pos = getattr(model.config, "max_position_embeddings", None)
   if max_pos is not None and longest + max_new_tokens > max_pos:
     raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
-                     f"({max_new_tokens}) exceeds the model's max positions ({max_pos})")
+                     f"({max_new_tokens}) exceeds the model's max positions "
+                     f"(max_position_embeddings={max_pos})")
   if isinstance(length_multiple, bool) or not isinstance(length_multiple, int) or (
       length_multiple < 1):
     raise ValueError(f"length_multiple must be an integer >= 1, got {length_multiple!r}")

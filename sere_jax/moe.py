@@ -31,10 +31,10 @@ from typing import Callable
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sere_jax import policies
 from sere_jax import routing
+from sere_jax import validation
 from sere_jax.config import SIMILARITY_POLICIES, RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 from sere_jax.kernels.router import api as router_api
@@ -89,6 +89,7 @@ class MoeBlock(nnx.Module):
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not 0 < top_k <= num_experts:
       raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    validation.check_layer_config(reroute, top_k, num_experts)
     init = nnx.initializers.normal(stddev=dim ** -0.5)
     self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
     self.router_kernel = nnx.Param(init(rngs.params(), (dim, num_experts), param_dtype))
@@ -136,10 +137,16 @@ class MoeBlock(nnx.Module):
     Inside `nnx.capture(..., nnx.Intermediate)` the block records its flattened input
     as `moe_input` and `moe_valid` (calibration) and its load-balancing loss
     (training); elsewhere that is a no-op.
+
+    Inputs, the config and the similarity are checked by `sere_jax.validation`
+    (`stats.invalid_similarity` flags a traced similarity with NaN or inf).
     """
-    if valid.shape != x.shape[:-1]:
-      raise ValueError(f"valid must have shape {x.shape[:-1]} for x of shape {x.shape}, "
-                       f"got {valid.shape}")
+    validation.check_block_input(x, valid, self.router_kernel.shape[0])
+    validation.check_layer_config(self.reroute, self.top_k, self.num_experts)
+    config = self.active_config(decode)
+    if config.policy in SIMILARITY_POLICIES and config.is_active(self.top_k):
+      # Fails before the router runs; the routing path checks the same again.
+      validation.check_similarity(self.similarity[...], self.num_experts)
     flat, flat_valid = x.reshape(-1, x.shape[-1]), valid.reshape(-1)
     self._record(CAPTURE_INPUT, flat)
     self._record(CAPTURE_VALID, flat_valid)
@@ -149,7 +156,6 @@ class MoeBlock(nnx.Module):
     ids, weights, scores = self.route(logits)
     self._record(CAPTURE_LOAD_BALANCE,
                  routing.load_balancing_loss(logits, ids, flat_valid))
-    config = self.active_config(decode)
     stepwise = decode and (self.group_size > 0 or (x.ndim == 3 and x.shape[1] > 1))
     if not stepwise and config.policy in FUSED_POLICIES:
       similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
@@ -233,10 +239,12 @@ def set_reroute(model: nnx.Module, config: RerouteConfig, impl: str | None = Non
                 group_size: int | None = None) -> None:
   """Sets every MoE block's re-routing config (and, optionally, implementation and
   re-routing group size; 0 = the whole batch)."""
-  if group_size is not None and (isinstance(group_size, bool) or
-                                 not isinstance(group_size, int) or group_size < 0):
-    raise ValueError(f"group_size must be an integer >= 0, got {group_size!r}")
-  for block in moe_blocks(model):
+  if group_size is not None:
+    validation.check_int("group_size", group_size, low=0)
+  blocks = moe_blocks(model)
+  for block in blocks:  # every block is checked before any changes
+    validation.check_layer_config(config, block.top_k, block.num_experts)
+  for block in blocks:
     block.reroute = config
     if impl is not None:
       block.impl = impl
@@ -248,14 +256,8 @@ def check_calibrated(model: nnx.Module) -> None:
   """Raises ValueError if a block's policy reads the similarity (`sere`,
   `sere_hybrid`, `expert_pool`) but the block has no valid one."""
   for i, block in enumerate(moe_blocks(model)):
-    if block.reroute.policy not in SIMILARITY_POLICIES:
-      continue
-    sim = np.asarray(block.similarity[...])
-    if sim.shape != (block.num_experts, block.num_experts):
-      raise ValueError(f"MoE layer {i}: similarity has shape {sim.shape}, expected "
-                       f"{(block.num_experts, block.num_experts)}")
-    if not np.all(np.isfinite(sim)):
-      raise ValueError(f"MoE layer {i}: policy {block.reroute.policy!r} needs a calibrated "
-                       "similarity "
-                       "matrix (this one holds NaN or inf); calibrate the model or load "
-                       "one with its similarity")
+    policy = block.reroute.policy
+    if policy in SIMILARITY_POLICIES:
+      validation.check_similarity(
+          block.similarity[...], block.num_experts,
+          name=f"MoE layer {i}: policy {policy!r} reads the similarity, which")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from sere_jax import control_policies
 from sere_jax import validation
-from sere_jax.config import RerouteConfig
+from sere_jax.config import SIMILARITY_POLICIES, RerouteConfig
 
 # Policies whose `renormalize` field, when set, overrides the model's top-K rule.
 _TRUNCATING = ("topk_truncate", "keep_active")
@@ -29,6 +29,9 @@ class RerouteStats(NamedTuple):
   distinct_after: jax.Array  # distinct experts after re-routing
   critical_kept: jax.Array  # secondary experts kept because no primary was similar
   slots_rerouted: jax.Array  # slots whose expert or weight changed
+  # 1 when the step's similarity held NaN or inf under jit (routed as
+  # `validation.similarity_for_routing` says), else 0.
+  invalid_similarity: jax.Array | int = 0
 
 
 def count_distinct(ids: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
@@ -193,14 +196,16 @@ def oracle_ids(ids: jax.Array, valid: jax.Array, expert_out: jax.Array,
 
 def rerouting_stats(ids: jax.Array, weights: jax.Array, new_ids: jax.Array,
                     new_weights: jax.Array, valid: jax.Array, num_experts: int,
-                    critical_kept: jax.Array | int = 0) -> RerouteStats:
+                    critical_kept: jax.Array | int = 0,
+                    invalid_similarity: jax.Array | int = 0) -> RerouteStats:
   """`RerouteStats` of a re-routing `(ids, weights) -> (new_ids, new_weights)`."""
   changed = ((new_ids != ids) | (new_weights != weights)) & valid[:, None]
   return RerouteStats(
       distinct_before=count_distinct(ids, valid, num_experts),
       distinct_after=count_distinct(new_ids, valid, num_experts),
       critical_kept=jnp.asarray(critical_kept, jnp.int32),
-      slots_rerouted=jnp.sum(changed, dtype=jnp.int32))
+      slots_rerouted=jnp.sum(changed, dtype=jnp.int32),
+      invalid_similarity=jnp.asarray(invalid_similarity, jnp.int32))
 
 
 def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
@@ -218,7 +223,8 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
     valid: `[T]` bool; invalid tokens (padding, finished sequences) add no experts.
     similarity: `[E, E]` expert similarity; required by `sere`, `sere_hybrid` and
       `expert_pool`.
-    config: the policy and its parameters (static under jit).
+    config: the policy and its parameters (static under jit). `S <= 0` or `S >= K`
+      leaves the routing unchanged (`config.is_active`).
     num_experts: E; inferred from `similarity` or `router_scores` when omitted.
     router_scores: `[T, E]` the router's per-expert scores on the weights' scale
       (softmax probabilities for Qwen); required by `oea` and `sere_hybrid`.
@@ -236,6 +242,10 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
 
   Returns:
     `(new_ids, new_weights, stats)`.
+
+  Inputs are checked by `sere_jax.validation`: bad shapes raise ValueError always, bad
+  values where concrete; a traced similarity with NaN or inf sets
+  `stats.invalid_similarity` (see that module).
   """
   num_experts = _infer_num_experts(num_experts, similarity, router_scores)
   validation.check_routing(ids, weights, valid, num_experts)
@@ -244,6 +254,10 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
   policy = config.policy
   if not config.is_active(ids.shape[1]):
     return ids, weights, rerouting_stats(ids, weights, ids, weights, valid, num_experts)
+  invalid_similarity = jnp.zeros((), jnp.int32)
+  if policy in SIMILARITY_POLICIES:
+    similarity, invalid_similarity = validation.similarity_for_routing(
+        similarity, num_experts, policy)
 
   is_primary = primary_mask(ids, valid, s, num_experts)
   renorm = renormalize
@@ -251,16 +265,12 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
     renorm = config.renormalize
   critical_kept = jnp.zeros((), jnp.int32)
   new_w = weights
-  if policy in ("sere", "sere_hybrid", "expert_pool"):
-    if similarity is None:
-      raise ValueError(f"policy {policy!r} needs a similarity matrix")
-    validation.check_similarity(similarity, num_experts)
   if policy in ("sere", "sere_hybrid"):
     if policy == "sere":
       target, critical = sere_targets(is_primary, similarity, config.threshold)
       new_ids = _remap_secondary(ids, target, s)
     else:
-      _check_router_scores(router_scores, policy, ids.shape[0], num_experts)
+      validation.check_router_scores(router_scores, policy, ids.shape[0], num_experts)
       new_ids, critical = hybrid_secondary(ids, is_primary, similarity, router_scores, s,
                                            config.threshold, config.score_weight)
     secondary_used = jnp.zeros((num_experts,), jnp.bool_).at[ids[:, s:]].max(
@@ -274,11 +284,11 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
   elif policy == "keep_active":
     new_ids, new_w = control_policies.keep_active(ids, weights, is_primary, s, renorm)
   elif policy == "oea":
-    _check_router_scores(router_scores, policy, ids.shape[0], num_experts)
+    validation.check_router_scores(router_scores, policy, ids.shape[0], num_experts)
     new_ids, new_w = _oea(ids, weights, is_primary, router_scores, s, renorm)
   elif policy == "expert_pool":
-    output_norm = _check_pool_array(output_norm, "output_norm", (num_experts,))
-    pool_scale = _check_pool_array(pool_scale, "pool_scale", (num_experts, num_experts))
+    output_norm = _pool_array(output_norm, "output_norm", (num_experts,))
+    pool_scale = _pool_array(pool_scale, "pool_scale", (num_experts, num_experts))
     new_ids, new_w = control_policies.expert_pool(
         ids, weights, valid, similarity, output_norm, pool_scale, config.pool_size)
   elif policy == "oracle":
@@ -296,25 +306,15 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
   new_ids = jnp.where(apply, new_ids, ids)
   new_w = jnp.where(apply, new_w, weights)
   stats = rerouting_stats(ids, weights, new_ids, new_w, valid, num_experts,
-                          jnp.where(apply, critical_kept, 0))
+                          jnp.where(apply, critical_kept, 0), invalid_similarity)
   return new_ids, new_w, stats
 
 
-def _check_pool_array(value, name: str, shape: tuple[int, ...]) -> jax.Array:
+def _pool_array(value, name: str, shape: tuple[int, ...]) -> jax.Array:
   if value is None:
     return jnp.ones(shape, jnp.float32)
-  if value.shape != shape:
-    raise ValueError(f"{name} must have shape {shape}, got {value.shape}")
+  validation.check_shape(value, name, shape)
   return value
-
-
-def _check_router_scores(router_scores, policy: str, num_tokens: int,
-                         num_experts: int) -> None:
-  if router_scores is None:
-    raise ValueError(f"policy {policy!r} needs router_scores [T, E]")
-  if router_scores.shape != (num_tokens, num_experts):
-    raise ValueError(f"router_scores must be [T, E] = {(num_tokens, num_experts)}, "
-                     f"got shape {router_scores.shape}")
 
 
 def _infer_num_experts(num_experts, similarity, router_scores) -> int:

@@ -26,7 +26,9 @@ RHOS = (0.0, 0.25, 0.5, 0.75)  # exactly representable in float32
 
 
 def _stats(stats):
-  return tuple(int(x) for x in stats)
+  """The four routing counts; the similarity was valid."""
+  assert int(stats.invalid_similarity) == 0
+  return tuple(int(x) for x in stats[:4])
 
 
 def _hybrid(case, lam, rho=None, policy="sere_hybrid"):

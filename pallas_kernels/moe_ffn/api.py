@@ -89,20 +89,8 @@ def resolve_impl(impl: str) -> str:
   return REGISTRY.resolve(impl)
 
 
-def check_expert_weights(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> None:
-  """Raises ValueError unless `x [T, D]`, `w_gate_up [E, D, 2F]`, `w_down [E, F, D]`."""
-  if x.ndim != 2:
-    raise ValueError(f"x must be [T, D], got shape {x.shape}")
-  if w_gate_up.ndim != 3 or w_down.ndim != 3:
-    raise ValueError(f"w_gate_up must be [E, D, 2F] and w_down [E, F, D], got shapes "
-                     f"{w_gate_up.shape} and {w_down.shape}")
-  num_experts, dim, two_f = w_gate_up.shape
-  if dim != x.shape[1] or two_f % 2:
-    raise ValueError(f"w_gate_up shape {w_gate_up.shape} does not fit x [T, {x.shape[1]}]"
-                     " (expected [E, D, 2F])")
-  if w_down.shape != (num_experts, two_f // 2, dim):
-    raise ValueError(f"w_down must be [E, F, D] = {(num_experts, two_f // 2, dim)}, "
-                     f"got {w_down.shape}")
+# Input checks live in `sere_jax.validation`; kept here as this op's public name.
+check_expert_weights = validation.check_expert_weights
 
 
 def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Array,
@@ -119,9 +107,11 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
     w_gate_up: `[E, D, 2F]` fused gate and up projections; `w_down`: `[E, F, D]`.
     valid: `[T]` bool, real tokens (default: all). Invalid tokens add no experts
       and their output rows are zero.
-    similarity: `[E, E]` expert similarity (policies `sere`, `sere_hybrid`).
+    similarity: `[E, E]` expert similarity (policies `sere`, `sere_hybrid`,
+      `expert_pool`).
     config: the re-routing policy (default: none). Only `none` and `sere` use the fused
       schedule kernel; every other policy re-routes with `sere_jax.reroute` first.
+      `S <= 0` or `S >= K` leaves the routing unchanged.
     router_scores, renormalize, key: passed to `sere_jax.reroute` (policies `oea`,
       `sere_hybrid`, `topk_truncate`, `random`).
     impl: one of `IMPLS`; a kernel backend that cannot run on this device (`triton`
@@ -131,20 +121,27 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
 
   Returns:
     `MoeOutput(y [T, D] in x.dtype, ids, weights, stats)`.
+
+  Every implementation checks its inputs the same way (`sere_jax.validation`): bad
+  shapes raise ValueError always, bad values where concrete; a traced similarity with
+  NaN or inf sets `stats.invalid_similarity`.
   """
   if implementation is not None:
     if impl not in ("auto", implementation):
       raise ValueError(f"impl={impl!r} and implementation={implementation!r} disagree")
     impl = implementation
-  check_expert_weights(x, w_gate_up, w_down)
   impl = resolve_impl(impl)
   REGISTRY.check(impl)
   num_experts = w_gate_up.shape[0]
   valid = jnp.ones(x.shape[:1], jnp.bool_) if valid is None else valid.astype(jnp.bool_)
-  validation.check_routing(ids, weights, valid, num_experts)
+  validation.check_ffn_inputs(x, ids, weights, valid, w_gate_up, w_down)
 
-  fused_policy = config.policy in ("none", "sere") or not config.is_active(ids.shape[1])
-  if impl in _KERNEL_IMPLS and fused_policy:
+  active = config.is_active(ids.shape[1])
+  if impl in _KERNEL_IMPLS and (config.policy in ("none", "sere") or not active):
+    invalid_similarity = jnp.zeros((), jnp.int32)
+    if active and config.policy == "sere":
+      similarity, invalid_similarity = validation.similarity_for_routing(
+          similarity, num_experts, config.policy)
     sched = kernel_schedule(impl, ids, valid, similarity, config, num_experts)
   else:
     ids, weights, stats = policies.reroute(
@@ -153,10 +150,11 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
     if impl == "xla_dense":
       y = IMPLEMENTATIONS[impl](x, ids, weights, valid, None, w_gate_up, w_down)
       return MoeOutput(y, ids, weights, stats)
+    invalid_similarity = stats.invalid_similarity
     sched = schedule_lib.build_schedule(ids, valid, num_experts, stats)
 
   y = IMPLEMENTATIONS[impl](x, sched.ids, weights, valid, sched, w_gate_up, w_down)
-  stats = policies.RerouteStats(*(sched.stats[i] for i in range(4)))
+  stats = policies.RerouteStats(*(sched.stats[i] for i in range(4)), invalid_similarity)
   return MoeOutput(y, sched.ids, weights, stats)
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+from sere_jax import validation
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import registry
 from sere_jax.kernels.schedule.reference import Schedule, reference_schedule
@@ -49,7 +50,9 @@ def schedule(ids: jax.Array, valid: jax.Array, similarity: jax.Array | None,
   Args:
     ids: `[T, K]` top-K expert ids sorted by score.
     valid: `[T]` bool mask of real tokens.
-    similarity: `[E, E]` similarity (ignored when the config does not re-route).
+    similarity: `[E, E]` finite similarity (ignored when the config does not
+      re-route), checked by `sere_jax.validation`: its shape always, its values where
+      concrete. A traced one's NaN or inf is caught one level up, by `moe_ffn`.
     config: the re-routing config; other policies raise ValueError (re-route them
       with `sere_jax.reroute` and use `reference.build_schedule`).
     num_experts: E.
@@ -57,4 +60,7 @@ def schedule(ids: jax.Array, valid: jax.Array, similarity: jax.Array | None,
     **options: tuning knobs of the chosen backend (see its function).
   """
   fn = REGISTRY.get(implementation)
+  validation.check_ids(ids, valid, num_experts)
+  if config.policy == "sere" and config.is_active(ids.shape[1]):
+    validation.check_similarity(similarity, num_experts)
   return fn(ids, valid, similarity, config, num_experts=num_experts, **options)
