@@ -25,12 +25,13 @@ import os
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
 from sere_jax import checkpoint
+from sere_jax import checkpoints
+from sere_jax import cli
 from sere_jax import evaluation
 from sere_jax import fileio
 from sere_jax import generation
@@ -38,10 +39,9 @@ from sere_jax import moe
 from sere_jax import policy_spec
 from sere_jax import shakespeare
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MODEL_DIR = flags.DEFINE_string(
-    "model_dir", os.path.join(_REPO, "checkpoints", "tiny_shakespeare_moe"),
-    "Model directory (default: the shipped tiny Shakespeare MoE).")
+    "model_dir", None, "Model directory (default: the shipped tiny Shakespeare MoE, "
+    "sere_jax.checkpoints.path(), found from any working directory).")
 _TEXT = flags.DEFINE_string("text", None, "Held-out text for prompts and perplexity "
                             "(default: the model directory's heldout_test.txt).")
 _POLICIES = flags.DEFINE_list("policies", ["sere:2", "sere:1"],
@@ -55,6 +55,7 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Bytes per perplexity window.")
 _IMPL = flags.DEFINE_string("impl", "auto", "MoE op implementation (auto: Pallas kernels "
                             "on GPU/TPU, the XLA reference on CPU).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the table as JSON.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --json_out file.")
 
 def _impl() -> str:
   if _IMPL.value == "auto" and jax.default_backend() == "cpu":
@@ -77,12 +78,13 @@ def main(argv: list[str]) -> None:
   if _PPL_SEQUENCES.value % _BATCH.value:
     raise ValueError(f"--perplexity_sequences ({_PPL_SEQUENCES.value}) must be a multiple "
                      f"of --batch ({_BATCH.value})")
+  cli.check_outputs([_JSON_OUT.value], overwrite=_OVERWRITE.value, flag="--json_out")
+  model_dir = _MODEL_DIR.value or checkpoints.path()
   tic = time.time()
-  model = checkpoint.load_model(_MODEL_DIR.value, impl=_impl())
-  text_path = _TEXT.value or os.path.join(_MODEL_DIR.value, "heldout_test.txt")
-  with open(text_path) as fh:
-    text = fh.read()
-  print(f"loaded {_MODEL_DIR.value} in {time.time() - tic:.1f} s "
+  model = checkpoint.load_model(model_dir, impl=_impl())
+  text_path = _TEXT.value or os.path.join(model_dir, "heldout_test.txt")
+  text = fileio.read_text(text_path)
+  print(f"loaded {model_dir} in {time.time() - tic:.1f} s "
         f"(MoE op: {_impl()}, {jax.default_backend()})")
 
   openings = shakespeare.speech_openings(text, _BATCH.value)
@@ -136,13 +138,13 @@ def main(argv: list[str]) -> None:
         "agreement: teacher-forced next-byte top-1 agreement with none.")
   if _JSON_OUT.value:
     fileio.write_json_atomic(_JSON_OUT.value, {
-        "model_dir": _MODEL_DIR.value, "batch": _BATCH.value,
+        "model_dir": model_dir, "batch": _BATCH.value,
         "new_tokens": _NEW_TOKENS.value, "rows": rows})
 
 
 def run() -> None:
   """Console-script entry point (`sere-demo`)."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":
