@@ -23,13 +23,14 @@ import os
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from sere_jax import calibration
 from sere_jax import checkpoint
+from sere_jax import cli
 from sere_jax import fileio
 from sere_jax import model_card
 from sere_jax import moe
@@ -50,6 +51,15 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per window.")
 _PER_DOMAIN = flags.DEFINE_integer("per_domain", 64, "Windows per domain.")
 _SEEDS = flags.DEFINE_integer("random_seeds", 5, "Seeds of the random substitute.")
 _THREADS = flags.DEFINE_integer("compile_threads", 16, "Parallel compilations.")
+_SPECS = flags.DEFINE_list("specs", [], "Policy specs to run instead of the built-in grid "
+                           "(`none` is added; expert pools follow SERE rows that use the "
+                           "stored similarity).")
+_METRICS = flags.DEFINE_list("metrics", [], "Similarity metrics for which SERE at every S "
+                             "is added (`sere:S:0:METRIC`), calibrated on --calibration_dir.")
+_CALIBRATION = flags.DEFINE_string("calibration_dir", None, "<domain>.txt documents to "
+                                   "calibrate --metrics on (the validation split).")
+_CAL_WINDOWS = flags.DEFINE_integer("calibration_windows", 100, "Calibration windows of "
+                                    "128 tokens per domain.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only re-render the Markdown and "
                                  "plots from the JSON files already in --out_dir.")
 _EOT = "<|endoftext|>"
@@ -65,6 +75,26 @@ def grid(top_k: int, seeds: int) -> list[policy_spec.PolicySpec]:
     texts += [f"random:{s}:seed{k}" for k in range(seeds)]
   texts += ["sere:2:q0.25", "sere:2:q0.5", "sere:2:q0.75"]
   return policy_spec.parse_list(texts)
+
+
+def _specs(top_k: int) -> list[policy_spec.PolicySpec]:
+  specs = (policy_spec.parse_list(["none"] + [t for t in _SPECS.value if t != "none"])
+           if _SPECS.value else grid(top_k, _SEEDS.value))
+  extra = [f"sere:{s}:0:{m}" for m in _METRICS.value
+           for s in range(1, min(3, top_k - 1) + 1)]
+  return specs + policy_spec.parse_list(extra)
+
+
+def _metric_matrices(model, tokenizer) -> dict[str, list[np.ndarray]]:
+  if not _METRICS.value:
+    return {}
+  if not _CALIBRATION.value:
+    raise ValueError("--metrics needs --calibration_dir")
+  tokens = study.study_data(tokenizer, _documents(_CALIBRATION.value), seq_len=128,
+                            per_domain=_CAL_WINDOWS.value).tokens
+  batches = [tokens[i:i + 32] for i in range(0, tokens.shape[0], 32)]
+  return {m: [np.asarray(x) for x in calibration.calibrate(
+      model, batches, m, token_budget=tokens.size)] for m in _METRICS.value}
 
 
 def _documents(directory: str) -> dict[str, list[str]]:
@@ -139,16 +169,18 @@ def _study_model(model_dir: str, documents, log, partial) -> dict[str, Any]:
   top_k = moe.moe_blocks(model)[0].top_k
   ref = reference(model, data.tokens, max_tokens=data.tokens.size)
   ref_logp = jnp.asarray(ref.logp)
-  specs = grid(top_k, _SEEDS.value)
+  specs = _specs(top_k)
+  metric_matrices = _metric_matrices(model, tokenizer)
   rows, versus = [], []
   for group in [int(b) for b in _BATCHES.value]:
     t0 = time.time()
     outcomes = study.run_grid(model, specs, group, data, ref_logp,
-                              threads=_THREADS.value)
+                              threads=_THREADS.value, metric_matrices=metric_matrices)
     none = outcomes[0]
     group_rows = [study.row(s, group, o, none, data) for s, o in zip(specs, outcomes)]
-    sere_distinct = sorted({round(r["distinct_per_layer"]) for r in group_rows
-                            if r["policy"] == "sere" and ":q" not in r["spec"]})
+    sere_distinct = sorted({round(r["distinct_per_layer"]) for r, s in zip(group_rows, specs)
+                            if s.policy == "sere" and s.quantile is None
+                            and s.metric is None})
     pools = policy_spec.parse_list([f"expert_pool:{max(d, 1)}" for d in sere_distinct])
     pool_out = study.run_grid(model, pools, group, data, ref_logp, threads=_THREADS.value)
     group_rows += [study.row(s, group, o, none, data) for s, o in zip(pools, pool_out)]
@@ -210,8 +242,9 @@ def main(argv):
   print(json.dumps({"rows": len(summary)}))
 
 
-def run():
-  app.run(main)
+def run() -> None:
+  """Entry point of `python -m sere_jax.scripts.quality_study`."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

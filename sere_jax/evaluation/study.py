@@ -172,11 +172,23 @@ def _lowered(model, spec, group, data, ref_logp, matrices, dtype):
 
 def run_grid(model: nnx.Module, specs: Sequence[PolicySpec], group: int,
              data: StudyData, ref_logp: jax.Array, *, threads: int = 16,
+             metric_matrices: dict[str, list[Any]] | None = None,
              progress: Callable[[str], None] = lambda _: None) -> list[Outcome]:
-  """Every spec at decode batch size `group`: compiled in parallel, then run."""
+  """Every spec at decode batch size `group`: compiled in parallel, then run. A spec
+  naming a similarity metric uses `metric_matrices[metric]` (one `[E, E]` per layer),
+  the others the model's stored similarity."""
   dtype = model_base.param_dtype(model)
-  matrices = stored_similarity(model)
-  programs = [_lowered(model, s, group, data, ref_logp, matrices, dtype) for s in specs]
+  stored = stored_similarity(model)
+
+  def matrices(spec):
+    if spec.metric is None:
+      return stored
+    if not metric_matrices or spec.metric not in metric_matrices:
+      raise ValueError(f"{spec.text}: no {spec.metric!r} similarity was calibrated")
+    return metric_matrices[spec.metric]
+
+  programs = [_lowered(model, s, group, data, ref_logp, matrices(s), dtype) for s in specs]
+  configure(model, [moe.NO_REROUTE] * len(stored), 0, stored)  # leave it as found
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     compiled = list(pool.map(lambda p: p[1].compile(), programs))
   outcomes = []
