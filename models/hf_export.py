@@ -41,6 +41,8 @@ def qwen_hf_config(config) -> dict[str, Any]:
       "decoder_sparse_step": c.decoder_sparse_step,
       "mlp_only_layers": list(c.mlp_only_layers), "hidden_act": "silu",
   }
+  if c.max_position_embeddings is not None:
+    hf["max_position_embeddings"] = c.max_position_embeddings
   if c.architecture == "qwen2_moe":
     hf.update(shared_expert_intermediate_size=c.shared_expert_size, qkv_bias=c.qkv_bias)
   else:

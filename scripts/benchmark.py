@@ -9,7 +9,7 @@ with random bf16 weights, prefill + timed decode steps per batch size and policy
 roofline of one step, and Hugging Face transformers' `generate()` as the peer
 (`tools/hf_peer.py`, in a child process; a checkout is needed for it).
 
-Suite `kernels` (DESIGN.md §7): one MoE layer at Qwen3-30B-A3B shapes, timed inside
+Suite `kernels`: one MoE layer at Qwen3-30B-A3B shapes, timed inside
 one jit over a chain of layers with different weights. For every batch size, forced
 distinct-expert counts and natural (uniform) routing under `none` and `sere`: our op
 (`impl`), routing + schedule alone (the router `MoeBlock` runs with `impl`, then the

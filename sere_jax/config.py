@@ -18,7 +18,7 @@ class RerouteConfig:
 
   Attributes:
     policy: one of `POLICIES`. `none` keeps the original top-K routing; `sere` is
-      similarity-based re-routing (DESIGN.md §4); `sere_hybrid` is SERE whose substitute
+      similarity-based re-routing (docs/concepts.md); `sere_hybrid` is SERE whose substitute
       is chosen per token by `(1 - score_weight) * similarity + score_weight * router
       score` (critical experts as in `sere`); `topk_truncate` keeps only the top-S
       experts; `oea` lets slots past S take the token's best-scoring already-active

@@ -1,4 +1,4 @@
-"""The controls and rivals that SERE is measured against (DESIGN.md §5).
+"""The controls and rivals that SERE is measured against (docs/concepts.md).
 
 `keep_active` (drop what is not already active), `expert_pool` (a per-batch pool of
 experts in the manner of ExFold, arXiv 2608.24938) and the per-token `oracle` ceiling.

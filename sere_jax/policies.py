@@ -1,5 +1,5 @@
-"""Re-routing policies: SERE (DESIGN.md §4), its per-token hybrid `sere_hybrid`, and
-the baselines and controls of DESIGN.md §5 (the controls live in `control_policies`).
+"""Re-routing policies: SERE (docs/concepts.md), its per-token hybrid `sere_hybrid`, and
+the baselines and controls of docs/concepts.md (the controls live in `control_policies`).
 
 Every policy maps a top-K routing of one batch to a new one with the same static
 shapes: `ids [T, K]`, `weights [T, K]`. Slots that a policy drops keep the token's
@@ -51,7 +51,7 @@ def primary_mask(ids: jax.Array, valid: jax.Array, select_top_k: int,
 
 def nearest_primary(is_primary: jax.Array, similarity: jax.Array, threshold: float
                     ) -> tuple[jax.Array, jax.Array]:
-  """Each expert's most similar primary and critical flag (DESIGN.md §4, step 3).
+  """Each expert's most similar primary and critical flag (docs/concepts.md, the method, step 3).
 
   Returns `nearest [E] int32` (argmax of `similarity[e, p]` over primaries p, ties to
   the lowest index) and `critical [E]`: not primary, and its best similarity to the
@@ -67,7 +67,7 @@ def nearest_primary(is_primary: jax.Array, similarity: jax.Array, threshold: flo
 
 def sere_targets(is_primary: jax.Array, similarity: jax.Array, threshold: float
                  ) -> tuple[jax.Array, jax.Array]:
-  """Per-expert re-routing target and critical flag (DESIGN.md §4, step 3).
+  """Per-expert re-routing target and critical flag (docs/concepts.md, the method, step 3).
 
   Returns `target [E] int32` (an expert maps to itself when primary or critical,
   else to its most similar primary, ties to the lowest index) and `critical [E]`.

@@ -1,4 +1,4 @@
-"""Expert-similarity metrics of SERE's calibration (DESIGN.md §4), streamed over batches.
+"""Expert-similarity metrics of SERE's calibration (docs/concepts.md), streamed over batches.
 
 Every MoE layer's routed experts are run on the same calibration tokens; `outputs
 [E, T, H]` holds each expert's raw outputs for one batch of T tokens. An accumulator
@@ -221,7 +221,7 @@ def weight_similarity(w_gate_up: jax.Array, w_down: jax.Array, *, probe_tokens: 
 
 def expected_critical(sim: np.ndarray | jax.Array, select_top_k: int, threshold: float, *,
                       top_k: int, batch: int, samples: int = 256, seed: int = 0) -> float:
-  """Mean number of critical experts per decode step (DESIGN.md §4), by Monte Carlo.
+  """Mean number of critical experts per decode step (docs/concepts.md), by Monte Carlo.
 
   Routing is modelled as uniform: each of `batch` tokens picks `top_k` distinct experts
   at random, the first `select_top_k` of them primary. A critical expert is a secondary

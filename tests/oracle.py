@@ -1,4 +1,4 @@
-"""Brute-force NumPy oracles of SERE re-routing (DESIGN.md §4) and of `sere_hybrid`.
+"""Brute-force NumPy oracles of SERE re-routing (docs/concepts.md) and of `sere_hybrid`.
 
 Written from the spec alone, with plain Python loops, so that it shares no code
 (and no vectorisation tricks) with `sere_jax.policies`. It is slow on purpose:
@@ -43,7 +43,7 @@ def _distinct_valid(ids: np.ndarray, valid: np.ndarray) -> int:
 
 def sere_oracle(ids, weights, valid, similarity, select_top_k: int, threshold: float,
                 min_batch: int = 1) -> OracleResult:
-  """SERE on one batch, exactly as DESIGN.md §4 states it.
+  """SERE on one batch, exactly as docs/concepts.md states it.
 
   Args:
     ids: [T, K] integer expert ids.
@@ -192,7 +192,7 @@ def random_valid_mask(rng: np.random.Generator, mode: str, n: int) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------
-# Controls and rivals of DESIGN.md §5: keep_active, expert_pool, oracle, and the
+# Controls and rivals of docs/concepts.md: keep_active, expert_pool, oracle, and the
 # expert_pool calibration statistics. Same conventions: plain loops, every row is
 # re-routed (valid or not), statistics count valid tokens only, and a dropped slot is
 # the token's first expert with weight 0.

@@ -15,7 +15,7 @@ CONFIG = QwenMoeConfig(
     architecture="qwen3_moe", vocab_size=48, hidden_size=16, intermediate_size=32,
     num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, num_experts=4, top_k=2,
     moe_intermediate_size=8, norm_topk_prob=True, qk_norm=True, tie_word_embeddings=True,
-    mlp_only_layers=(0,))
+    mlp_only_layers=(0,), max_position_embeddings=64)
 
 
 def _logits(model, tokens):
@@ -38,6 +38,7 @@ def test_round_trip(tmp_path, dtype, max_shard):
     assert all(p.stat().st_size <= max_shard + 2048 for p in out.glob("*.safetensors"))
   assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3_moe"
   back = load_hf(str(out), impl="xla_dense")
+  assert back.config == model.config
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 48, (2, 5)), jnp.int32)
   tol = 1e-6 if dtype == np.float32 else 0.1
   np.testing.assert_allclose(np.asarray(_logits(back, tokens)),

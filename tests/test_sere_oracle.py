@@ -1,4 +1,4 @@
-"""`reroute(policy='sere')` against the brute-force oracle of DESIGN.md §4."""
+"""`reroute(policy='sere')` against the brute-force oracle of the method (docs/concepts.md)."""
 
 from __future__ import annotations
 

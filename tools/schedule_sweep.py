@@ -6,8 +6,8 @@ Qwen3-30B-A3B routing shapes (E = 128, K = 8), natural routing, policies `none` 
 `sere` S=2 rho=0.3; µs per call inside one jit over 8 layers (chain update
 subtracted). Writes one JSON row per (batch, policy, max_chunk, max_scan_chunk,
 max_place_chunk, num_warps); max_scan_chunk 64 runs the marking and re-routing passes
-in 64-slot steps, as the kernel did before session 7, and max_place_chunk 64 the
-placing pass, as it did before session 8.
+in 64-slot steps and max_place_chunk 64 the placing pass in 64-slot steps (the
+kernel's earlier, slower settings, kept for comparison).
 """
 
 import sys

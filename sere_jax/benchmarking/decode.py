@@ -1,4 +1,4 @@
-"""The end-to-end decode benchmark (`benchmark.py --suite=decode`), DESIGN.md §7.
+"""The end-to-end decode benchmark (`benchmark.py --suite=decode`); how speed is measured: docs/guides/benchmark.md.
 
 A model of a real configuration (`decode_models.build_model`: random bf16 weights,
 synthetic similarities). Per batch size: one prefill of `prompt_len` random tokens

@@ -1,4 +1,4 @@
-"""Timing helpers for benchmarks on any backend (DESIGN.md §7): the environment record
+"""Timing helpers for benchmarks on any backend: the environment record
 of a result, the device's read and copy bandwidths (the rooflines' denominators), and
 `LayerChain`, which times one layer inside one jit — a `fori_loop` over rounds, each
 round running a chain of layers whose weights differ (so caches never serve a repeat),

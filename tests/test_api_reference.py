@@ -1,0 +1,15 @@
+"""docs/api.md is generated from the docstrings: it must match them."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_api_reference_is_current():
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "api_reference.py"),
+                         "--check"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, ("docs/api.md is out of date; run "
+                                f"`python tools/api_reference.py`\n{proc.stdout}{proc.stderr}")
