@@ -169,6 +169,8 @@ def _fmt(value, digits: int = 3) -> str:
   if isinstance(value, float):
     if math.isnan(value):
       return "-"
+    if round(value, digits) == 0:
+      value = 0.0  # no "-0.000"
     return f"{value:.{digits}f}"
   return str(value)
 

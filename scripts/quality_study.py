@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from absl import flags
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
@@ -62,6 +63,10 @@ _CAL_WINDOWS = flags.DEFINE_integer("calibration_windows", 100, "Calibration win
                                     "128 tokens per domain.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only re-render the Markdown and "
                                  "plots from the JSON files already in --out_dir.")
+_MERGE = flags.DEFINE_list("merge", [], "With --report_only: study JSON files (runs of the "
+                           "same models on other machines or batch sizes) merged into "
+                           "--out_dir's `quality_<model>.json`; a (batch size, spec) row "
+                           "that two runs share is taken from the first file listed.")
 _EOT = "<|endoftext|>"
 
 
@@ -198,7 +203,8 @@ def _study_model(model_dir: str, documents, log, partial) -> dict[str, Any]:
               "data": {"seq_len": _SEQ_LEN.value, "per_domain": _PER_DOMAIN.value,
                        "domains": sorted(set(data.domains)),
                        "task_answers": int((data.answer.max(axis=1)).sum())},
-              "command": model_card.command_line()}
+              "command": model_card.command_line(),
+              "device": jax.devices()[0].device_kind}
     partial(result)
   return result
 
@@ -207,6 +213,24 @@ def _render(result: dict[str, Any]) -> None:
   base = os.path.join(_OUT.value, f"quality_{result['model']}")
   fileio.write_atomic(base + ".md", study_report.markdown(result))
   study_report.pareto_png(result, base + "_pareto.png")
+
+
+def merge_runs(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+  """One result from several runs of one model: rows and comparisons per batch size
+  from the first run that has it, each tagged with its source file."""
+  merged = dict(runs[0][1], rows=[], sere_vs_controls=[], sources=[])
+  merged.pop("command", None)
+  taken: set[int] = set()
+  for path, run in runs:
+    groups = sorted({r["batch_size"] for r in run["rows"]} - taken)
+    merged["sources"].append({"file": path, "command": run["command"],
+                              "device": run.get("device"), "batch_sizes": groups})
+    merged["rows"] += [dict(r, source=path) for r in run["rows"] if r["batch_size"] in groups]
+    merged["sere_vs_controls"] += [v for v in run["sere_vs_controls"]
+                                   if v["batch_size"] in groups]
+    taken.update(groups)
+  merged["command"] = "; ".join(s["command"] for s in merged["sources"])
+  return merged
 
 
 def _summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -221,9 +245,19 @@ def main(argv):
   names = [os.path.basename(os.path.normpath(m)) for m in _MODELS.value]
   results = []
   if _REPORT_ONLY.value:
+    runs: dict[str, list[tuple[str, dict[str, Any]]]] = {name: [] for name in names}
+    for path in _MERGE.value:
+      with open(path) as fh:
+        run = json.load(fh)
+      if run["model"] not in runs:
+        raise ValueError(f"{path} is a study of {run['model']!r}, not of {names}")
+      runs[run["model"]].append((path, run))
     for name in names:
-      with open(os.path.join(_OUT.value, f"quality_{name}.json")) as fh:
-        results.append(json.load(fh))
+      if not runs[name]:
+        raise ValueError(f"no --merge file holds a study of {name!r}")
+      result = merge_runs(runs[name])
+      fileio.write_json_atomic(os.path.join(_OUT.value, f"quality_{name}.json"), result)
+      results.append(result)
   else:
     for model_dir in _MODELS.value:
       if not os.path.isdir(model_dir):

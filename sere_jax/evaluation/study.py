@@ -162,12 +162,11 @@ class Outcome:
   stats: np.ndarray  # [layers, 4]
 
 
-def _lowered(model, spec, group, data, ref_logp, matrices, dtype):
-  num_layers = len(moe.moe_blocks(model))
-  configure(model, layer_configs(spec, matrices, num_layers), group, matrices)
-  graphdef, state = nnx.split(model)
-  return state, forward.lower(graphdef, state, jnp.asarray(data.tokens), ref_logp,
-                              cache_dtype=dtype)
+def _configured_state(model, spec, group, matrices):
+  """Sets every block's config, group size and similarity for `spec`; returns the
+  split model. (A split shares the model's variables: take it right before use.)"""
+  configure(model, layer_configs(spec, matrices, len(matrices)), group, matrices)
+  return nnx.split(model)
 
 
 def run_grid(model: nnx.Module, specs: Sequence[PolicySpec], group: int,
@@ -187,18 +186,22 @@ def run_grid(model: nnx.Module, specs: Sequence[PolicySpec], group: int,
       raise ValueError(f"{spec.text}: no {spec.metric!r} similarity was calibrated")
     return metric_matrices[spec.metric]
 
-  programs = [_lowered(model, s, group, data, ref_logp, matrices(s), dtype) for s in specs]
-  configure(model, [moe.NO_REROUTE] * len(stored), 0, stored)  # leave it as found
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    compiled = list(pool.map(lambda p: p[1].compile(), programs))
-  outcomes = []
   tokens = jnp.asarray(data.tokens)
-  for spec, (state, _), fn in zip(specs, programs, compiled):
+  lowered = []
+  for spec in specs:
+    graphdef, state = _configured_state(model, spec, group, matrices(spec))
+    lowered.append(forward.lower(graphdef, state, tokens, ref_logp, cache_dtype=dtype))
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    compiled = list(pool.map(lambda p: p.compile(), lowered))
+  outcomes = []
+  for spec, fn in zip(specs, compiled):
+    _, state = _configured_state(model, spec, group, matrices(spec))
     nll, correct, agree, kl, stats = fn(state, tokens, ref_logp)
     outcomes.append(Outcome(np.asarray(nll, np.float64), np.asarray(correct),
                             np.asarray(agree), np.asarray(kl, np.float64),
                             np.asarray(stats, np.float64)))
     progress(spec.text)
+  configure(model, [moe.NO_REROUTE] * len(stored), 0, stored)  # leave it as found
   return outcomes
 
 

@@ -30,7 +30,16 @@ def markdown(result: dict[str, Any]) -> str:
       "position among the B sequences of a batch. Δppl: perplexity change against `none` "
       "with a paired bootstrap 95 % interval over sequences; task: exact-match accuracy of "
       "the synthetic tasks' answers (the answer equals greedy decoding's) with its "
-      "interval.", "", "Command:", "```", result["command"], "```", ""]
+      "interval.", ""]
+  if "sources" in result:
+    lines += ["Runs merged here (each batch size from the first run that has it):", ""]
+    for src in result["sources"]:
+      lines += [f"- `{src['file']}` ({src['device'] or 'device not recorded'}; "
+                f"B = {', '.join(map(str, src['batch_sizes'])) or 'none used'}):",
+                "  ```", f"  {src['command']}", "  ```"]
+    lines.append("")
+  else:
+    lines += ["Command:", "```", result["command"], "```", ""]
   for group in sorted({r["batch_size"] for r in result["rows"]}):
     rows = [r for r in result["rows"] if r["batch_size"] == group and _shown(r)]
     domains = sorted(rows[0]["per_domain"])

@@ -1,0 +1,121 @@
+"""The quality study's pieces on a small random model: data, grid, rows, merging."""
+
+from flax import nnx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sere_jax import moe
+from sere_jax import policy_spec
+from sere_jax.evaluation import study
+from sere_jax.evaluation import study_report
+from sere_jax.evaluation.runner import reference
+from sere_jax.models.qwen_moe import QwenMoeConfig, QwenMoeForCausalLM
+from sere_jax.scripts import quality_study
+
+CONFIG = QwenMoeConfig(
+    architecture="qwen3_moe", vocab_size=300, hidden_size=16, intermediate_size=32,
+    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, num_experts=8, top_k=4,
+    moe_intermediate_size=8, norm_topk_prob=True, qk_norm=True)
+
+
+class _Encoding:
+  def __init__(self, text):
+    self.ids = [ord(c) % 300 for c in text]
+    self.offsets = [(i, i + 1) for i in range(len(text))]
+
+
+class _CharTokenizer:
+  """One token per character: offsets are exact, so answer marks are easy to check."""
+
+  def encode(self, text, add_special_tokens=False):
+    return _Encoding(text)
+
+  def encode_batch(self, texts, add_special_tokens=False):
+    return [_Encoding(t) for t in texts]
+
+
+DOCS = {
+    "prose": ["the quick brown fox jumps over the lazy dog " * 8] * 2,
+    "tasks": ["Q: 12+30\nA:42\n\nQ: 7+8\nA:15\n\nQ: 100+1\nA:101\n\n" * 3] * 4,
+}
+
+
+def test_study_data_marks_answers_and_interleaves():
+  data = study.study_data(_CharTokenizer(), DOCS, seq_len=24, per_domain=4)
+  assert data.tokens.shape == (8, 24)
+  assert data.domains == ("prose", "tasks") * 4
+  text = DOCS["tasks"][0][:24]
+  marks = data.answer[1]
+  # Target position p predicts character p + 1: "42" and the newline after it.
+  first = text.index("42")
+  assert list(np.nonzero(marks == 1)[0]) == [first - 1, first, first + 1]
+  assert marks[: first - 1].sum() == 0
+  with pytest.raises(ValueError, match="fewer than 9"):
+    study.study_data(_CharTokenizer(), DOCS, seq_len=24, per_domain=9)
+
+
+def test_grid_rows_against_none():
+  model = QwenMoeForCausalLM(CONFIG, impl="xla_dense", attention_impl="xla",
+                             rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  for block in moe.moe_blocks(model):
+    sim = rng.uniform(0, 1, (8, 8))
+    np.fill_diagonal(sim, 1.0)
+    block.similarity[...] = jnp.asarray((sim + sim.T) / 2, jnp.float32)
+  data = study.study_data(_CharTokenizer(), DOCS, seq_len=24, per_domain=4)
+  ref = reference(model, data.tokens, max_tokens=data.tokens.size)
+  specs = policy_spec.parse_list(["none", "sere:2", "keep_active:2:raw", "oracle:2"])
+  outcomes = study.run_grid(model, specs, 4, data, jnp.asarray(ref.logp), threads=2)
+  rows = [study.row(s, 4, o, outcomes[0], data) for s, o in zip(specs, outcomes)]
+  assert rows[0]["ppl_delta_pct"] == 0.0 and rows[0]["ppl_delta_ci"] == [0.0, 0.0]
+  assert rows[0]["agreement"] == 1.0
+  np.testing.assert_allclose(outcomes[0].nll, ref.nll, rtol=1e-5, atol=1e-6)
+  for r in rows[1:]:
+    assert r["distinct_per_layer"] < rows[0]["distinct_per_layer"]
+    low, high = r["ppl_delta_ci"]
+    assert low <= r["ppl_delta_pct"] <= high
+    assert set(r["per_domain"]) == {"prose", "tasks"}
+  assert rows[0]["task_answers"] > 0
+  result = {"model": "m", "rows": rows, "sere_vs_controls": [], "top_k": 4,
+            "num_experts": 8, "data": {"seq_len": 24, "per_domain": 4,
+                                       "domains": ["prose", "tasks"], "task_answers": 3},
+            "command": "cmd"}
+  assert "`sere:2:0`" in study_report.markdown(result)
+
+
+def test_merge_takes_each_batch_size_from_the_first_run():
+  def run(groups, tag):
+    return {"model": "m", "command": tag, "device": tag, "sere_vs_controls": [],
+            "rows": [{"batch_size": g, "spec": "none", "tag": tag} for g in groups]}
+  merged = quality_study.merge_runs([("a.json", run([8, 16], "a")),
+                                    ("b.json", run([16, 32], "b"))])
+  assert [(r["batch_size"], r["tag"]) for r in merged["rows"]] == [(8, "a"), (16, "a"),
+                                                                    (32, "b")]
+  assert [s["batch_sizes"] for s in merged["sources"]] == [[8, 16], [32]]
+
+
+def test_each_spec_runs_with_its_own_similarity():
+  """A grid mixing the stored similarity and a calibrated metric gives each spec its
+  own matrices (the compiled programs must not see the last-configured one)."""
+  model = QwenMoeForCausalLM(CONFIG, impl="xla_dense", attention_impl="xla",
+                             rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  stored, other = [], []
+  for block in moe.moe_blocks(model):
+    a, b = rng.uniform(0, 1, (2, 8, 8))
+    np.fill_diagonal(a, 1.0)
+    np.fill_diagonal(b, 1.0)
+    block.similarity[...] = jnp.asarray(a, jnp.float32)
+    stored.append(a)
+    other.append(b)
+  data = study.study_data(_CharTokenizer(), DOCS, seq_len=24, per_domain=4)
+  ref = jnp.asarray(reference(model, data.tokens, max_tokens=data.tokens.size).logp)
+  both = study.run_grid(model, policy_spec.parse_list(["sere:1", "sere:1:0:frobenius"]),
+                        4, data, ref, threads=2, metric_matrices={"frobenius": other})
+  alone = study.run_grid(model, policy_spec.parse_list(["sere:1:0:frobenius"]), 4, data,
+                         ref, threads=2, metric_matrices={"frobenius": other})
+  np.testing.assert_allclose(both[1].nll, alone[0].nll, rtol=1e-6)
+  assert not np.allclose(both[0].nll, both[1].nll)
+  np.testing.assert_array_equal(np.asarray(moe.moe_blocks(model)[0].similarity[...]),
+                                np.asarray(stored[0], np.float32))
