@@ -1,5 +1,8 @@
 """Generates docs/api.md, the API reference, from the public modules' docstrings.
 
+One file on purpose: a standalone tool outside the package, run by hand and by
+tests/test_api_reference.py.
+
     python tools/api_reference.py            # writes docs/api.md
     python tools/api_reference.py --check    # exits 1 if docs/api.md is out of date
     python tools/api_reference.py --out=FILE

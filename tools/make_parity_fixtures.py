@@ -1,5 +1,9 @@
 r"""Builds the Hugging Face parity fixtures under tests/fixtures/parity/.
 
+One file on purpose: it runs in a separate torch environment, outside the package, and
+keeps the four models' configs, the reference runs and the fixture writer together so
+that the fixtures can be rebuilt from this file alone.
+
   /tmp/hfenv/bin/python tools/make_parity_fixtures.py [--out_dir=tests/fixtures/parity --seed=0]
 
 Needs `torch`, `transformers`, `safetensors`, `numpy` and `absl-py` (not JAX; the
