@@ -56,11 +56,11 @@ def stored_similarity(model: nnx.Module) -> list[np.ndarray]:
   return [np.asarray(b.similarity[...]) for b in moe.moe_blocks(model)]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype"))
-def _forward(graphdef, state, tokens, ref_logp, *, cache_dtype):
-  """Teacher-forced decode forward of `tokens [B, L]`. Returns `(nll [B, L-1],
-  agree [B, L-1], kl [B, L-1], stats [layers, 4] (means over positions and groups),
-  logp [B, L-1, V] or None)`; agree and kl are None without `ref_logp`."""
+def teacher_forced_logp(graphdef, state, tokens: jax.Array, cache_dtype
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One teacher-forced decode forward of `tokens [B, L]` (traceable): `(logp
+  [B, L-1, V] of each next token, nll [B, L-1], stats [layers, 4])`, with re-routing per
+  position and group as the blocks are configured."""
   model = nnx.merge(graphdef, state)
   batch, length = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -70,7 +70,15 @@ def _forward(graphdef, state, tokens, ref_logp, *, cache_dtype):
               decode=True)
   logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  stats = generation.stats_array(out.stats)
+  return logp, nll, generation.stats_array(out.stats)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype"))
+def _forward(graphdef, state, tokens, ref_logp, *, cache_dtype):
+  """`teacher_forced_logp` against `none`'s `ref_logp`: `(nll [B, L-1], agree [B, L-1],
+  kl [B, L-1], stats [layers, 4] (means over positions and groups), logp [B, L-1, V] or
+  None)`; agree and kl are None without `ref_logp`."""
+  logp, nll, stats = teacher_forced_logp(graphdef, state, tokens, cache_dtype)
   if ref_logp is None:
     return nll, None, None, stats, logp
   agree = jnp.argmax(logp, axis=-1) == jnp.argmax(ref_logp, axis=-1)

@@ -33,7 +33,7 @@ from sere_jax import generation
 from sere_jax import moe
 from sere_jax.evaluation import metrics
 from sere_jax.evaluation.data import token_windows
-from sere_jax.evaluation.runner import configure, stored_similarity
+from sere_jax.evaluation.runner import configure, stored_similarity, teacher_forced_logp
 from sere_jax.policy_spec import PolicySpec, layer_configs
 from sere_jax.models import base as model_base
 
@@ -104,20 +104,11 @@ def forward(graphdef, state, tokens, ref_logp, *, cache_dtype):
   """Teacher-forced decode forward of `tokens [N, L]`: per target position the NLL,
   whether the top-1 prediction is the target, top-1 agreement and KL(ref || model)
   against `ref_logp [N, L-1, V]`, and `stats [layers, 4]`."""
-  model = nnx.merge(graphdef, state)
-  batch, length = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  valid = jnp.ones((batch, length), jnp.bool_)
-  cache = model.init_cache(batch, length, cache_dtype)
-  out = model(tokens, positions, valid, cache, valid, jnp.zeros((), jnp.int32),
-              decode=True)
-  logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  logp, nll, stats = teacher_forced_logp(graphdef, state, tokens, cache_dtype)
   top1 = jnp.argmax(logp, axis=-1)
-  correct = top1 == tokens[:, 1:]
   agree = top1 == jnp.argmax(ref_logp, axis=-1)
   kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
-  return nll, correct, agree, kl, generation.stats_array(out.stats)
+  return nll, top1 == tokens[:, 1:], agree, kl, stats
 
 
 def answers_correct(correct: np.ndarray, answer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
