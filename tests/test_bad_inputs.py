@@ -24,8 +24,8 @@ from sere_jax.kernels.moe_ffn import REGISTRY, kernel_schedule, moe_ffn
 from sere_jax.kernels.schedule import REGISTRY as SCHEDULE
 from sere_jax.models import qwen_moe
 from tests import kernel_backends
-from tests.random_models import random_qwen
-from tests.test_qwen_models import HF_QWEN3
+from tests.random_models import HF_QWEN3, random_qwen
+
 
 T, K, E, D, F = 6, 4, 16, 16, 8
 FFN_IMPLS = ("xla_dense", "ragged_dot", *kernel_backends.implementations(REGISTRY))
