@@ -20,7 +20,7 @@ on the same routings (`tools/torch_peer.py`, in a child process from a checkout)
 
 Suite `gmm_sweep`: the Triton grouped matmul alone (gate+up and down) at forced
 distinct-expert counts, once per tiling (`--gmm_variants`, JSON overrides of
-`sere_jax.kernels.gmm.TILES`; interpreted on a CPU).
+`sere_jax.kernels.gmm.tiles.TILES`; interpreted on a CPU).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from sere_jax import policy_spec
 from sere_jax import routing
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
-from sere_jax.kernels.gmm.tiles import TILES
+from sere_jax.kernels.gmm import tiles
 from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.schedule import reference as schedule_lib
 
@@ -95,7 +95,7 @@ _GMM_MATMULS = flags.DEFINE_list("gmm_matmuls", ["gate_up", "down"],
                                   "gmm_sweep: the projections swept (gate_up, down).")
 _GMM_VARIANTS = flags.DEFINE_string(
     "gmm_variants", "", "gmm_sweep: the tilings timed, as a JSON list of overrides of "
-    "sere_jax.kernels.gmm.TILES (e.g. '[{}, {\"k_splits\": 4}]'); empty: a built-in list.")
+    "sere_jax.kernels.gmm.tiles.TILES (e.g. '[{}, {\"k_splits\": 4}]'); empty: a built-in list.")
 _MERGE = flags.DEFINE_list("merge", [], "Instead of running: merge these result JSON files "
                            "of one suite (e.g. runs over different batch sizes).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing <out>.json / <out>.md.")
@@ -223,33 +223,12 @@ def kernels_suite(env):
   return result
 
 
-# Around TILES: other row tiles, one program per possible item (no item loop), other K
-# splits, narrower N blocks (twice the work items, each half as long), longer K steps,
-# fewer warps per program, a deeper software pipeline.
-DEFAULT_GMM_VARIANTS = (
-    {}, dict(row_tiles=(16, 64)), dict(row_tiles=(16,)), dict(max_programs=None),
-    dict(k_splits=1), dict(k_splits=4), dict(block_n=64), dict(block_k=128),
-    dict(num_warps=2), dict(num_stages=4))
 
-
-def gmm_variants() -> list[dict]:
-  """The tile overrides `--gmm_variants` names (a JSON list of objects), else the defaults."""
-  if not _GMM_VARIANTS.value:
-    return [dict(v) for v in DEFAULT_GMM_VARIANTS]
+def _gmm_variants() -> list[dict]:
   try:
-    variants = json.loads(_GMM_VARIANTS.value)
-  except json.JSONDecodeError as err:
-    raise app.UsageError(f"--gmm_variants is not JSON: {err}") from err
-  if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
-    raise app.UsageError("--gmm_variants must be a JSON list of objects, e.g. "
-                         '\'[{}, {"k_splits": 4}]\'')
-  unknown = sorted({k for v in variants for k in v} - set(TILES))
-  if unknown:
-    raise app.UsageError(f"--gmm_variants names unknown tile options {unknown}; "
-                         f"known: {sorted(TILES)}")
-  # JSON has no tuples; jit's static arguments must be hashable.
-  return [{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}
-          for v in variants]
+    return tiles.parse_overrides(_GMM_VARIANTS.value)
+  except ValueError as err:
+    raise app.UsageError(f"--gmm_variants: {err}") from None
 
 
 def gmm_sweep(env):
@@ -259,13 +238,13 @@ def gmm_sweep(env):
   if impl not in ("triton", "interpret"):
     raise app.UsageError("--suite=gmm_sweep times the Triton grouped matmul: run it on a "
                          f"GPU, or interpreted on a CPU (--impl resolved to {impl!r})")
+  configs = [dict(tiles.TILES, **v) for v in _gmm_variants()]
   shape = SCALES[_SCALE.value]
   d, f, e, k = shape["dim"], shape["ffn"], shape["experts"], shape["top_k"]
   layers = _LAYERS.value
   read_bw = benchmarking.read_bandwidth(shape["bandwidth_bytes"])
   weights = make_weights(shape, layers)
   rng = np.random.default_rng(0)
-  configs = [dict(TILES, **v) for v in gmm_variants()]
   rows = []
   for batch in [int(b) for b in _BATCHES.value]:
     x = jax.random.normal(jax.random.PRNGKey(batch), (batch, d), jnp.bfloat16)

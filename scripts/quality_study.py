@@ -215,24 +215,6 @@ def _render(result: dict[str, Any]) -> None:
   study_report.pareto_png(result, base + "_pareto.png")
 
 
-def merge_runs(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-  """One result from several runs of one model: rows and comparisons per batch size
-  from the first run that has it, each tagged with its source file."""
-  merged = dict(runs[0][1], rows=[], sere_vs_controls=[], sources=[])
-  merged.pop("command", None)
-  taken: set[int] = set()
-  for path, run in runs:
-    groups = sorted({r["batch_size"] for r in run["rows"]} - taken)
-    merged["sources"].append({"file": path, "command": run["command"],
-                              "device": run.get("device"), "batch_sizes": groups})
-    merged["rows"] += [dict(r, source=path) for r in run["rows"] if r["batch_size"] in groups]
-    merged["sere_vs_controls"] += [v for v in run["sere_vs_controls"]
-                                   if v["batch_size"] in groups]
-    taken.update(groups)
-  merged["command"] = "; ".join(s["command"] for s in merged["sources"])
-  return merged
-
-
 def _summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
   keys = ("batch_size", "policy", "distinct_per_layer", "ppl_delta_pct", "ppl_delta_ci",
           "task_accuracy", "task_accuracy_ci")
@@ -255,7 +237,7 @@ def main(argv):
     for name in names:
       if not runs[name]:
         raise ValueError(f"no --merge file holds a study of {name!r}")
-      result = merge_runs(runs[name])
+      result = study_report.merge_runs(runs[name])
       fileio.write_json_atomic(os.path.join(_OUT.value, f"quality_{name}.json"), result)
       results.append(result)
   else:

@@ -130,3 +130,19 @@ def test_an_upward_import_would_be_caught(tmp_path):
                                    frozenset(["sere_jax.moe"]))]
   assert "sere_jax.moe" in names
   assert floor("sere_jax.moe") > floor("sere_jax.kernels.bad")
+
+
+def test_no_test_imports_a_script():
+  """Scripts define their absl flags at import, in one registry: two scripts imported
+  into one pytest process clash on shared flag names (`--model_dir`, `--merge`). Tests
+  run scripts as processes and import what they check from the library floors."""
+  tests_dir = os.path.join(REPO, "tests")
+  found = []
+  for name in sorted(os.listdir(tests_dir)):
+    if name.endswith(".py"):
+      path = os.path.join(tests_dir, name)
+      found += [f"tests/{name}:{line} imports {imported}"
+                for imported, line in _imports(path, f"tests.{name[:-3]}",
+                                               frozenset(_modules()))
+                if imported.startswith("sere_jax.scripts")]
+  assert not found, "\n".join(found)

@@ -5,12 +5,9 @@ import os
 import subprocess
 import sys
 
-from absl import app
-from absl import flags
-from absl.testing import flagsaver
 import pytest
 
-from sere_jax.scripts import benchmark
+from sere_jax.kernels.gmm import tiles
 
 
 def _run_benchmark(tmp_path, name: str, *flags_: str) -> dict:
@@ -59,15 +56,23 @@ def test_gmm_sweep_tiny(tmp_path):
     assert r["us"] > 0 and r["roofline_us"] > 0 and r["ratio"] > 0, r
 
 
-def test_gmm_variants_flag():
-  """`--gmm_variants`: JSON tile overrides (lists become the tuples jit needs), the
-  built-in list by default, and a usage error naming the problem otherwise."""
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  assert benchmark.gmm_variants() == [dict(v) for v in benchmark.DEFAULT_GMM_VARIANTS]
-  with flagsaver.flagsaver(gmm_variants='[{}, {"row_tiles": [16, 32]}, {"k_splits": 4}]'):
-    assert benchmark.gmm_variants() == [{}, {"row_tiles": (16, 32)}, {"k_splits": 4}]
+def test_tile_overrides():
+  """`--gmm_variants`: JSON overrides of the tile table (lists become the tuples jit
+  needs), the built-in list when empty, and an error naming the problem otherwise."""
+  assert tiles.parse_overrides("") == [dict(v) for v in tiles.DEFAULT_OVERRIDES]
+  assert tiles.parse_overrides('[{}, {"row_tiles": [16, 32]}, {"k_splits": 4}]') == [
+      {}, {"row_tiles": (16, 32)}, {"k_splits": 4}]
   for bad, message in (("[{", "not JSON"), ('{"k_splits": 4}', "list of objects"),
                        ('[{"block_m": 16}]', r"unknown tile options \['block_m'\]")):
-    with flagsaver.flagsaver(gmm_variants=bad), pytest.raises(app.UsageError, match=message):
-      benchmark.gmm_variants()
+    with pytest.raises(ValueError, match=message):
+      tiles.parse_overrides(bad)
+
+
+def test_bad_tile_overrides_are_a_usage_error(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "sere_jax.scripts.benchmark", "--suite=gmm_sweep",
+       "--scale=tiny", '--gmm_variants=[{"block_m": 16}]', f"--out={tmp_path / 'x'}"],
+      cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+      text=True, timeout=300, check=False)
+  assert proc.returncode != 0
+  assert "--gmm_variants: unknown tile options ['block_m']" in proc.stderr, proc.stderr

@@ -11,7 +11,6 @@ from sere_jax.evaluation import study
 from sere_jax.evaluation import study_report
 from sere_jax.evaluation.runner import reference
 from sere_jax.models.qwen_moe import QwenMoeConfig, QwenMoeForCausalLM
-from sere_jax.scripts import quality_study
 
 CONFIG = QwenMoeConfig(
     architecture="qwen3_moe", vocab_size=300, hidden_size=16, intermediate_size=32,
@@ -88,8 +87,8 @@ def test_merge_takes_each_batch_size_from_the_first_run():
   def run(groups, tag):
     return {"model": "m", "command": tag, "device": tag, "sere_vs_controls": [],
             "rows": [{"batch_size": g, "spec": "none", "tag": tag} for g in groups]}
-  merged = quality_study.merge_runs([("a.json", run([8, 16], "a")),
-                                    ("b.json", run([16, 32], "b"))])
+  merged = study_report.merge_runs([("a.json", run([8, 16], "a")),
+                                   ("b.json", run([16, 32], "b"))])
   assert [(r["batch_size"], r["tag"]) for r in merged["rows"]] == [(8, "a"), (16, "a"),
                                                                     (32, "b")]
   assert [s["batch_sizes"] for s in merged["sources"]] == [[8, 16], [32]]

@@ -2,8 +2,14 @@
 
 `TILES` holds the Triton kernel's options (`triton.gmm_triton`); `api.gmm` passes
 them for `triton` and `interpret`. The TPU kernel runs with its function's defaults
-(`tpu.gmm_tpu`; not yet swept on a TPU).
+(`tpu.gmm_tpu`; not yet swept on a TPU). `parse_overrides` reads the tilings a sweep
+times (`benchmark --suite=gmm_sweep --gmm_variants=...`).
 """
+
+from __future__ import annotations
+
+import json
+from typing import Any
 
 # Tiles from sweeps on an H200 (docs/benchmarks/gmm_sweep_h200.md): experts with few
 # rows (the common decode case) are fastest with 16-row blocks (less wasted work, more
@@ -15,3 +21,32 @@ them for `triton` and `interpret`. The TPU kernel runs with its function's defau
 # experts have rows (the down projection at 8 experts took 13.6 instead of 10.7 us).
 TILES = dict(row_tiles=(16, 32, 64), block_n=128, block_k=64, k_splits=2, num_warps=4,
              num_stages=3, max_programs=2112)
+
+# The tilings a sweep times when none are named: the tuned table, then around it other
+# row tiles, one program per possible item (no item loop), other K splits, narrower N
+# blocks (twice the work items, each half as long), longer K steps, fewer warps per
+# program, a deeper software pipeline.
+DEFAULT_OVERRIDES = (
+    {}, dict(row_tiles=(16, 64)), dict(row_tiles=(16,)), dict(max_programs=None),
+    dict(k_splits=1), dict(k_splits=4), dict(block_n=64), dict(block_k=128),
+    dict(num_warps=2), dict(num_stages=4))
+
+
+def parse_overrides(text: str) -> list[dict[str, Any]]:
+  """Overrides of `TILES` from a JSON list of objects (lists become the tuples jit's
+  static arguments need); `DEFAULT_OVERRIDES` for an empty string. A ValueError names
+  what is wrong."""
+  if not text:
+    return [dict(v) for v in DEFAULT_OVERRIDES]
+  try:
+    variants = json.loads(text)
+  except json.JSONDecodeError as err:
+    raise ValueError(f"tile overrides are not JSON: {err}") from err
+  if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+    raise ValueError("tile overrides must be a JSON list of objects, e.g. "
+                     '\'[{}, {"k_splits": 4}]\'')
+  unknown = sorted({k for v in variants for k in v} - set(TILES))
+  if unknown:
+    raise ValueError(f"unknown tile options {unknown}; known: {sorted(TILES)}")
+  return [{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}
+          for v in variants]

@@ -1,4 +1,5 @@
-"""Markdown tables and the Pareto plot of a quality-study result (`study`'s rows)."""
+"""Markdown tables and the Pareto plot of a quality-study result (`study`'s rows), and
+the merge of several runs of one model into one result."""
 
 from __future__ import annotations
 
@@ -105,3 +106,21 @@ def pareto_png(result: dict[str, Any], path: str) -> bool:
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return True
+
+
+def merge_runs(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+  """One result from several runs of one model: rows and comparisons per batch size
+  from the first run that has it, each tagged with its source file."""
+  merged = dict(runs[0][1], rows=[], sere_vs_controls=[], sources=[])
+  merged.pop("command", None)
+  taken: set[int] = set()
+  for path, run in runs:
+    groups = sorted({r["batch_size"] for r in run["rows"]} - taken)
+    merged["sources"].append({"file": path, "command": run["command"],
+                              "device": run.get("device"), "batch_sizes": groups})
+    merged["rows"] += [dict(r, source=path) for r in run["rows"] if r["batch_size"] in groups]
+    merged["sere_vs_controls"] += [v for v in run["sere_vs_controls"]
+                                   if v["batch_size"] in groups]
+    taken.update(groups)
+  merged["command"] = "; ".join(s["command"] for s in merged["sources"])
+  return merged
