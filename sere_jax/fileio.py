@@ -1,13 +1,22 @@
 """File helpers: writes that a reader never sees half of (a temporary file beside the
 target, then a rename), an up-front check that an output path can be written, and reads
-whose errors name the file and what was wrong with it."""
+whose errors name the file and what was wrong with it. Reads decompress `.xz` and `.gz`
+files transparently."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import os
 import tempfile
-from typing import Any, Mapping
+import zlib
+from typing import Any, Callable, Mapping
+
+# Suffix -> (format name, decompressor) of the files the reads decompress.
+_DECOMPRESSORS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
+    ".xz": ("xz", lzma.decompress), ".gz": ("gzip", gzip.decompress)}
+COMPRESSED_SUFFIXES = tuple(_DECOMPRESSORS)
 
 
 def write_atomic(path: str, data: str | bytes) -> None:
@@ -74,10 +83,18 @@ def check_writable(path: str, *, overwrite: bool = False, directory: bool = Fals
                           f"({e.strerror})") from None
 
 
+def uncompressed_name(path: str) -> str:
+  """`path` without a compression suffix the reads decompress (`a.txt.xz` -> `a.txt`,
+  `a.jsonl.gz` -> `a.jsonl`); other paths unchanged."""
+  stem, suffix = os.path.splitext(path)
+  return stem if suffix.lower() in _DECOMPRESSORS else path
+
+
 def read_text(path: str) -> str:
   """The UTF-8 text of `path` with universal newlines (`\\r\\n` and `\\r` read as
-  `\\n`, as text-mode `open` does); errors name the file, and for text that is not
-  UTF-8 the offset of the first bad byte."""
+  `\\n`, as text-mode `open` does); a `.xz` or `.gz` file is decompressed first
+  (`read_bytes`). Errors name the file, and for text that is not UTF-8 the offset of the
+  first bad byte (in the decompressed data)."""
   data = read_bytes(path)
   try:
     text = data.decode("utf-8")
@@ -88,13 +105,24 @@ def read_text(path: str) -> str:
 
 
 def read_bytes(path: str) -> bytes:
-  """The contents of `path`; FileNotFoundError / IsADirectoryError name the file."""
+  """The contents of `path`, decompressed when its name ends in `.xz` (lzma) or `.gz`
+  (gzip); FileNotFoundError / IsADirectoryError name the file, and ValueError names a
+  compressed file that is corrupt or truncated."""
   if os.path.isdir(path):
     raise IsADirectoryError(f"{path} is a directory, not a file")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no file {path}")
   with open(path, "rb") as fh:
-    return fh.read()
+    data = fh.read()
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in _DECOMPRESSORS:
+    return data
+  kind, decompress = _DECOMPRESSORS[suffix]
+  try:
+    return decompress(data)
+  except (lzma.LZMAError, zlib.error, EOFError, OSError) as e:
+    raise ValueError(f"{path} is not a valid {kind} file (corrupt or truncated: {e})"
+                     ) from None
 
 
 def read_json(path: str) -> Any:

@@ -2,7 +2,8 @@
 
 A plain-text file gives one record per non-empty line, `{field: line}`. A `.jsonl` file
 (or one whose first line is a JSON object) gives one dict per line, which must hold
-`field` (text) or `"tokens"` (a list of token ids).
+`field` (text) or `"tokens"` (a list of token ids). A `.xz` or `.gz` file is decompressed
+first (`fileio.read_text`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from typing import Any
 
 from sere_jax.fileio import read_text
+from sere_jax.fileio import uncompressed_name
 
 
 def read_records(path: str, field: str) -> list[dict[str, Any]]:
@@ -19,7 +21,7 @@ def read_records(path: str, field: str) -> list[dict[str, Any]]:
   lines = [line for line in read_text(path).split("\n") if line.strip()]
   if not lines:
     raise ValueError(f"{path} holds no records")
-  if not (path.endswith(".jsonl") or lines[0].lstrip().startswith("{")):
+  if not (uncompressed_name(path).endswith(".jsonl") or lines[0].lstrip().startswith("{")):
     return [{field: line} for line in lines]
   records = []
   for n, line in enumerate(lines, 1):

@@ -4,6 +4,7 @@ scripts/build_corpus.py, at a small scale with fake Shakespeare works."""
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import re
 import subprocess
@@ -128,6 +129,57 @@ def test_write_read_round_trip(small, tmp_path):
   corpus.write_corpus(small, out, overwrite=True)
   assert not os.path.exists(os.path.join(out, "note.txt"))
   assert sorted(os.listdir(tmp_path)) == ["corpus"]  # no temporary directory left
+
+
+def test_a_split_file_may_be_stored_compressed(small, tmp_path):
+  out = tmp_path / "corpus"
+  corpus.write_corpus(small, str(out))
+  plain = out / "test" / "python.txt"
+  (out / "test" / "python.txt.xz").write_bytes(lzma.compress(plain.read_bytes()))
+  plain.unlink()
+  assert corpus.read_corpus(str(out)).documents == small.documents
+
+
+@pytest.mark.parametrize("name, domain", [
+    ("python.txt", "python"), ("checkpoints/x/python.txt.xz", "python"),
+    ("tasks.txt.gz", "tasks"), ("corpus.json", None), ("tasks_test.jsonl", None),
+    (".txt", None), (".txt.xz", None), ("python.txt.bz2", None), ("python.xz", None)])
+def test_domain_of(name, domain):
+  assert corpus.domain_of(name) == domain
+
+
+def test_read_documents_takes_plain_and_compressed_files(tmp_path):
+  eot = corpus.EOT
+  (tmp_path / "python.txt").write_text(f"a = 1\r\n{eot}\n \n{eot}b = 2\n")
+  (tmp_path / "shakespeare.txt.xz").write_bytes(
+      lzma.compress(f"HAMLET.\nTo be{eot}OPHELIA.\nMy lord{eot}".encode("utf-8")))
+  (tmp_path / "corpus.json").write_text("{}")
+  (tmp_path / "validation").mkdir()
+  (tmp_path / "validation" / "tasks.txt").write_text("2+2=4")
+  documents = corpus.read_documents(str(tmp_path))
+  assert list(documents) == ["python", "shakespeare"]
+  assert documents == {"python": ["a = 1\n", "b = 2\n"],
+                       "shakespeare": ["HAMLET.\nTo be", "OPHELIA.\nMy lord"]}
+  (tmp_path / "python.txt.xz").write_bytes(lzma.compress(b"a = 1\n"))
+  with pytest.raises(ValueError, match="two files of the domain 'python': python.txt "
+                     "and python.txt.xz"):
+    corpus.read_documents(str(tmp_path))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="no <domain>.txt or <domain>.txt.xz files"):
+    corpus.read_documents(str(tmp_path / "empty"))
+  with pytest.raises(FileNotFoundError, match="no directory .*nowhere"):
+    corpus.read_documents(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("split", ["", "validation"])
+def test_shipped_quality_heldout_data_reads_back(split):
+  """The quality study's held-out data: every domain, stored xz-compressed."""
+  directory = os.path.join(REPO, "checkpoints", "quality_heldout", split)
+  files = corpus.domain_files(directory)
+  assert list(files) == list(corpus.DOMAINS)
+  assert all(path.endswith(".txt.xz") for path in files.values())
+  documents = corpus.read_documents(directory)
+  assert all(len(documents[d]) >= 3 for d in corpus.DOMAINS)
 
 
 def test_read_errors_name_the_file(small, tmp_path):

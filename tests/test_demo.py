@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from sere_jax import fileio
 from sere_jax import shakespeare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,8 +13,8 @@ MODEL = os.path.join(ROOT, "checkpoints", "tiny_shakespeare_moe")
 
 
 def test_speech_openings_are_speaker_and_first_line():
-  with open(os.path.join(MODEL, "heldout_test.txt")) as fh:
-    openings = shakespeare.speech_openings(fh.read(), 8)
+  text = fileio.read_text(os.path.join(MODEL, "heldout_test.txt.xz"))
+  openings = shakespeare.speech_openings(text, 8)
   assert len(openings) == 8
   for opening in openings:
     speaker, line, rest = opening.split("\n")

@@ -158,7 +158,7 @@ def test_the_wheel_holds_every_module_and_every_checkpoint_file(installed):
   # The shipped model, the Orbax state included.
   prefix = "sere_jax/checkpoints/tiny_shakespeare_moe/"
   for rel in ("config.json", "tokenizer.json", "sere_similarity.safetensors",
-              "heldout_test.txt", "state/_METADATA", "state/manifest.ocdbt"):
+              "heldout_test.txt.xz", "state/_METADATA", "state/manifest.ocdbt"):
     assert prefix + rel in names
   assert any(n.startswith(prefix + "state/ocdbt.process_0/d/") for n in names)
   assert not any(n.endswith("BUILD.bazel") for n in names)

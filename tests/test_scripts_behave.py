@@ -5,7 +5,9 @@ file-reading error names the file and what was wrong with it."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import os
 import re
 import shutil
@@ -266,3 +268,28 @@ def test_json_errors_name_the_file(tmp_path):
     fileio.read_json(str(path))
   (tmp_path / "ok.json").write_text(json.dumps({"a": [1]}))
   assert fileio.read_json(str(tmp_path / "ok.json")) == {"a": [1]}
+
+
+@pytest.mark.parametrize("suffix, kind, compress", [(".xz", "xz", lzma.compress),
+                                                    (".gz", "gzip", gzip.compress)])
+def test_compressed_files_read_transparently(tmp_path, suffix, kind, compress):
+  text = "HAMLET.\r\nTo be, or not to be: naïve 🙂\n"
+  path = tmp_path / f"doc.txt{suffix}"
+  path.write_bytes(compress(text.encode("utf-8")))
+  assert fileio.read_bytes(str(path)) == text.encode("utf-8")
+  assert fileio.read_text(str(path)) == text.replace("\r\n", "\n")
+  assert fileio.uncompressed_name(str(path)) == str(tmp_path / "doc.txt")
+  records = tmp_path / f"prompts.jsonl{suffix}"
+  records.write_bytes(compress(b'{"prompt": "a"}\n{"tokens": [1, 2]}\n'))
+  assert textio.read_records(str(records), "prompt") == [{"prompt": "a"},
+                                                        {"tokens": [1, 2]}]
+  # A corrupt or truncated archive, and text inside that is not UTF-8, name the file.
+  for data in (b"HAMLET. To be, or not to be", compress(text.encode("utf-8"))[:-8]):
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a valid {kind} file")):
+      fileio.read_text(str(path))
+  path.write_bytes(compress(NOT_UTF8))
+  with pytest.raises(ValueError, match=re.escape(f"{path} is not UTF-8 text: byte 0xff")):
+    fileio.read_text(str(path))
+  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / f"no.txt{suffix}"))):
+    fileio.read_text(str(tmp_path / f"no.txt{suffix}"))

@@ -24,6 +24,7 @@ import pytest
 import tokenizers
 
 from sere_jax import checkpoint
+from sere_jax import fileio
 from sere_jax import moe
 from sere_jax import routing
 from sere_jax import shakespeare
@@ -356,7 +357,7 @@ def test_script_end_to_end_and_resume(corpus_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = tmp_path / "out"
   expected = {"config.json", "state", "sere_similarity.safetensors", "tokenizer.json",
-              "heldout_test.txt", "training_summary.json", "MODEL_CARD.md"}
+              "heldout_test.txt.xz", "training_summary.json", "MODEL_CARD.md"}
   assert expected <= set(os.listdir(out)), os.listdir(out)
   assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
@@ -380,7 +381,7 @@ def test_script_end_to_end_and_resume(corpus_dir, tmp_path):
   for name in shakespeare.VALIDATION + shakespeare.TEST:
     assert name in card
   works = shakespeare.read_works(corpus_dir)
-  assert (out / "heldout_test.txt").read_text() == shakespeare.split_text(
+  assert fileio.read_text(str(out / "heldout_test.txt.xz")) == shakespeare.split_text(
       works, list(shakespeare.TEST))
   tokenizer = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
   text = "Ophelia’s rosemary, naïve 🙂"

@@ -32,11 +32,11 @@ class Task:
 
 def read_stream(path: str, tokenizer: Any) -> list[int]:
   """The token ids of a text file: plain text encoded whole, or JSONL records
-  ("tokens", or "text" encoded) concatenated. Errors name the file (missing, not
-  UTF-8, a bad record)."""
+  ("tokens", or "text" encoded) concatenated; a `.xz` or `.gz` file is decompressed
+  first. Errors name the file (missing, not UTF-8, a bad record)."""
   text = fileio.read_text(path)
   first = next((line for line in text.splitlines() if line.strip()), "")
-  if path.endswith(".jsonl") or first.lstrip().startswith("{"):
+  if fileio.uncompressed_name(path).endswith(".jsonl") or first.lstrip().startswith("{"):
     return [t for seq in textio.tokenize_records(textio.read_records(path, "text"), "text",
                                                  tokenizer) for t in seq]
   if tokenizer is None:
