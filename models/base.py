@@ -1,13 +1,16 @@
 """The interface every decoder model implements (see `layers.py` for conventions).
 
     out = model(tokens, positions, token_valid, cache, cache_valid, cache_index,
-                decode=False)
-    out.logits  # [B, L, V] float32
+                decode=False, last_only=False)
+    out.logits  # [B, L, V] float32 ([B, 1, V], the last position's, with last_only)
     out.cache   # list of per-layer caches, updated at [cache_index, cache_index + L)
     out.stats   # tuple of RerouteStats, one per MoE layer
 
-`model.init_cache(batch, length, dtype)` makes an empty cache; `model.config` is the
-model's frozen config (with `vocab_size` and `architecture`).
+`last_only=True` applies the LM head to the last position only: a prefill that samples
+the next token needs no more, and the full float32 logits of 64 prompts of 128 tokens
+over a 152k vocabulary take 4.6 GiB. `model.init_cache(batch, length, dtype)` makes an
+empty cache; `model.config` is the model's frozen config (with `vocab_size` and
+`architecture`).
 """
 
 from __future__ import annotations

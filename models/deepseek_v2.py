@@ -342,7 +342,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
                cache: list[KVCache], cache_valid: jax.Array, cache_index: jax.Array, *,
-               decode: bool = False) -> base.ForwardOutput:
+               decode: bool = False, last_only: bool = False) -> base.ForwardOutput:
     x = self.embed_tokens[...][tokens]
     mask = attention_mask(cache_valid, cache_index, tokens.shape[1])
     new_cache, stats = [], []
@@ -352,6 +352,8 @@ class DeepseekV2ForCausalLM(nnx.Module):
       new_cache.append(layer_cache)
       if layer_stats is not None:
         stats.append(layer_stats)
+    if last_only:  # the LM head on the last position only: [B, 1, V] logits
+      x = x[:, -1:]
     x = self.norm(x)
     logits = (self.lm_head(x) if self.lm_head is not None
               else jnp.dot(x, self.embed_tokens[...].T.astype(x.dtype)))

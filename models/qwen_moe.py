@@ -260,7 +260,7 @@ class QwenMoeForCausalLM(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
                cache: list[layers.KVCache], cache_valid: jax.Array, cache_index: jax.Array,
-               *, decode: bool = False) -> base.ForwardOutput:
+               *, decode: bool = False, last_only: bool = False) -> base.ForwardOutput:
     x = jnp.take(self.embed[...], tokens, axis=0)
     mask = layers.attention_mask(cache_valid, cache_index, tokens.shape[1])
     new_cache, stats = [], []
@@ -270,6 +270,8 @@ class QwenMoeForCausalLM(nnx.Module):
       new_cache.append(layer_cache)
       if layer_stats is not None:
         stats.append(layer_stats)
+    if last_only:  # the LM head on the last position only: [B, 1, V] logits
+      x = x[:, -1:]
     head = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
     x, head = mixed_dot_operands(self.norm(x).astype(head.dtype), head)
     logits = jnp.dot(x, head, preferred_element_type=jnp.float32)

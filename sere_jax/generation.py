@@ -137,7 +137,7 @@ def _forward_and_sample(model, tokens, positions, token_valid, cache, cache_vali
   `(next_token [B], cache, cache_valid, stats [num_moe_layers, 4])`."""
   cache_valid = jax.lax.dynamic_update_slice(cache_valid, token_valid, (0, cache_index))
   out = model(tokens, positions, token_valid, cache, cache_valid, cache_index,
-              decode=decode)
+              decode=decode, last_only=True)  # a prefill needs no other logits
   next_token = sample(out.logits[:, -1, :], key, sampling)
   return next_token, out.cache, cache_valid, stats_array(out.stats)
 

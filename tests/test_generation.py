@@ -95,7 +95,7 @@ class TinyLM(nnx.Module):
             for _ in range(c.num_layers)]
 
   def __call__(self, tokens, positions, token_valid, cache, cache_valid, cache_index, *,
-               decode=False):
+               decode=False, last_only=False):
     x = self.embed[...][tokens]
     new_cache, stats = [], []
     for layer, layer_cache in zip(self.layers, cache):
@@ -103,6 +103,7 @@ class TinyLM(nnx.Module):
                                 cache_index, decode)
       new_cache.append(layer_cache)
       stats.append(s)
+    x = x[:, -1:] if last_only else x
     logits = self.lm_head(self.norm(x)).astype(jnp.float32)
     return base.ForwardOutput(logits, new_cache, tuple(stats))
 
