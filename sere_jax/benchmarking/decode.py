@@ -13,6 +13,10 @@ must read (non-expert weights incl. LM head and router, the distinct experts' we
 shared experts, the KV cache at the mean context length) over the copy bandwidth
 measured in the same process. The transformers peer (`peers.run_hf_peer`) runs before
 this, in a child process, and its times join the rows.
+
+`DecodeBench` builds a model once and measures one batch size per `run_batch` call (the
+standard suite's parts); `decode_suite` runs every batch size of the decode suite after
+checking that they fit the device (`memory.check_fits`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from sere_jax import fileio
 from sere_jax import generation
 from sere_jax import moe
 from sere_jax import profiling
+from sere_jax.benchmarking import memory
 from sere_jax.benchmarking import timing
 from sere_jax.benchmarking.decode_models import (build_model, byte_budget,
                                                  resolve_attention_impl)
@@ -50,44 +55,48 @@ def _kv_bytes_per_token(cache) -> int:
   return sum(int(c.k[0, 0].nbytes + c.v[0, 0].nbytes) for c in cache)
 
 
-def decode_suite(*, model: str, scale: str, batches: Sequence[int],
-                 policies: Sequence[PolicySpec], prompt_len: int, new_tokens: int,
-                 impl: str, repeats: int, bandwidth_bytes: int,
-                 peer: dict[str, Any] | None,
-                 write_partial: Callable[[dict[str, Any]], None], seed: int = 0,
-                 attention_impl: str = "auto", profile_dir: str = "") -> dict[str, Any]:
-  """Runs the protocol (module docstring) on `model` at `scale` (`decode_models`);
-  `peer` is `peers.run_hf_peer`'s result (or None); `write_partial(result)` is called
-  after every case.
+class DecodeBench:
+  """One model of `decode_models`, built on the device, measured per batch size
+  (`run_batch`) with the protocol of the module docstring.
 
-  With `profile_dir`, one more pass per case runs under `jax.profiler` (trace in
-  `profile_dir/B<batch>_<policy>`), the row gets its per-step kernel list (`profile`,
-  see `sere_jax.profiling`), and the compiled decode loop's optimised HLO is written
-  next to the trace (`B<batch>_<policy>.hlo.txt`: which ops each profiled fusion holds)."""
-  env = timing.environment()
-  copy_bw = timing.copy_bandwidth(bandwidth_bytes)
-  read_bw = timing.read_bandwidth(bandwidth_bytes)
-  start = time.time()
-  net, config, hf = build_model(model, scale, impl, seed, attention_impl)
-  build_s = time.time() - start
-  budget = byte_budget(net)
-  resolved_impl = moe_ffn_lib.resolve_impl(impl)
-  sampling = generation.SamplingConfig()  # greedy
-  total = prompt_len + new_tokens - 1  # cache slots, as generate() allocates them
-  result = dict(suite="decode", env=env, model=model, scale=scale,
-                model_config=dataclasses.asdict(config), hf_config=hf, impl=resolved_impl,
-                attention_impl=resolve_attention_impl(hf["model_type"], attention_impl),
-                protocol=dict(prompt_len=prompt_len, new_tokens=new_tokens,
-                              batches=list(batches), policies=[p.text for p in policies],
-                              repeats=repeats, sampling="greedy", dtype="bfloat16",
-                              seed=seed),
-                copy_bandwidth_tbs=copy_bw / 1e12, read_bandwidth_tbs=read_bw / 1e12,
-                build_seconds=build_s, bytes=budget, rows=[])
-  if peer is not None:
-    result["peer"] = {k: v for k, v in peer.items() if k != "rows"}
-  peer_rows = {r["batch"]: r for r in (peer or {}).get("rows", [])}
-  rng = np.random.default_rng(seed)
-  for batch in batches:
+  Args:
+    model, scale: the `decode_models` model and scale (`full`, `tiny`).
+    impl: the MoE op's implementation (`moe_ffn.IMPLS`).
+    attention_impl: how the Qwen models attend in a decode step.
+    seed: weights, and with the batch size the prompts of each batch.
+  """
+
+  def __init__(self, *, model: str, scale: str, impl: str = "auto",
+               attention_impl: str = "auto", seed: int = 0):
+    self.model, self.scale, self.seed = model, scale, seed
+    start = time.time()
+    self.net, self.config, self.hf = build_model(model, scale, impl, seed, attention_impl)
+    self.build_seconds = time.time() - start
+    self.budget = byte_budget(self.net)
+    self.impl = moe_ffn_lib.resolve_impl(impl)
+    self.attention_impl = resolve_attention_impl(self.hf["model_type"], attention_impl)
+
+  def header(self) -> dict[str, Any]:
+    """The model's part of a result: configs, implementations, build time, bytes."""
+    return dict(model=self.model, scale=self.scale,
+                model_config=dataclasses.asdict(self.config), hf_config=self.hf,
+                impl=self.impl, attention_impl=self.attention_impl,
+                build_seconds=self.build_seconds, bytes=self.budget)
+
+  def run_batch(self, batch: int, *, policies: Sequence[PolicySpec], prompt_len: int,
+                new_tokens: int, repeats: int, copy_bandwidth: float,
+                read_bandwidth: float, peer_row: dict[str, Any] | None = None,
+                profile_dir: str = "",
+                on_row: Callable[[dict[str, Any]], None] | None = None
+                ) -> list[dict[str, Any]]:
+    """One prefill of `batch` random prompts, then every policy's timed decode loops;
+    one row per policy (`on_row(row)` after each). Rooflines use the given bandwidths
+    (bytes/s); `peer_row` (the transformers peer's row of this batch) joins the rows.
+    With `profile_dir`, see `decode_suite`."""
+    net, budget, hf = self.net, self.budget, self.hf
+    sampling = generation.SamplingConfig()  # greedy
+    total = prompt_len + new_tokens - 1  # cache slots, as generate() allocates them
+    rng = np.random.default_rng([self.seed, batch])
     prompts = rng.integers(3, hf["vocab_size"], (batch, prompt_len)).astype(np.int32)
     cache0 = net.init_cache(batch, total, jnp.bfloat16)
     kv_token_bytes = _kv_bytes_per_token(cache0)
@@ -105,10 +114,11 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
     (prefill_state, prefill), loops = _compile_programs(net, policies, prefill_args,
                                                         loop_args, sampling, new_tokens)
     compile_s = time.perf_counter() - tic
-    print(f"{model} B={batch}: compiled the prefill and {len(policies)} decode loops in "
-          f"{compile_s:.0f} s", flush=True)
+    print(f"{self.model} B={batch}: compiled the prefill and {len(policies)} decode loops "
+          f"in {compile_s:.0f} s", flush=True)
     first, cache0, valid0, _ = prefill(prefill_state, *prefill_args)
     jax.block_until_ready(first)
+    rows = []
     for pol, (state, decode_loop) in zip(policies, loops):
 
       def one_pass():
@@ -140,7 +150,7 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
       sim_bytes = budget["similarity_bytes"] if pol.uses_similarity else 0
       step_bytes = (budget["dense_bytes"] + batch * budget["embed_row_bytes"]
                     + expert_bytes + kv_bytes + sim_bytes)
-      roofline_s = step_bytes / copy_bw
+      roofline_s = step_bytes / copy_bandwidth
       row = dict(
           batch=batch, policy=pol.policy, select_top_k=pol.select_top_k,
           threshold=pol.threshold, label=pol.text, compile_batch_s=compile_s,
@@ -153,21 +163,70 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
           step_gb=step_bytes / 1e9, expert_gb=expert_bytes / 1e9, kv_gb=kv_bytes / 1e9,
           dense_gb=budget["dense_bytes"] / 1e9,
           roofline_ms=roofline_s * 1e3, measured_over_roofline=step_s / roofline_s,
-          roofline_read_ms=step_bytes / read_bw * 1e3)
+          roofline_read_ms=step_bytes / read_bandwidth * 1e3)
       if profile_dir:
         trace_dir = os.path.join(profile_dir, f"B{batch}_{pol.text.replace(':', '_')}")
         with profiling.trace(trace_dir):
           one_pass()
         row["profile"] = profiling.summarize_trace(trace_dir, steps=new_tokens - 1)
         fileio.write_atomic(trace_dir + ".hlo.txt", decode_loop.as_text())
-      if batch in peer_rows:
-        row["hf_ms_per_token"] = peer_rows[batch]["hf_ms_per_token"]
+      if peer_row is not None:
+        row["hf_ms_per_token"] = peer_row["hf_ms_per_token"]
         row["speedup_over_hf"] = row["hf_ms_per_token"] / row["ms_per_token"]
-      result["rows"].append(row)
-      write_partial(dict(result, partial=True))
-      print(f"{model} B={batch} {pol.text}: {row['ms_per_token']:.3f} ms/token, "
+      rows.append(row)
+      if on_row is not None:
+        on_row(row)
+      print(f"{self.model} B={batch} {pol.text}: {row['ms_per_token']:.3f} ms/token, "
             f"distinct {row['distinct_experts']:.1f}, roofline {row['roofline_ms']:.3f} ms "
             f"(x{row['measured_over_roofline']:.2f})", flush=True)
+    add_speedups(rows)
+    return rows
+
+
+def decode_suite(*, model: str, scale: str, batches: Sequence[int],
+                 policies: Sequence[PolicySpec], prompt_len: int, new_tokens: int,
+                 impl: str, repeats: int, bandwidth_bytes: int,
+                 peer: dict[str, Any] | None,
+                 write_partial: Callable[[dict[str, Any]], None], seed: int = 0,
+                 attention_impl: str = "auto", profile_dir: str = "") -> dict[str, Any]:
+  """Runs the protocol (module docstring) on `model` at `scale` (`decode_models`);
+  `peer` is `peers.run_hf_peer`'s result (or None); `write_partial(result)` is called
+  after every case.
+
+  Before anything is built, `memory.check_fits` stops a batch size the device cannot
+  hold (`memory.DoesNotFitError`, naming the bytes needed and the device's).
+
+  With `profile_dir`, one more pass per case runs under `jax.profiler` (trace in
+  `profile_dir/B<batch>_<policy>`), the row gets its per-step kernel list (`profile`,
+  see `sere_jax.profiling`), and the compiled decode loop's optimised HLO is written
+  next to the trace (`B<batch>_<policy>.hlo.txt`: which ops each profiled fusion holds)."""
+  memory.check_fits(memory.decode_needs(model, scale, batches, prompt_len, new_tokens),
+                    memory.device_bytes_limit())
+  env = timing.environment()
+  copy_bw = timing.copy_bandwidth(bandwidth_bytes)
+  read_bw = timing.read_bandwidth(bandwidth_bytes)
+  bench = DecodeBench(model=model, scale=scale, impl=impl, attention_impl=attention_impl,
+                      seed=seed)
+  result = dict(suite="decode", env=env, **bench.header(),
+                protocol=dict(prompt_len=prompt_len, new_tokens=new_tokens,
+                              batches=list(batches), policies=[p.text for p in policies],
+                              repeats=repeats, sampling="greedy", dtype="bfloat16",
+                              seed=seed),
+                copy_bandwidth_tbs=copy_bw / 1e12, read_bandwidth_tbs=read_bw / 1e12,
+                rows=[])
+  if peer is not None:
+    result["peer"] = {k: v for k, v in peer.items() if k != "rows"}
+  peer_rows = {r["batch"]: r for r in (peer or {}).get("rows", [])}
+  for batch in batches:
+
+    def on_row(row):
+      result["rows"].append(row)
+      write_partial(dict(result, partial=True))
+
+    bench.run_batch(batch, policies=policies, prompt_len=prompt_len,
+                    new_tokens=new_tokens, repeats=repeats, copy_bandwidth=copy_bw,
+                    read_bandwidth=read_bw, peer_row=peer_rows.get(batch),
+                    profile_dir=profile_dir, on_row=on_row)
   add_speedups(result["rows"])
   return result
 

@@ -2,9 +2,9 @@
 Hugging Face's names and mapped to ours by `from_hf`, so the transformers peer builds
 the same network), the same architectures shrunk for CPU runs (`TINY`), each built with
 random bf16 weights made on the device one parameter at a time and a synthetic
-symmetric similarity per MoE layer (uniform in [0, 1), diagonal 1) (`build_model`), and
-the bytes of its parameters by role (`byte_budget`), from which a decode step's
-roofline is computed.
+symmetric similarity per MoE layer (uniform in [0, 1), diagonal 1) (`build_model`; its
+shapes alone, allocating nothing: `abstract_model`), and the bytes of its parameters by
+role (`byte_budget`), from which a decode step's roofline is computed.
 """
 
 from __future__ import annotations
@@ -98,14 +98,10 @@ def resolve_attention_impl(model_type: str, attention_impl: str) -> str:
   return "xla"
 
 
-def build_model(model: str, scale: str, impl: str, seed: int = 0,
-                attention_impl: str = "auto") -> tuple[nnx.Module, Any, dict[str, Any]]:
-  """The model with random bf16 weights and synthetic similarities, made on the device.
-
-  `attention_impl` (`qwen_moe.ATTENTION_IMPLS`): how the Qwen models attend in a decode
-  step; DeepSeek-V2 (MLA) has only the XLA path and takes `auto` or `xla`. Returns
-  `(model, our config, Hugging Face config dict)`.
-  """
+def abstract_model(model: str, scale: str, impl: str = "auto", attention_impl: str = "auto"
+                   ) -> tuple[nnx.Module, Any, dict[str, Any]]:
+  """`build_model`'s model with shapes and dtypes only (`nnx.eval_shape`: nothing is
+  allocated); `(model, our config, Hugging Face config dict)`."""
   hf = hf_config(model, scale)
   options = dict(impl=impl, param_dtype=jnp.bfloat16)
   resolve_attention_impl(hf["model_type"], attention_impl)  # rejects what cannot run
@@ -114,7 +110,18 @@ def build_model(model: str, scale: str, impl: str, seed: int = 0,
   else:
     config, cls = qwen_moe.QwenMoeConfig.from_hf(hf), qwen_moe.QwenMoeForCausalLM
     options["attention_impl"] = attention_impl
-  net = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **options))
+  return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **options)), config, hf
+
+
+def build_model(model: str, scale: str, impl: str, seed: int = 0,
+                attention_impl: str = "auto") -> tuple[nnx.Module, Any, dict[str, Any]]:
+  """The model with random bf16 weights and synthetic similarities, made on the device.
+
+  `attention_impl` (`qwen_moe.ATTENTION_IMPLS`): how the Qwen models attend in a decode
+  step; DeepSeek-V2 (MLA) has only the XLA path and takes `auto` or `xla`. Returns
+  `(model, our config, Hugging Face config dict)`.
+  """
+  net, config, hf = abstract_model(model, scale, impl, attention_impl)
 
   @functools.partial(jax.jit, static_argnums=(2, 3))
   def _normal(key, std, shape, dtype):  # one parameter at a time, straight in its dtype

@@ -1,5 +1,7 @@
 """Timing helpers for benchmarks on any backend: the environment record
-of a result, the device's read and copy bandwidths (the rooflines' denominators), and
+of a result (`environment`; `select_platform` picks the device first), the device's
+read and copy bandwidths (the rooflines' denominators; `bandwidth_probe` also reports
+their spread over repeats), and
 `LayerChain`, which times one layer inside one jit — a `fori_loop` over rounds, each
 round running a chain of layers whose weights differ (so caches never serve a repeat),
 with a data dependency from each layer to the next; the chain update itself is timed
@@ -20,21 +22,77 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def select_platform(name: str) -> None:
+  """Makes JAX run on the `name` devices (`cpu`, `gpu`, `tpu`; empty: whatever JAX
+  finds). Raises ValueError naming the platform and the devices that are there when
+  it is missing or is not JAX's default backend. `cpu` works everywhere if called
+  before JAX initialises a backend (it sets `jax_platforms`)."""
+  if not name:
+    return
+  if name == "cpu":
+    jax.config.update("jax_platforms", "cpu")
+  try:
+    jax.devices(name)
+  except Exception as e:  # pylint: disable=broad-except  # JAX raises several types
+    reason = (str(e).splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"no {name} device here ({reason}); JAX finds "
+                     f"{_device_list()}") from None
+  if jax.default_backend() != name:
+    raise ValueError(f"{name} devices are here but JAX's default backend is "
+                     f"{jax.default_backend()!r}; set JAX_PLATFORMS={name}")
+
+
+def _device_list() -> str:
+  try:
+    return ", ".join(sorted({f"{d.platform} ({d.device_kind})" for d in jax.devices()}))
+  except Exception:  # pylint: disable=broad-except
+    return "no devices"
+
+
 def environment() -> dict[str, Any]:
-  """Device kind, backend and library versions for a benchmark record."""
+  """Device kind, backend and library versions for a benchmark record; also the
+  backend's platform version (CUDA / libtpu), the NVIDIA driver (GPUs, from
+  `nvidia-smi`) and the bytes JAX may allocate on the device (None on a CPU)."""
   device = jax.devices()[0]
   import flax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # not every backend has it
+    stats = {}
   return {
       "backend": jax.default_backend(),
       "device_kind": device.device_kind,
       "device_count": jax.device_count(),
+      "platform_version": _platform_version(),
+      "driver": _nvidia_driver() if jax.default_backend() == "gpu" else None,
+      "device_bytes_limit": stats.get("bytes_limit"),
       "jax": jax.__version__,
-      "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
+      "jaxlib": getattr(jaxlib, "__version__", None),
       "flax": flax.__version__,
       "python": platform.python_version(),
       "host": platform.node(),
       "git_commit": _git_commit(),
   }
+
+
+def _platform_version() -> str | None:
+  try:
+    from jax.extend import backend  # pylint: disable=g-import-not-at-top
+    return str(backend.get_backend().platform_version).strip()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _nvidia_driver() -> str | None:
+  """The NVIDIA driver version `nvidia-smi` reports, if it runs."""
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                          "--format=csv,noheader"], capture_output=True, text=True,
+                         check=True, timeout=30).stdout.split()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out[0] if out else None
 
 
 def _git_commit() -> str | None:
@@ -50,13 +108,22 @@ def _git_commit() -> str | None:
   return commit + ("+dirty" if dirty else "")
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def _seconds(fn: Callable[[], Any], repeats: int) -> list[float]:
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return times
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  return statistics.median(_seconds(fn, repeats))
+
+
+# The read-only reductions of `read_bandwidth`, over a [rows, 8192] float32 buffer.
+_REDUCTIONS = (lambda b: jnp.sum(b, axis=1), lambda b: jnp.sum(b, axis=0),
+               lambda b: jnp.max(b.reshape(-1, 128, b.shape[1]), axis=1))
 
 
 def read_bandwidth(num_bytes: int = 4 << 30, repeats: int = 10) -> float:
@@ -68,14 +135,45 @@ def read_bandwidth(num_bytes: int = 4 << 30, repeats: int = 10) -> float:
   cols = 8192
   rows = max(1, num_bytes // (4 * cols))
   buf = jax.random.uniform(jax.random.PRNGKey(1), (rows, cols), jnp.float32)
-  reductions = [lambda b: jnp.sum(b, axis=1), lambda b: jnp.sum(b, axis=0),
-                lambda b: jnp.max(b.reshape(-1, 128, cols), axis=1)]
   best = 0.0
-  for fn in reductions:
+  for fn in _REDUCTIONS:
     reduce = jax.jit(fn)
     jax.block_until_ready(reduce(buf))
     best = max(best, rows * cols * 4 / _median_seconds(lambda: reduce(buf), repeats))
   return best
+
+
+def _bandwidths(num_bytes: int, seconds: Sequence[float]) -> dict[str, float]:
+  """Best, median and worst bytes/s (in TB/s) of repeats, and their spread."""
+  rates = sorted(num_bytes / t / 1e12 for t in seconds)
+  median = statistics.median(rates)
+  return dict(tbs=rates[-1], median_tbs=median, min_tbs=rates[0],
+              spread=(rates[-1] - rates[0]) / median)
+
+
+def bandwidth_probe(num_bytes: int = 4 << 30, repeats: int = 10) -> dict[str, Any]:
+  """Read and copy bandwidths with their spread over `repeats`: `{"read": ..., "copy":
+  ...}`, each `{"tbs" (the best, the roofline's denominator, as `read_bandwidth` /
+  `copy_bandwidth` return it), "median_tbs", "min_tbs", "spread" ((best - worst) /
+  median)}`; `read` is the fastest of the reductions `read_bandwidth` tries (by
+  median), `copy` counts bytes read plus written, over a buffer of half the size."""
+  cols = 8192
+  rows = max(1, num_bytes // (4 * cols))
+  buf = jax.random.uniform(jax.random.PRNGKey(1), (rows, cols), jnp.float32)
+  read = None
+  for fn in _REDUCTIONS:
+    reduce = jax.jit(fn)
+    jax.block_until_ready(reduce(buf))
+    stats = _bandwidths(rows * cols * 4, _seconds(lambda: reduce(buf), repeats))
+    if read is None or stats["median_tbs"] > read["median_tbs"]:
+      read = stats
+  del buf
+  n = num_bytes // 8
+  small = jax.random.uniform(jax.random.PRNGKey(2), (n,), jnp.float32)
+  copy = jax.jit(lambda b: b * 1.0001)
+  jax.block_until_ready(copy(small))
+  copied = _bandwidths(2 * n * 4, _seconds(lambda: copy(small), repeats))
+  return dict(read=read, copy=copied, bytes=rows * cols * 4, repeats=repeats)
 
 
 def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 10) -> float:
