@@ -1,8 +1,21 @@
 r"""Benchmarks of the MoE kernels and of whole-model decoding.
 
+  python -m sere_jax.scripts.benchmark --suite=standard --out=DIR
   python -m sere_jax.scripts.benchmark --suite=kernels --out=docs/benchmarks/kernels_h200
   python -m sere_jax.scripts.benchmark --suite=decode --model=qwen3_30b_a3b \
       --out=docs/benchmarks/decode_qwen3_30b_a3b_h200
+
+Suite `standard` (`sere_jax.benchmarking.standard`): one command per machine. On the
+device JAX finds (`--device` to insist on one), the bandwidth probe, the MoE-layer sweep
+and the decode benchmark of Qwen3-30B-A3B, DeepSeek-V2-Lite and Qwen1.5-MoE at B = 1,
+16, 64 under `none`, SERE S=1 and S=2, truncation and an expert pool; a CPU runs the
+tiny scale. Writes `DIR/standard_<device>.json` and `.md`; after every part the result
+so far goes to `DIR/standard_<device>.partial.json`, and the same command resumes from
+it. `python -m sere_jax.scripts.report DIR...` puts several devices side by side. Flags
+given (`--models`, `--batch`, `--policies`, `--distinct`, `--prompt_len`, ...) replace
+the suite's defaults. Unless XLA_PYTHON_CLIENT_MEM_FRACTION is set, the `standard` and
+`decode` suites set it to 0.95 (and say so); a model that does not fit the device stops
+the run before anything is compiled, naming the bytes it needs and the device's.
 
 Suite `decode` (`sere_jax.benchmarking.decode`): a whole model of a real configuration
 with random bf16 weights, prefill + timed decode steps per batch size and policy, the
@@ -26,6 +39,7 @@ distinct-expert counts, once per tiling (`--gmm_variants`, JSON overrides of
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -38,25 +52,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import benchmarking
+from sere_jax.benchmarking import compare
 from sere_jax.benchmarking import decode as decode_lib
 from sere_jax.benchmarking import decode_models
+from sere_jax.benchmarking import kernels as kernels_lib
+from sere_jax.benchmarking import memory
 from sere_jax.benchmarking import peers as peers_lib
+from sere_jax.benchmarking import standard
 from sere_jax.benchmarking.report import markdown, merge_results
 from sere_jax import cli
 from sere_jax import fileio
-from sere_jax import moe
-from sere_jax import policies
 from sere_jax import policy_spec
-from sere_jax import routing
-from sere_jax.config import RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 from sere_jax.kernels.gmm import tiles
 from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.schedule import reference as schedule_lib
 
-_SUITE = flags.DEFINE_enum("suite", "kernels", ["kernels", "gmm_sweep", "decode"],
+_SUITE = flags.DEFINE_enum("suite", "kernels", ["kernels", "gmm_sweep", "decode", "standard"],
                            "What to run.")
-_OUT = flags.DEFINE_string("out", "docs/benchmarks/kernels", "Output path prefix (.json/.md).")
+_OUT = flags.DEFINE_string("out", "docs/benchmarks/kernels", "Output path prefix (.json/.md); "
+                           "standard: the directory its result goes to (required).")
+_DEVICE = flags.DEFINE_enum("device", "", ["", "cpu", "gpu", "tpu"],
+                            "Run on these devices (empty: whatever JAX finds); a device "
+                            "that is not there is an error.")
+_MODELS = flags.DEFINE_list("models", list(standard.MODELS),
+                            "standard: the decode part's models.")
+_RESUME = flags.DEFINE_bool("resume", True, "standard: resume from the partial file of an "
+                            "interrupted run of the same plan (--noresume: start over).")
 _BATCHES = flags.DEFINE_list("batch", ["1", "8", "16", "32", "64", "128", "256"],
                              "Batch sizes (tokens per decode step; the decode suite's "
                              "default is 1,8,16,32,64,128).")
@@ -64,7 +86,8 @@ _DISTINCT = flags.DEFINE_list("distinct", ["8", "16", "32", "64", "128"],
                               "Forced distinct-expert counts.")
 _SCALE = flags.DEFINE_enum("scale", "full", ["full", "qwen3_30b", "tiny"],
                            "Shapes: the real ones (`full`; `qwen3_30b` is its old name), or "
-                           "tiny ones of the same architecture for CPU runs.")
+                           "tiny ones of the same architecture for CPU runs (standard: "
+                           "tiny on a CPU, full elsewhere, unless given).")
 _LAYERS = flags.DEFINE_integer("layers", 8, "Weight sets rotated through (defeats the L2).")
 _IMPL = flags.DEFINE_string("impl", "auto", "Our op's implementation (see moe_ffn.IMPLS).")
 _ATTENTION_IMPL = flags.DEFINE_enum(
@@ -100,118 +123,39 @@ _MERGE = flags.DEFINE_list("merge", [], "Instead of running: merge these result 
                            "of one suite (e.g. runs over different batch sizes).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing <out>.json / <out>.md.")
 
-SCALES = {
-    "qwen3_30b": dict(dim=2048, ffn=768, experts=128, top_k=8, bandwidth_bytes=4 << 30),
-    "tiny": dict(dim=64, ffn=48, experts=16, top_k=4, bandwidth_bytes=64 << 20),
-}
-SCALES["full"] = SCALES["qwen3_30b"]
-NATURAL = (("none", 0), ("sere", 1), ("sere", 2))
-
-
-def forced_ids(rng, batch, top_k, experts, distinct):
-  """`[B, K]` ids using exactly `distinct` experts (each token K distinct ones)."""
-  subset = rng.permutation(experts)[:distinct]
-  slots = (np.arange(batch)[:, None] * top_k + np.arange(top_k)[None, :]) % distinct
-  return subset[slots].astype(np.int32)
-
-
-def synthetic_similarity(rng, experts):
-  sim = rng.random((experts, experts)).astype(np.float32)
-  sim = (sim + sim.T) / 2
-  np.fill_diagonal(sim, 1.0)
-  return sim
-
-
-def make_weights(shape, layers, dtype=jnp.bfloat16):
-  keys = jax.random.split(jax.random.PRNGKey(0), 2 * layers)
-  d, f, e = shape["dim"], shape["ffn"], shape["experts"]
-  return [(jax.random.normal(keys[2 * i], (e, d, 2 * f), dtype) * d ** -0.5,
-           jax.random.normal(keys[2 * i + 1], (e, f, d), dtype) * f ** -0.5)
-          for i in range(layers)]
+SCALES = kernels_lib.SCALES
+forced_ids = kernels_lib.forced_ids
+make_weights = kernels_lib.make_weights
 
 
 def kernels_suite(env):
   shape = SCALES[_SCALE.value]
-  d, f, e, k = shape["dim"], shape["ffn"], shape["experts"], shape["top_k"]
-  expert_bytes = 3 * d * f * 2
-  layers = _LAYERS.value
   read_bw = benchmarking.read_bandwidth(shape["bandwidth_bytes"])
   copy_bw = benchmarking.copy_bandwidth(shape["bandwidth_bytes"] // 2)
   logging.info("read %.2f TB/s, copy %.2f TB/s", read_bw / 1e12, copy_bw / 1e12)
-  weights = make_weights(shape, layers)
-  rng = np.random.default_rng(0)
-  sims = [jnp.asarray(synthetic_similarity(rng, e)) for _ in range(layers)]
-  impl = moe_ffn_lib.resolve_impl(_IMPL.value)
-  route = moe.softmax_router(k, normalize=False, impl=impl)  # what MoeBlock runs
-  chains = {}
+  sweep = kernels_lib.KernelSweep(shape, layers=_LAYERS.value, impl=_IMPL.value,
+                                  min_seconds=_MIN_SECONDS.value)
+  impl = sweep.impl
 
-  def op_chain(name, config):
-    key = (name, config)
-    if key not in chains:
-      if name == "schedule":
-        def step(x, logits, sim):
-          ids, _, _ = route(logits)
-          sched = moe_ffn_lib.kernel_schedule(impl, ids, jnp.ones(ids.shape[:1], bool),
-                                              sim, config, e)
-          return jnp.broadcast_to(sched.stats[1].astype(x.dtype) * 1e-9, x.shape)
-      else:
-        def step(x, ids, w, wg, wd, sim):
-          return moe_ffn_lib.moe_ffn(x, ids, w, wg, wd, similarity=sim, config=config,
-                                     impl=name).y
-      chains[key] = benchmarking.LayerChain(step)
-    return chains[key]
+  def log(row):
+    logging.info("B=%d %s %s S=%d distinct=%.1f roofline=%.1fus ours=%.1fus", row["batch"],
+                 row["mode"], row["policy"], row["select_top_k"], row["distinct"],
+                 row["roofline_us"], row[f"{impl}_us"])
 
   rows = []
   torch_cases = []
   for batch in [int(b) for b in _BATCHES.value]:
-    x = jax.random.normal(jax.random.PRNGKey(batch), (batch, d), jnp.bfloat16)
-    overhead = benchmarking.chain_overhead(x, layers, min_seconds=_MIN_SECONDS.value)
-    cases = [("forced", "none", 0, n) for n in (int(v) for v in _DISTINCT.value)
-             if k <= n <= min(e, batch * k)]
-    cases += [("natural", p, s, None) for p, s in NATURAL]
-    for mode, policy, s, n in cases:
-      config = RerouteConfig(policy=policy, select_top_k=s) if policy != "none" \
-          else RerouteConfig(policy="none")
-      logits = [jnp.asarray(rng.normal(size=(batch, e)), jnp.float32) for _ in range(layers)]
-      routed = [routing.route(lg, k) for lg in logits]
-      if mode == "forced":
-        routed = [(jnp.asarray(forced_ids(rng, batch, k, e, n)), w) for _, w in routed]
-      valid = jnp.ones((batch,), bool)
-      final_ids, distinct = [], []
-      for (ids, w), sim in zip(routed, sims):
-        new_ids, _, st = policies.reroute(ids, w, valid, sim, config, num_experts=e)
-        final_ids.append(np.asarray(new_ids))
-        distinct.append(int(st.distinct_after))
-      mean_distinct = float(np.mean(distinct))
-      roofline = mean_distinct * expert_bytes / read_bw
-      layer_args = [(ids, w, wg, wd, sim) for (ids, w), (wg, wd), sim
-                    in zip(routed, weights, sims)]
-      row = dict(batch=batch, mode=mode, policy=policy, select_top_k=s,
-                 distinct=mean_distinct, roofline_us=roofline * 1e6,
-                 chain_overhead_us=overhead * 1e6)
-      # The dense einsum's time does not depend on routing: timed for `none` only.
-      peers = [p for p in _PEERS.value if p != "xla_dense" or policy == "none"]
-      for name in [impl] + peers:
-        t = op_chain(name, config).seconds_per_layer(x, layer_args,
-                                                     min_seconds=_MIN_SECONDS.value)
-        row[f"{name}_us"] = (t - overhead) * 1e6
-      t = op_chain("schedule", config).seconds_per_layer(
-          x, [(lg, sim) for lg, sim in zip(logits, sims)], min_seconds=_MIN_SECONDS.value)
-      row["routing_schedule_us"] = (t - overhead) * 1e6
-      row["ours_over_roofline"] = row[f"{impl}_us"] / row["roofline_us"]
-      rows.append(row)
-      torch_cases.append(dict(row_index=len(rows) - 1, batch=batch,
-                              ids=[i.tolist() for i in final_ids],
-                              weights=[np.asarray(w).tolist() for _, w in routed]))
-      logging.info("B=%d %s %s S=%d distinct=%.1f roofline=%.1fus ours=%.1fus", batch,
-                   mode, policy, s, mean_distinct, row["roofline_us"], row[f"{impl}_us"])
-    result = dict(suite="kernels", env=env, shape=shape, impl=impl, layers=layers,
+    batch_rows, cases = sweep.run_batch(batch, distinct=[int(v) for v in _DISTINCT.value],
+                                        peers=_PEERS.value, read_bandwidth=read_bw, log=log)
+    torch_cases += [dict(case, row_index=len(rows) + i) for i, case in enumerate(cases)]
+    rows += batch_rows
+    result = dict(suite="kernels", env=env, shape=shape, impl=impl, layers=sweep.layers,
                   read_bandwidth_tbs=read_bw / 1e12, copy_bandwidth_tbs=copy_bw / 1e12,
-                  expert_bytes=expert_bytes, rows=rows)
+                  expert_bytes=sweep.expert_bytes, rows=rows)
     write_result(dict(result, partial=True))  # a long run keeps what it measured
   if _TORCH.value:
     try:
-      torch_times, torch_env = peers_lib.run_torch_peer(sys.executable, shape, layers,
+      torch_times, torch_env = peers_lib.run_torch_peer(sys.executable, shape, sweep.layers,
                                                         torch_cases, _MIN_SECONDS.value)
     except subprocess.CalledProcessError as err:  # keep the JAX results; say why
       logging.error("torch peer failed: %s", err)
@@ -221,7 +165,6 @@ def kernels_suite(env):
       for case, t in zip(torch_cases, torch_times):
         rows[case["row_index"]]["torch_grouped_mm_us"] = t
   return result
-
 
 
 def _gmm_variants() -> list[dict]:
@@ -282,13 +225,17 @@ def gmm_sweep(env):
 
 def main(argv: list[str]) -> None:
   del argv
+  command = _command()
+  if _SUITE.value == "standard" and not _MERGE.value:
+    standard_suite(command)
+    return
   cli.check_outputs([_OUT.value + ".json", _OUT.value + ".md"], overwrite=_OVERWRITE.value,
                     flag="--out")
   cli.check_outputs([_PROFILE_DIR.value], overwrite=True, directory=True)
-  command = _command()
   if _MERGE.value:
     result = merge_results(_MERGE.value)
   elif _SUITE.value == "decode":
+    print(memory.set_memory_fraction(), flush=True)
     start = time.time()
     result = decode(command)
     result["seconds"] = time.time() - start
@@ -299,6 +246,7 @@ def main(argv: list[str]) -> None:
         peers_lib.tool_path("torch_peer.py")  # before the suite, not after it
       except FileNotFoundError as err:
         raise app.UsageError(str(err)) from err
+    _select_device()
     env = benchmarking.environment()
     logging.info("environment: %s", env)
     start = time.time()
@@ -307,6 +255,13 @@ def main(argv: list[str]) -> None:
     result["command"] = command
   write_result(result)
   print(markdown(result, result.get("command", command)))
+
+
+def _select_device() -> None:
+  try:
+    benchmarking.select_platform(_DEVICE.value)
+  except ValueError as err:
+    raise app.UsageError(f"--device={_DEVICE.value}: {err}") from None
 
 
 def decode(command):
@@ -323,14 +278,101 @@ def decode(command):
                                  _PEER_TIMEOUT.value)
     peer["seconds"] = time.time() - start
     logging.info("transformers peer: %s", peer.get("skipped") or peer.get("env"))
-  return decode_lib.decode_suite(
-      model=_MODEL.value, scale=scale, batches=batches,
-      policies=policy_spec.parse_list(_POLICIES.value),
-      prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value, impl=_IMPL.value,
-      attention_impl=_ATTENTION_IMPL.value, profile_dir=_PROFILE_DIR.value,
-      repeats=_REPEATS.value,
-      bandwidth_bytes=(64 << 20) if scale == "tiny" else (4 << 30), peer=peer,
-      write_partial=lambda r: write_result(dict(r, command=command)))
+  _select_device()
+  try:
+    return decode_lib.decode_suite(
+        model=_MODEL.value, scale=scale, batches=batches,
+        policies=policy_spec.parse_list(_POLICIES.value),
+        prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value, impl=_IMPL.value,
+        attention_impl=_ATTENTION_IMPL.value, profile_dir=_PROFILE_DIR.value,
+        repeats=_REPEATS.value,
+        bandwidth_bytes=(64 << 20) if scale == "tiny" else (4 << 30), peer=peer,
+        write_partial=lambda r: write_result(dict(r, command=command)))
+  except memory.DoesNotFitError as err:
+    raise app.UsageError(str(err)) from None
+
+
+def _standard_plan() -> standard.Plan:
+  """The standard suite's plan on this device; flags given replace its defaults."""
+  def given(name, value):
+    return value if flags.FLAGS[name].present else None
+
+  def ints(values):
+    return [int(v) for v in values]
+
+  try:
+    return standard.Plan.for_platform(
+        jax.default_backend(),
+        scale=given("scale", "tiny" if _SCALE.value == "tiny" else "full"),
+        models=given("models", _MODELS.value), batches=given("batch", ints(_BATCHES.value)),
+        policies=given("policies", _POLICIES.value),
+        distinct=given("distinct", ints(_DISTINCT.value)),
+        prompt_len=given("prompt_len", _PROMPT_LEN.value),
+        new_tokens=given("new_tokens", _NEW_TOKENS.value),
+        repeats=given("repeats", _REPEATS.value),
+        kernel_layers=given("layers", _LAYERS.value),
+        kernel_peers=given("peers", _PEERS.value),
+        min_seconds=given("min_seconds", _MIN_SECONDS.value),
+        impl=given("impl", _IMPL.value),
+        attention_impl=given("attention_impl", _ATTENTION_IMPL.value))
+  except ValueError as err:
+    raise app.UsageError(str(err)) from None
+
+
+def standard_suite(command: str) -> None:
+  """The standard suite (`sere_jax.benchmarking.standard`) into `--out` (a directory):
+  `standard_<device>.json` and `.md`, through `standard_<device>.partial.json`."""
+  if not flags.FLAGS["out"].present:
+    raise app.UsageError("--suite=standard writes into a directory: pass --out=DIR")
+  # Before JAX initialises its backend, which reads the variable.
+  print(memory.set_memory_fraction(), flush=True)
+  _select_device()
+  plan = _standard_plan()
+  env = benchmarking.environment()
+  env["kernel_backends"] = standard.kernel_backends(plan.impl, plan.attention_impl,
+                                                    plan.models)
+  env["memory_fraction"] = os.environ.get(memory.MEM_FRACTION_ENV)
+  stem = os.path.join(_OUT.value, f"standard_{standard.device_slug(env)}")
+  final_json, final_md, partial = stem + ".json", stem + ".md", stem + ".partial.json"
+  cli.check_outputs([final_json, final_md], overwrite=_OVERWRITE.value, flag="--out")
+  cli.check_outputs([partial], overwrite=True)
+  result = None
+  if os.path.exists(partial) and _RESUME.value:
+    try:
+      result = fileio.read_json(partial)
+      standard.check_resumable(result, plan, env, partial)
+    except ValueError as err:
+      raise app.UsageError(f"cannot resume: {err}; pass --noresume to start over, or "
+                           "another --out") from None
+    print(f"resuming {partial}: {len(result['parts'])} of {len(plan.parts())} parts "
+          "measured already", flush=True)
+  else:
+    result = standard.new_result(plan, env, command)
+  if plan.scale == "tiny":
+    print(f"{env['device_kind']}: {standard.TINY_NOTE}", flush=True)
+  bar = cli.progress(total=len(plan.parts()), desc="standard suite", unit="part")
+
+  def progress(done, total, part):
+    del total
+    bar.update(done - bar.n)
+    bar.set_postfix_str(part)
+
+  suite = standard.StandardSuite(plan, result, progress=progress,
+                                 save=lambda r: fileio.write_json_atomic(partial, r))
+  try:
+    result["memory"] = suite.check_memory()
+  except memory.DoesNotFitError as err:
+    bar.close()
+    raise app.UsageError(str(err)) from None
+  result = suite.run()
+  bar.close()
+  text = compare.markdown([dict(result, _path=final_json)],
+                          title=f"Standard suite on {env['device_kind']}")
+  fileio.write_all_atomic({final_json: json.dumps(result, indent=1), final_md: text})
+  if os.path.exists(partial):
+    os.remove(partial)
+  print(text)
+  print(f"wrote {final_json} and {final_md}", flush=True)
 
 
 def _command():

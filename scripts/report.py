@@ -1,10 +1,22 @@
 r"""Merges benchmark JSON files from several machines into one report.
 
+  python -m sere_jax.scripts.report DIR_OR_JSON... --out_dir=REPORT_DIR
   python -m sere_jax.scripts.report \
       --inputs='docs/benchmarks/kernels_h200.json,docs/benchmarks/decode_*.json' \
       --out_dir=docs/benchmarks
 
-Writes `<out_dir>/README.md` (per suite, one table per model / device, with the command
+With arguments (`sere-report DIR...`): standard-suite results (`benchmark
+--suite=standard`; a directory stands for its `standard_*.json`) of any set of devices,
+side by side (`sere_jax.benchmarking.compare`): `<out_dir>/standard_report.md` with per
+model, B and policy the ms per output token, the ratio to each device's own roofline and
+the speedup over `none` per device, the MoE-layer sweep per device, and the plots
+`standard_speedup_<model>.png` (speedup against B, one panel per device) and
+`standard_kernels.png` (time per layer against distinct experts, one line per device).
+Results of different suite versions, invalid (e.g. truncated) JSON and files of other
+suites are refused with an error naming the file, before anything is written.
+
+Without arguments, the results of every suite in `--inputs`: writes
+`<out_dir>/README.md` (per suite, one table per model / device, with the command
 and environment of every input) and PNG plots next to it: for `decode`, the speedup
 over policy `none` against batch size (one line per policy; one figure per model and
 device); for `kernels`, our op's time against the number of distinct experts (one line
@@ -22,16 +34,19 @@ import json
 import os
 import re
 
+from absl import app
 from absl import flags
 
 from sere_jax import cli
 from sere_jax import fileio
+from sere_jax.benchmarking import compare
 
 _INPUTS = flags.DEFINE_list("inputs", ["docs/benchmarks/*.json"],
                             "Result JSON files or globs (comma separated).")
-_OUT_DIR = flags.DEFINE_string("out_dir", "docs/benchmarks", "Where README.md and PNGs go.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing README.md and its "
-                               "plots in --out_dir.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "docs/benchmarks", "Where the report (README.md, "
+                               "or standard_report.md) and its PNGs go.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing README.md (with "
+                               "arguments: standard_report.md) and its plots in --out_dir.")
 
 
 def expand(patterns) -> list[str]:
@@ -248,12 +263,29 @@ def report(paths, out_dir) -> dict:
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    standard_report(argv[1:])
+    return
   cli.check_outputs([os.path.join(_OUT_DIR.value, "README.md")], overwrite=_OVERWRITE.value,
                     flag="--out_dir")
   out = report(expand(_INPUTS.value), _OUT_DIR.value)
   print(f"wrote {out['readme']} and {len(out['pngs'])} plots from {len(out['inputs'])} "
         "inputs")
+
+
+def standard_report(paths: list[str]) -> None:
+  """Standard-suite results of several devices side by side in `--out_dir`."""
+  if flags.FLAGS["inputs"].present:
+    raise app.UsageError("give standard-suite results as arguments or other results "
+                         "with --inputs, not both")
+  cli.check_outputs([os.path.join(_OUT_DIR.value, compare.REPORT_NAME)],
+                    overwrite=_OVERWRITE.value, flag="--out_dir")
+  try:
+    out = compare.write_report(paths, _OUT_DIR.value)
+  except (OSError, ValueError) as err:
+    raise app.UsageError(str(err)) from None
+  print(f"wrote {out['report']} and {len(out['pngs'])} plots from "
+        f"{len(out['inputs'])} results: " + ", ".join(out["inputs"]))
 
 
 def run() -> None:

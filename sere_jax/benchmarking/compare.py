@@ -1,0 +1,338 @@
+"""Standard-suite results of several devices side by side (`report.py DIR...`).
+
+`load_results` reads result files (or every `standard_*.json` of a directory) and
+refuses, naming the file, anything that is not a standard-suite result, is not valid
+JSON (a truncated file) or has another suite version than the others. `markdown` makes
+one report: the devices with their environment and bandwidth probe, then per model a
+table of B × policy with, per device, ms per output token, the ratio to that device's
+own roofline and the speedup over `none`; then the MoE-layer sweep per B and routing,
+µs per layer and the ratio to the roofline per device. `plots` draws the speedup over
+`none` against B (one figure per model, one panel per device) and the time per layer
+against distinct experts (one panel per batch size, one line per device, rooflines
+dotted). `write_report` writes the report and its plots together, only once every
+input has been read.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import re
+from typing import Any, Sequence
+
+from sere_jax import fileio
+from sere_jax.benchmarking import standard
+
+REPORT_NAME = "standard_report.md"
+
+
+def expand_inputs(paths: Sequence[str]) -> list[str]:
+  """Files as given; a directory stands for its `standard_*.json` results (partial
+  files, `*.partial.json`, left out). Raises FileNotFoundError naming a path that is
+  missing or a directory without results."""
+  files: list[str] = []
+  for path in paths:
+    if os.path.isdir(path):
+      found = sorted(p for p in glob.glob(os.path.join(path, "standard_*.json"))
+                     if not p.endswith(".partial.json"))
+      if not found:
+        raise FileNotFoundError(f"{path} holds no standard-suite result (standard_*.json)")
+    elif os.path.exists(path):
+      found = [path]
+    else:
+      raise FileNotFoundError(f"no file or directory {path}")
+    files += [f for f in found if f not in files]
+  return files
+
+
+def load_results(paths: Sequence[str]) -> list[dict[str, Any]]:
+  """The standard-suite results in `paths` (`expand_inputs`), each with `_path`.
+
+  ValueError, naming the file, for invalid JSON (e.g. a truncated file), a result of
+  another suite or without the fields of one, and for results of different suite
+  versions (naming every file with its version)."""
+  results = []
+  for path in expand_inputs(paths):
+    result = fileio.read_json(path)
+    if not isinstance(result, dict) or result.get("suite") != standard.SUITE:
+      suite = result.get("suite") if isinstance(result, dict) else None
+      raise ValueError(f"{path} is not a standard-suite result (suite {suite!r}); "
+                       "run `benchmark --suite=standard` to make one")
+    missing = [k for k in ("suite_version", "plan", "env", "parts") if k not in result]
+    if missing or "device_kind" not in (result.get("env") or {}):
+      raise ValueError(f"{path} is not a complete standard-suite result (missing "
+                       f"{missing or ['env.device_kind']})")
+    result["_path"] = path
+    results.append(result)
+  if not results:
+    raise ValueError("no standard-suite results given")
+  versions = {r["suite_version"] for r in results}
+  if len(versions) > 1:
+    raise ValueError("cannot merge results of different standard-suite versions: " +
+                     ", ".join(f"{r['_path']} (version {r['suite_version']})"
+                               for r in results))
+  return results
+
+
+def device_labels(results: Sequence[dict[str, Any]]) -> list[str]:
+  """One column label per result: the device, `[tiny]` for the tiny scale,
+  `(partial)` for an unfinished run; the file's directory and name where two would be
+  equal."""
+  labels = []
+  for r in results:
+    label = r["env"]["device_kind"] + (" [tiny]" if r.get("scale") == "tiny" else "")
+    labels.append(label + (" (partial)" if r.get("partial") else ""))
+  equal = [labels.count(label) > 1 for label in labels]
+  for i, r in enumerate(results):
+    if equal[i]:
+      path = os.path.abspath(r["_path"])
+      where = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+      labels[i] = f"{labels[i]} ({where})"
+  return labels
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+  return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+  return lines
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")
+
+
+def _models(results) -> list[str]:
+  order = list(standard.MODELS)
+  found = {m for r in results for m in (r.get("decode") or {})}
+  return [m for m in order if m in found] + sorted(found - set(order))
+
+
+def _decode_rows(result, model) -> list[dict[str, Any]]:
+  return ((result.get("decode") or {}).get(model) or {}).get("rows", [])
+
+
+def _policy_order(results) -> list[str]:
+  order: list[str] = []
+  for r in results:
+    for label in r.get("plan", {}).get("policies", []):
+      if label not in order:
+        order.append(label)
+  return order
+
+
+def _devices_section(results, labels) -> list[str]:
+  rows = []
+  for r, label in zip(results, labels):
+    env, bw = r["env"], r.get("bandwidth") or {}
+    backends = env.get("kernel_backends") or {}
+    attention = sorted(set((backends.get("decode_attention") or {}).values()))
+
+    def probe(key):
+      b = bw.get(key)
+      return f"{b['tbs']:.3g} (±{b['spread'] * 50:.0f} %)" if b else ""
+
+    plan = r.get("plan") or {}
+    batches = len(plan.get("batches", []))
+    done, total = len(r["parts"]), 1 + batches + batches * len(plan.get("models", []))
+    rows.append([label, env.get("backend"), env.get("driver") or env.get("platform_version"),
+                 f"{env.get('jax')} / {env.get('jaxlib')}", r.get("scale"), probe("read"),
+                 probe("copy"), backends.get("moe_ffn"), ", ".join(attention),
+                 f"{done}/{total}", os.path.basename(r["_path"]),
+                 "`" + str(r.get("command", "")).replace("|", "\\|") + "`"])
+  lines = ["## Devices", "", "Read and copy bandwidth: the probe's best of its repeats "
+           "in TB/s (± half its spread over the repeats, relative to the median); every "
+           "roofline of a device divides by its own probe.", ""]
+  lines += _table(["device", "backend", "driver / platform", "jax / jaxlib", "scale",
+                   "read TB/s", "copy TB/s", "MoE op", "attention", "parts", "file",
+                   "command"], rows)
+  notes = sorted({r["scale_note"] for r in results if r.get("scale_note")})
+  return lines + [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+
+
+def _decode_section(results, labels, pngs) -> list[str]:
+  lines = []
+  policies = _policy_order(results)
+  for model in _models(results):
+    by_device = [{(row["batch"], row["label"]): row for row in _decode_rows(r, model)}
+                 for r in results]
+    keys = sorted({k for rows in by_device for k in rows},
+                  key=lambda k: (k[0], policies.index(k[1]) if k[1] in policies else 99,
+                                 k[1]))
+    header = ["B", "policy"]
+    for label in labels:
+      header += [f"{label} ms/token", "× roofline", "speedup"]
+    table = []
+    for key in keys:
+      cells: list[Any] = [key[0], key[1]]
+      for rows in by_device:
+        row = rows.get(key) or {}
+        cells += [row.get("ms_per_token"), row.get("measured_over_roofline"),
+                  row.get("speedup_over_none")]
+      table.append(cells)
+    lines += [f"## Decode: {model}", "",
+              "ms per output token (a decode loop's time / its steps); × roofline: that "
+              "time over the device's own roofline (bytes a step reads / its copy "
+              "bandwidth); speedup: `none`'s time at the same B / the policy's.", ""]
+    lines += _table(header, table) + [""]
+    name = f"standard_speedup_{_slug(model)}.png"
+    if name in pngs:
+      lines += [f"![speedup over none, {model}]({name})", ""]
+  return lines
+
+
+def _kernel_key(row) -> tuple:
+  forced = row["mode"] == "forced"
+  return (row["batch"], 0 if forced else 1, row["policy"], row["select_top_k"],
+          round(row["distinct"]) if forced else 0)
+
+
+def _kernels_section(results, labels, pngs) -> list[str]:
+  by_device = [{_kernel_key(row): row for row in (r.get("kernels") or {}).get("rows", [])}
+               for r in results]
+  keys = sorted({k for rows in by_device for k in rows})
+  if not keys:
+    return []
+  header = ["B", "routing"]
+  for label in labels:
+    header += [f"{label} distinct", "µs/layer", "× roofline"]
+  table = []
+  for key in keys:
+    batch, natural, policy, s, n = key
+    routing = (f"forced {n}" if not natural else policy if policy == "none"
+               else f"{policy} S={s}")
+    cells: list[Any] = [batch, routing]
+    for r, rows in zip(results, by_device):
+      row = rows.get(key) or {}
+      impl = (r.get("kernels") or {}).get("impl")
+      cells += [row.get("distinct"), row.get(f"{impl}_us"), row.get("ours_over_roofline")]
+    table.append(cells)
+  shapes = "; ".join(f"{label}: {(r.get('kernels') or {}).get('shape')}"
+                     for r, label in zip(results, labels) if r.get("kernels"))
+  lines = ["## MoE layer: time per layer against distinct experts", "",
+           "One MoE layer (gate+up, SwiGLU, down, combine) inside one jit over a chain "
+           "of layers with different weights, chain update subtracted; `forced n` uses "
+           "exactly n experts, the other rows natural (uniform) routing under a policy; "
+           "× roofline: the time over distinct experts × bytes per expert / the "
+           f"device's read bandwidth. Shapes: {shapes}.", ""]
+  lines += _table(header, table) + [""]
+  if "standard_kernels.png" in pngs:
+    lines += ["![time per layer against distinct experts](standard_kernels.png)", ""]
+  return lines
+
+
+def markdown(results: Sequence[dict[str, Any]], pngs: Sequence[str] = (),
+             title: str = "Standard suite") -> str:
+  """The report of `results` (`load_results`); `pngs` are the plot file names
+  (`plots`) to link."""
+  labels = device_labels(results)
+  version = results[0].get("suite_version")
+  lines = [f"# {title}", "",
+           f"Standard-suite results (suite version {version}) of "
+           f"{len(results)} run(s), side by side; made by `python -m "
+           "sere_jax.scripts.report` (or the benchmark itself, for one device).", ""]
+  lines += _devices_section(results, labels)
+  lines += _decode_section(results, labels, pngs)
+  lines += _kernels_section(results, labels, pngs)
+  return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _png(fig) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  _pyplot().close(fig)
+  return buf.getvalue()
+
+
+def _log2_x(ax) -> None:
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+  ax.set_xscale("log", base=2)
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def plots(results: Sequence[dict[str, Any]]) -> dict[str, bytes]:
+  """`{file name: PNG bytes}`: `standard_speedup_<model>.png` per model and
+  `standard_kernels.png` (see the module docstring); needs matplotlib."""
+  plt = _pyplot()
+  labels = device_labels(results)
+  out = {}
+  policies = _policy_order(results)
+  for model in _models(results):
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6),
+                             sharey=True, squeeze=False)
+    for ax, r, label in zip(axes[0], results, labels):
+      by_policy: dict[str, dict[int, float]] = {}
+      for row in _decode_rows(r, model):
+        if row["label"] != "none" and row.get("speedup_over_none") is not None:
+          by_policy.setdefault(row["label"], {})[row["batch"]] = row["speedup_over_none"]
+      for policy in sorted(by_policy, key=lambda p: policies.index(p)
+                           if p in policies else 99):
+        xs = sorted(by_policy[policy])
+        ax.plot(xs, [by_policy[policy][x] for x in xs], marker="o", label=policy)
+      ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+      _log2_x(ax)
+      ax.set_xlabel("batch size B")
+      ax.set_title(label, fontsize=8)
+      ax.grid(True, alpha=0.3)
+      if by_policy:
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("speedup over none (time per token)")
+    fig.suptitle(model, fontsize=10)
+    out[f"standard_speedup_{_slug(model)}.png"] = _png(fig)
+  batches = sorted({row["batch"] for r in results
+                    for row in (r.get("kernels") or {}).get("rows", [])
+                    if row["mode"] == "forced"})
+  if batches:
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6),
+                             squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+      for r, label in zip(results, labels):
+        impl = (r.get("kernels") or {}).get("impl")
+        points = sorted((row["distinct"], row[f"{impl}_us"], row["roofline_us"])
+                        for row in (r.get("kernels") or {}).get("rows", [])
+                        if row["mode"] == "forced" and row["batch"] == batch)
+        if not points:
+          continue
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                        label=label)
+        ax.plot([p[0] for p in points], [p[2] for p in points], linestyle=":",
+                color=line.get_color())
+      _log2_x(ax)
+      ax.set_yscale("log")
+      ax.set_xlabel("distinct experts")
+      ax.set_title(f"B = {batch}", fontsize=9)
+      ax.grid(True, alpha=0.3)
+      ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("µs per MoE layer (dotted: roofline)")
+    out["standard_kernels.png"] = _png(fig)
+  return out
+
+
+def write_report(paths: Sequence[str], out_dir: str, *, with_plots: bool = True
+                 ) -> dict[str, Any]:
+  """Reads every input (`load_results`; nothing is written if one is refused), then
+  writes `<out_dir>/standard_report.md` and its plots in one `fileio.write_all_atomic`.
+  Returns `{"report": path, "pngs": [paths], "inputs": [paths]}`."""
+  results = load_results(paths)
+  images = plots(results) if with_plots else {}
+  report = os.path.join(out_dir, REPORT_NAME)
+  files: dict[str, str | bytes] = {report: markdown(results, list(images))}
+  files.update({os.path.join(out_dir, name): data for name, data in images.items()})
+  fileio.write_all_atomic(files)
+  return dict(report=report, pngs=[os.path.join(out_dir, n) for n in images],
+              inputs=[r["_path"] for r in results])
