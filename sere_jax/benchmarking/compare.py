@@ -235,10 +235,15 @@ def markdown(results: Sequence[dict[str, Any]], pngs: Sequence[str] = (),
   (`plots`) to link."""
   labels = device_labels(results)
   version = results[0].get("suite_version")
-  lines = [f"# {title}", "",
-           f"Standard-suite results (suite version {version}) of "
-           f"{len(results)} run(s), side by side; made by `python -m "
-           "sere_jax.scripts.report` (or the benchmark itself, for one device).", ""]
+  if len(results) == 1:
+    intro = (f"Made by `{results[0].get('command')}` (standard suite, version {version}); "
+             "`python -m sere_jax.scripts.report DIR...` puts it beside other devices' "
+             "results.")
+  else:
+    intro = (f"Standard-suite results (suite version {version}) of {len(results)} runs "
+             "side by side, made by `python -m sere_jax.scripts.report` from the files "
+             "named below.")
+  lines = [f"# {title}", "", intro, ""]
   lines += _devices_section(results, labels)
   lines += _decode_section(results, labels, pngs)
   lines += _kernels_section(results, labels, pngs)
