@@ -143,7 +143,8 @@ def main(argv: list[str]) -> None:
   bar.close()
   elapsed = time.time() - t_start
 
-  steps = (np.concatenate(all_steps) if all_steps else np.zeros((0, 0, 4), np.int64))
+  steps = (np.concatenate(all_steps) if all_steps
+           else np.zeros((0, 0, len(generation.STAT_FIELDS)), np.int64))
   per_layer = generation.summarize_stats(steps)
   num_layers = steps.shape[1]
   stats = {

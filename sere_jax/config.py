@@ -6,10 +6,10 @@ import dataclasses
 
 from sere_jax.validation import check_int, check_unit
 
-POLICIES = ("none", "sere", "sere_hybrid", "topk_truncate", "keep_active", "oea",
-            "random", "expert_pool", "oracle")
+POLICIES = ("none", "sere", "sere_hybrid", "sere_ep", "topk_truncate", "keep_active",
+            "oea", "random", "expert_pool", "oracle")
 # Policies that read the layer's expert similarity matrix.
-SIMILARITY_POLICIES = ("sere", "sere_hybrid", "expert_pool")
+SIMILARITY_POLICIES = ("sere", "sere_hybrid", "sere_ep", "expert_pool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +20,10 @@ class RerouteConfig:
     policy: one of `POLICIES`. `none` keeps the original top-K routing; `sere` is
       similarity-based re-routing (docs/concepts.md); `sere_hybrid` is SERE whose substitute
       is chosen per token by `(1 - score_weight) * similarity + score_weight * router
-      score` (critical experts as in `sere`); `topk_truncate` keeps only the top-S
+      score` (critical experts as in `sere`); `sere_ep` is SERE for experts placed on
+      `expert_devices` devices: a critical expert is kept only while its device stays
+      within the most primaries any device holds, else it is re-routed like any other
+      secondary (`policies.sere_ep_targets`); `topk_truncate` keeps only the top-S
       experts; `oea` lets slots past S take the token's best-scoring already-active
       experts; `keep_active` keeps the secondary slots whose expert is already a
       primary of the batch and drops the rest; `random` re-routes each secondary
@@ -47,6 +50,10 @@ class RerouteConfig:
       renormalised to the original total; None follows the model's own top-K rule.
     pool_size: D of `expert_pool`, the experts kept per batch (0 for other policies;
       a `MoeBlock` rejects more than its number of experts).
+    expert_devices: the number of devices the experts are placed on in contiguous
+      blocks (`sere_jax.placement`; expert parallelism). 0: one device. `sere_ep`
+      needs it; for every policy it sets what `RerouteStats.max_device_distinct`
+      counts.
   """
 
   policy: str = "sere"
@@ -58,6 +65,7 @@ class RerouteConfig:
   score_weight: float = 0.5
   renormalize: bool | None = None
   pool_size: int = 0
+  expert_devices: int = 0
 
   def __post_init__(self):
     if self.policy not in POLICIES:
@@ -74,6 +82,10 @@ class RerouteConfig:
     check_int("pool_size", self.pool_size, low=0)
     if self.policy == "expert_pool" and self.pool_size < 1:
       raise ValueError("policy 'expert_pool' needs pool_size >= 1")
+    check_int("expert_devices", self.expert_devices, low=0)
+    if self.policy == "sere_ep" and self.expert_devices < 1:
+      raise ValueError("policy 'sere_ep' needs the expert placement: expert_devices >= 1 "
+                       "(spec option devN, e.g. sere_ep:2:0.3:dev8)")
 
   def is_active(self, top_k: int) -> bool:
     """Whether this config changes a top-`top_k` routing at all."""

@@ -5,9 +5,10 @@
                       eos_ids=(2,))
     result.tokens          # new tokens per prompt (EOS / stop sequence not included)
     result.finish_reason   # "eos" | "stop" | "length" per prompt
-    result.decode_stats    # [steps, num_moe_layers, 4]: distinct_before,
-                           #   distinct_after, critical_kept, slots_rerouted
-                           #   (means over groups if the blocks re-route in groups)
+    result.decode_stats    # [steps, num_moe_layers, 5]: distinct_before,
+                           #   distinct_after, critical_kept, slots_rerouted,
+                           #   max_device_distinct (means over groups if the
+                           #   blocks re-route in groups)
 
 How it runs: prompts are left-padded to a common length `P` (layers.py conventions),
 so every sequence writes cache slot `cache_index`. The prefill is one jitted call of
@@ -40,7 +41,9 @@ import numpy as np
 from sere_jax import moe
 from sere_jax.models import base as model_base
 
-STAT_FIELDS = ("distinct_before", "distinct_after", "critical_kept", "slots_rerouted")
+# The RerouteStats fields a model step reports per MoE layer, in this order.
+STAT_FIELDS = ("distinct_before", "distinct_after", "critical_kept", "slots_rerouted",
+               "max_device_distinct")
 FINISH_REASONS = ("eos", "stop", "length")
 
 
@@ -111,16 +114,16 @@ def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Arr
 class GenerationResult(NamedTuple):
   tokens: list[list[int]]  # new tokens per prompt, without the EOS / stop sequence
   finish_reason: list[str]  # "eos", "stop" or "length" per prompt
-  decode_stats: np.ndarray  # [steps, num_moe_layers, 4] float64 (STAT_FIELDS)
-  prefill_stats: np.ndarray  # [num_moe_layers, 4] float64
+  decode_stats: np.ndarray  # [steps, num_moe_layers, 5] float64 (STAT_FIELDS)
+  prefill_stats: np.ndarray  # [num_moe_layers, 5] float64
 
 
 def stats_array(stats: Sequence[Any]) -> jax.Array:
-  """A model output's per-layer RerouteStats -> `[num_layers, 4]` float32 in
+  """A model output's per-layer RerouteStats -> `[num_layers, len(STAT_FIELDS)]` float32 in
   STAT_FIELDS order (means over re-routing groups when the blocks re-route in groups,
   else the values themselves)."""
   if not stats:
-    return jnp.zeros((0, 4), jnp.float32)
+    return jnp.zeros((0, len(STAT_FIELDS)), jnp.float32)
   return jnp.stack([jnp.stack([jnp.mean(jnp.asarray(getattr(s, f), jnp.float32))
                                for f in STAT_FIELDS]) for s in stats])
 
@@ -134,7 +137,7 @@ def _forward_and_sample(model, tokens, positions, token_valid, cache, cache_vali
                         cache_index, key, sampling: SamplingConfig, decode: bool):
   """Marks slots `[cache_index, cache_index + L)` valid where `token_valid`, runs the
   model on `tokens [B, L]` and samples from the last position's logits. Returns
-  `(next_token [B], cache, cache_valid, stats [num_moe_layers, 4])`."""
+  `(next_token [B], cache, cache_valid, stats [num_moe_layers, 5])`."""
   cache_valid = jax.lax.dynamic_update_slice(cache_valid, token_valid, (0, cache_index))
   out = model(tokens, positions, token_valid, cache, cache_valid, cache_index,
               decode=decode, last_only=True)  # a prefill needs no other logits
@@ -152,7 +155,7 @@ def model_step(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Arra
   [B, L]` that samples the next token: `generate`'s prefill (`decode=False`), or one
   decode step when timed alone. Marks cache slots `[cache_index, cache_index + L)` valid
   where `token_valid`; the cache is donated. Returns `(next_token [B], cache,
-  cache_valid, stats [num_moe_layers, 4])`."""
+  cache_valid, stats [num_moe_layers, 5])`."""
   return _forward_and_sample(nnx.merge(graphdef, state), tokens, positions, token_valid,
                              cache, cache_valid, cache_index, key, sampling, decode)
 
@@ -263,7 +266,7 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
   last token at cache slot `prompt_len + s` and position `lengths + s`, and finished
   sequences pad with `token_valid = False`. The loop ends when every sequence has
   finished or after `max_new_tokens - 1` steps. Returns `(accepted: Accepted,
-  steps: int32, stats [max(max_new_tokens - 1, 1), num_moe_layers, 4], cache,
+  steps: int32, stats [max(max_new_tokens - 1, 1), num_moe_layers, 5], cache,
   cache_valid)`; rows of `stats` past `steps` are zero. (The cache is returned so that
   the donated input buffers become the loop's, without a copy.)
   """
@@ -276,7 +279,8 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
   model = nnx.merge(graphdef, state)
   num_layers = len(moe.moe_blocks(model))
   # One row at least: the body is traced even when it never runs (max_new_tokens = 1).
-  stats = jnp.zeros((max(max_new_tokens - 1, 1), num_layers, 4), jnp.float32)
+  stats = jnp.zeros((max(max_new_tokens - 1, 1), num_layers, len(STAT_FIELDS)),
+                    jnp.float32)
 
   def running(carry):
     step, _, acc, *_ = carry

@@ -20,18 +20,23 @@ called; until then that policy uses ones. Shared experts are the model's busines
 and live outside the block.
 
 Policies other than `none` and `sere` (the fused schedule kernel's) re-route in the
-block before the MoE op runs. The `oracle` diagnostic computes every expert's output
+block before the MoE op runs. With a `mesh` (`set_expert_parallel`), the experts are
+sharded over its `expert_axis` (`sere_jax.expert_parallel`): every policy re-routes
+in the block, replicated, and each device computes its own experts' slots. The `oracle` diagnostic computes every expert's output
 for every token first (`[T, E, D]`, dense: memory grows with T x E x (2F + D)).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from sere_jax import expert_parallel
 from sere_jax import policies
 from sere_jax import routing
 from sere_jax import validation
@@ -86,10 +91,13 @@ class MoeBlock(nnx.Module):
   def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, *,
                reroute: RerouteConfig = NO_REROUTE, normalize: bool = False,
                router: Router | None = None, impl: str = "auto", group_size: int = 0,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, mesh: Mesh | None = None,
+               expert_axis: str = "expert", rngs: nnx.Rngs):
     if not 0 < top_k <= num_experts:
       raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
     validation.check_layer_config(reroute, top_k, num_experts)
+    if mesh is not None:
+      expert_parallel.check_mesh(mesh, expert_axis, num_experts)
     init = nnx.initializers.normal(stddev=dim ** -0.5)
     self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
     self.router_kernel = nnx.Param(init(rngs.params(), (dim, num_experts), param_dtype))
@@ -105,6 +113,7 @@ class MoeBlock(nnx.Module):
     self.route = router or softmax_router(top_k, normalize, impl)
     self.impl = impl
     self.group_size = group_size
+    self.mesh, self.expert_axis = mesh, expert_axis
 
   def set_pool_stats(self, output_norm: jax.Array, pool_scale: jax.Array) -> None:
     """Sets the `expert_pool` statistics (`similarity.pool_stats`): mean output norms
@@ -123,8 +132,14 @@ class MoeBlock(nnx.Module):
       self.pool_scale.set_value(pool_scale)
 
   def active_config(self, decode: bool) -> RerouteConfig:
-    """The re-routing config of a decode (or prefill) step."""
-    return self.reroute if decode or not self.reroute.decode_only else NO_REROUTE
+    """The re-routing config of a decode (or prefill) step; with a mesh, its
+    `expert_devices` is the expert axis's size."""
+    config = self.reroute if decode or not self.reroute.decode_only else NO_REROUTE
+    if self.mesh is None:
+      return config
+    devices = self.mesh.shape[self.expert_axis]
+    _check_devices(config, devices, self.expert_axis)
+    return dataclasses.replace(config, expert_devices=devices)
 
   def __call__(self, x: jax.Array, valid: jax.Array, *, decode: bool
                ) -> tuple[jax.Array, policies.RerouteStats]:
@@ -157,7 +172,7 @@ class MoeBlock(nnx.Module):
     self._record(CAPTURE_LOAD_BALANCE,
                  routing.load_balancing_loss(logits, ids, flat_valid))
     stepwise = decode and (self.group_size > 0 or (x.ndim == 3 and x.shape[1] > 1))
-    if not stepwise and config.policy in FUSED_POLICIES:
+    if not stepwise and config.policy in FUSED_POLICIES and self.mesh is None:
       similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
       out = self._ffn(flat, ids, weights, flat_valid, similarity, config, scores)
       return out.y.reshape(x.shape), out.stats
@@ -174,6 +189,11 @@ class MoeBlock(nnx.Module):
     return out.y.reshape(x.shape), stats
 
   def _ffn(self, x, ids, weights, valid, similarity, config, scores):
+    if self.mesh is not None:  # re-routed already (the fused path is single-device)
+      return moe_ffn_lib.MoeOutput(
+          expert_parallel.ffn(x, ids, weights, valid, self.w_gate_up[...],
+                              self.w_down[...], mesh=self.mesh, axis=self.expert_axis,
+                              impl=self.impl), ids, weights, None)
     return moe_ffn_lib.moe_ffn(
         x, ids, weights, self.w_gate_up[...], self.w_down[...], valid=valid,
         similarity=similarity, config=config, router_scores=scores,
@@ -250,6 +270,26 @@ def set_reroute(model: nnx.Module, config: RerouteConfig, impl: str | None = Non
       block.impl = impl
     if group_size is not None:
       block.group_size = group_size
+
+
+def set_expert_parallel(model: nnx.Module, mesh: Mesh, axis: str = "expert") -> None:
+  """Shards every MoE block's routed experts over `mesh`'s `axis` and places the rest
+  of the model replicated on the mesh (`expert_parallel.shard_state`). The model then
+  computes what it computed on one device (see `sere_jax.expert_parallel`)."""
+  blocks = moe_blocks(model)
+  for block in blocks:  # every block is checked before any changes
+    _check_devices(block.reroute, expert_parallel.check_mesh(mesh, axis, block.num_experts),
+                   axis)
+  for block in blocks:
+    block.mesh, block.expert_axis = mesh, axis
+  expert_parallel.shard_state(model, mesh, axis)
+
+
+def _check_devices(config: RerouteConfig, devices: int, axis: str) -> None:
+  if config.expert_devices not in (0, devices):
+    raise ValueError(f"policy {config.policy!r} places the experts on "
+                     f"{config.expert_devices} devices, but the expert axis {axis!r} "
+                     f"has {devices}")
 
 
 def check_calibrated(model: nnx.Module) -> None:

@@ -1,5 +1,5 @@
-"""Re-routing policies: SERE (docs/concepts.md), its per-token hybrid `sere_hybrid`, and
-the baselines and controls of docs/concepts.md (the controls live in `control_policies`).
+"""Re-routing policies: SERE (docs/concepts.md), its per-token hybrid `sere_hybrid`, its
+expert-parallel form `sere_ep`, and the baselines and controls of docs/concepts.md (the controls live in `control_policies`).
 
 Every policy maps a top-K routing of one batch to a new one with the same static
 shapes: `ids [T, K]`, `weights [T, K]`. Slots that a policy drops keep the token's
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sere_jax import control_policies
+from sere_jax import placement
 from sere_jax import validation
 from sere_jax.config import SIMILARITY_POLICIES, RerouteConfig
 
@@ -32,6 +33,10 @@ class RerouteStats(NamedTuple):
   # 1 when the step's similarity held NaN or inf under jit (routed as
   # `validation.similarity_for_routing` says), else 0.
   invalid_similarity: jax.Array | int = 0
+  # The most distinct experts any one device reads after re-routing, with experts
+  # placed on `RerouteConfig.expert_devices` devices (`sere_jax.placement`);
+  # `distinct_after` on one device.
+  max_device_distinct: jax.Array | int = 0
 
 
 def count_distinct(ids: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
@@ -77,6 +82,43 @@ def sere_targets(is_primary: jax.Array, similarity: jax.Array, threshold: float
   nearest, critical = nearest_primary(is_primary, similarity, threshold)
   keep = is_primary | critical | ~jnp.any(is_primary)
   return jnp.where(keep, experts, nearest), critical
+
+
+def sere_ep_targets(ids: jax.Array, weights: jax.Array, valid: jax.Array,
+                    is_primary: jax.Array, similarity: jax.Array, threshold: float,
+                    select_top_k: int, num_devices: int) -> tuple[jax.Array, jax.Array]:
+  """`sere_ep`: SERE's per-expert targets under a per-device budget of experts.
+
+  Experts sit on `num_devices` devices in contiguous blocks (`sere_jax.placement`).
+  The budget is the most primary experts any device holds. A critical expert (as in
+  `sere_targets`) that some valid token's secondary slot uses is kept only while its
+  device stays within the budget: per device, the critical experts with the most
+  secondary routing weight first (ties to the lowest index), as many as the device's
+  primaries leave room for. Every other non-primary expert maps to its most similar
+  primary, so no device reads more experts than the budget. With `threshold` 0 there
+  is no critical expert and this is `sere_targets`. Returns `target [E] int32` and
+  `kept [E]` (critical experts kept).
+  """
+  num_experts = is_primary.shape[0]
+  experts = jnp.arange(num_experts, dtype=jnp.int32)
+  nearest, critical = nearest_primary(is_primary, similarity, threshold)
+  device = placement.device_of_expert(num_experts, num_devices)
+  primaries = jnp.zeros((num_devices,), jnp.int32).at[device].add(
+      is_primary.astype(jnp.int32))
+  secondary = ids[:, select_top_k:]
+  slot_weight = jnp.where(valid[:, None], weights[:, select_top_k:].astype(jnp.float32), 0.)
+  used = jnp.zeros((num_experts,), jnp.bool_).at[secondary].max(
+      jnp.broadcast_to(valid[:, None], secondary.shape))
+  mass = jnp.zeros((num_experts,), jnp.float32).at[secondary].add(slot_weight)
+  wanted = critical & used
+  # Rank of each wanted expert among the wanted experts of its device.
+  ahead = (mass[None, :] > mass[:, None]) | ((mass[None, :] == mass[:, None])
+                                             & (experts[None, :] < experts[:, None]))
+  ahead &= wanted[None, :] & (device[None, :] == device[:, None])
+  rank = jnp.sum(ahead, axis=1, dtype=jnp.int32)
+  kept = wanted & (rank < jnp.max(primaries) - primaries[device])
+  keep = is_primary | kept | ~jnp.any(is_primary)
+  return jnp.where(keep, experts, nearest), kept
 
 
 def hybrid_secondary(ids: jax.Array, is_primary: jax.Array, similarity: jax.Array,
@@ -197,15 +239,22 @@ def oracle_ids(ids: jax.Array, valid: jax.Array, expert_out: jax.Array,
 def rerouting_stats(ids: jax.Array, weights: jax.Array, new_ids: jax.Array,
                     new_weights: jax.Array, valid: jax.Array, num_experts: int,
                     critical_kept: jax.Array | int = 0,
-                    invalid_similarity: jax.Array | int = 0) -> RerouteStats:
+                    invalid_similarity: jax.Array | int = 0,
+                    expert_devices: int = 0) -> RerouteStats:
   """`RerouteStats` of a re-routing `(ids, weights) -> (new_ids, new_weights)`."""
   changed = ((new_ids != ids) | (new_weights != weights)) & valid[:, None]
+  distinct_after = count_distinct(new_ids, valid, num_experts)
+  max_device_distinct = distinct_after  # one device: all distinct experts
+  if expert_devices > 1:
+    max_device_distinct = placement.max_distinct_per_device(new_ids, valid, num_experts,
+                                                            expert_devices)
   return RerouteStats(
       distinct_before=count_distinct(ids, valid, num_experts),
-      distinct_after=count_distinct(new_ids, valid, num_experts),
+      distinct_after=distinct_after,
       critical_kept=jnp.asarray(critical_kept, jnp.int32),
       slots_rerouted=jnp.sum(changed, dtype=jnp.int32),
-      invalid_similarity=jnp.asarray(invalid_similarity, jnp.int32))
+      invalid_similarity=jnp.asarray(invalid_similarity, jnp.int32),
+      max_device_distinct=max_device_distinct)
 
 
 def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
@@ -221,8 +270,8 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
     ids: `[T, K]` expert ids, sorted by descending router score.
     weights: `[T, K]` routing weights.
     valid: `[T]` bool; invalid tokens (padding, finished sequences) add no experts.
-    similarity: `[E, E]` expert similarity; required by `sere`, `sere_hybrid` and
-      `expert_pool`.
+    similarity: `[E, E]` expert similarity; required by `sere`, `sere_hybrid`,
+      `sere_ep` and `expert_pool`.
     config: the policy and its parameters (static under jit). `S <= 0` or `S >= K`
       leaves the routing unchanged (`config.is_active`).
     num_experts: E; inferred from `similarity` or `router_scores` when omitted.
@@ -252,8 +301,12 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
   valid = valid.astype(jnp.bool_)
   s = config.select_top_k
   policy = config.policy
+  devices = config.expert_devices
+  if devices:
+    placement.check_placement(num_experts, devices)
   if not config.is_active(ids.shape[1]):
-    return ids, weights, rerouting_stats(ids, weights, ids, weights, valid, num_experts)
+    return ids, weights, rerouting_stats(ids, weights, ids, weights, valid, num_experts,
+                                         expert_devices=devices)
   invalid_similarity = jnp.zeros((), jnp.int32)
   if policy in SIMILARITY_POLICIES:
     similarity, invalid_similarity = validation.similarity_for_routing(
@@ -265,9 +318,13 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
     renorm = config.renormalize
   critical_kept = jnp.zeros((), jnp.int32)
   new_w = weights
-  if policy in ("sere", "sere_hybrid"):
+  if policy in ("sere", "sere_hybrid", "sere_ep"):
     if policy == "sere":
       target, critical = sere_targets(is_primary, similarity, config.threshold)
+      new_ids = _remap_secondary(ids, target, s)
+    elif policy == "sere_ep":
+      target, critical = sere_ep_targets(ids, weights, valid, is_primary, similarity,
+                                         config.threshold, s, devices)
       new_ids = _remap_secondary(ids, target, s)
     else:
       validation.check_router_scores(router_scores, policy, ids.shape[0], num_experts)
@@ -306,7 +363,7 @@ def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,
   new_ids = jnp.where(apply, new_ids, ids)
   new_w = jnp.where(apply, new_w, weights)
   stats = rerouting_stats(ids, weights, new_ids, new_w, valid, num_experts,
-                          jnp.where(apply, critical_kept, 0), invalid_similarity)
+                          jnp.where(apply, critical_kept, 0), invalid_similarity, devices)
   return new_ids, new_w, stats
 
 

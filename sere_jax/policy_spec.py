@@ -10,6 +10,7 @@ string; `parse` reads it, `PolicySpec.text` prints it back (canonical form) and
     expert_pool:D[:METRIC]
     sere:S[:RHO][:METRIC]
     sere_hybrid:S[:RHO[:W]][:METRIC]
+    sere_ep:S[:RHO][:METRIC]:devN
 
 S is the number of primary experts per token, D the expert pool's size, RHO the
 critical-expert threshold (a number in [0, 1], or `qX`: per layer, the X-quantile of
@@ -18,8 +19,10 @@ that layer's off-diagonal similarity) and W the `sere_hybrid` router-score weigh
 of `similarity.METRICS` (policies that read a similarity; default: the model's stored
 one), `minN` (no re-routing below N valid tokens), `seedN` (the `random` draws),
 `renorm` / `raw` (truncating policies: renormalise the kept weights, or not; default:
-as the model renormalises its top-K) and `prefill` (re-route prefill steps too).
-Example: `sere:2:q0.5:cosine:min8`.
+as the model renormalises its top-K), `prefill` (re-route prefill steps too) and
+`devN` (experts placed on N expert-parallel devices: `sere_ep` needs it; on any policy,
+`none` included, it sets the devices `max_device_distinct` counts over).
+Example: `sere:2:q0.5:cosine:min8`, `sere_ep:2:0.3:dev8`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from sere_jax.similarity import METRICS
 TRUNCATING_POLICIES = ("topk_truncate", "keep_active")
 # Policies whose positional integer is the pool size D rather than S.
 POOL_POLICIES = ("expert_pool",)
+# Policies with a critical-expert threshold RHO after S.
+THRESHOLD_POLICIES = ("sere", "sere_hybrid", "sere_ep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,7 @@ class PolicySpec:
   renormalize: bool | None = None
   pool_size: int = 0
   decode_only: bool = True
+  expert_devices: int = 0
 
   def __post_init__(self):
     if self.policy not in POLICIES:
@@ -80,7 +86,7 @@ class PolicySpec:
       fields = [("D=", "", str(self.pool_size))]
     else:
       fields = [("S=", "", str(self.select_top_k))]
-    if self.policy in ("sere", "sere_hybrid"):
+    if self.policy in THRESHOLD_POLICIES:
       fields.append(("rho=", "", f"q{_num(self.quantile)}" if self.quantile is not None
                      else _num(self.threshold)))
       if self.policy == "sere_hybrid":
@@ -96,20 +102,22 @@ class PolicySpec:
       fields.append(("seed=", "seed", str(self.seed)))
     if not self.decode_only:
       fields.append(("", "", "prefill"))
+    if self.expert_devices:
+      fields.append(("devices=", "dev", str(self.expert_devices)))
     return fields
 
   @property
   def text(self) -> str:
     """The canonical spec string (parses back to this spec)."""
     if self.policy == "none":
-      return "none"
+      return ":".join(["none"] + [p + v for _, p, v in self._fields()[1:]])
     return ":".join([self.policy] + [prefix + value for _, prefix, value in self._fields()])
 
   @property
   def label(self) -> str:
     """A readable name, e.g. `sere S=2 rho=q0.5 cosine min_batch=8`."""
     if self.policy == "none":
-      return "none"
+      return " ".join(["none"] + [p + v for p, _, v in self._fields()[1:]])
     return " ".join([self.policy] + [prefix + value for prefix, _, value in self._fields()])
 
   def config(self, threshold: float | None = None) -> RerouteConfig:
@@ -119,7 +127,7 @@ class PolicySpec:
         threshold=self.threshold if threshold is None else threshold,
         decode_only=self.decode_only, min_batch=self.min_batch, seed=self.seed,
         score_weight=self.score_weight, renormalize=self.renormalize,
-        pool_size=self.pool_size)
+        pool_size=self.pool_size, expert_devices=self.expert_devices)
 
   def to_json(self) -> dict[str, Any]:
     """The spec's fields as a JSON-ready dict (`from_json` reads it back)."""
@@ -154,18 +162,22 @@ def parse(text: str) -> PolicySpec:
   if policy not in POLICIES:
     raise ValueError(f"policy spec {text!r}: unknown policy {policy!r}; one of {POLICIES}")
   if policy == "none":
-    if rest:
-      raise ValueError(f"policy spec {text!r}: 'none' takes no fields, got {rest[0]!r}")
-    return PolicySpec("none")
+    kw: dict[str, Any] = {}
+    for token in rest:
+      if not re.fullmatch(r"dev\d+", token):
+        raise ValueError(f"policy spec {text!r}: 'none' takes no fields but devN, got "
+                         f"{token!r}")
+      _option(policy, token, text, kw)
+    return PolicySpec("none", **kw)
   what = "D" if policy in POOL_POLICIES else "S"
   if not rest or not re.fullmatch(r"\d+", rest[0]) or int(rest[0]) < 1:
     bad = rest[0] if rest else "(missing)"
     raise ValueError(f"policy spec {text!r}: {what} {bad!r} must be an integer >= 1 "
                      f"(e.g. {policy}:2)")
-  kw: dict[str, Any] = {("pool_size" if what == "D" else "select_top_k"): int(rest[0])}
+  kw = {("pool_size" if what == "D" else "select_top_k"): int(rest[0])}
   rest = rest[1:]
-  positional = {"sere": ["threshold"], "sere_hybrid": ["threshold", "score_weight"]}.get(
-      policy, [])
+  positional = {"sere_hybrid": ["threshold", "score_weight"]}.get(
+      policy, ["threshold"] if policy in THRESHOLD_POLICIES else [])
   for name in positional:
     if not rest or not re.fullmatch(r"q?[\d.]+", rest[0]):
       break
@@ -203,6 +215,8 @@ def _option(policy: str, token: str, text: str, kw: dict[str, Any]) -> None:
     once("renormalize", token == "renorm")
   elif token == "prefill":
     once("decode_only", False)
+  elif match := re.fullmatch(r"dev(\d+)", token):
+    once("expert_devices", int(match.group(1)))
   elif token in METRICS:
     if policy not in SIMILARITY_POLICIES:
       raise ValueError(f"policy spec {text!r}: metric {token!r} only applies to "
@@ -210,7 +224,7 @@ def _option(policy: str, token: str, text: str, kw: dict[str, Any]) -> None:
     once("metric", token)
   else:
     raise ValueError(f"policy spec {text!r}: unknown token {token!r} (expected a metric "
-                     f"of {METRICS}, minN, seedN, renorm, raw or prefill)")
+                     f"of {METRICS}, minN, seedN, renorm, raw, prefill or devN)")
 
 
 def parse_list(texts: Sequence[str]) -> list[PolicySpec]:

@@ -36,6 +36,8 @@ from jax.experimental import checkify
 import jax.numpy as jnp
 import numpy as np
 
+from sere_jax import placement
+
 if TYPE_CHECKING:
   from sere_jax.config import RerouteConfig
 
@@ -72,9 +74,12 @@ def check_layer_config(config: RerouteConfig, top_k: int, num_experts: int) -> N
 
   The policy functions follow the paper (S <= 0 or S >= K: no change); a layer that
   is configured that way is a mistake, so here every policy but `none` and
-  `expert_pool` needs `1 <= select_top_k < top_k`, and `expert_pool` needs
-  `pool_size <= num_experts`.
+  `expert_pool` needs `1 <= select_top_k < top_k`, `expert_pool` needs
+  `pool_size <= num_experts`, and an expert placement (`expert_devices`) at most
+  `num_experts` devices.
   """
+  if config.expert_devices:
+    placement.check_placement(num_experts, config.expert_devices)
   if config.policy == "expert_pool":
     if config.pool_size > num_experts:
       raise ValueError(f"policy 'expert_pool' has pool_size={config.pool_size}, more "

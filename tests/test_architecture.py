@@ -24,9 +24,9 @@ FLOORS = {
     "sere_jax.fileio": 0, "sere_jax.textio": 0,
     "sere_jax.config": 1, "sere_jax.policy_spec": 1, "sere_jax.policies": 1,
     "sere_jax.control_policies": 1, "sere_jax.similarity": 1, "sere_jax.validation": 1,
-    "sere_jax.routing": 1, "sere_jax.numerics": 1,
+    "sere_jax.routing": 1, "sere_jax.numerics": 1, "sere_jax.placement": 1,
     "sere_jax.kernels": 2,
-    "sere_jax.moe": 3,
+    "sere_jax.moe": 3, "sere_jax.expert_parallel": 3,
     "sere_jax.models": 4,
     "sere_jax": 5,  # generation, evaluation, calibration, training, benchmarking, data
     "sere_jax.scripts": 6,

@@ -1,6 +1,7 @@
 """The MoE FFN op: re-routing -> schedule -> grouped matmuls -> weighted combine.
 
-`moe_ffn` is the one entry point. Implementations (`impl`, or its alias
+`moe_ffn` is the entry point; `routed_ffn` runs the FFN of an already re-routed batch
+on a subset of its slots (one device's experts under expert parallelism). Implementations (`impl`, or its alias
 `implementation`; `IMPLS`, `REGISTRY`):
   triton     Pallas Triton kernels (NVIDIA GPUs): fused schedule kernel and an
              expert-skipping grouped matmul; weights of inactive experts are not read.
@@ -21,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sere_jax import placement
 from sere_jax import policies
 from sere_jax import validation
 from sere_jax.config import RerouteConfig
@@ -44,7 +46,7 @@ class MoeOutput(NamedTuple):
   stats: policies.RerouteStats
 
 
-def _grouped_ffn(impl, x, ids, weights, valid, sched, w_gate_up, w_down):
+def _grouped_ffn(impl, x, ids, weights, valid, sched, w_gate_up, w_down, out_dtype=None):
   """The FFN with the grouped-matmul kernels of `impl` over the schedule's rows."""
   del ids  # the schedule holds them
   active = {}
@@ -54,21 +56,22 @@ def _grouped_ffn(impl, x, ids, weights, valid, sched, w_gate_up, w_down):
   gate_up = matmul(x, w_gate_up, sched.group_offsets, sched.row_token)
   hidden = swiglu(gate_up).astype(w_down.dtype)
   down = matmul(hidden, w_down, sched.group_offsets)
-  return combine(down, weights, valid, sched.slot_row, x.dtype)
+  return combine(down, weights, valid, sched.slot_row, out_dtype or x.dtype)
 
 
-def _ragged_dot(x, ids, weights, valid, sched, w_gate_up, w_down):
+def _ragged_dot(x, ids, weights, valid, sched, w_gate_up, w_down, out_dtype=None):
   del ids
-  return ragged_dot_ffn(x, weights, valid, sched, w_gate_up, w_down)
+  return ragged_dot_ffn(x, weights, valid, sched, w_gate_up, w_down, out_dtype)
 
 
-def _xla_dense(x, ids, weights, valid, sched, w_gate_up, w_down):
+def _xla_dense(x, ids, weights, valid, sched, w_gate_up, w_down, out_dtype=None):
   del sched  # not built: every expert is applied
-  return dense_ffn(x, ids, weights, valid, w_gate_up, w_down)
+  return dense_ffn(x, ids, weights, valid, w_gate_up, w_down, out_dtype)
 
 
-# name -> `ffn(x, ids, weights, valid, sched, w_gate_up, w_down) -> y [T, D]`, after
-# re-routing; `sched` is None for `xla_dense`.
+# name -> `ffn(x, ids, weights, valid, sched, w_gate_up, w_down, out_dtype=None) ->
+# y [T, D]` (in out_dtype, default x.dtype), after re-routing; `valid` is `[T]` or a
+# slot mask `[T, K]`; `sched` is None for `xla_dense`.
 IMPLEMENTATIONS = {
     "triton": functools.partial(_grouped_ffn, "triton"),
     "tpu": functools.partial(_grouped_ffn, "tpu"),
@@ -154,7 +157,12 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
     sched = schedule_lib.build_schedule(ids, valid, num_experts, stats)
 
   y = IMPLEMENTATIONS[impl](x, sched.ids, weights, valid, sched, w_gate_up, w_down)
-  stats = policies.RerouteStats(*(sched.stats[i] for i in range(4)), invalid_similarity)
+  max_device_distinct = sched.stats[1]  # one device: all distinct experts
+  if config.expert_devices > 1:
+    max_device_distinct = placement.max_distinct_per_device(sched.ids, valid, num_experts,
+                                                            config.expert_devices)
+  stats = policies.RerouteStats(*(sched.stats[i] for i in range(4)), invalid_similarity,
+                                max_device_distinct)
   return MoeOutput(y, sched.ids, weights, stats)
 
 
@@ -164,3 +172,28 @@ def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
   """The fused re-routing + schedule kernel of `impl` (policies `none`, `sere`)."""
   return schedule_api.schedule(ids, valid, similarity, config, num_experts=num_experts,
                                implementation=impl)
+
+
+def routed_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, slot_valid: jax.Array,
+               w_gate_up: jax.Array, w_down: jax.Array, *, impl: str = "auto",
+               out_dtype=None) -> jax.Array:
+  """`y [T, D]`: the FFN of an already re-routed batch over the slots `slot_valid [T, K]`
+  only; other slots read no expert and add nothing.
+
+  The building block of expert parallelism: each device runs it on the slots of its
+  own experts (`ids` local to its weights) and the partial outputs are summed. No
+  re-routing happens here; the schedule is `schedule.reference.build_schedule`, the
+  grouped matmuls are `impl`'s. `out_dtype` (default `x.dtype`) lets partial sums
+  stay in float32.
+  """
+  impl = resolve_impl(impl)
+  REGISTRY.check(impl)
+  validation.check_shape(slot_valid, "slot_valid", ids.shape)
+  validation.check_ffn_inputs(x, ids, weights, jnp.ones(x.shape[:1], jnp.bool_),
+                              w_gate_up, w_down)
+  slot_valid = slot_valid.astype(jnp.bool_)
+  sched = None
+  if impl != "xla_dense":
+    sched = schedule_lib.build_schedule(ids, slot_valid, w_gate_up.shape[0])
+  return IMPLEMENTATIONS[impl](x, ids, weights, slot_valid, sched, w_gate_up, w_down,
+                              out_dtype)

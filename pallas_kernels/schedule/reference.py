@@ -1,9 +1,10 @@
 """The expert-skip schedule and its pure-jnp reference.
 
 A batch's `T*K` (token, slot) pairs become rows sorted by expert. Slots of invalid
-tokens get no row. `Schedule` is the data every grouped-matmul backend consumes;
-`reference_schedule` (re-routing with `none` or `sere`, then `build_schedule`) is the
-definition that the kernels in `triton.py` and `tpu.py` must reproduce exactly.
+tokens (or invalid slots, given a `[T, K]` mask) get no row. `Schedule` is the data
+every grouped-matmul backend consumes; `reference_schedule` (re-routing with `none` or
+`sere`, then `build_schedule`) is the definition that the kernels in `triton.py` and
+`tpu.py` must reproduce exactly.
 """
 
 from __future__ import annotations
@@ -74,13 +75,19 @@ def active_experts_from_offsets(group_offsets: jax.Array) -> jax.Array:
   return jnp.where(experts < num_distinct, packed, last).astype(jnp.int32)
 
 
+def slot_mask(valid: jax.Array, shape: tuple[int, int]) -> jax.Array:
+  """`[T, K]` bool from a token mask `valid [T]` or a slot mask `[T, K]`."""
+  valid = valid.astype(jnp.bool_)
+  return valid if valid.ndim == 2 else jnp.broadcast_to(valid[:, None], shape)
+
+
 def build_schedule(ids: jax.Array, valid: jax.Array, num_experts: int,
                    stats: policies.RerouteStats | None = None) -> Schedule:
-  """Sorts already re-routed `ids [T, K]` of valid tokens by expert (stable)."""
+  """Sorts already re-routed `ids [T, K]` of valid tokens (`valid [T]`) or valid slots
+  (`[T, K]`) by expert (stable)."""
   num_tokens, top_k = ids.shape
   num_rows = num_tokens * top_k
-  valid = valid.astype(jnp.bool_)
-  slot_valid = jnp.broadcast_to(valid[:, None], ids.shape).reshape(-1)
+  slot_valid = slot_mask(valid, ids.shape).reshape(-1)
   flat = ids.reshape(-1)
   sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(slot_valid.astype(jnp.int32))
   offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(sizes, dtype=jnp.int32)])

@@ -59,7 +59,7 @@ def stored_similarity(model: nnx.Module) -> list[np.ndarray]:
 def teacher_forced_logp(graphdef, state, tokens: jax.Array, cache_dtype
                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One teacher-forced decode forward of `tokens [B, L]` (traceable): `(logp
-  [B, L-1, V] of each next token, nll [B, L-1], stats [layers, 4])`, with re-routing per
+  [B, L-1, V] of each next token, nll [B, L-1], stats [layers, 5])`, with re-routing per
   position and group as the blocks are configured."""
   model = nnx.merge(graphdef, state)
   batch, length = tokens.shape
@@ -76,7 +76,7 @@ def teacher_forced_logp(graphdef, state, tokens: jax.Array, cache_dtype
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype"))
 def _forward(graphdef, state, tokens, ref_logp, *, cache_dtype):
   """`teacher_forced_logp` against `none`'s `ref_logp`: `(nll [B, L-1], agree [B, L-1],
-  kl [B, L-1], stats [layers, 4] (means over positions and groups), logp [B, L-1, V] or
+  kl [B, L-1], stats [layers, 5] (means over positions and groups), logp [B, L-1, V] or
   None)`; agree and kl are None without `ref_logp`."""
   logp, nll, stats = teacher_forced_logp(graphdef, state, tokens, cache_dtype)
   if ref_logp is None:
@@ -102,7 +102,7 @@ class Reference:
 
 @dataclasses.dataclass
 class TeacherForced:
-  """One (policy, group size) teacher-forced evaluation; `stats [layers, 4]`: per-layer
+  """One (policy, group size) teacher-forced evaluation; `stats [layers, 5]`: per-layer
   means over positions and groups of STAT_FIELDS."""
   nll: np.ndarray  # [N, L-1]
   agreement: float

@@ -103,7 +103,7 @@ def study_data(tokenizer, documents: dict[str, Sequence[str]], *, seq_len: int,
 def forward(graphdef, state, tokens, ref_logp, *, cache_dtype):
   """Teacher-forced decode forward of `tokens [N, L]`: per target position the NLL,
   whether the top-1 prediction is the target, top-1 agreement and KL(ref || model)
-  against `ref_logp [N, L-1, V]`, and `stats [layers, 4]`."""
+  against `ref_logp [N, L-1, V]`, and `stats [layers, 5]`."""
   logp, nll, stats = teacher_forced_logp(graphdef, state, tokens, cache_dtype)
   top1 = jnp.argmax(logp, axis=-1)
   agree = top1 == jnp.argmax(ref_logp, axis=-1)
@@ -150,7 +150,7 @@ class Outcome:
   correct: np.ndarray
   agree: np.ndarray
   kl: np.ndarray
-  stats: np.ndarray  # [layers, 4]
+  stats: np.ndarray  # [layers, 5]
 
 
 def _configured_state(model, spec, group, matrices):
