@@ -21,9 +21,10 @@ and live outside the block.
 
 Policies other than `none` and `sere` (the fused schedule kernel's) re-route in the
 block before the MoE op runs. With a `mesh` (`set_expert_parallel`), the experts are
-sharded over its `expert_axis` (`sere_jax.expert_parallel`): every policy re-routes
-in the block, replicated, and each device computes its own experts' slots. The `oracle` diagnostic computes every expert's output
-for every token first (`[T, E, D]`, dense: memory grows with T x E x (2F + D)).
+sharded over its `expert_axis` (`sere_jax.expert_parallel`): every policy re-routes in
+the block, replicated, and each device computes its own experts' slots. The `oracle`
+diagnostic computes every expert's output for every token first (`[T, E, D]`, dense:
+memory grows with T x E x (2F + D)).
 """
 
 from __future__ import annotations

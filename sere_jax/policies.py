@@ -1,5 +1,6 @@
 """Re-routing policies: SERE (docs/concepts.md), its per-token hybrid `sere_hybrid`, its
-expert-parallel form `sere_ep`, and the baselines and controls of docs/concepts.md (the controls live in `control_policies`).
+expert-parallel form `sere_ep`, and the baselines and controls of docs/concepts.md (the
+controls live in `control_policies`).
 
 Every policy maps a top-K routing of one batch to a new one with the same static
 shapes: `ids [T, K]`, `weights [T, K]`. Slots that a policy drops keep the token's

@@ -1,8 +1,8 @@
 """The MoE FFN op: re-routing -> schedule -> grouped matmuls -> weighted combine.
 
-`moe_ffn` is the entry point; `routed_ffn` runs the FFN of an already re-routed batch
-on a subset of its slots (one device's experts under expert parallelism). Implementations (`impl`, or its alias
-`implementation`; `IMPLS`, `REGISTRY`):
+`moe_ffn` is the entry point; `routed_ffn` runs the FFN of an already re-routed batch on
+a subset of its slots (one device's experts under expert parallelism). Implementations
+(`impl`, or its alias `implementation`; `IMPLS`, `REGISTRY`):
   triton     Pallas Triton kernels (NVIDIA GPUs): fused schedule kernel and an
              expert-skipping grouped matmul; weights of inactive experts are not read.
   tpu        Pallas Mosaic kernels (TPUs), same structure.
