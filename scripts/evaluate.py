@@ -108,6 +108,10 @@ _OUT = flags.DEFINE_string("out", "evaluation", "Output prefix: <out>.json, <out
 _PLOT = flags.DEFINE_bool("plot", False, "Also write <out>_pareto.png (needs matplotlib).")
 _COMMAND = flags.DEFINE_string("command", None, "Command recorded in the outputs "
                                "(default: this process's argv).")
+_EXPERT_DEVICES = flags.DEFINE_integer(
+    "expert_devices", 1, "Devices to shard the routed experts over (expert parallelism, "
+    "sere_jax.expert_parallel; 1: one device). On a CPU, XLA_FLAGS="
+    "--xla_force_host_platform_device_count=N provides N host devices.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 
 
@@ -297,6 +301,7 @@ def main(argv: list[str]) -> None:
   needs_text = sorted({s.metric for s in specs if s.metric not in (None, "weights")})
   if needs_text and not _METRICS_TEXT.value:
     raise app.UsageError(f"--metrics_text is required for the metrics {needs_text}")
+  mesh = cli.expert_mesh(_EXPERT_DEVICES.value)
   out = _OUT.value
   cli.check_outputs([f"{out}.json", f"{out}.md",
                      f"{out}_pareto.png" if _PLOT.value else None],
@@ -304,6 +309,8 @@ def main(argv: list[str]) -> None:
 
   model = checkpoint.load_model(model_dir, param_dtype=jnp.dtype(_PARAM_DTYPE.value),
                                 impl=_IMPL.value)
+  if mesh is not None:
+    moe.set_expert_parallel(model, mesh)
   tokenizer = hf_import.load_tokenizer(model_dir)
   vocab = model.config.vocab_size
   tokens = _windows(_TEXT.value, tokenizer, _SEQ_LEN.value, _NUM_SEQ.value, batch_sizes,

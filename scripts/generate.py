@@ -17,8 +17,11 @@ of token ids) field per line. Text is tokenised with the model directory's
 Prompts are decoded in consecutive batches of `--batch_size` (SERE's choices depend on
 a token's batch neighbours, so the batching is part of the result). The output JSONL
 has one line per prompt, in input order; `--stats_output` gets per-layer means over
-decode steps of the distinct experts before/after re-routing, critical experts kept
-and slots re-routed. Both paths are checked before the model loads (an existing file
+decode steps of the distinct experts before/after re-routing, critical experts kept,
+slots re-routed and the most distinct experts one expert-parallel device reads.
+`--expert_devices=N` shards the routed experts over N devices (the tokens are the same
+as on one device; with `--policy=sere_ep:2:0.3:devN` re-routing keeps each device's
+distinct experts within its budget). Both paths are checked before the model loads (an existing file
 is replaced only with `--overwrite`) and written to temporary names, renamed into place
 together at the end.
 """
@@ -40,6 +43,7 @@ from sere_jax import checkpoint
 from sere_jax import cli
 from sere_jax import fileio
 from sere_jax import generation
+from sere_jax import moe
 from sere_jax import policy_spec
 from sere_jax import textio
 from sere_jax.models import hf_import
@@ -67,6 +71,10 @@ _EOS = flags.DEFINE_list("eos_ids", None, "EOS token ids (default: from config.j
                          "generation_config.json).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL of generations.")
 _STATS_OUTPUT = flags.DEFINE_string("stats_output", None, "JSON of routing statistics.")
+_EXPERT_DEVICES = flags.DEFINE_integer(
+    "expert_devices", 1, "Devices to shard the routed experts over (expert parallelism, "
+    "sere_jax.expert_parallel; 1: one device). On a CPU, XLA_FLAGS="
+    "--xla_force_host_platform_device_count=N provides N host devices.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing --output / "
                                "--stats_output files.")
 
@@ -92,6 +100,7 @@ def main(argv: list[str]) -> None:
   if spec.quantile is not None or spec.metric is not None:
     raise app.UsageError(f"--policy {spec.text}: generation uses the model's stored "
                          "similarity and one threshold (no metric, no qX)")
+  mesh = cli.expert_mesh(_EXPERT_DEVICES.value)
   reroute = spec.config()
   param_dtype = jnp.dtype(_PARAM_DTYPE.value)
 
@@ -104,6 +113,8 @@ def main(argv: list[str]) -> None:
   t0 = time.time()
   model = checkpoint.load_model(model_dir, param_dtype=param_dtype, reroute=reroute,
                                 impl=_IMPL.value)
+  if mesh is not None:
+    moe.set_expert_parallel(model, mesh)
   logging.info("loaded %s (%s) in %.1f s", model_dir, model.config.architecture,
                time.time() - t0)
   # One cache length for all batches, so the decode loop compiles once.
@@ -185,6 +196,9 @@ def main(argv: list[str]) -> None:
     print(f"mean distinct experts per layer and step: {mean['distinct_before']:.2f} -> "
           f"{mean['distinct_after']:.2f}; critical kept {mean['critical_kept']:.2f}; "
           f"slots re-routed {mean['slots_rerouted']:.2f}")
+    if reroute.expert_devices > 1 or mesh is not None:
+      print(f"most distinct experts on one expert-parallel device: "
+            f"{mean['max_device_distinct']:.2f}")
   if _OUTPUT.value:
     print(f"generations: {_OUTPUT.value}")
   if _STATS_OUTPUT.value:

@@ -9,7 +9,8 @@ flags (`--helpfull`: every flag) and exit 0; third-party INFO logging (absl, Orb
 checkpoint chatter, JAX's backend probing) stays off unless `--verbosity` is given; and
 an `app.UsageError` prints one line, not the whole usage. `check_outputs` refuses, before
 any long work, output paths that cannot be written or would replace existing files
-without `--overwrite`; `progress` and `Counter` draw the scripts' progress bars.
+without `--overwrite`; `progress` and `Counter` draw the scripts' progress bars;
+`expert_mesh` reads an `--expert_devices` flag.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from absl import flags
 from absl import logging
 import tqdm
 
+from sere_jax import expert_parallel
 from sere_jax import fileio
 
 T = TypeVar("T")
@@ -123,3 +125,14 @@ class Counter:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def expert_mesh(num_devices: int, flag: str = "--expert_devices"):
+  """The mesh of `num_devices` expert-parallel devices (`expert_parallel.expert_mesh`),
+  None for one device; an `app.UsageError` naming `flag` otherwise."""
+  if num_devices == 1:
+    return None
+  try:
+    return expert_parallel.expert_mesh(num_devices)
+  except ValueError as e:
+    raise app.UsageError(f"{flag}: {e}") from None

@@ -32,6 +32,23 @@ from sere_jax import placement
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 
 
+def expert_mesh(num_devices: int, axis: str = "expert") -> Mesh:
+  """A one-axis mesh over the first `num_devices` devices; ValueError when there are
+  fewer."""
+  available = jax.devices()
+  if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+    raise ValueError(f"the expert-parallel device count must be an integer >= 1, got "
+                     f"{num_devices!r}")
+  if num_devices > len(available):
+    hint = (" (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{num_devices} gives that many host devices)"
+            if available[0].platform == "cpu" else "")
+    raise ValueError(f"{num_devices} expert-parallel devices asked for, but this machine "
+                     f"has {len(available)} {available[0].platform} device(s){hint}")
+  return jax.make_mesh((num_devices,), (axis,), devices=available[:num_devices],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def check_mesh(mesh: Mesh, axis: str, num_experts: int) -> int:
   """The size of `axis` in `mesh`; ValueError when the axis is missing or the
   experts cannot be placed on it."""
@@ -39,6 +56,10 @@ def check_mesh(mesh: Mesh, axis: str, num_experts: int) -> int:
     raise ValueError(f"expert parallelism needs a jax.sharding.Mesh, got {type(mesh)}")
   if axis not in mesh.shape:
     raise ValueError(f"the mesh has axes {tuple(mesh.shape)}, not the expert axis {axis!r}")
+  if mesh.axis_types[mesh.axis_names.index(axis)] != jax.sharding.AxisType.Auto:
+    raise ValueError(f"the expert axis {axis!r} must be of type AxisType.Auto (XLA places "
+                     "the rest of the model): build the mesh with expert_mesh, or with "
+                     "jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,))")
   devices = mesh.shape[axis]
   placement.check_placement(num_experts, devices)
   return devices
@@ -68,8 +89,9 @@ def ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, valid: jax.Array,
     return jax.lax.psum(y, axis)
 
   replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-  args = [jax.reshard(a, replicated) for a in (x, ids, weights, valid.astype(jnp.bool_))]
-  args += [jax.reshard(w, split) for w in (w_gate_up, w_down)]
+  constrain = jax.lax.with_sharding_constraint
+  args = [constrain(a, replicated) for a in (x, ids, weights, valid.astype(jnp.bool_))]
+  args += [constrain(w, split) for w in (w_gate_up, w_down)]
   # Pallas kernels declare no varying-manual-axes types, so the check stays off.
   y = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 4 + (P(axis), P(axis)),
                     out_specs=P(), check_vma=False)(*args)
