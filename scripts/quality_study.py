@@ -131,30 +131,39 @@ def _random_mean(rows, outcomes, ref, data, group):
 
 
 def _versus(rows, outcomes, data) -> list[dict[str, Any]]:
-  """SERE minus each control at the same S: paired interval over sequences."""
+  """SERE minus each control at the same S, and each `sere_ep` minus the `sere` of the
+  same S, rho and placement: paired intervals over sequences."""
   found = {r["spec"]: (r, o) for r, o in zip(rows, outcomes)}
-  result = []
-  for spec, (r, o) in found.items():
+  pairs = []
+  for spec, (r, _) in found.items():
+    if r["policy"] == "sere_ep" and spec.replace("sere_ep", "sere", 1) in found:
+      pairs.append((spec, spec.replace("sere_ep", "sere", 1)))
     if r["policy"] != "sere" or ":q" in spec:
       continue
-    s = r["select_top_k"]
-    for other, (r2, o2) in found.items():
-      if r2["policy"] in ("sere", "none") or r2.get("seed") or r2["select_top_k"] != s:
+    for other, (r2, _) in found.items():
+      if (r2["policy"] in ("sere", "sere_ep", "none") or r2.get("seed")
+          or r2["select_top_k"] != r["select_top_k"]):
         continue
       if r2["policy"] == "random" and "mean" not in other:
         continue
-      low, high = metrics.paired_bootstrap_delta_ppl_ci(o.nll, o2.nll)
-      right_a, total = study.answers_correct(o.correct, data.answer)
-      right_b, _ = study.answers_correct(o2.correct, data.answer)
-      acc = study.paired_ratio_delta_ci(right_a, right_b, total)
-      result.append({
-          "sere": spec, "control": other, "batch_size": r["batch_size"],
-          "distinct": [r["distinct_per_layer"], r2["distinct_per_layer"]],
-          "sere_vs_control_ppl_pct": 100.0 * np.expm1(o.nll.mean() - o2.nll.mean()),
-          "ci": [low, high],
-          "verdict": "sere better" if high < 0 else "sere worse" if low > 0
-                     else "no difference",
-          "task_accuracy_delta_points_ci": list(acc)})
+      pairs.append((spec, other))
+  result = []
+  for spec, other in pairs:
+    (r, o), (r2, o2) = found[spec], found[other]
+    low, high = metrics.paired_bootstrap_delta_ppl_ci(o.nll, o2.nll)
+    right_a, total = study.answers_correct(o.correct, data.answer)
+    right_b, _ = study.answers_correct(o2.correct, data.answer)
+    acc = study.paired_ratio_delta_ci(right_a, right_b, total)
+    result.append({
+        "sere": spec, "control": other, "batch_size": r["batch_size"],
+        "distinct": [r["distinct_per_layer"], r2["distinct_per_layer"]],
+        "max_device_distinct": [r["max_device_distinct_per_layer"],
+                                r2["max_device_distinct_per_layer"]],
+        "sere_vs_control_ppl_pct": 100.0 * np.expm1(o.nll.mean() - o2.nll.mean()),
+        "ci": [low, high],
+        "verdict": "sere better" if high < 0 else "sere worse" if low > 0
+                   else "no difference",
+        "task_accuracy_delta_points_ci": list(acc)})
   return result
 
 

@@ -200,6 +200,7 @@ def row(spec: PolicySpec, group: int, out: Outcome, ref: Outcome, data: StudyDat
         seed: int = 0) -> dict[str, Any]:
   """The JSON row of one evaluation against the `none` reference `ref`."""
   distinct = out.stats[:, generation.STAT_FIELDS.index("distinct_after")]
+  device_max = out.stats[:, generation.STAT_FIELDS.index("max_device_distinct")]
   right, total = answers_correct(out.correct, data.answer)
   ref_right, _ = answers_correct(ref.correct, data.answer)
   domains = np.asarray(data.domains)
@@ -218,6 +219,8 @@ def row(spec: PolicySpec, group: int, out: Outcome, ref: Outcome, data: StudyDat
       "batch_size": group, "seed": spec.seed,
       "distinct_per_layer": float(distinct.mean()),
       "distinct_each_layer": [float(x) for x in distinct],
+      "expert_devices": spec.expert_devices,
+      "max_device_distinct_per_layer": float(device_max.mean()),
       "perplexity": float(np.exp(out.nll.mean())),
       "ppl_delta_pct": 100.0 * (np.exp(out.nll.mean() - ref.nll.mean()) - 1.0),
       "ppl_delta_ci": list(metrics.paired_bootstrap_delta_ppl_ci(out.nll, ref.nll,

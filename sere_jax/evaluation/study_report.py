@@ -44,14 +44,19 @@ def markdown(result: dict[str, Any]) -> str:
   for group in sorted({r["batch_size"] for r in result["rows"]}):
     rows = [r for r in result["rows"] if r["batch_size"] == group and _shown(r)]
     domains = sorted(rows[0]["per_domain"])
+    # Rows of policies placed on expert-parallel devices add the busiest device's count.
+    placed = any(r.get("expert_devices") for r in rows)
     lines += [f"## B = {group}", "",
-              "| policy | distinct/layer | Δppl % | 95 % CI | " +
-              " | ".join(f"Δppl {d}" for d in domains) +
+              "| policy | distinct/layer | " + ("max/device | " if placed else "") +
+              "Δppl % | 95 % CI | " + " | ".join(f"Δppl {d}" for d in domains) +
               " | agreement | task acc | task CI |",
-              "|---" * (7 + len(domains)) + "|"]
+              "|---" * (7 + placed + len(domains)) + "|"]
     for r in sorted(rows, key=lambda r: (-r["distinct_per_layer"], r["spec"])):
+      device = (f"{r['max_device_distinct_per_layer']:.2f} | "
+                if placed and r.get("expert_devices") else "- | " if placed else "")
       lines.append(
-          f"| `{r['spec']}` | {r['distinct_per_layer']:.2f} | {r['ppl_delta_pct']:+.2f} | "
+          f"| `{r['spec']}` | {r['distinct_per_layer']:.2f} | {device}"
+          f"{r['ppl_delta_pct']:+.2f} | "
           f"{_ci(r['ppl_delta_ci'])} | " +
           " | ".join(f"{r['per_domain'][d]['ppl_delta_pct']:+.2f}" for d in domains) +
           f" | {r['agreement']:.3f} | {r['task_accuracy']:.3f} | "
