@@ -121,6 +121,10 @@ _GMM_VARIANTS = flags.DEFINE_string(
     "sere_jax.kernels.gmm.tiles.TILES (e.g. '[{}, {\"k_splits\": 4}]'); empty: a built-in list.")
 _MERGE = flags.DEFINE_list("merge", [], "Instead of running: merge these result JSON files "
                            "of one suite (e.g. runs over different batch sizes).")
+_EXPERT_DEVICES = flags.DEFINE_integer(
+    "expert_devices", 1, "decode: devices to shard the routed experts over (expert "
+    "parallelism; rows add the most distinct experts one device reads). On a CPU, "
+    "XLA_FLAGS=--xla_force_host_platform_device_count=N provides N host devices.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing <out>.json / <out>.md.")
 
 SCALES = kernels_lib.SCALES
@@ -279,6 +283,7 @@ def decode(command):
     peer["seconds"] = time.time() - start
     logging.info("transformers peer: %s", peer.get("skipped") or peer.get("env"))
   _select_device()
+  cli.expert_mesh(_EXPERT_DEVICES.value)  # a usage error when the devices are missing
   try:
     return decode_lib.decode_suite(
         model=_MODEL.value, scale=scale, batches=batches,
@@ -287,7 +292,8 @@ def decode(command):
         attention_impl=_ATTENTION_IMPL.value, profile_dir=_PROFILE_DIR.value,
         repeats=_REPEATS.value,
         bandwidth_bytes=(64 << 20) if scale == "tiny" else (4 << 30), peer=peer,
-        write_partial=lambda r: write_result(dict(r, command=command)))
+        write_partial=lambda r: write_result(dict(r, command=command)),
+        expert_devices=_EXPERT_DEVICES.value)
   except memory.DoesNotFitError as err:
     raise app.UsageError(str(err)) from None
 

@@ -17,6 +17,12 @@ this, in a child process, and its times join the rows.
 `DecodeBench` builds a model once and measures one batch size per `run_batch` call (the
 standard suite's parts); `decode_suite` runs every batch size of the decode suite after
 checking that they fit the device (`memory.check_fits`).
+
+With `expert_devices` N > 1 the model's experts are sharded over N devices
+(`sere_jax.expert_parallel`; attention and the rest replicated). A step then waits for
+the device that reads the most experts: rows add `max_device_distinct` (per layer and
+step, mean) and the roofline counts one device's bytes, the replicated weights, its
+KV cache and the busiest device's experts, over one device's bandwidth.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sere_jax import expert_parallel
 from sere_jax import fileio
 from sere_jax import generation
 from sere_jax import moe
@@ -64,13 +71,18 @@ class DecodeBench:
     impl: the MoE op's implementation (`moe_ffn.IMPLS`).
     attention_impl: how the Qwen models attend in a decode step.
     seed: weights, and with the batch size the prompts of each batch.
+    expert_devices: devices the experts are sharded over (1: one device).
   """
 
   def __init__(self, *, model: str, scale: str, impl: str = "auto",
-               attention_impl: str = "auto", seed: int = 0):
+               attention_impl: str = "auto", seed: int = 0, expert_devices: int = 1):
     self.model, self.scale, self.seed = model, scale, seed
+    self.expert_devices = expert_devices
+    mesh = expert_parallel.expert_mesh(expert_devices) if expert_devices > 1 else None
     start = time.time()
     self.net, self.config, self.hf = build_model(model, scale, impl, seed, attention_impl)
+    if mesh is not None:
+      moe.set_expert_parallel(self.net, mesh)
     self.build_seconds = time.time() - start
     self.budget = byte_budget(self.net)
     self.impl = moe_ffn_lib.resolve_impl(impl)
@@ -81,7 +93,8 @@ class DecodeBench:
     return dict(model=self.model, scale=self.scale,
                 model_config=dataclasses.asdict(self.config), hf_config=self.hf,
                 impl=self.impl, attention_impl=self.attention_impl,
-                build_seconds=self.build_seconds, bytes=self.budget)
+                expert_devices=self.expert_devices, build_seconds=self.build_seconds,
+                bytes=self.budget)
 
   def run_batch(self, batch: int, *, policies: Sequence[PolicySpec], prompt_len: int,
                 new_tokens: int, repeats: int, copy_bandwidth: float,
@@ -141,10 +154,14 @@ class DecodeBench:
         step_times.append(seconds / (new_tokens - 1))
       summary = generation.summarize_stats(decode_stats)
       distinct_per_layer = summary["distinct_after"]
+      device_max_per_layer = summary["max_device_distinct"]
+      # One device reads the replicated weights and the busiest device's experts.
+      read_per_layer = (device_max_per_layer if self.expert_devices > 1
+                        else distinct_per_layer)
       step_s = statistics.median(step_times)
       steps = new_tokens - 1
       mean_context = prompt_len + 1 + (steps - 1) / 2  # slots attended, averaged
-      expert_bytes = sum(d * e for d, e in zip(distinct_per_layer,
+      expert_bytes = sum(d * e for d, e in zip(read_per_layer,
                                                budget["expert_bytes_per_layer"]))
       kv_bytes = batch * mean_context * kv_token_bytes
       sim_bytes = budget["similarity_bytes"] if pol.uses_similarity else 0
@@ -159,7 +176,9 @@ class DecodeBench:
           distinct_experts=float(np.mean(distinct_per_layer)) if distinct_per_layer else 0.0,
           distinct_before=(float(np.mean(summary["distinct_before"]))
                            if distinct_per_layer else 0.0),
-          distinct_per_layer=distinct_per_layer,
+          distinct_per_layer=distinct_per_layer, expert_devices=self.expert_devices,
+          max_device_distinct=(float(np.mean(device_max_per_layer))
+                               if device_max_per_layer else 0.0),
           step_gb=step_bytes / 1e9, expert_gb=expert_bytes / 1e9, kv_gb=kv_bytes / 1e9,
           dense_gb=budget["dense_bytes"] / 1e9,
           roofline_ms=roofline_s * 1e3, measured_over_roofline=step_s / roofline_s,
@@ -176,9 +195,12 @@ class DecodeBench:
       rows.append(row)
       if on_row is not None:
         on_row(row)
+      per_device = (f" (max {row['max_device_distinct']:.1f} on one of "
+                    f"{self.expert_devices} devices)" if self.expert_devices > 1 else "")
       print(f"{self.model} B={batch} {pol.text}: {row['ms_per_token']:.3f} ms/token, "
-            f"distinct {row['distinct_experts']:.1f}, roofline {row['roofline_ms']:.3f} ms "
-            f"(x{row['measured_over_roofline']:.2f})", flush=True)
+            f"distinct {row['distinct_experts']:.1f}{per_device}, roofline "
+            f"{row['roofline_ms']:.3f} ms (x{row['measured_over_roofline']:.2f})",
+            flush=True)
     add_speedups(rows)
     return rows
 
@@ -188,7 +210,8 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
                  impl: str, repeats: int, bandwidth_bytes: int,
                  peer: dict[str, Any] | None,
                  write_partial: Callable[[dict[str, Any]], None], seed: int = 0,
-                 attention_impl: str = "auto", profile_dir: str = "") -> dict[str, Any]:
+                 attention_impl: str = "auto", profile_dir: str = "",
+                 expert_devices: int = 1) -> dict[str, Any]:
   """Runs the protocol (module docstring) on `model` at `scale` (`decode_models`);
   `peer` is `peers.run_hf_peer`'s result (or None); `write_partial(result)` is called
   after every case.
@@ -200,13 +223,13 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
   `profile_dir/B<batch>_<policy>`), the row gets its per-step kernel list (`profile`,
   see `sere_jax.profiling`), and the compiled decode loop's optimised HLO is written
   next to the trace (`B<batch>_<policy>.hlo.txt`: which ops each profiled fusion holds)."""
-  memory.check_fits(memory.decode_needs(model, scale, batches, prompt_len, new_tokens),
-                    memory.device_bytes_limit())
+  memory.check_fits(memory.decode_needs(model, scale, batches, prompt_len, new_tokens,
+                                        expert_devices), memory.device_bytes_limit())
   env = timing.environment()
   copy_bw = timing.copy_bandwidth(bandwidth_bytes)
   read_bw = timing.read_bandwidth(bandwidth_bytes)
   bench = DecodeBench(model=model, scale=scale, impl=impl, attention_impl=attention_impl,
-                      seed=seed)
+                      seed=seed, expert_devices=expert_devices)
   result = dict(suite="decode", env=env, **bench.header(),
                 protocol=dict(prompt_len=prompt_len, new_tokens=new_tokens,
                               batches=list(batches), policies=[p.text for p in policies],

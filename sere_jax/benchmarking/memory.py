@@ -81,15 +81,22 @@ def _nbytes(tree: Any) -> int:
 
 
 def decode_bytes(model: str, scale: str, batches: Sequence[int], prompt_len: int,
-                 new_tokens: int) -> dict[str, Any]:
+                 new_tokens: int, expert_devices: int = 1) -> dict[str, Any]:
   """What the decode benchmark of `model` at `scale` needs per batch size, from the
   model's shapes alone (nothing is allocated): `{"param_bytes", "per_batch": {B:
   {"kv_bytes", "activation_bytes", "total_bytes"}}}`; `kv_bytes` counts `KV_COPIES`
   caches, `activation_bytes` is an estimate of the prefill's (every position's hidden
   state, attention scores and expert activations in float32, and the last position's
-  logits) and `total_bytes` adds the parameters and `WORKSPACE_BYTES`."""
+  logits) and `total_bytes` adds the parameters and `WORKSPACE_BYTES`. With
+  `expert_devices` N > 1, one device's share: the routed experts' weights split N ways
+  (`sere_jax.expert_parallel`), everything else whole."""
   net, _, hf = decode_models.abstract_model(model, scale)
-  param_bytes = _nbytes(nnx.state(net))
+  state = nnx.state(net)
+  param_bytes = _nbytes(state)
+  if expert_devices > 1:
+    experts = _nbytes([v for path, v in jax.tree.leaves_with_path(state)
+                       if {"w_gate_up", "w_down"} & {getattr(k, "key", None) for k in path}])
+    param_bytes += -experts + -(-experts // expert_devices)
   total_len = prompt_len + new_tokens - 1
   d = hf["hidden_size"]
   heads = hf["num_attention_heads"]
@@ -136,8 +143,8 @@ def check_fits(needs: dict[str, dict[str, Any]], bytes_limit: int | None) -> Non
 
 
 def decode_needs(model: str, scale: str, batches: Sequence[int], prompt_len: int,
-                 new_tokens: int) -> dict[str, dict[str, Any]]:
+                 new_tokens: int, expert_devices: int = 1) -> dict[str, dict[str, Any]]:
   """`decode_bytes` as `{"<model> B=<batch>": need}` for `check_fits`."""
-  plan = decode_bytes(model, scale, batches, prompt_len, new_tokens)
+  plan = decode_bytes(model, scale, batches, prompt_len, new_tokens, expert_devices)
   return {f"{model} B={b}": dict(need, param_bytes=plan["param_bytes"])
           for b, need in plan["per_batch"].items()}

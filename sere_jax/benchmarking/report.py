@@ -23,6 +23,9 @@ def decode_markdown_rows(result: dict[str, Any]) -> list[str]:
   """The decode suite's protocol lines and table (for `markdown`)."""
   cols = ["batch", "label", "ms_per_token", "tokens_per_s", "distinct_experts",
           "roofline_ms", "measured_over_roofline", "speedup_over_none"]
+  devices = result.get("expert_devices", 1)
+  if devices > 1:
+    cols.insert(5, "max_device_distinct")
   if any("hf_ms_per_token" in r for r in result["rows"]):
     cols += ["hf_ms_per_token", "speedup_over_hf"]
   proto = result["protocol"]
@@ -34,6 +37,9 @@ def decode_markdown_rows(result: dict[str, Any]) -> list[str]:
            f"- bandwidth measured in this run: copy {result['copy_bandwidth_tbs'] * 1e3:.1f} "
            f"GB/s, read {result['read_bandwidth_tbs'] * 1e3:.1f} GB/s",
            "- transformers peer: " + (peer.get("skipped") or json.dumps(peer.get("env"))),
+           *([f"- experts sharded over {devices} devices (expert parallelism): the roofline "
+              "is one device's bytes (replicated weights, its KV cache, the busiest "
+              "device's experts)"] if devices > 1 else []),
            "", "Time per output token is a decode loop's time / its steps (median over repeats; "
            "the transformers peer: its median step); the roofline is the bytes "
            "a step must read over the copy bandwidth.", "",
