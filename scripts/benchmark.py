@@ -17,6 +17,13 @@ the suite's defaults. Unless XLA_PYTHON_CLIENT_MEM_FRACTION is set, the `standar
 `decode` suites set it to 0.95 (and say so); a model that does not fit the device stops
 the run before anything is compiled, naming the bytes it needs and the device's.
 
+Suite `ep_model` (`sere_jax.benchmarking.ep_model`): no timing; the modelled
+expert-parallel decode step of Qwen3-235B-A22B on `--expert_devices` H200s per batch
+size and policy, from single-GPU measurements and stated assumptions:
+
+  python -m sere_jax.scripts.benchmark --suite=ep_model --expert_devices=8 \
+      --batch=16,64,256 --policies=none,sere:1:0,sere:2:0 --out=docs/benchmarks/decode_ep_model
+
 Suite `decode` (`sere_jax.benchmarking.decode`): a whole model of a real configuration
 with random bf16 weights, prefill + timed decode steps per batch size and policy, the
 roofline of one step, and Hugging Face transformers' `generate()` as the peer
@@ -55,6 +62,7 @@ from sere_jax import benchmarking
 from sere_jax.benchmarking import compare
 from sere_jax.benchmarking import decode as decode_lib
 from sere_jax.benchmarking import decode_models
+from sere_jax.benchmarking import ep_model
 from sere_jax.benchmarking import kernels as kernels_lib
 from sere_jax.benchmarking import memory
 from sere_jax.benchmarking import peers as peers_lib
@@ -68,7 +76,8 @@ from sere_jax.kernels.gmm import tiles
 from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.schedule import reference as schedule_lib
 
-_SUITE = flags.DEFINE_enum("suite", "kernels", ["kernels", "gmm_sweep", "decode", "standard"],
+_SUITE = flags.DEFINE_enum("suite", "kernels",
+                           ["kernels", "gmm_sweep", "decode", "standard", "ep_model"],
                            "What to run.")
 _OUT = flags.DEFINE_string("out", "docs/benchmarks/kernels", "Output path prefix (.json/.md); "
                            "standard: the directory its result goes to (required).")
@@ -238,6 +247,14 @@ def main(argv: list[str]) -> None:
   cli.check_outputs([_PROFILE_DIR.value], overwrite=True, directory=True)
   if _MERGE.value:
     result = merge_results(_MERGE.value)
+  elif _SUITE.value == "ep_model":
+    result = dict(suite="ep_model", command=command, **ep_model.ep_table(
+        policy_spec.parse_list(_POLICIES.value), [int(b) for b in _BATCHES.value],
+        _EXPERT_DEVICES.value))
+    fileio.write_all_atomic({_OUT.value + ".json": json.dumps(result, indent=1),
+                             _OUT.value + ".md": ep_model.markdown(result, command)})
+    print(ep_model.markdown(result, command))
+    return
   elif _SUITE.value == "decode":
     print(memory.set_memory_fraction(), flush=True)
     start = time.time()
