@@ -18,6 +18,7 @@ same S, the command), `quality_<model>.md`, `quality_<model>_pareto.png` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -132,12 +133,16 @@ def _random_mean(rows, outcomes, ref, data, group):
 
 def _versus(rows, outcomes, data) -> list[dict[str, Any]]:
   """SERE minus each control at the same S, and each `sere_ep` minus the `sere` of the
-  same S, rho and placement: paired intervals over sequences."""
+  same S, rho and placement and minus the `sere` of rho = 0 (whose busiest device holds
+  exactly `sere_ep`'s budget): paired intervals over sequences."""
   found = {r["spec"]: (r, o) for r, o in zip(rows, outcomes)}
   pairs = []
   for spec, (r, _) in found.items():
-    if r["policy"] == "sere_ep" and spec.replace("sere_ep", "sere", 1) in found:
-      pairs.append((spec, spec.replace("sere_ep", "sere", 1)))
+    if r["policy"] == "sere_ep":
+      ep = policy_spec.parse(spec)
+      same_rho = dataclasses.replace(ep, policy="sere").text
+      budget = dataclasses.replace(ep, policy="sere", threshold=0.0, quantile=None).text
+      pairs += [(spec, twin) for twin in dict.fromkeys([same_rho, budget]) if twin in found]
     if r["policy"] != "sere" or ":q" in spec:
       continue
     for other, (r2, _) in found.items():

@@ -62,16 +62,23 @@ def markdown(result: dict[str, Any]) -> str:
           f" | {r['agreement']:.3f} | {r['task_accuracy']:.3f} | "
           f"[{r['task_accuracy_ci'][0]:.3f}, {r['task_accuracy_ci'][1]:.3f}] |")
     lines.append("")
+  placed = any("max_device_distinct" in v for v in result["sere_vs_controls"])
   lines += ["## SERE against each control at the same S (equal distinct experts)", "",
             "Perplexity of SERE relative to the control (negative: SERE better), paired "
             "bootstrap 95 % interval over sequences; a difference inside the interval is "
-            "no difference.", "",
-            "| B | SERE | control | distinct (SERE, control) | SERE vs control % | 95 % CI "
-            "| verdict | task Δ points CI |", "|---|---|---|---|---|---|---|---|"]
+            "no difference." + (" Each `sere_ep` row is compared with the `sere` of the "
+                                "same ρ and with `sere` at ρ = 0, whose busiest device "
+                                "holds exactly `sere_ep`'s budget." if placed else ""), "",
+            "| B | SERE | control | distinct (SERE, control) | " +
+            ("max/device (SERE, control) | " if placed else "") +
+            "SERE vs control % | 95 % CI | verdict | task Δ points CI |",
+            "|---" * (8 + placed) + "|"]
   for v in result["sere_vs_controls"]:
+    device = (f"{v['max_device_distinct'][0]:.2f}, {v['max_device_distinct'][1]:.2f} | "
+              if placed else "")
     lines.append(
         f"| {v['batch_size']} | `{v['sere']}` | `{v['control']}` | "
-        f"{v['distinct'][0]:.2f}, {v['distinct'][1]:.2f} | "
+        f"{v['distinct'][0]:.2f}, {v['distinct'][1]:.2f} | {device}"
         f"{v['sere_vs_control_ppl_pct']:+.2f} | {_ci(v['ci'])} | {v['verdict']} | "
         f"{_ci(v['task_accuracy_delta_points_ci'])} |")
   return "\n".join(lines) + "\n"
