@@ -1,4 +1,5 @@
-"""Brute-force NumPy oracles of SERE re-routing (docs/concepts.md) and of `sere_hybrid`.
+"""Brute-force NumPy oracles of SERE re-routing (docs/concepts.md), of `sere_hybrid`, of
+`sere_ep` (with the placement of experts on devices) and of the controls.
 
 Written from the spec alone, with plain Python loops, so that it shares no code
 (and no vectorisation tricks) with `sere_jax.policies`. It is slow on purpose:
@@ -341,3 +342,139 @@ def pool_stats_oracle(outputs, ridge: float = 1e-6) -> tuple[np.ndarray, np.ndar
   scale = num / (den + lam)
   np.fill_diagonal(scale, 1.0)
   return norm, scale
+
+
+# ---------------------------------------------------------------------------
+# sere_ep: SERE for experts placed on devices in contiguous blocks. Same conventions
+# as `sere_oracle`: every row is re-routed (valid or not), statistics count valid
+# tokens only.
+
+
+def device_blocks(num_experts: int, num_devices: int) -> list[list[int]]:
+  """The experts of each device: contiguous blocks of ceil(E / n), the last devices
+  holding fewer (possibly none)."""
+  per_device = 0
+  while per_device * num_devices < num_experts:
+    per_device += 1
+  blocks = []
+  for d in range(num_devices):
+    low, high = d * per_device, (d + 1) * per_device
+    blocks.append([e for e in range(num_experts) if low <= e < high])
+  return blocks
+
+
+def _device_of(expert: int, blocks: list[list[int]]) -> int:
+  for d, block in enumerate(blocks):
+    if expert in block:
+      return d
+  raise AssertionError(f"expert {expert} is on no device")
+
+
+def max_distinct_per_device(ids, valid, num_experts: int, num_devices: int) -> int:
+  """The most distinct experts that valid tokens' slots read on any one device."""
+  ids = np.asarray(ids)
+  valid = [bool(v) for v in np.asarray(valid).reshape(-1)]
+  blocks = device_blocks(num_experts, num_devices)
+  best = 0
+  for block in blocks:
+    seen = set()
+    for t in range(ids.shape[0]):
+      if not valid[t]:
+        continue
+      for j in range(ids.shape[1]):
+        if int(ids[t, j]) in block:
+          seen.add(int(ids[t, j]))
+    best = max(best, len(seen))
+  return best
+
+
+def sere_ep_oracle(ids, weights, valid, similarity, select_top_k: int, threshold: float,
+                   num_devices: int, min_batch: int = 1) -> OracleResult:
+  """`sere_ep` on one batch, from its stated semantics.
+
+  Primaries P: the top-S experts of valid tokens. Critical: not in P, best similarity
+  to P below rho (rho > 0). Budget: the most primaries any device holds. A critical
+  expert used by some valid token's secondary slot is kept while its device has room:
+  per device, such experts by descending secondary weight (sum of the weights of valid
+  secondary slots holding it; ties to the lowest index), at most budget - (primaries
+  on the device) of them. Every other non-primary expert goes to its most similar
+  primary (ties to the lowest index). `critical` of the result holds the kept experts
+  and `stats.critical_kept` counts them.
+  """
+  ids = np.asarray(ids)
+  weights = np.asarray(weights)
+  valid = [bool(v) for v in np.asarray(valid).reshape(-1)]
+  sim = np.asarray(similarity, dtype=np.float32)
+  num_tokens, top_k = ids.shape
+  num_experts = sim.shape[0]
+  s = int(select_top_k)
+  rho = float(np.float32(threshold))
+
+  before = _distinct_valid(ids, valid)
+  identity = {e: e for e in range(num_experts)}
+  unchanged = OracleResult(ids.copy(), weights.copy(), OracleStats(before, before, 0, 0),
+                           frozenset(), identity, frozenset())
+  if sum(valid) < max(int(min_batch), 1):
+    return unchanged
+  if s <= 0 or s >= top_k:
+    return unchanged
+  primary = set()
+  for t in range(num_tokens):
+    if valid[t]:
+      for j in range(s):
+        primary.add(int(ids[t, j]))
+  if not primary:
+    return unchanged
+
+  # Nearest primary and the critical experts, as in SERE.
+  nearest, critical = {}, set()
+  for e in range(num_experts):
+    if e in primary:
+      continue
+    best_p, best_sim = None, None
+    for p in sorted(primary):
+      value = float(sim[e, p])
+      if best_sim is None or value > best_sim:
+        best_p, best_sim = p, value
+    nearest[e] = best_p
+    if rho > 0 and best_sim < rho:
+      critical.add(e)
+
+  # Secondary routing weight of each expert (exact in float64 for dyadic weights).
+  mass, used = {}, set()
+  for t in range(num_tokens):
+    if not valid[t]:
+      continue
+    for j in range(s, top_k):
+      e = int(ids[t, j])
+      used.add(e)
+      mass[e] = mass.get(e, 0.0) + float(weights[t, j])
+
+  blocks = device_blocks(num_experts, num_devices)
+  primaries_on = [sum(1 for e in block if e in primary) for block in blocks]
+  budget = max(primaries_on)
+  kept = set()
+  for d, block in enumerate(blocks):
+    wanted = [e for e in block if e in critical and e in used]
+    wanted.sort(key=lambda e: (-mass[e], e))
+    room = budget - primaries_on[d]
+    for e in wanted[:room]:
+      kept.add(e)
+
+  target = {}
+  for e in range(num_experts):
+    target[e] = e if (e in primary or e in kept) else nearest[e]
+
+  new_ids = ids.copy()
+  for t in range(num_tokens):
+    for j in range(s, top_k):
+      new_ids[t, j] = target[int(ids[t, j])]
+  rerouted = 0
+  for t in range(num_tokens):
+    if valid[t]:
+      for j in range(top_k):
+        if new_ids[t, j] != ids[t, j]:
+          rerouted += 1
+  stats = OracleStats(before, _distinct_valid(new_ids, valid), len(kept), rerouted)
+  return OracleResult(new_ids, weights.copy(), stats, frozenset(primary), target,
+                      frozenset(kept))
