@@ -135,7 +135,9 @@ class MoeBlock(nnx.Module):
   def active_config(self, decode: bool) -> RerouteConfig:
     """The re-routing config of a decode (or prefill) step; with a mesh, its
     `expert_devices` is the expert axis's size."""
-    config = self.reroute if decode or not self.reroute.decode_only else NO_REROUTE
+    config = self.reroute
+    if not decode and config.decode_only:  # prefill keeps top-K, counted on the placement
+      config = dataclasses.replace(NO_REROUTE, expert_devices=config.expert_devices)
     if self.mesh is None:
       return config
     devices = self.mesh.shape[self.expert_axis]
