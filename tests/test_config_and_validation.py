@@ -40,6 +40,9 @@ INVALID_FIELDS = [
     ("decode_only", 0),
     ("decode_only", "yes"),
     ("decode_only", None),
+    ("expert_devices", -1),
+    ("expert_devices", 2.0),
+    ("expert_devices", True),
     ("min_batch", -1),
     ("min_batch", 2.0),
     ("min_batch", "1"),
@@ -98,7 +101,9 @@ def test_expert_pool_needs_a_pool_size():
     {"policy": "keep_active", "renormalize": True},
     {"policy": "topk_truncate", "renormalize": False},
     {"policy": "expert_pool", "pool_size": 1},
-] + [{"policy": p} for p in POLICIES if p != "expert_pool"])
+    {"policy": "sere_ep", "expert_devices": 4},
+    {"policy": "sere", "expert_devices": 8},
+] + [{"policy": p} for p in POLICIES if p not in ("expert_pool", "sere_ep")])
 def test_valid_config_accepted(kwargs):
   cfg = RerouteConfig(**kwargs)
   for name, value in kwargs.items():
@@ -117,8 +122,8 @@ def test_config_defaults_and_frozen():
 
 
 def test_policies_listed():
-  assert set(POLICIES) == {"none", "sere", "sere_hybrid", "topk_truncate", "keep_active",
-                           "oea", "random", "expert_pool", "oracle"}
+  assert set(POLICIES) == {"none", "sere", "sere_hybrid", "sere_ep", "topk_truncate",
+                           "keep_active", "oea", "random", "expert_pool", "oracle"}
 
 
 @pytest.mark.parametrize("policy,s,k,active", [

@@ -105,7 +105,7 @@ def test_api_lowers_device_backends_for_their_target():
 
 # Kernels (floor 2) import only jax / numpy, the re-routing core (floor 1) and kernels.
 _CORE = {"sere_jax.config", "sere_jax.policies", "sere_jax.validation",
-         "sere_jax.numerics", "sere_jax.routing"}
+         "sere_jax.numerics", "sere_jax.routing", "sere_jax.placement"}
 
 
 def _sere_imports(path: pathlib.Path):
