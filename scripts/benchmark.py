@@ -55,14 +55,13 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from sere_jax import benchmarking
 from sere_jax.benchmarking import compare
 from sere_jax.benchmarking import decode as decode_lib
 from sere_jax.benchmarking import decode_models
 from sere_jax.benchmarking import ep_model
+from sere_jax.benchmarking import gmm_sweep as gmm_sweep_lib
 from sere_jax.benchmarking import kernels as kernels_lib
 from sere_jax.benchmarking import memory
 from sere_jax.benchmarking import peers as peers_lib
@@ -73,8 +72,6 @@ from sere_jax import fileio
 from sere_jax import policy_spec
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 from sere_jax.kernels.gmm import tiles
-from sere_jax.kernels.gmm.triton import gmm_triton
-from sere_jax.kernels.schedule import reference as schedule_lib
 
 _SUITE = flags.DEFINE_enum("suite", "kernels",
                            ["kernels", "gmm_sweep", "decode", "standard", "ep_model"],
@@ -137,8 +134,6 @@ _EXPERT_DEVICES = flags.DEFINE_integer(
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing <out>.json / <out>.md.")
 
 SCALES = kernels_lib.SCALES
-forced_ids = kernels_lib.forced_ids
-make_weights = kernels_lib.make_weights
 
 
 def kernels_suite(env):
@@ -188,52 +183,15 @@ def _gmm_variants() -> list[dict]:
 
 
 def gmm_sweep(env):
-  """Tile configurations of the Triton grouped matmul, on the gate+up projection
-  (tokens gathered in-kernel) and on the down projection (expert-sorted rows)."""
-  impl = moe_ffn_lib.resolve_impl(_IMPL.value)
-  if impl not in ("triton", "interpret"):
-    raise app.UsageError("--suite=gmm_sweep times the Triton grouped matmul: run it on a "
-                         f"GPU, or interpreted on a CPU (--impl resolved to {impl!r})")
-  configs = [dict(tiles.TILES, **v) for v in _gmm_variants()]
-  shape = SCALES[_SCALE.value]
-  d, f, e, k = shape["dim"], shape["ffn"], shape["experts"], shape["top_k"]
-  layers = _LAYERS.value
-  read_bw = benchmarking.read_bandwidth(shape["bandwidth_bytes"])
-  weights = make_weights(shape, layers)
-  rng = np.random.default_rng(0)
-  rows = []
-  for batch in [int(b) for b in _BATCHES.value]:
-    x = jax.random.normal(jax.random.PRNGKey(batch), (batch, d), jnp.bfloat16)
-    hidden = jax.random.normal(jax.random.PRNGKey(batch + 1), (batch * k, f), jnp.bfloat16)
-    overhead = benchmarking.chain_overhead(x, layers, min_seconds=_MIN_SECONDS.value)
-    for n in [int(v) for v in _DISTINCT.value]:
-      if not k <= n <= min(e, batch * k):
-        continue
-      scheds = [schedule_lib.build_schedule(jnp.asarray(forced_ids(rng, batch, k, e, n)),
-                                            jnp.ones((batch,), bool), e)
-                for _ in weights]
-      for matmul in _GMM_MATMULS.value:
-        if matmul == "gate_up":
-          layer_args = [(s.group_offsets, s.row_token, wg, x)
-                        for s, (wg, _) in zip(scheds, weights)]
-          roofline = n * d * 2 * f * 2 / read_bw
-        else:
-          layer_args = [(s.group_offsets, None, wd, hidden)
-                        for s, (_, wd) in zip(scheds, weights)]
-          roofline = n * f * d * 2 / read_bw
-        for cfg in configs:
-          def step(x, offsets, row_token, w, lhs, cfg=cfg):
-            out = gmm_triton(lhs, w, offsets, row_token, interpret=impl == "interpret",
-                             **cfg)
-            return x + jnp.sum(out[:1, :1]).astype(x.dtype) * 0
-          t = benchmarking.LayerChain(step).seconds_per_layer(
-              x, layer_args, min_seconds=_MIN_SECONDS.value) - overhead
-          rows.append(dict(batch=batch, distinct=n, matmul=matmul,
-                           roofline_us=roofline * 1e6, us=t * 1e6, ratio=t / roofline,
-                           **cfg))
-          logging.info("%s", rows[-1])
-  return dict(suite="gmm_sweep", env=env, shape=shape, impl=impl,
-              read_bandwidth_tbs=read_bw / 1e12, rows=rows)
+  """The tile sweep (`sere_jax.benchmarking.gmm_sweep`) as the flags say."""
+  try:
+    return gmm_sweep_lib.gmm_sweep(
+        env, impl=moe_ffn_lib.resolve_impl(_IMPL.value), scale=_SCALE.value,
+        batches=[int(b) for b in _BATCHES.value],
+        distinct=[int(v) for v in _DISTINCT.value], matmuls=_GMM_MATMULS.value,
+        variants=_gmm_variants(), layers=_LAYERS.value, min_seconds=_MIN_SECONDS.value)
+  except ValueError as err:
+    raise app.UsageError(f"--suite=gmm_sweep: {err}") from None
 
 
 def main(argv: list[str]) -> None:
