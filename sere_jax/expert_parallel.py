@@ -1,6 +1,6 @@
 """Expert parallelism: the routed experts of an MoE layer sharded over a mesh axis.
 
-    mesh = jax.make_mesh((8,), ("expert",))
+    mesh = expert_parallel.expert_mesh(8)          # one Auto axis named "expert"
     y = expert_parallel.ffn(x, ids, weights, valid, w_gate_up, w_down,
                             mesh=mesh, axis="expert", impl="auto")
 
