@@ -31,6 +31,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sere_jax import placement
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 
+# The variables of an MoE block that hold its routed experts, `[E, ...]` each.
+EXPERT_PARAMS = ("w_gate_up", "w_down")
+
 
 def expert_mesh(num_devices: int, axis: str = "expert") -> Mesh:
   """A one-axis mesh over the first `num_devices` devices; ValueError when there are
@@ -99,7 +102,7 @@ def ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, valid: jax.Array,
 
 
 def shard_state(model: nnx.Module, mesh: Mesh, axis: str,
-                expert_params: tuple[str, ...] = ("w_gate_up", "w_down")) -> None:
+                expert_params: tuple[str, ...] = EXPERT_PARAMS) -> None:
   """Places `model`'s arrays on `mesh`: the routed experts' weights (variables named
   in `expert_params` of shape `[E, ...]` whose E the axis divides) split over `axis`,
   everything else replicated. Logs the layers whose expert count the axis does not

@@ -237,6 +237,16 @@ def oracle_ids(ids: jax.Array, valid: jax.Array, expert_out: jax.Array,
   return control_policies.oracle_secondary(ids, is_primary, expert_out, select_top_k)
 
 
+def max_device_distinct(ids: jax.Array, valid: jax.Array, num_experts: int,
+                        expert_devices: int, distinct_after: jax.Array) -> jax.Array:
+  """`RerouteStats.max_device_distinct` of the routing `ids [T, K]`: the most distinct
+  experts one of `expert_devices` devices reads; on one device (0 or 1) that is
+  `distinct_after`, the routing's distinct experts, which the caller has counted."""
+  if expert_devices <= 1:
+    return distinct_after
+  return placement.max_distinct_per_device(ids, valid, num_experts, expert_devices)
+
+
 def rerouting_stats(ids: jax.Array, weights: jax.Array, new_ids: jax.Array,
                     new_weights: jax.Array, valid: jax.Array, num_experts: int,
                     critical_kept: jax.Array | int = 0,
@@ -245,17 +255,14 @@ def rerouting_stats(ids: jax.Array, weights: jax.Array, new_ids: jax.Array,
   """`RerouteStats` of a re-routing `(ids, weights) -> (new_ids, new_weights)`."""
   changed = ((new_ids != ids) | (new_weights != weights)) & valid[:, None]
   distinct_after = count_distinct(new_ids, valid, num_experts)
-  max_device_distinct = distinct_after  # one device: all distinct experts
-  if expert_devices > 1:
-    max_device_distinct = placement.max_distinct_per_device(new_ids, valid, num_experts,
-                                                            expert_devices)
   return RerouteStats(
       distinct_before=count_distinct(ids, valid, num_experts),
       distinct_after=distinct_after,
       critical_kept=jnp.asarray(critical_kept, jnp.int32),
       slots_rerouted=jnp.sum(changed, dtype=jnp.int32),
       invalid_similarity=jnp.asarray(invalid_similarity, jnp.int32),
-      max_device_distinct=max_device_distinct)
+      max_device_distinct=max_device_distinct(
+          new_ids, valid, num_experts, expert_devices, distinct_after))
 
 
 def reroute(ids: jax.Array, weights: jax.Array, valid: jax.Array,

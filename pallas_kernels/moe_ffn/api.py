@@ -22,7 +22,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sere_jax import placement
 from sere_jax import policies
 from sere_jax import validation
 from sere_jax.config import RerouteConfig
@@ -157,12 +156,10 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
     sched = schedule_lib.build_schedule(ids, valid, num_experts, stats)
 
   y = IMPLEMENTATIONS[impl](x, sched.ids, weights, valid, sched, w_gate_up, w_down)
-  max_device_distinct = sched.stats[1]  # one device: all distinct experts
-  if config.expert_devices > 1:
-    max_device_distinct = placement.max_distinct_per_device(sched.ids, valid, num_experts,
-                                                            config.expert_devices)
-  stats = policies.RerouteStats(*(sched.stats[i] for i in range(4)), invalid_similarity,
-                                max_device_distinct)
+  stats = policies.RerouteStats(
+      *(sched.stats[i] for i in range(4)), invalid_similarity,
+      policies.max_device_distinct(sched.ids, valid, num_experts, config.expert_devices,
+                                   sched.num_distinct))
   return MoeOutput(y, sched.ids, weights, stats)
 
 

@@ -23,6 +23,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from sere_jax import expert_parallel
 from sere_jax.benchmarking import decode_models
 
 MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
@@ -95,7 +96,8 @@ def decode_bytes(model: str, scale: str, batches: Sequence[int], prompt_len: int
   param_bytes = _nbytes(state)
   if expert_devices > 1:
     experts = _nbytes([v for path, v in jax.tree.leaves_with_path(state)
-                       if {"w_gate_up", "w_down"} & {getattr(k, "key", None) for k in path}])
+                       if set(expert_parallel.EXPERT_PARAMS)
+                       & {getattr(k, "key", None) for k in path}])
     param_bytes += -experts + -(-experts // expert_devices)
   total_len = prompt_len + new_tokens - 1
   d = hf["hidden_size"]
