@@ -42,6 +42,24 @@ def _distinct_valid(ids: np.ndarray, valid: np.ndarray) -> int:
   return len(seen)
 
 
+def _nearest_primaries(sim: np.ndarray, primary: set, rho: float) -> tuple[dict, set]:
+  """Each non-primary expert's most similar primary (ascending scan, strict '>': ties go
+  to the lowest index) and the critical experts: best similarity below rho, rho > 0."""
+  nearest, critical = {}, set()
+  for e in range(sim.shape[0]):
+    if e in primary:
+      continue
+    best_p, best_sim = None, None
+    for p in sorted(primary):
+      value = float(sim[e, p])
+      if best_sim is None or value > best_sim:
+        best_p, best_sim = p, value
+    nearest[e] = best_p
+    if rho > 0 and best_sim < rho:
+      critical.add(e)
+  return nearest, critical
+
+
 def sere_oracle(ids, weights, valid, similarity, select_top_k: int, threshold: float,
                 min_batch: int = 1) -> OracleResult:
   """SERE on one batch, exactly as docs/concepts.md states it.
@@ -86,23 +104,10 @@ def sere_oracle(ids, weights, valid, similarity, select_top_k: int, threshold: f
   if not primary:
     return unchanged
 
-  # Step 3: a target for every expert.
-  target = {}
-  critical = set()
-  for e in range(num_experts):
-    if e in primary:
-      target[e] = e
-      continue
-    best_p, best_sim = None, None
-    for p in sorted(primary):  # ascending, strict '>' -> ties go to the lowest index
-      value = float(sim[e, p])
-      if best_sim is None or value > best_sim:
-        best_p, best_sim = p, value
-    if rho > 0 and best_sim < rho:
-      critical.add(e)
-      target[e] = e
-    else:
-      target[e] = best_p
+  # Step 3: a target for every expert: itself if primary or critical, else its nearest
+  # primary.
+  nearest, critical = _nearest_primaries(sim, primary, rho)
+  target = {e: e if e in primary or e in critical else nearest[e] for e in range(num_experts)}
 
   # Step 4: primary slots are kept, secondary slots follow their expert's target.
   new_ids = ids.copy()
@@ -418,27 +423,12 @@ def sere_ep_oracle(ids, weights, valid, similarity, select_top_k: int, threshold
     return unchanged
   if s <= 0 or s >= top_k:
     return unchanged
-  primary = set()
-  for t in range(num_tokens):
-    if valid[t]:
-      for j in range(s):
-        primary.add(int(ids[t, j]))
+  primary = _primary_set(ids, valid, s)
   if not primary:
     return unchanged
 
   # Nearest primary and the critical experts, as in SERE.
-  nearest, critical = {}, set()
-  for e in range(num_experts):
-    if e in primary:
-      continue
-    best_p, best_sim = None, None
-    for p in sorted(primary):
-      value = float(sim[e, p])
-      if best_sim is None or value > best_sim:
-        best_p, best_sim = p, value
-    nearest[e] = best_p
-    if rho > 0 and best_sim < rho:
-      critical.add(e)
+  nearest, critical = _nearest_primaries(sim, primary, rho)
 
   # Secondary routing weight of each expert (exact in float64 for dyadic weights).
   mass, used = {}, set()
