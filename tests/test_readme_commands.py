@@ -111,10 +111,11 @@ def readme_commands() -> list[tuple[str, str, list[str]]]:
 
 
 def _shell(command: str, scratch: str) -> str:
-  """`command` with this interpreter for `python` and `/tmp/` moved into `scratch`."""
-  command = re.sub(r"^(?:python3?|\.venv/bin/python)\b", shlex.quote(sys.executable),
+  """`command` with `/tmp/` moved into `scratch` and this interpreter for `python` (in
+  that order: the interpreter's own path may lie under /tmp)."""
+  command = re.sub(r"(?<![\w./-])/tmp/", shlex.quote(os.path.join(scratch, "tmp")) + "/",
                    command)
-  return re.sub(r"(?<![\w./-])/tmp/", shlex.quote(os.path.join(scratch, "tmp")) + "/",
+  return re.sub(r"^(?:python3?|\.venv/bin/python)\b", shlex.quote(sys.executable),
                 command)
 
 
