@@ -55,6 +55,9 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per window.")
 _PER_DOMAIN = flags.DEFINE_integer("per_domain", 64, "Windows per domain.")
 _SEEDS = flags.DEFINE_integer("random_seeds", 5, "Seeds of the random substitute.")
 _THREADS = flags.DEFINE_integer("compile_threads", 16, "Parallel compilations.")
+_GREEDY = flags.DEFINE_integer("greedy_tokens", 32, "Tokens each spec generates freely "
+                               "(greedy) after the first seq_len - greedy_tokens of every "
+                               "window, scored by agreement with `none`'s; 0: off.")
 _SPECS = flags.DEFINE_list("specs", [], "Policy specs to run instead of the built-in grid "
                            "(`none` is added; expert pools follow SERE rows that use the "
                            "stored similarity).")
@@ -127,6 +130,13 @@ def _random_mean(rows, outcomes, ref, data, group):
              task_accuracy_ci=list(study.ratio_ci(right, total)),
              task_accuracy_seed_range=[min(accs), max(accs)],
              agreement=float(np.mean([rows[i]["agreement"] for i in idx])))
+    if "greedy_prefix" in rows[idx[0]]:
+      prefixes = np.mean([metrics.agreeing_prefix(ref.continuation,
+                                                outcomes[i].continuation)
+                          for i in idx], axis=0)
+      r.update(greedy_match=float(np.mean([rows[i]["greedy_match"] for i in idx])),
+               greedy_prefix=float(prefixes.mean()),
+               greedy_prefix_ci=list(metrics.bootstrap_ci(prefixes)))
     out.append((r, mean))
   return out
 
@@ -186,14 +196,16 @@ def _study_model(model_dir: str, documents, log, partial) -> dict[str, Any]:
   for group in [int(b) for b in _BATCHES.value]:
     t0 = time.time()
     outcomes = study.run_grid(model, specs, group, data, ref_logp,
-                              threads=_THREADS.value, metric_matrices=metric_matrices)
+                              threads=_THREADS.value, metric_matrices=metric_matrices,
+                              greedy_tokens=_GREEDY.value)
     none = outcomes[0]
     group_rows = [study.row(s, group, o, none, data) for s, o in zip(specs, outcomes)]
     sere_distinct = sorted({round(r["distinct_per_layer"]) for r, s in zip(group_rows, specs)
                             if s.policy == "sere" and s.quantile is None
                             and s.metric is None})
     pools = policy_spec.parse_list([f"expert_pool:{max(d, 1)}" for d in sere_distinct])
-    pool_out = study.run_grid(model, pools, group, data, ref_logp, threads=_THREADS.value)
+    pool_out = study.run_grid(model, pools, group, data, ref_logp, threads=_THREADS.value,
+                              greedy_tokens=_GREEDY.value)
     group_rows += [study.row(s, group, o, none, data) for s, o in zip(pools, pool_out)]
     outcomes += pool_out
     for r, o in _random_mean(group_rows, outcomes, none, data, group):

@@ -7,6 +7,8 @@ import pytest
 
 from sere_jax import moe
 from sere_jax import policy_spec
+from sere_jax.evaluation import metrics as evaluation_metrics
+from sere_jax.evaluation import runner
 from sere_jax.evaluation import study
 from sere_jax.evaluation import study_report
 from sere_jax.evaluation.runner import reference
@@ -118,3 +120,48 @@ def test_each_spec_runs_with_its_own_similarity():
   assert not np.allclose(both[0].nll, both[1].nll)
   np.testing.assert_array_equal(np.asarray(moe.moe_blocks(model)[0].similarity[...]),
                                 np.asarray(stored[0], np.float32))
+
+
+def test_free_running_greedy_matches_generate():
+  """The study's jitted greedy continuation equals `generation.generate`'s (through
+  `runner.greedy`) under `none` and under a re-routing policy decoding in groups."""
+  model = QwenMoeForCausalLM(CONFIG, impl="xla_dense", attention_impl="xla",
+                             rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  for block in moe.moe_blocks(model):
+    sim = rng.uniform(0, 1, (8, 8))
+    np.fill_diagonal(sim, 1.0)
+    block.similarity[...] = jnp.asarray((sim + sim.T) / 2, jnp.float32)
+  data = study.study_data(_CharTokenizer(), DOCS, seq_len=24, per_domain=4)
+  ref = jnp.asarray(reference(model, data.tokens, max_tokens=data.tokens.size).logp)
+  specs = policy_spec.parse_list(["none", "sere:1"])
+  outcomes = study.run_grid(model, specs, 4, data, ref, threads=2, greedy_tokens=6)
+  stored = runner.stored_similarity(model)
+  for spec, out in zip(specs, outcomes):
+    assert out.continuation.shape == (8, 6)
+    runner.configure(model, policy_spec.layer_configs(spec, stored, len(stored)), 4)
+    expected = runner.greedy(model, data.tokens[:, :18], 6, 4, max_tokens=10_000)
+    np.testing.assert_array_equal(out.continuation, expected)
+  none_row = study.row(specs[0], 4, outcomes[0], outcomes[0], data)
+  assert none_row["greedy_match"] == 1.0 and none_row["greedy_prefix"] == 6.0
+  sere_row = study.row(specs[1], 4, outcomes[1], outcomes[0], data)
+  prefix = np.asarray(evaluation_metrics.agreeing_prefix(outcomes[0].continuation,
+                                                         outcomes[1].continuation))
+  assert sere_row["greedy_prefix"] == pytest.approx(prefix.mean())
+  low, high = sere_row["greedy_prefix_ci"]
+  assert low <= sere_row["greedy_prefix"] <= high
+  assert "greedy prefix" in study_report.markdown(
+      {"model": "m", "rows": [none_row, sere_row], "sere_vs_controls": [], "top_k": 4,
+       "num_experts": 8, "command": "cmd",
+       "data": {"seq_len": 24, "per_domain": 4, "domains": ["prose", "tasks"],
+                "task_answers": 3}})
+  with pytest.raises(ValueError, match="greedy_tokens must be in"):
+    study.run_grid(model, specs[:1], 4, data, ref, threads=1, greedy_tokens=24)
+
+
+def test_agreeing_prefix():
+  ref = np.array([[1, 2, 3], [1, 2, 3], [4, 5, 6]])
+  got = np.array([[1, 2, 3], [1, 9, 3], [0, 5, 6]])
+  np.testing.assert_array_equal(evaluation_metrics.agreeing_prefix(ref, got), [3, 1, 0])
+  with pytest.raises(ValueError, match="equal"):
+    evaluation_metrics.agreeing_prefix(ref, got[:, :2])

@@ -15,14 +15,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 
+def agreeing_prefix(reference_tokens: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+  """Per row of `tokens [N, G]`, how many leading tokens equal `reference_tokens`'s."""
+  a, b = np.asarray(reference_tokens), np.asarray(tokens)
+  if a.shape != b.shape or a.ndim != 2:
+    raise ValueError(f"continuations of shape {b.shape} vs reference {a.shape}: need "
+                     "equal [N, G] shapes")
+  same = a == b
+  return np.where(same.all(axis=1), a.shape[1], np.argmin(same, axis=1))
+
+
 def exact_match(reference_tokens: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
   """`(fraction of rows equal to the reference, mean length of the agreeing prefix)`."""
-  a, b = np.asarray(reference_tokens), np.asarray(tokens)
-  if a.shape != b.shape:
-    raise ValueError(f"continuations of shape {b.shape} vs reference {a.shape}")
-  same = a == b
-  prefix = np.where(same.all(axis=1), a.shape[1], np.argmin(same, axis=1))
-  return float(np.mean(same.all(axis=1))), float(np.mean(prefix))
+  prefix = agreeing_prefix(reference_tokens, tokens)
+  return float(np.mean(prefix == np.shape(tokens)[1])), float(np.mean(prefix))
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

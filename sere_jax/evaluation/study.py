@@ -13,7 +13,11 @@ group (as `runner.teacher_forced`), compiling the whole grid of one batch size i
 parallel threads first; a row holds the distinct experts per layer, perplexity overall
 and per domain with its change against `none` and a paired bootstrap 95 % interval over
 sequences, top-1 agreement and KL against `none`, and task exact-match accuracy with
-its interval.
+its interval. With `greedy_tokens` > 0 each spec also decodes freely: from the first
+`L - greedy_tokens` tokens of every window it generates `greedy_tokens` greedily (the
+prompt prefilled without re-routing, every new token re-routed with its group, as
+`generation.generate` does), and the row holds how much of `none`'s continuation it
+reproduces (whole continuations and the agreeing prefix, with its interval).
 """
 
 from __future__ import annotations
@@ -111,6 +115,29 @@ def forward(graphdef, state, tokens, ref_logp, *, cache_dtype):
   return nll, top1 == tokens[:, 1:], agree, kl, stats
 
 
+_GREEDY = generation.SamplingConfig()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens", "cache_dtype"))
+def greedy_continuation(graphdef, state, prompts, *, new_tokens, cache_dtype):
+  """`new_tokens` greedy tokens `[N, new_tokens]` after `prompts [N, P]` (no EOS):
+  `generation.generate`'s prefill and decode loop in one jitted call."""
+  model = nnx.merge(graphdef, state)
+  batch, length = prompts.shape
+  slots = length + new_tokens - 1
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  key = jax.random.PRNGKey(0)
+  first, cache, cache_valid, _ = generation.model_step(
+      graphdef, state, prompts, positions, jnp.ones((batch, length), jnp.bool_),
+      model.init_cache(batch, slots, cache_dtype), jnp.zeros((batch, slots), jnp.bool_),
+      jnp.asarray(0, jnp.int32), key, sampling=_GREEDY, decode=False)
+  accepted, *_ = generation.decode_loop(
+      graphdef, state, first, jnp.full((batch,), length, jnp.int32), cache, cache_valid,
+      jnp.asarray(length, jnp.int32), key, sampling=_GREEDY, max_new_tokens=new_tokens,
+      eos_ids=(), stop_sequences=(), pad_id=0)
+  return accepted.tokens
+
+
 def answers_correct(correct: np.ndarray, answer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per sequence, `(answers right, answers)` from `correct [N, L-1]` and the marks."""
   right, total = np.zeros(answer.shape[0]), np.zeros(answer.shape[0])
@@ -151,6 +178,7 @@ class Outcome:
   agree: np.ndarray
   kl: np.ndarray
   stats: np.ndarray  # [layers, 5]
+  continuation: np.ndarray | None = None  # [N, greedy_tokens] free-running greedy
 
 
 def _configured_state(model, spec, group, matrices):
@@ -163,10 +191,12 @@ def _configured_state(model, spec, group, matrices):
 def run_grid(model: nnx.Module, specs: Sequence[PolicySpec], group: int,
              data: StudyData, ref_logp: jax.Array, *, threads: int = 16,
              metric_matrices: dict[str, list[Any]] | None = None,
+             greedy_tokens: int = 0,
              progress: Callable[[str], None] = lambda _: None) -> list[Outcome]:
   """Every spec at decode batch size `group`: compiled in parallel, then run. A spec
   naming a similarity metric uses `metric_matrices[metric]` (one `[E, E]` per layer),
-  the others the model's stored similarity."""
+  the others the model's stored similarity. `greedy_tokens` > 0 adds each spec's
+  free-running greedy continuation of the windows' first `L - greedy_tokens` tokens."""
   dtype = model_base.param_dtype(model)
   stored = stored_similarity(model)
 
@@ -177,20 +207,30 @@ def run_grid(model: nnx.Module, specs: Sequence[PolicySpec], group: int,
       raise ValueError(f"{spec.text}: no {spec.metric!r} similarity was calibrated")
     return metric_matrices[spec.metric]
 
+  length = data.tokens.shape[1]
+  if not 0 <= greedy_tokens < length:
+    raise ValueError(f"greedy_tokens must be in [0, {length}) for windows of {length} "
+                     f"tokens, got {greedy_tokens}")
   tokens = jnp.asarray(data.tokens)
+  prompts = tokens[:, :length - greedy_tokens]
   lowered = []
   for spec in specs:
     graphdef, state = _configured_state(model, spec, group, matrices(spec))
     lowered.append(forward.lower(graphdef, state, tokens, ref_logp, cache_dtype=dtype))
+    if greedy_tokens:
+      lowered.append(greedy_continuation.lower(graphdef, state, prompts,
+                                               new_tokens=greedy_tokens, cache_dtype=dtype))
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    compiled = list(pool.map(lambda p: p.compile(), lowered))
+    compiled = iter(pool.map(lambda p: p.compile(), lowered))
   outcomes = []
-  for spec, fn in zip(specs, compiled):
+  for spec in specs:
     _, state = _configured_state(model, spec, group, matrices(spec))
-    nll, correct, agree, kl, stats = fn(state, tokens, ref_logp)
+    nll, correct, agree, kl, stats = next(compiled)(state, tokens, ref_logp)
+    continuation = (np.asarray(next(compiled)(state, prompts)) if greedy_tokens
+                    else None)
     outcomes.append(Outcome(np.asarray(nll, np.float64), np.asarray(correct),
                             np.asarray(agree), np.asarray(kl, np.float64),
-                            np.asarray(stats, np.float64)))
+                            np.asarray(stats, np.float64), continuation))
     progress(spec.text)
   configure(model, [moe.NO_REROUTE] * len(stored), 0, stored)  # leave it as found
   return outcomes
@@ -213,6 +253,13 @@ def row(spec: PolicySpec, group: int, out: Outcome, ref: Outcome, data: StudyDat
         "ppl_delta_ci": list(metrics.paired_bootstrap_delta_ppl_ci(out.nll[m], ref.nll[m],
                                                                    seed=seed))}
   accuracy = float(right.sum() / max(total.sum(), 1))
+  greedy = {}
+  if out.continuation is not None and ref.continuation is not None:
+    prefix = metrics.agreeing_prefix(ref.continuation, out.continuation).astype(np.float64)
+    greedy = {"greedy_tokens": int(out.continuation.shape[1]),
+              "greedy_match": float(np.mean(prefix == out.continuation.shape[1])),
+              "greedy_prefix": float(prefix.mean()),
+              "greedy_prefix_ci": list(metrics.bootstrap_ci(prefix, seed=seed))}
   return {
       "spec": spec.text, "label": spec.label, "policy": spec.policy,
       "select_top_k": spec.select_top_k, "pool_size": spec.pool_size,
@@ -231,4 +278,5 @@ def row(spec: PolicySpec, group: int, out: Outcome, ref: Outcome, data: StudyDat
       "task_accuracy_delta_ci": list(paired_ratio_delta_ci(right, ref_right, total,
                                                            seed=seed)),
       "task_answers": int(total.sum()),
+      **greedy,
   }

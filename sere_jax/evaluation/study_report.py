@@ -31,7 +31,12 @@ def markdown(result: dict[str, Any]) -> str:
       "position among the B sequences of a batch. Δppl: perplexity change against `none` "
       "with a paired bootstrap 95 % interval over sequences; task: exact-match accuracy of "
       "the synthetic tasks' answers (the answer equals greedy decoding's) with its "
-      "interval.", ""]
+      "interval." + (
+          f" Greedy: free-running decoding of {result['rows'][0]['greedy_tokens']} tokens "
+          "after each window's first tokens; prefix: mean tokens until the first that "
+          "differs from `none`'s continuation (bootstrap 95 % interval); same: share of "
+          "continuations equal to `none`'s." if "greedy_tokens" in result["rows"][0]
+          else ""), ""]
   if "sources" in result:
     lines += ["Runs merged here (each batch size from the first run that has it):", ""]
     for src in result["sources"]:
@@ -46,11 +51,14 @@ def markdown(result: dict[str, Any]) -> str:
     domains = sorted(rows[0]["per_domain"])
     # Rows of policies placed on expert-parallel devices add the busiest device's count.
     placed = any(r.get("expert_devices") for r in rows)
+    # Runs with free-running decoding add the greedy continuation's agreement.
+    greedy = all("greedy_prefix" in r for r in rows)
     lines += [f"## B = {group}", "",
               "| policy | distinct/layer | " + ("max/device | " if placed else "") +
               "Δppl % | 95 % CI | " + " | ".join(f"Δppl {d}" for d in domains) +
-              " | agreement | task acc | task CI |",
-              "|---" * (7 + placed + len(domains)) + "|"]
+              " | agreement | " + ("greedy prefix [CI] | greedy same | " if greedy else "")
+              + "task acc | task CI |",
+              "|---" * (7 + placed + 2 * greedy + len(domains)) + "|"]
     for r in sorted(rows, key=lambda r: (-r["distinct_per_layer"], r["spec"])):
       device = (f"{r['max_device_distinct_per_layer']:.2f} | "
                 if placed and r.get("expert_devices") else "- | " if placed else "")
@@ -59,7 +67,10 @@ def markdown(result: dict[str, Any]) -> str:
           f"{r['ppl_delta_pct']:+.2f} | "
           f"{_ci(r['ppl_delta_ci'])} | " +
           " | ".join(f"{r['per_domain'][d]['ppl_delta_pct']:+.2f}" for d in domains) +
-          f" | {r['agreement']:.3f} | {r['task_accuracy']:.3f} | "
+          f" | {r['agreement']:.3f} | " +
+          (f"{r['greedy_prefix']:.1f} [{r['greedy_prefix_ci'][0]:.1f}, "
+           f"{r['greedy_prefix_ci'][1]:.1f}] | {r['greedy_match']:.3f} | " if greedy else "")
+          + f"{r['task_accuracy']:.3f} | "
           f"[{r['task_accuracy_ci'][0]:.3f}, {r['task_accuracy_ci'][1]:.3f}] |")
     lines.append("")
   placed = any("max_device_distinct" in v for v in result["sere_vs_controls"])
