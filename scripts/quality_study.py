@@ -72,8 +72,8 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only re-render the Markd
                                  "plots from the JSON files already in --out_dir.")
 _MERGE = flags.DEFINE_list("merge", [], "With --report_only: study JSON files (runs of the "
                            "same models on other machines or batch sizes) merged into "
-                           "--out_dir's `quality_<model>.json`; a (batch size, spec) row "
-                           "that two runs share is taken from the first file listed.")
+                           "--out_dir's `quality_<model>.json`; each batch size's rows "
+                           "come from the first file listed that has it.")
 
 
 def grid(top_k: int, seeds: int) -> list[policy_spec.PolicySpec]:
@@ -188,16 +188,22 @@ def _study_model(model_dir: str, documents, log, partial) -> dict[str, Any]:
   data = study.study_data(tokenizer, documents, seq_len=_SEQ_LEN.value,
                           per_domain=_PER_DOMAIN.value)
   top_k = moe.moe_blocks(model)[0].top_k
+  t0 = time.time()
   ref = reference(model, data.tokens, max_tokens=data.tokens.size)
   ref_logp = jnp.asarray(ref.logp)
   specs = _specs(top_k)
   metric_matrices = _metric_matrices(model, tokenizer)
+  log(f"{os.path.basename(model_dir)}: reference and calibration in "
+      f"{time.time() - t0:.0f} s")
   rows, versus = [], []
   for group in [int(b) for b in _BATCHES.value]:
     t0 = time.time()
-    outcomes = study.run_grid(model, specs, group, data, ref_logp,
-                              threads=_THREADS.value, metric_matrices=metric_matrices,
-                              greedy_tokens=_GREEDY.value)
+    with cli.progress(total=len(specs), desc=f"B={group} (compiled first)",
+                      unit="spec") as bar:
+      outcomes = study.run_grid(model, specs, group, data, ref_logp,
+                                threads=_THREADS.value, metric_matrices=metric_matrices,
+                                greedy_tokens=_GREEDY.value,
+                                progress=lambda _: bar.update(1))
     none = outcomes[0]
     group_rows = [study.row(s, group, o, none, data) for s, o in zip(specs, outcomes)]
     sere_distinct = sorted({round(r["distinct_per_layer"]) for r, s in zip(group_rows, specs)

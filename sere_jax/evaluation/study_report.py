@@ -73,7 +73,7 @@ def markdown(result: dict[str, Any]) -> str:
           + f"{r['task_accuracy']:.3f} | "
           f"[{r['task_accuracy_ci'][0]:.3f}, {r['task_accuracy_ci'][1]:.3f}] |")
     lines.append("")
-  placed = any("max_device_distinct" in v for v in result["sere_vs_controls"])
+  placed = any(r.get("expert_devices") for r in result["rows"])
   lines += ["## SERE against each control at the same S (equal distinct experts)", "",
             "Perplexity of SERE relative to the control (negative: SERE better), paired "
             "bootstrap 95 % interval over sequences; a difference inside the interval is "
