@@ -265,6 +265,9 @@ def main(argv):
       fileio.write_json_atomic(os.path.join(_OUT.value, f"quality_{name}.json"), result)
       results.append(result)
   else:
+    if not 0 <= _GREEDY.value < _SEQ_LEN.value:
+      raise ValueError(f"--greedy_tokens must be in [0, --seq_len={_SEQ_LEN.value}), got "
+                       f"{_GREEDY.value}")
     for model_dir in _MODELS.value:
       if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"no model directory {model_dir}")

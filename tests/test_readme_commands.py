@@ -69,7 +69,7 @@ SMALL_DEFAULTS = {
              "--show=1"],
     "diagnose": ["--num_sequences=16", "--seq_len=64"],
     "quality_study": ["--batch_sizes=4", "--per_domain=2", "--seq_len=32",
-                      "--random_seeds=1"],
+                      "--random_seeds=1", "--greedy_tokens=4"],
     "routing_realism": ["--batch_sizes=1,4", "--per_domain=4", "--seq_len=32"],
 }
 # Scripts whose commands need a GPU: run with --help only.

@@ -261,6 +261,14 @@ def test_scripts_name_a_bad_input_file(tmp_path):
   assert f"{result} is not valid JSON" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_quality_study_checks_greedy_tokens_before_loading(tmp_path):
+  proc = _script("quality_study", f"--model_dir={tmp_path / 'absent'}",
+                 f"--heldout_dir={tmp_path}", "--seq_len=16", "--greedy_tokens=16")
+  assert proc.returncode != 0
+  assert "--greedy_tokens must be in [0, --seq_len=16), got 16" in proc.stderr, (
+      proc.stderr[-2000:])
+
+
 def test_json_errors_name_the_file(tmp_path):
   path = tmp_path / "config.json"
   path.write_text('{"a": 1,}')
