@@ -17,6 +17,12 @@ the suite's defaults. Unless XLA_PYTHON_CLIENT_MEM_FRACTION is set, the `standar
 `decode` suites set it to 0.95 (and say so); a model that does not fit the device stops
 the run before anything is compiled, naming the bytes it needs and the device's.
 
+Suite `bandwidth` (`sere_jax.benchmarking.bandwidth`): the memory-bandwidth probe that
+every roofline divides by, run in `--processes` separate processes, with the spread of
+their medians and the device's datasheet figure:
+
+  python -m sere_jax.scripts.benchmark --suite=bandwidth --out=docs/benchmarks/bandwidth_h100
+
 Suite `ep_model` (`sere_jax.benchmarking.ep_model`): no timing; the modelled
 expert-parallel decode step of Qwen3-235B-A22B on `--expert_devices` H200s per batch
 size and policy, from single-GPU measurements and stated assumptions:
@@ -57,6 +63,7 @@ from absl import logging
 import jax
 
 from sere_jax import benchmarking
+from sere_jax.benchmarking import bandwidth
 from sere_jax.benchmarking import compare
 from sere_jax.benchmarking import decode as decode_lib
 from sere_jax.benchmarking import decode_models
@@ -74,7 +81,8 @@ from sere_jax.kernels import moe_ffn as moe_ffn_lib
 from sere_jax.kernels.gmm import tiles
 
 _SUITE = flags.DEFINE_enum("suite", "kernels",
-                           ["kernels", "gmm_sweep", "decode", "standard", "ep_model"],
+                           ["kernels", "gmm_sweep", "decode", "standard", "ep_model",
+                            "bandwidth"],
                            "What to run.")
 _OUT = flags.DEFINE_string("out", "docs/benchmarks/kernels", "Output path prefix (.json/.md); "
                            "standard: the directory its result goes to (required).")
@@ -131,6 +139,11 @@ _EXPERT_DEVICES = flags.DEFINE_integer(
     "expert_devices", 1, "decode: devices to shard the routed experts over (expert "
     "parallelism; rows add the most distinct experts one device reads). On a CPU, "
     "XLA_FLAGS=--xla_force_host_platform_device_count=N provides N host devices.")
+_PROCESSES = flags.DEFINE_integer("processes", 5, "bandwidth: separate processes that "
+                                  "each run the probe.")
+_BANDWIDTH_BYTES = flags.DEFINE_integer("bandwidth_bytes", 0, "bandwidth: the probe's "
+                                        "buffer (0: 4 GiB on an accelerator, 64 MiB on a "
+                                        "CPU).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing <out>.json / <out>.md.")
 
 SCALES = kernels_lib.SCALES
@@ -138,8 +151,8 @@ SCALES = kernels_lib.SCALES
 
 def kernels_suite(env):
   shape = SCALES[_SCALE.value]
-  read_bw = benchmarking.read_bandwidth(shape["bandwidth_bytes"])
-  copy_bw = benchmarking.copy_bandwidth(shape["bandwidth_bytes"] // 2)
+  probe = bandwidth.probe(shape["bandwidth_bytes"])
+  read_bw, copy_bw = probe["read"]["tbs"] * 1e12, probe["copy"]["tbs"] * 1e12
   logging.info("read %.2f TB/s, copy %.2f TB/s", read_bw / 1e12, copy_bw / 1e12)
   sweep = kernels_lib.KernelSweep(shape, layers=_LAYERS.value, impl=_IMPL.value,
                                   min_seconds=_MIN_SECONDS.value)
@@ -159,7 +172,7 @@ def kernels_suite(env):
     rows += batch_rows
     result = dict(suite="kernels", env=env, shape=shape, impl=impl, layers=sweep.layers,
                   read_bandwidth_tbs=read_bw / 1e12, copy_bandwidth_tbs=copy_bw / 1e12,
-                  expert_bytes=sweep.expert_bytes, rows=rows)
+                  bandwidth=probe, expert_bytes=sweep.expert_bytes, rows=rows)
     write_result(dict(result, partial=True))  # a long run keeps what it measured
   if _TORCH.value:
     try:
@@ -213,6 +226,9 @@ def main(argv: list[str]) -> None:
                              _OUT.value + ".md": ep_model.markdown(result, command)})
     print(ep_model.markdown(result, command))
     return
+  elif _SUITE.value == "bandwidth":
+    bandwidth_suite(command)
+    return
   elif _SUITE.value == "decode":
     print(memory.set_memory_fraction(), flush=True)
     start = time.time()
@@ -234,6 +250,28 @@ def main(argv: list[str]) -> None:
     result["command"] = command
   write_result(result)
   print(markdown(result, result.get("command", command)))
+
+
+def bandwidth_suite(command: str) -> None:
+  """The bandwidth probe in `--processes` separate processes (`bandwidth.across_processes`;
+  this process leaves the device to them) into `<out>.json` and `.md`."""
+  if _PROCESSES.value < 2 or _BANDWIDTH_BYTES.value < 0:
+    raise app.UsageError(f"--processes must be >= 2 and --bandwidth_bytes >= 0, got "
+                         f"{_PROCESSES.value} and {_BANDWIDTH_BYTES.value}")
+  bar = cli.progress(total=_PROCESSES.value, desc="bandwidth probe", unit="process")
+  try:
+    result = bandwidth.across_processes(
+        _PROCESSES.value, _BANDWIDTH_BYTES.value or None,
+        progress=lambda done, total: bar.update(done - bar.n))
+  except RuntimeError as err:
+    raise app.UsageError(str(err)) from None
+  finally:
+    bar.close()
+  result.update(suite="bandwidth", command=command)
+  text = bandwidth.markdown(result, command)
+  fileio.write_all_atomic({_OUT.value + ".json": json.dumps(result, indent=1),
+                           _OUT.value + ".md": text})
+  print(text)
 
 
 def _select_device() -> None:

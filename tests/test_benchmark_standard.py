@@ -56,7 +56,9 @@ def test_standard_suite_runs_resumes_and_merges(tmp_path):
   assert list(result["parts"]) == ["bandwidth", "kernels/B=4", "decode/qwen3_30b_a3b/B=4"]
   for key in ("read", "copy"):
     probe = result["bandwidth"][key]
-    assert probe["min_tbs"] <= probe["median_tbs"] <= probe["tbs"] and probe["spread"] >= 0
+    assert probe["min_tbs"] <= probe["tbs"] <= probe["best_tbs"] and probe["spread"] >= 0
+    assert probe["iterations"] >= 1
+  assert result["bandwidth"]["spec_peak_tbs"] is None  # no datasheet figure for a CPU
   kernels = result["kernels"]
   assert [(r["mode"], r["policy"], r["select_top_k"]) for r in kernels["rows"]] == [
       ("forced", "none", 0), ("natural", "none", 0), ("natural", "sere", 1),
@@ -100,6 +102,15 @@ def test_standard_suite_runs_resumes_and_merges(tmp_path):
   assert "| 4 | sere:1:0 |" in text and "| 4 | forced 8 |" in text
   for name in ("standard_kernels.png", "standard_speedup_qwen3_30b_a3b.png"):
     assert (report / name).read_bytes()[:8] == PNG
+  assert "× spec" not in text  # no device with a datasheet figure
+  # A device with one gets its ratio to the datasheet roofline beside its own.
+  spec = dict(result, _path="gpu.json",
+              bandwidth=dict(result["bandwidth"], spec_peak_tbs=2 * result["bandwidth"][
+                  "copy"]["tbs"]))
+  text = compare.markdown([spec], title="spec")
+  row = next(l for l in text.splitlines() if l.startswith("| 4 | none |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert float(cells[4]) == pytest.approx(2 * float(cells[3]), rel=0.02)
 
   # Another suite version: refused, naming both files; nothing is written.
   other = tmp_path / "other"
@@ -110,7 +121,8 @@ def test_standard_suite_runs_resumes_and_merges(tmp_path):
                  cwd=tmp_path, check=False)
   assert proc.returncode != 0
   assert "different standard-suite versions" in proc.stderr
-  assert "standard_tpu_v5_lite.json (version 2)" in proc.stderr, proc.stderr
+  assert (f"standard_tpu_v5_lite.json (version {standard.SUITE_VERSION + 1})"
+          in proc.stderr), proc.stderr
   assert not (tmp_path / "no_report").exists()
 
 
@@ -222,7 +234,8 @@ def test_report_refuses_bad_inputs_and_writes_nothing(tmp_path):
   for bad, message in (([good, str(truncated)], "truncated.json is not valid JSON"),
                        ([good, decode_result], "decode.json is not a standard-suite result"),
                        ([good, newer], r"different standard-suite versions: .*"
-                                       r"standard_cpu.json \(version 1\), .*newer.json "
+                                       rf"standard_cpu.json \(version "
+                                       rf"{standard.SUITE_VERSION}\), .*newer.json "
                                        r"\(version 7\)"),
                        ([str(tmp_path / "missing")], "no file or directory .*missing"),
                        ([str(tmp_path / "report_in")], "holds no standard-suite result")):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from sere_jax import benchmarking
+from sere_jax.benchmarking import bandwidth
 from sere_jax import fileio
 from sere_jax import routing
 from sere_jax.kernels.decode_attention.triton import decode_attention_triton
@@ -70,7 +71,7 @@ def _attend(x, k_cache, v_cache, **tiles):
 def main(argv):
   out_path = argv[1]
   batches = [int(b) for b in (argv[2] if len(argv) > 2 else "16,64").split(",")]
-  read_bw = benchmarking.read_bandwidth()
+  read_bw = bandwidth.probe()["read"]["tbs"] * 1e12
   keys = jax.random.split(jax.random.PRNGKey(0), 4 * LAYERS)
 
   def weight(i, shape):

@@ -145,17 +145,27 @@ def _devices_section(results, labels) -> list[str]:
     done, total = len(r["parts"]), 1 + batches + batches * len(plan.get("models", []))
     rows.append([label, env.get("backend"), env.get("driver") or env.get("platform_version"),
                  f"{env.get('jax')} / {env.get('jaxlib')}", r.get("scale"), probe("read"),
-                 probe("copy"), backends.get("moe_ffn"), ", ".join(attention),
+                 probe("copy"), bw.get("spec_peak_tbs"), backends.get("moe_ffn"),
+                 ", ".join(attention),
                  f"{done}/{total}", os.path.basename(r["_path"]),
                  "`" + str(r.get("command", "")).replace("|", "\\|") + "`"])
-  lines = ["## Devices", "", "Read and copy bandwidth: the probe's best of its repeats "
+  lines = ["## Devices", "", "Read and copy bandwidth: the probe's median of its repeats "
            "in TB/s (± half its spread over the repeats, relative to the median); every "
-           "roofline of a device divides by its own probe.", ""]
+           "roofline of a device divides by its own probe. Spec: the datasheet bandwidth "
+           "(`bandwidth.SPEC_PEAK_TBS`).", ""]
   lines += _table(["device", "backend", "driver / platform", "jax / jaxlib", "scale",
-                   "read TB/s", "copy TB/s", "MoE op", "attention", "parts", "file",
-                   "command"], rows)
+                   "read TB/s", "copy TB/s", "spec TB/s", "MoE op", "attention", "parts",
+                   "file", "command"], rows)
   notes = sorted({r["scale_note"] for r in results if r.get("scale_note")})
   return lines + [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+
+
+def _spec_over_copy(result) -> float | None:
+  """Datasheet over probed copy bandwidth (turns × roofline into × spec), or None."""
+  bw = result.get("bandwidth") or {}
+  if not bw.get("spec_peak_tbs") or "copy" not in bw:
+    return None
+  return bw["spec_peak_tbs"] / bw["copy"]["tbs"]
 
 
 def _decode_section(results, labels, pngs) -> list[str]:
@@ -167,21 +177,29 @@ def _decode_section(results, labels, pngs) -> list[str]:
     keys = sorted({k for rows in by_device for k in rows},
                   key=lambda k: (k[0], policies.index(k[1]) if k[1] in policies else 99,
                                  k[1]))
+    # Against the datasheet bandwidth too, where the device's is known.
+    spec = [_spec_over_copy(r) for r in results]
     header = ["B", "policy"]
-    for label in labels:
-      header += [f"{label} ms/token", "× roofline", "speedup"]
+    for label, s in zip(labels, spec):
+      header += [f"{label} ms/token", "× roofline"] + (["× spec"] if s else []) + [
+          "speedup"]
     table = []
     for key in keys:
       cells: list[Any] = [key[0], key[1]]
-      for rows in by_device:
+      for rows, s in zip(by_device, spec):
         row = rows.get(key) or {}
-        cells += [row.get("ms_per_token"), row.get("measured_over_roofline"),
-                  row.get("speedup_over_none")]
+        ratio = row.get("measured_over_roofline")
+        cells += [row.get("ms_per_token"), ratio]
+        if s:
+          cells.append(None if ratio is None else ratio * s)
+        cells.append(row.get("speedup_over_none"))
       table.append(cells)
     lines += [f"## Decode: {model}", "",
               "ms per output token (a decode loop's time / its steps); × roofline: that "
               "time over the device's own roofline (bytes a step reads / its copy "
-              "bandwidth); speedup: `none`'s time at the same B / the policy's.", ""]
+              "bandwidth); " + ("× spec: over the roofline at the datasheet bandwidth; "
+                                 if any(spec) else "") +
+              "speedup: `none`'s time at the same B / the policy's.", ""]
     lines += _table(header, table) + [""]
     name = f"standard_speedup_{_slug(model)}.png"
     if name in pngs:

@@ -44,6 +44,7 @@ from sere_jax import fileio
 from sere_jax import generation
 from sere_jax import moe
 from sere_jax import profiling
+from sere_jax.benchmarking import bandwidth
 from sere_jax.benchmarking import memory
 from sere_jax.benchmarking import timing
 from sere_jax.benchmarking.decode_models import (build_model, byte_budget,
@@ -226,8 +227,8 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
   memory.check_fits(memory.decode_needs(model, scale, batches, prompt_len, new_tokens,
                                         expert_devices), memory.device_bytes_limit())
   env = timing.environment()
-  copy_bw = timing.copy_bandwidth(bandwidth_bytes)
-  read_bw = timing.read_bandwidth(bandwidth_bytes)
+  probe = bandwidth.probe(bandwidth_bytes)
+  copy_bw, read_bw = probe["copy"]["tbs"] * 1e12, probe["read"]["tbs"] * 1e12
   bench = DecodeBench(model=model, scale=scale, impl=impl, attention_impl=attention_impl,
                       seed=seed, expert_devices=expert_devices)
   result = dict(suite="decode", env=env, **bench.header(),
@@ -236,6 +237,7 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
                               repeats=repeats, sampling="greedy", dtype="bfloat16",
                               seed=seed),
                 copy_bandwidth_tbs=copy_bw / 1e12, read_bandwidth_tbs=read_bw / 1e12,
+                bandwidth=probe,
                 rows=[])
   if peer is not None:
     result["peer"] = {k: v for k, v in peer.items() if k != "rows"}

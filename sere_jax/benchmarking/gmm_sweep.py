@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sere_jax.benchmarking import bandwidth
 from sere_jax.benchmarking import timing
 from sere_jax.benchmarking.kernels import SCALES, forced_ids, make_weights
 from sere_jax.kernels.gmm import tiles
@@ -41,7 +42,7 @@ def gmm_sweep(env: dict[str, Any], *, impl: str, scale: str, batches: Sequence[i
   configs = [dict(tiles.TILES, **v) for v in variants]
   shape = SCALES[scale]
   d, f, e, k = shape["dim"], shape["ffn"], shape["experts"], shape["top_k"]
-  read_bw = timing.read_bandwidth(shape["bandwidth_bytes"])
+  read_bw = bandwidth.probe(shape["bandwidth_bytes"])["read"]["tbs"] * 1e12
   weights = make_weights(shape, layers)
   rng = np.random.default_rng(0)
   rows = []

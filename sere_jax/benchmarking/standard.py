@@ -3,7 +3,7 @@ device-tagged result that `compare` merges with other machines' into one report.
 
 On whatever device JAX finds, in parts (`Plan.parts`):
   * `bandwidth`: the read and copy bandwidth probe, with its spread over repeats
-    (`timing.bandwidth_probe`); every roofline of the run divides by it;
+    (`bandwidth.probe`); every roofline of the run divides by its medians;
   * `kernels/B=<b>`: one MoE layer at Qwen3-30B-A3B shapes (`kernels.KernelSweep`),
     forced 8–128 distinct experts and natural routing under `none`, SERE S=1, S=2;
   * `decode/<model>/B=<b>`: whole-model decoding (`decode.DecodeBench`) of
@@ -18,7 +18,7 @@ already holds, so a run cut short resumes where it stopped. Before anything is m
 Result (`SUITE_VERSION` changes whenever the plan or this layout does):
   suite, suite_version, scale, scale_note, plan (`Plan.to_json`), env
   (`timing.environment` + `kernel_backends` + `memory_fraction`), memory (bytes limit and
-  the bytes each decode part needs), bandwidth (`timing.bandwidth_probe`), kernels
+  the bytes each decode part needs), bandwidth (`bandwidth.probe`), kernels
   (shape, impl, layers, expert_bytes, rows of `KernelSweep.run_batch`), decode
   (per model: `DecodeBench.header()` and rows of `DecodeBench.run_batch`), parts
   (measured part -> seconds), runs (one entry per process that measured parts),
@@ -34,15 +34,15 @@ import time
 from typing import Any, Callable, Sequence
 
 from sere_jax import policy_spec
+from sere_jax.benchmarking import bandwidth
 from sere_jax.benchmarking import decode as decode_lib
 from sere_jax.benchmarking import decode_models
 from sere_jax.benchmarking import kernels as kernels_lib
 from sere_jax.benchmarking import memory
-from sere_jax.benchmarking import timing
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 
 SUITE = "standard"
-SUITE_VERSION = 1
+SUITE_VERSION = 2
 MODELS = ("qwen3_30b_a3b", "deepseek_v2_lite", "qwen15_moe_a27b")
 BATCHES = (1, 16, 64)
 POLICIES = ("none", "sere:1:0", "sere:2:0", "topk_truncate:1", "topk_truncate:2",
@@ -243,13 +243,13 @@ class StandardSuite:
   # ------------------------------------------------------------------ parts
 
   def _bandwidth(self, key: str) -> float:
-    """The probe's best bandwidth in bytes/s (measured first if it is not yet)."""
+    """The probe's median bandwidth in bytes/s (measured first if it is not yet)."""
     if "bandwidth" not in self.result:
       self.result["bandwidth"] = self.measure_bandwidth()
     return self.result["bandwidth"][key]["tbs"] * 1e12
 
   def measure_bandwidth(self) -> dict[str, Any]:
-    return timing.bandwidth_probe(self.plan.bandwidth_bytes)
+    return bandwidth.probe(self.plan.bandwidth_bytes)
 
   def measure_kernels(self, batch: int) -> list[dict[str, Any]]:
     """The rows of one batch size of the MoE-layer sweep."""

@@ -1,7 +1,5 @@
 """Timing helpers for benchmarks on any backend: the environment record
-of a result (`environment`; `select_platform` picks the device first), the device's
-read and copy bandwidths (the rooflines' denominators; `bandwidth_probe` also reports
-their spread over repeats), and
+of a result (`environment`; `select_platform` picks the device first) and
 `LayerChain`, which times one layer inside one jit — a `fori_loop` over rounds, each
 round running a chain of layers whose weights differ (so caches never serve a repeat),
 with a data dependency from each layer to the next; the chain update itself is timed
@@ -108,82 +106,13 @@ def _git_commit() -> str | None:
   return commit + ("+dirty" if dirty else "")
 
 
-def _seconds(fn: Callable[[], Any], repeats: int) -> list[float]:
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return times
-
-
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-  return statistics.median(_seconds(fn, repeats))
-
-
-# The read-only reductions of `read_bandwidth`, over a [rows, 8192] float32 buffer.
-_REDUCTIONS = (lambda b: jnp.sum(b, axis=1), lambda b: jnp.sum(b, axis=0),
-               lambda b: jnp.max(b.reshape(-1, 128, b.shape[1]), axis=1))
-
-
-def read_bandwidth(num_bytes: int = 4 << 30, repeats: int = 10) -> float:
-  """HBM read bandwidth in bytes/s: the best of a few read-only reductions.
-
-  XLA's reductions differ in how close they get to the memory system's limit; the
-  fastest one is the tightest (most honest) roofline.
-  """
-  cols = 8192
-  rows = max(1, num_bytes // (4 * cols))
-  buf = jax.random.uniform(jax.random.PRNGKey(1), (rows, cols), jnp.float32)
-  best = 0.0
-  for fn in _REDUCTIONS:
-    reduce = jax.jit(fn)
-    jax.block_until_ready(reduce(buf))
-    best = max(best, rows * cols * 4 / _median_seconds(lambda: reduce(buf), repeats))
-  return best
-
-
-def _bandwidths(num_bytes: int, seconds: Sequence[float]) -> dict[str, float]:
-  """Best, median and worst bytes/s (in TB/s) of repeats, and their spread."""
-  rates = sorted(num_bytes / t / 1e12 for t in seconds)
-  median = statistics.median(rates)
-  return dict(tbs=rates[-1], median_tbs=median, min_tbs=rates[0],
-              spread=(rates[-1] - rates[0]) / median)
-
-
-def bandwidth_probe(num_bytes: int = 4 << 30, repeats: int = 10) -> dict[str, Any]:
-  """Read and copy bandwidths with their spread over `repeats`: `{"read": ..., "copy":
-  ...}`, each `{"tbs" (the best, the roofline's denominator, as `read_bandwidth` /
-  `copy_bandwidth` return it), "median_tbs", "min_tbs", "spread" ((best - worst) /
-  median)}`; `read` is the fastest of the reductions `read_bandwidth` tries (by
-  median), `copy` counts bytes read plus written, over a buffer of half the size."""
-  cols = 8192
-  rows = max(1, num_bytes // (4 * cols))
-  buf = jax.random.uniform(jax.random.PRNGKey(1), (rows, cols), jnp.float32)
-  read = None
-  for fn in _REDUCTIONS:
-    reduce = jax.jit(fn)
-    jax.block_until_ready(reduce(buf))
-    stats = _bandwidths(rows * cols * 4, _seconds(lambda: reduce(buf), repeats))
-    if read is None or stats["median_tbs"] > read["median_tbs"]:
-      read = stats
-  del buf
-  n = num_bytes // 8
-  small = jax.random.uniform(jax.random.PRNGKey(2), (n,), jnp.float32)
-  copy = jax.jit(lambda b: b * 1.0001)
-  jax.block_until_ready(copy(small))
-  copied = _bandwidths(2 * n * 4, _seconds(lambda: copy(small), repeats))
-  return dict(read=read, copy=copied, bytes=rows * cols * 4, repeats=repeats)
-
-
-def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 10) -> float:
-  """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-  n = num_bytes // 4
-  buf = jax.random.uniform(jax.random.PRNGKey(2), (n,), jnp.float32)
-  copy = jax.jit(lambda b: b * 1.0001)
-  jax.block_until_ready(copy(buf))
-  seconds = _median_seconds(lambda: copy(buf), repeats)
-  return 2 * n * 4 / seconds
+  return statistics.median(times)
 
 
 def _normalise(x: jax.Array) -> jax.Array:
