@@ -56,14 +56,20 @@ def test_study_data_marks_answers_and_interleaves():
     study.study_data(_CharTokenizer(), DOCS, seq_len=24, per_domain=9)
 
 
-def test_grid_rows_against_none():
+def _model_with_similarity(seed: int) -> QwenMoeForCausalLM:
+  """The small model with a random symmetric similarity (unit diagonal) per layer."""
   model = QwenMoeForCausalLM(CONFIG, impl="xla_dense", attention_impl="xla",
                              rngs=nnx.Rngs(0))
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   for block in moe.moe_blocks(model):
     sim = rng.uniform(0, 1, (8, 8))
     np.fill_diagonal(sim, 1.0)
     block.similarity[...] = jnp.asarray((sim + sim.T) / 2, jnp.float32)
+  return model
+
+
+def test_grid_rows_against_none():
+  model = _model_with_similarity(0)
   data = study.study_data(_CharTokenizer(), DOCS, seq_len=24, per_domain=4)
   ref = reference(model, data.tokens, max_tokens=data.tokens.size)
   specs = policy_spec.parse_list(["none", "sere:2", "keep_active:2:raw", "oracle:2"])
@@ -125,13 +131,7 @@ def test_each_spec_runs_with_its_own_similarity():
 def test_free_running_greedy_matches_generate():
   """The study's jitted greedy continuation equals `generation.generate`'s (through
   `runner.greedy`) under `none` and under a re-routing policy decoding in groups."""
-  model = QwenMoeForCausalLM(CONFIG, impl="xla_dense", attention_impl="xla",
-                             rngs=nnx.Rngs(0))
-  rng = np.random.default_rng(1)
-  for block in moe.moe_blocks(model):
-    sim = rng.uniform(0, 1, (8, 8))
-    np.fill_diagonal(sim, 1.0)
-    block.similarity[...] = jnp.asarray((sim + sim.T) / 2, jnp.float32)
+  model = _model_with_similarity(1)
   data = study.study_data(_CharTokenizer(), DOCS, seq_len=24, per_domain=4)
   ref = jnp.asarray(reference(model, data.tokens, max_tokens=data.tokens.size).logp)
   specs = policy_spec.parse_list(["none", "sere:1"])
