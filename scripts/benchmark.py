@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -150,42 +149,12 @@ SCALES = kernels_lib.SCALES
 
 
 def kernels_suite(env):
-  shape = SCALES[_SCALE.value]
-  probe = bandwidth.probe(shape["bandwidth_bytes"])
-  read_bw, copy_bw = probe["read"]["tbs"] * 1e12, probe["copy"]["tbs"] * 1e12
-  logging.info("read %.2f TB/s, copy %.2f TB/s", read_bw / 1e12, copy_bw / 1e12)
-  sweep = kernels_lib.KernelSweep(shape, layers=_LAYERS.value, impl=_IMPL.value,
-                                  min_seconds=_MIN_SECONDS.value)
-  impl = sweep.impl
-
-  def log(row):
-    logging.info("B=%d %s %s S=%d distinct=%.1f roofline=%.1fus ours=%.1fus", row["batch"],
-                 row["mode"], row["policy"], row["select_top_k"], row["distinct"],
-                 row["roofline_us"], row[f"{impl}_us"])
-
-  rows = []
-  torch_cases = []
-  for batch in [int(b) for b in _BATCHES.value]:
-    batch_rows, cases = sweep.run_batch(batch, distinct=[int(v) for v in _DISTINCT.value],
-                                        peers=_PEERS.value, read_bandwidth=read_bw, log=log)
-    torch_cases += [dict(case, row_index=len(rows) + i) for i, case in enumerate(cases)]
-    rows += batch_rows
-    result = dict(suite="kernels", env=env, shape=shape, impl=impl, layers=sweep.layers,
-                  read_bandwidth_tbs=read_bw / 1e12, copy_bandwidth_tbs=copy_bw / 1e12,
-                  bandwidth=probe, expert_bytes=sweep.expert_bytes, rows=rows)
-    write_result(dict(result, partial=True))  # a long run keeps what it measured
-  if _TORCH.value:
-    try:
-      torch_times, torch_env = peers_lib.run_torch_peer(sys.executable, shape, sweep.layers,
-                                                        torch_cases, _MIN_SECONDS.value)
-    except subprocess.CalledProcessError as err:  # keep the JAX results; say why
-      logging.error("torch peer failed: %s", err)
-      result["torch_error"] = str(err)
-    else:
-      result["torch_env"] = torch_env
-      for case, t in zip(torch_cases, torch_times):
-        rows[case["row_index"]]["torch_grouped_mm_us"] = t
-  return result
+  """The kernels suite (`kernels.kernels_suite`) as the flags say."""
+  return kernels_lib.kernels_suite(
+      env, SCALES[_SCALE.value], layers=_LAYERS.value, impl=_IMPL.value,
+      min_seconds=_MIN_SECONDS.value, batches=[int(b) for b in _BATCHES.value],
+      distinct=[int(v) for v in _DISTINCT.value], peers=_PEERS.value,
+      torch_peer=_TORCH.value, write_partial=write_result)
 
 
 def _gmm_variants() -> list[dict]:

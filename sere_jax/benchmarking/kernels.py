@@ -8,12 +8,17 @@ S=2 (`NATURAL`). Per case: our op (`impl`), routing + schedule alone (the router
 `MoeBlock` runs with `impl`, then the fused schedule kernel), the reference peers
 (`jax.lax.ragged_dot`, the dense einsum) and the roofline, distinct experts × bytes per
 expert / read bandwidth. Times are µs per layer with the chain's own update subtracted.
+`kernels_suite` runs the sweep over batch sizes into one result, optionally with
+PyTorch's grouped matmul timed on the same routings (`peers.run_torch_peer`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import subprocess
+import sys
+from typing import Any, Callable, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +26,8 @@ import numpy as np
 from sere_jax import moe
 from sere_jax import policies
 from sere_jax import routing
+from sere_jax.benchmarking import bandwidth
+from sere_jax.benchmarking import peers as peers_lib
 from sere_jax.benchmarking import timing
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
@@ -162,3 +169,49 @@ class KernelSweep:
       if log is not None:
         log(row)
     return rows, torch_cases
+
+
+def kernels_suite(env: dict[str, Any], shape: dict[str, int], *, layers: int, impl: str,
+                  min_seconds: float, batches: Sequence[int], distinct: Sequence[int],
+                  peers: Sequence[str], torch_peer: bool,
+                  write_partial: Callable[[dict[str, Any]], None] = lambda _: None
+                  ) -> dict[str, Any]:
+  """The kernels suite's result: the bandwidth probe, then `KernelSweep.run_batch` per
+  batch size (`write_partial(result)` after each); with `torch_peer`, PyTorch's
+  `torch._grouped_mm` on the same routings in a child process (a failure is recorded
+  in `torch_error`, the JAX rows kept)."""
+  probe = bandwidth.probe(shape["bandwidth_bytes"])
+  read_bw, copy_bw = probe["read"]["tbs"] * 1e12, probe["copy"]["tbs"] * 1e12
+  logging.info("read %.2f TB/s, copy %.2f TB/s", read_bw / 1e12, copy_bw / 1e12)
+  sweep = KernelSweep(shape, layers=layers, impl=impl, min_seconds=min_seconds)
+
+  def log(row):
+    logging.info("B=%d %s %s S=%d distinct=%.1f roofline=%.1fus ours=%.1fus", row["batch"],
+                 row["mode"], row["policy"], row["select_top_k"], row["distinct"],
+                 row["roofline_us"], row[f"{sweep.impl}_us"])
+
+  rows: list[dict[str, Any]] = []
+  torch_cases = []
+  result: dict[str, Any] = {}
+  for batch in batches:
+    batch_rows, cases = sweep.run_batch(batch, distinct=distinct, peers=peers,
+                                        read_bandwidth=read_bw, log=log)
+    torch_cases += [dict(case, row_index=len(rows) + i) for i, case in enumerate(cases)]
+    rows += batch_rows
+    result = dict(suite="kernels", env=env, shape=shape, impl=sweep.impl,
+                  layers=sweep.layers, read_bandwidth_tbs=read_bw / 1e12,
+                  copy_bandwidth_tbs=copy_bw / 1e12, bandwidth=probe,
+                  expert_bytes=sweep.expert_bytes, rows=rows)
+    write_partial(dict(result, partial=True))  # a long run keeps what it measured
+  if torch_peer:
+    try:
+      torch_times, torch_env = peers_lib.run_torch_peer(sys.executable, shape, sweep.layers,
+                                                        torch_cases, min_seconds)
+    except subprocess.CalledProcessError as err:  # keep the JAX results; say why
+      logging.error("torch peer failed: %s", err)
+      result["torch_error"] = str(err)
+    else:
+      result["torch_env"] = torch_env
+      for case, t in zip(torch_cases, torch_times):
+        rows[case["row_index"]]["torch_grouped_mm_us"] = t
+  return result
