@@ -165,6 +165,11 @@ def _versus(rows, outcomes, data) -> list[dict[str, Any]]:
   result = []
   for spec, other in pairs:
     (r, o), (r2, o2) = found[spec], found[other]
+    greedy = {}
+    prefix_a, prefix_b = _prefixes(found, spec), _prefixes(found, other)
+    if prefix_a is not None and prefix_b is not None:
+      greedy = {"greedy_prefix_delta": float(np.mean(prefix_a - prefix_b)),
+                "greedy_prefix_delta_ci": list(metrics.bootstrap_ci(prefix_a - prefix_b))}
     low, high = metrics.paired_bootstrap_delta_ppl_ci(o.nll, o2.nll)
     right_a, total = study.answers_correct(o.correct, data.answer)
     right_b, _ = study.answers_correct(o2.correct, data.answer)
@@ -178,8 +183,25 @@ def _versus(rows, outcomes, data) -> list[dict[str, Any]]:
         "ci": [low, high],
         "verdict": "sere better" if high < 0 else "sere worse" if low > 0
                    else "no difference",
-        "task_accuracy_delta_points_ci": list(acc)})
+        "task_accuracy_delta_points_ci": list(acc), **greedy})
   return result
+
+
+def _prefixes(found, spec) -> np.ndarray | None:
+  """Per sequence, how many greedy tokens of `spec` agree with `none`'s before the first
+  difference (a random mean row: the mean over its seeds); None without continuations."""
+  none = found.get("none", (None, None))[1]
+  if none is None or none.continuation is None:
+    return None
+  r, o = found[spec]
+  if o.continuation is not None:
+    return metrics.agreeing_prefix(none.continuation, o.continuation).astype(np.float64)
+  if r["policy"] != "random" or "mean" not in spec:
+    return None
+  seeds = [o2 for s2, (r2, o2) in found.items() if r2["policy"] == "random"
+           and "mean" not in s2 and r2["select_top_k"] == r["select_top_k"]]
+  return np.mean([metrics.agreeing_prefix(none.continuation, o2.continuation)
+                  for o2 in seeds], axis=0)
 
 
 def _study_model(model_dir: str, documents, log, partial) -> dict[str, Any]:

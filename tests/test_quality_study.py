@@ -1,4 +1,10 @@
-"""The quality study's pieces on a small random model: data, grid, rows, merging."""
+"""The quality study's pieces on a small random model: data, grid, rows, merging; and
+the study command end to end at a small size."""
+
+import json
+import os
+import subprocess
+import sys
 
 from flax import nnx
 import jax.numpy as jnp
@@ -165,3 +171,30 @@ def test_agreeing_prefix():
   np.testing.assert_array_equal(evaluation_metrics.agreeing_prefix(ref, got), [3, 1, 0])
   with pytest.raises(ValueError, match="equal"):
     evaluation_metrics.agreeing_prefix(ref, got[:, :2])
+
+
+def test_script_compares_free_running_agreement_paired(tmp_path):
+  """The study command end to end on the shipped upcycled model at a small size: each
+  SERE-vs-control comparison carries the paired difference of greedy prefixes, the
+  random substitute's as the mean over its seeds."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "sere_jax.scripts.quality_study",
+       f"--model_dir={os.path.join(root, 'checkpoints', 'upcycled_moe')}",
+       f"--heldout_dir={os.path.join(root, 'checkpoints', 'quality_heldout')}",
+       f"--out_dir={tmp_path}", "--batch_sizes=4", "--per_domain=4", "--seq_len=32",
+       "--greedy_tokens=8", "--compile_threads=2",
+       "--specs=sere:1,keep_active:1:raw,random:1:seed0,random:1:seed1"],
+      cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+      text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "quality_upcycled_moe.json").read_text())
+  rows = {r["spec"]: r for r in result["rows"]}
+  versus = {v["control"]: v for v in result["sere_vs_controls"]}
+  assert set(versus) == {"keep_active:1:raw", "random:1:mean2"}
+  for control, v in versus.items():
+    expected = rows["sere:1:0"]["greedy_prefix"] - rows[control]["greedy_prefix"]
+    assert v["greedy_prefix_delta"] == pytest.approx(expected)
+    low, high = v["greedy_prefix_delta_ci"]
+    assert low <= v["greedy_prefix_delta"] <= high
+  assert "greedy prefix Δ tokens" in (tmp_path / "quality_upcycled_moe.md").read_text()

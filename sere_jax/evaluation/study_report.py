@@ -74,24 +74,33 @@ def markdown(result: dict[str, Any]) -> str:
           f"[{r['task_accuracy_ci'][0]:.3f}, {r['task_accuracy_ci'][1]:.3f}] |")
     lines.append("")
   placed = any(r.get("expert_devices") for r in result["rows"])
+  greedy_versus = any("greedy_prefix_delta" in v for v in result["sere_vs_controls"])
   lines += ["## SERE against each control at the same S (equal distinct experts)", "",
             "Perplexity of SERE relative to the control (negative: SERE better), paired "
             "bootstrap 95 % interval over sequences; a difference inside the interval is "
             "no difference." + (" Each `sere_ep` row is compared with the `sere` of the "
                                 "same ρ and with `sere` at ρ = 0, whose busiest device "
-                                "holds exactly `sere_ep`'s budget." if placed else ""), "",
+                                "holds exactly `sere_ep`'s budget." if placed else "") +
+            (" Greedy prefix Δ: SERE's free-running tokens agreeing with `none`'s minus "
+             "the control's, paired over sequences (positive: SERE stays with `none` "
+             "longer)." if greedy_versus else ""), "",
             "| B | SERE | control | distinct (SERE, control) | " +
             ("max/device (SERE, control) | " if placed else "") +
-            "SERE vs control % | 95 % CI | verdict | task Δ points CI |",
-            "|---" * (8 + placed) + "|"]
+            "SERE vs control % | 95 % CI | verdict | task Δ points CI |" +
+            (" greedy prefix Δ tokens [CI] |" if greedy_versus else ""),
+            "|---" * (8 + placed + greedy_versus) + "|"]
   for v in result["sere_vs_controls"]:
     device = (f"{v['max_device_distinct'][0]:.2f}, {v['max_device_distinct'][1]:.2f} | "
               if placed else "")
+    greedy = ""
+    if greedy_versus:
+      greedy = (f" {v['greedy_prefix_delta']:+.2f} {_ci(v['greedy_prefix_delta_ci'])} |"
+                if "greedy_prefix_delta" in v else " |")
     lines.append(
         f"| {v['batch_size']} | `{v['sere']}` | `{v['control']}` | "
         f"{v['distinct'][0]:.2f}, {v['distinct'][1]:.2f} | {device}"
         f"{v['sere_vs_control_ppl_pct']:+.2f} | {_ci(v['ci'])} | {v['verdict']} | "
-        f"{_ci(v['task_accuracy_delta_points_ci'])} |")
+        f"{_ci(v['task_accuracy_delta_points_ci'])} |" + greedy)
   return "\n".join(lines) + "\n"
 
 
