@@ -406,6 +406,10 @@ def sere_ep_oracle(ids, weights, valid, similarity, select_top_k: int, threshold
   primary (ties to the lowest index). `critical` of the result holds the kept experts
   and `stats.critical_kept` counts them.
   """
+  # P and the critical experts are SERE's; so is "nothing changes".
+  sere = sere_oracle(ids, weights, valid, similarity, select_top_k, threshold, min_batch)
+  if not sere.primary:  # SERE changed nothing (off, too few tokens, or P empty)
+    return sere
   ids = np.asarray(ids)
   weights = np.asarray(weights)
   valid = [bool(v) for v in np.asarray(valid).reshape(-1)]
@@ -413,22 +417,10 @@ def sere_ep_oracle(ids, weights, valid, similarity, select_top_k: int, threshold
   num_tokens, top_k = ids.shape
   num_experts = sim.shape[0]
   s = int(select_top_k)
-  rho = float(np.float32(threshold))
-
-  before = _distinct_valid(ids, valid)
-  identity = {e: e for e in range(num_experts)}
-  unchanged = OracleResult(ids.copy(), weights.copy(), OracleStats(before, before, 0, 0),
-                           frozenset(), identity, frozenset())
-  if sum(valid) < max(int(min_batch), 1):
-    return unchanged
-  if s <= 0 or s >= top_k:
-    return unchanged
-  primary = _primary_set(ids, valid, s)
-  if not primary:
-    return unchanged
-
-  # Nearest primary and the critical experts, as in SERE.
-  nearest, critical = _nearest_primaries(sim, primary, rho)
+  primary, critical = set(sere.primary), set(sere.critical)
+  # Every non-primary expert's nearest primary, the critical ones' too (SERE keeps
+  # those, `sere_ep` may not).
+  nearest, _ = _nearest_primaries(sim, primary, float(np.float32(threshold)))
 
   # Secondary routing weight of each expert (exact in float64 for dyadic weights).
   mass, used = {}, set()
@@ -465,6 +457,7 @@ def sere_ep_oracle(ids, weights, valid, similarity, select_top_k: int, threshold
       for j in range(top_k):
         if new_ids[t, j] != ids[t, j]:
           rerouted += 1
-  stats = OracleStats(before, _distinct_valid(new_ids, valid), len(kept), rerouted)
+  stats = OracleStats(sere.stats.distinct_before, _distinct_valid(new_ids, valid),
+                      len(kept), rerouted)
   return OracleResult(new_ids, weights.copy(), stats, frozenset(primary), target,
                       frozenset(kept))
