@@ -249,6 +249,24 @@ def test_report_refuses_bad_inputs_and_writes_nothing(tmp_path):
   assert "| 16 | expert_pool:16 | 1 | 1.5 | 1 |" in open(text).read()
 
 
+def test_summary_table_puts_each_devices_none_and_sere_speedups_side_by_side():
+  def result(device, rows):
+    return dict(env=dict(device_kind=device), _path=f"{device}.json", parts={}, decode=dict(
+        qwen3_30b_a3b=dict(rows=[dict(batch=b, label=p, ms_per_token=ms,
+                                      measured_over_roofline=x, speedup_over_none=s)
+                                 for b, p, ms, x, s in rows])))
+  gpu = result("gpu", [(16, "none", 10.0, 1.1, 1.0), (16, "sere:2:0", 5.0, 1.6, 2.0),
+                       (16, "sere:1:0", 4.0, 2.0, 2.5), (64, "none", 16.0, 1.1, 1.0)])
+  cpu = result("cpu", [(16, "none", 3.0, 300.0, 1.0), (16, "sere:2:0", 2.0, 280.0, 1.5)])
+  lines = compare.summary_table([gpu, cpu])
+  assert lines[0] == ("| model | B | gpu none ms | × roofline | sere:2:0 speedup | "
+                      "sere:1:0 speedup | cpu none ms | × roofline | sere:2:0 speedup | "
+                      "sere:1:0 speedup |")
+  assert lines[2:] == ["| qwen3_30b_a3b | 16 | 10 | 1.1 | 2 | 2.5 | 3 | 300 | 1.5 |  |",
+                       "| qwen3_30b_a3b | 64 | 16 | 1.1 |  |  |  |  |  |  |"]
+  assert "\n".join(lines) in compare.markdown([gpu, cpu]).replace("\n## Devices", "")
+
+
 # --------------------------------------------------------------------------- memory
 
 

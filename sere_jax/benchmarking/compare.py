@@ -3,7 +3,8 @@
 `load_results` reads result files (or every `standard_*.json` of a directory) and
 refuses, naming the file, anything that is not a standard-suite result, is not valid
 JSON (a truncated file) or has another suite version than the others. `markdown` makes
-one report: the devices with their environment and bandwidth probe, then per model a
+one report: a cross-device summary (`summary_table`), the devices with their environment
+and bandwidth probe, then per model a
 table of B × policy with, per device, ms per output token, the ratio to that device's
 own roofline and the speedup over `none`; then the MoE-layer sweep per B and routing,
 µs per layer and the ratio to the roofline per device. `plots` draws the speedup over
@@ -207,6 +208,42 @@ def _decode_section(results, labels, pngs) -> list[str]:
   return lines
 
 
+SUMMARY_POLICIES = ("sere:2:0", "sere:1:0")
+
+
+def summary_table(results: Sequence[dict[str, Any]]) -> list[str]:
+  """The cross-device table: per model and B, for each device `none`'s ms per token
+  and its ratio to that device's roofline, and the speedup of SERE S=2 and S=1 over
+  `none` (`SUMMARY_POLICIES`). Markdown lines; the report opens with it and
+  `docs/benchmarks/README.md` quotes it."""
+  labels = device_labels(results)
+  header = ["model", "B"]
+  for label in labels:
+    header += [f"{label} none ms", "× roofline"] + [f"{p} speedup"
+                                                     for p in SUMMARY_POLICIES]
+  table = []
+  for model in _models(results):
+    by_device = [{(row["batch"], row["label"]): row for row in _decode_rows(r, model)}
+                 for r in results]
+    for batch in sorted({b for rows in by_device for b, _ in rows}):
+      cells: list[Any] = [model, batch]
+      for rows in by_device:
+        none = rows.get((batch, "none")) or {}
+        cells += [none.get("ms_per_token"), none.get("measured_over_roofline")]
+        cells += [(rows.get((batch, p)) or {}).get("speedup_over_none")
+                  for p in SUMMARY_POLICIES]
+      table.append(cells)
+  return _table(header, table)
+
+
+def _summary_section(results) -> list[str]:
+  return ["## Across devices", "",
+          "Per model and batch size B: `none`'s ms per output token, its ratio to the "
+          "device's own roofline (bytes a step reads / the probed copy bandwidth), and "
+          "how many times faster SERE with S = 2 and S = 1 (ρ = 0) decodes than `none` "
+          "on the same device.", ""] + summary_table(results) + [""]
+
+
 def _kernel_key(row) -> tuple:
   forced = row["mode"] == "forced"
   return (row["batch"], 0 if forced else 1, row["policy"], row["select_top_k"],
@@ -262,6 +299,7 @@ def markdown(results: Sequence[dict[str, Any]], pngs: Sequence[str] = (),
              "side by side, made by `python -m sere_jax.scripts.report` from the files "
              "named below.")
   lines = [f"# {title}", "", intro, ""]
+  lines += _summary_section(results)
   lines += _devices_section(results, labels)
   lines += _decode_section(results, labels, pngs)
   lines += _kernels_section(results, labels, pngs)
