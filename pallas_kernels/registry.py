@@ -3,8 +3,10 @@
 An op maps implementation names to callables. Conventional names:
   triton         Pallas Triton kernels; run on NVIDIA GPUs only.
   tpu            Pallas Mosaic kernels; run on TPUs only.
+  mosaic_gpu     Pallas Mosaic GPU kernels; run on (Hopper) NVIDIA GPUs only.
   interpret      the Triton kernels in Pallas interpret mode (any backend; tests).
   tpu_interpret  the TPU kernels in Pallas' TPU interpret mode (any backend; tests).
+  mosaic_gpu_interpret  the Mosaic GPU kernels in their interpret mode (any backend).
   xla            the pure-jnp reference (`reference.py` beside the op's api).
 `auto` picks `triton` on GPU, `tpu` on TPU and `interpret` elsewhere; an op without
 that backend falls back to its `fallback` (its reference). Asking for a backend that
@@ -24,7 +26,7 @@ AUTO = "auto"
 _PREFERRED = {"gpu": "triton", "tpu": "tpu"}
 _DEFAULT_PREFERRED = "interpret"
 # The backends that need a device; every other implementation runs anywhere.
-_RUNS_ON = {"triton": "gpu", "tpu": "tpu"}
+_RUNS_ON = {"triton": "gpu", "tpu": "tpu", "mosaic_gpu": "gpu"}
 
 
 def current_platform() -> str:

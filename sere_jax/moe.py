@@ -71,15 +71,15 @@ class ExpertPoolStats(nnx.Variable):
 def softmax_router(top_k: int, normalize: bool, impl: str = "auto") -> Router:
   """Softmax scores, top-K, optionally renormalised (Qwen's `norm_topk_prob`).
 
-  `impl` is the MoE op's (`moe_ffn.IMPLS`): with the Triton kernels (`triton`, or
-  `interpret` on any backend) the top-K runs as one fused kernel (the `kernels.router`
-  op with that implementation), otherwise as `routing.route`.
+  `impl` is the MoE op's (`moe_ffn.IMPLS`): where it runs the fused top-K kernel
+  (`moe_ffn.BACKENDS[impl].router`: the Triton kernel, or its interpret mode) the
+  top-K is that `kernels.router` op, otherwise `routing.route`.
   """
   def route(logits):
-    resolved = moe_ffn_lib.resolve_impl(impl)
-    if resolved in ("triton", "interpret"):
+    backends = moe_ffn_lib.BACKENDS.get(moe_ffn_lib.resolve_impl(impl))
+    if backends is not None and backends.router is not None:
       ids, weights = router_api.route(logits, top_k, normalize=normalize,
-                                      implementation=resolved)
+                                      implementation=backends.router)
     else:
       ids, weights = routing.route(logits, top_k, normalize=normalize)
     return ids, weights, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

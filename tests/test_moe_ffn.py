@@ -48,10 +48,13 @@ def _problem(dtype=jnp.float32, seed=0):
 
 
 def _run(problem, config, impl):
+  """The op's output, awaited: the interpret modes' host callbacks run JAX ops, and one
+  still running while this thread dispatches the next implementation's inputs can
+  deadlock JAX's CPU client."""
   p = {k: jnp.asarray(v) for k, v in problem.items()}
-  return moe_ffn(p["x"], p["ids"], p["weights"], p["w_gate_up"], p["w_down"],
+  return jax.block_until_ready(moe_ffn(p["x"], p["ids"], p["weights"], p["w_gate_up"], p["w_down"],
                  valid=p["valid"], similarity=p["similarity"], config=config,
-                 router_scores=p["router_scores"], impl=impl)
+                 router_scores=p["router_scores"], impl=impl))
 
 
 def _numpy_ffn(problem, ids, weights):

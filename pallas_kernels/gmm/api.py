@@ -6,13 +6,20 @@ float32; the weights of experts without rows are not read. Implementations
   triton         Pallas Triton kernel (NVIDIA GPUs), `triton.gmm_triton` with the
                  tuned `tiles.TILES`.
   tpu            Pallas Mosaic kernel (TPUs), `tpu.gmm_tpu`.
+  mosaic_gpu     Pallas Mosaic GPU kernel (Hopper GPUs: TMA + wgmma),
+                 `mosaic_gpu.gmm_mosaic_gpu` with `tiles.MOSAIC_GPU_TILES`; shapes or
+                 dtypes it cannot take run the Triton kernel instead, with one log
+                 line naming the reason.
   interpret      the Triton kernel in Pallas interpret mode (any backend).
   tpu_interpret  the TPU kernel in Pallas' TPU interpret mode (any backend).
+  mosaic_gpu_interpret  the Mosaic GPU kernel in its interpret mode (any backend).
   xla            the pure-jnp reference, `reference.gmm_reference`.
   auto           triton on GPU, tpu on TPU, interpret elsewhere.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +27,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from sere_jax.kernels import registry
 from sere_jax.kernels.gmm.reference import gmm_reference
-from sere_jax.kernels.gmm.tiles import TILES
+from sere_jax.kernels.gmm import mosaic_gpu
+from sere_jax.kernels.gmm.tiles import MOSAIC_GPU_TILES, TILES
 from sere_jax.kernels.gmm.tpu import gmm_tpu
 from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.schedule.reference import active_experts_from_offsets
@@ -31,6 +39,30 @@ def _triton(x, w, group_offsets, row_token, *, active_experts, num_active, num_r
   del active_experts, num_active  # the kernel finds the experts with rows itself
   return gmm_triton(x, w, group_offsets, row_token, num_rows=num_rows,
                     **dict(TILES, **options))
+
+
+def _mosaic_gpu(x, w, group_offsets, row_token, *, active_experts, num_active, num_rows,
+                interpret=False, **options):
+  options = dict(MOSAIC_GPU_TILES, **options)
+  reason = mosaic_gpu.unsupported(x, w, block_k=options["block_k"])
+  if reason:
+    _log_once(f"gmm: the Mosaic GPU kernel {reason}; running the Triton kernel")
+    return _triton(x, w, group_offsets, row_token, active_experts=active_experts,
+                   num_active=num_active, num_rows=num_rows, interpret=interpret)
+  del active_experts, num_active  # the item table is built from the offsets
+  if not interpret:
+    mosaic_gpu.check_device()
+  return mosaic_gpu.gmm_mosaic_gpu(x, w, group_offsets, row_token, num_rows=num_rows,
+                                   interpret=interpret, **options)
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    logging.getLogger(__name__).warning(message)
 
 
 def _tpu(x, w, group_offsets, row_token, *, active_experts, num_active, num_rows,
@@ -51,9 +83,11 @@ def _reference(x, w, group_offsets, row_token, *, active_experts, num_active, nu
 IMPLEMENTATIONS = {
     "triton": _triton,
     "tpu": _tpu,
+    "mosaic_gpu": _mosaic_gpu,
     "interpret": lambda *args, **kw: _triton(*args, interpret=True, **kw),
     "tpu_interpret": lambda *args, **kw: _tpu(*args, interpret=pltpu.InterpretParams(),
                                               **kw),
+    "mosaic_gpu_interpret": lambda *args, **kw: _mosaic_gpu(*args, interpret=True, **kw),
     "xla": _reference,
 }
 REGISTRY = registry.Registry("gmm", IMPLEMENTATIONS, references=("xla",), fallback="xla")
@@ -76,7 +110,7 @@ def gmm(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     num_rows: M (required when `row_token` is None and x has extra rows).
     implementation: one of `REGISTRY.names`.
     **options: tuning knobs of the chosen backend (for `triton` and `interpret` they
-      override `tiles.TILES`).
+      override `tiles.TILES`, for the Mosaic GPU ones `tiles.MOSAIC_GPU_TILES`).
 
   Returns:
     `[M, N]` float32; rows outside every group are unspecified (zero for `xla`).

@@ -1,7 +1,8 @@
 """Tuned block sizes of the grouped-matmul kernels.
 
 `TILES` holds the Triton kernel's options (`triton.gmm_triton`); `api.gmm` passes
-them for `triton` and `interpret`. The TPU kernel runs with its function's defaults
+them for `triton` and `interpret`. `MOSAIC_GPU_TILES` holds the Mosaic GPU kernel's
+(`mosaic_gpu.gmm_mosaic_gpu`), passed for `mosaic_gpu` and `mosaic_gpu_interpret`. The TPU kernel runs with its function's defaults
 (`tpu.gmm_tpu`; not yet swept on a TPU). `parse_overrides` reads the tilings a sweep
 times (`benchmark --suite=gmm_sweep --gmm_variants=...`).
 """
@@ -21,6 +22,11 @@ from typing import Any
 # experts have rows (the down projection at 8 experts took 13.6 instead of 10.7 us).
 TILES = dict(row_tiles=(16, 32, 64), block_n=128, block_k=64, k_splits=2, num_warps=4,
              num_stages=3, max_programs=2112)
+
+# Mosaic GPU kernel: 64x128 output tiles over 64-deep contraction steps, a four-deep TMA
+# pipeline (24 KiB of operands per stage). Chosen from the kernel's structure, not yet
+# swept on a GPU; `auto` keeps the Triton kernel until a side-by-side run decides.
+MOSAIC_GPU_TILES = dict(block_n=128, block_k=64, k_splits=1, max_concurrent_steps=4)
 
 # The tilings a sweep times when none are named: the tuned table, then around it other
 # row tiles, one program per possible item (no item loop), other K splits, narrower N

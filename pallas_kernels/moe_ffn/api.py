@@ -6,12 +6,16 @@ a subset of its slots (one device's experts under expert parallelism). Implement
   triton     Pallas Triton kernels (NVIDIA GPUs): fused schedule kernel and an
              expert-skipping grouped matmul; weights of inactive experts are not read.
   tpu        Pallas Mosaic kernels (TPUs), same structure.
+  mosaic_gpu the Triton schedule and router with the Mosaic GPU grouped matmul
+             (Hopper GPUs; TMA + wgmma).
   interpret  the Triton kernels in Pallas interpret mode (any backend; for tests).
   tpu_interpret  the TPU kernels in Pallas' TPU interpret mode (any backend; tests).
+  mosaic_gpu_interpret  `mosaic_gpu` in the interpret modes (any backend; tests).
   xla_dense  reference: every expert applied to every token, combined by weight.
   ragged_dot reference: `jax.lax.ragged_dot` over expert-sorted rows.
   auto       triton on GPU, tpu on TPU, interpret on CPU.
-The kernels are the `schedule` and `gmm` ops; the references live in `reference.py`.
+The kernels are the `schedule`, `gmm` and `router` ops (`BACKENDS` names each one's
+implementation per `impl`); the references live in `reference.py`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,24 @@ from sere_jax.kernels.schedule import reference as schedule_lib
 _NO_REROUTE = RerouteConfig(policy="none")
 
 
+class Backends(NamedTuple):
+  """The implementations of the kernel ops one kernel `impl` runs."""
+
+  schedule: str  # the `schedule` op's
+  gmm: str  # the `gmm` op's
+  router: str | None  # the `router` op's fused top-K, or None for `routing.route`
+
+
+BACKENDS = {
+    "triton": Backends("triton", "triton", "triton"),
+    "tpu": Backends("tpu", "tpu", None),
+    "mosaic_gpu": Backends("triton", "mosaic_gpu", "triton"),
+    "interpret": Backends("interpret", "interpret", "interpret"),
+    "tpu_interpret": Backends("tpu_interpret", "tpu_interpret", None),
+    "mosaic_gpu_interpret": Backends("interpret", "mosaic_gpu_interpret", "interpret"),
+}
+
+
 class MoeOutput(NamedTuple):
   """`y [T, D]`, the re-routed `ids [T, K]` and `weights [T, K]`, and statistics."""
 
@@ -48,10 +70,9 @@ class MoeOutput(NamedTuple):
 def _grouped_ffn(impl, x, ids, weights, valid, sched, w_gate_up, w_down, out_dtype=None):
   """The FFN with the grouped-matmul kernels of `impl` over the schedule's rows."""
   del ids  # the schedule holds them
-  active = {}
-  if impl in ("tpu", "tpu_interpret"):  # only the TPU kernel reads the active list
-    active = dict(active_experts=sched.active_experts, num_active=sched.num_distinct)
-  matmul = functools.partial(gmm_api.gmm, implementation=impl, **active)
+  matmul = functools.partial(gmm_api.gmm, implementation=BACKENDS[impl].gmm,
+                             active_experts=sched.active_experts,
+                             num_active=sched.num_distinct)
   gate_up = matmul(x, w_gate_up, sched.group_offsets, sched.row_token)
   hidden = swiglu(gate_up).astype(w_down.dtype)
   down = matmul(hidden, w_down, sched.group_offsets)
@@ -72,10 +93,7 @@ def _xla_dense(x, ids, weights, valid, sched, w_gate_up, w_down, out_dtype=None)
 # y [T, D]` (in out_dtype, default x.dtype), after re-routing; `valid` is `[T]` or a
 # slot mask `[T, K]`; `sched` is None for `xla_dense`.
 IMPLEMENTATIONS = {
-    "triton": functools.partial(_grouped_ffn, "triton"),
-    "tpu": functools.partial(_grouped_ffn, "tpu"),
-    "interpret": functools.partial(_grouped_ffn, "interpret"),
-    "tpu_interpret": functools.partial(_grouped_ffn, "tpu_interpret"),
+    **{name: functools.partial(_grouped_ffn, name) for name in BACKENDS},
     "xla_dense": _xla_dense,
     "ragged_dot": _ragged_dot,
 }
@@ -168,7 +186,7 @@ def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
                     num_experts: int) -> schedule_lib.Schedule:
   """The fused re-routing + schedule kernel of `impl` (policies `none`, `sere`)."""
   return schedule_api.schedule(ids, valid, similarity, config, num_experts=num_experts,
-                               implementation=impl)
+                               implementation=BACKENDS[impl].schedule)
 
 
 def routed_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, slot_valid: jax.Array,

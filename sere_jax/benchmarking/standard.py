@@ -135,11 +135,12 @@ def kernel_backends(impl: str, attention_impl: str, models: Sequence[str]) -> di
   this device): the MoE op, its schedule and grouped matmul, the router, and per model
   the decode attention."""
   resolved = moe_ffn_lib.resolve_impl(impl)
-  kernel = resolved in moe_ffn_lib.REGISTRY.kernels
+  kernels = moe_ffn_lib.BACKENDS.get(resolved)
   return dict(
-      moe_ffn=resolved, schedule=resolved if kernel else "xla",
-      gmm=resolved if kernel or resolved == "ragged_dot" else "none (dense einsum)",
-      router=resolved if resolved in ("triton", "interpret") else "xla",
+      moe_ffn=resolved, schedule=kernels.schedule if kernels else "xla",
+      gmm=(kernels.gmm if kernels else resolved if resolved == "ragged_dot"
+           else "none (dense einsum)"),
+      router=(kernels.router if kernels else None) or "xla",
       decode_attention={m: decode_models.resolve_attention_impl(
           decode_models.hf_config(m, "tiny")["model_type"], attention_impl)
                         for m in models})
