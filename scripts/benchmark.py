@@ -33,7 +33,14 @@ size and policy, from single-GPU measurements and stated assumptions:
 Suite `decode` (`sere_jax.benchmarking.decode`): a whole model of a real configuration
 with random bf16 weights, prefill + timed decode steps per batch size and policy, the
 roofline of one step, and Hugging Face transformers' `generate()` as the peer
-(`tools/hf_peer.py`, in a child process; a checkout is needed for it).
+(`tools/hf_peer.py`, in a child process; a checkout is needed for it). With
+`--targets_out=FILE` the bandwidth probe runs in `--processes` separate processes first
+and FILE gets the step's summary against its targets (`sere_jax.benchmarking.targets`):
+
+  python -m sere_jax.scripts.benchmark --suite=decode --model=qwen3_30b_a3b \
+      --batch=1,16,64 --policies=none,sere:2:0,sere:1:0 --hf_peer=false \
+      --profile_dir=/tmp/decode_profile --out=docs/benchmarks/decode_h200 \
+      --targets_out=docs/benchmarks/decode_targets_h200.json
 
 Suite `kernels`: one MoE layer at Qwen3-30B-A3B shapes, timed inside
 one jit over a chain of layers with different weights. For every batch size, forced
@@ -72,6 +79,7 @@ from sere_jax.benchmarking import kernels as kernels_lib
 from sere_jax.benchmarking import memory
 from sere_jax.benchmarking import peers as peers_lib
 from sere_jax.benchmarking import standard
+from sere_jax.benchmarking import targets
 from sere_jax.benchmarking.report import markdown, merge_results
 from sere_jax import cli
 from sere_jax import fileio
@@ -138,11 +146,17 @@ _EXPERT_DEVICES = flags.DEFINE_integer(
     "expert_devices", 1, "decode: devices to shard the routed experts over (expert "
     "parallelism; rows add the most distinct experts one device reads). On a CPU, "
     "XLA_FLAGS=--xla_force_host_platform_device_count=N provides N host devices.")
-_PROCESSES = flags.DEFINE_integer("processes", 5, "bandwidth: separate processes that "
-                                  "each run the probe.")
+_PROCESSES = flags.DEFINE_integer("processes", 5, "bandwidth (and decode with "
+                                  "--targets_out): separate processes that each run "
+                                  "the probe.")
 _BANDWIDTH_BYTES = flags.DEFINE_integer("bandwidth_bytes", 0, "bandwidth: the probe's "
                                         "buffer (0: 4 GiB on an accelerator, 64 MiB on a "
                                         "CPU).")
+_TARGETS_OUT = flags.DEFINE_string(
+    "targets_out", "", "decode: also write the step's summary against its targets "
+    "(sere_jax.benchmarking.targets.KEYS) to this JSON file; the bandwidth probe then "
+    "runs in --processes separate processes first, and --profile_dir, batch sizes 1, "
+    "16, 64 and policies none and sere:2:0 are required.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing <out>.json / <out>.md.")
 
 SCALES = kernels_lib.SCALES
@@ -199,11 +213,18 @@ def main(argv: list[str]) -> None:
     bandwidth_suite(command)
     return
   elif _SUITE.value == "decode":
+    if _TARGETS_OUT.value:
+      cli.check_outputs([_TARGETS_OUT.value], overwrite=_OVERWRITE.value,
+                        flag="--targets_out")
     print(memory.set_memory_fraction(), flush=True)
     start = time.time()
     result = decode(command)
     result["seconds"] = time.time() - start
     result["command"] = command
+    if _TARGETS_OUT.value:
+      summary = dict(targets.decode_targets(result), command=command)
+      fileio.write_json_atomic(_TARGETS_OUT.value, summary)
+      print(json.dumps(summary, indent=1))
   else:
     if _TORCH.value and _SUITE.value == "kernels":
       try:
@@ -256,6 +277,12 @@ def decode(command):
              else list(decode_lib.DEFAULT_BATCHES))
   scale = "tiny" if _SCALE.value == "tiny" else "full"
   hf = decode_models.hf_config(_MODEL.value, scale)
+  policies = policy_spec.parse_list(_POLICIES.value)
+  if _TARGETS_OUT.value:
+    try:
+      targets.check_plan(batches, [p.text for p in policies], _PROFILE_DIR.value)
+    except ValueError as err:
+      raise app.UsageError(f"--targets_out: {err}") from None
   peer = None
   if _HF_PEER.value:
     start = time.time()
@@ -264,18 +291,20 @@ def decode(command):
                                  _PEER_TIMEOUT.value)
     peer["seconds"] = time.time() - start
     logging.info("transformers peer: %s", peer.get("skipped") or peer.get("env"))
+  probe = None
+  if _TARGETS_OUT.value:  # in child processes, before this one takes the device
+    probe = bandwidth.across_processes(_PROCESSES.value, _BANDWIDTH_BYTES.value or None)
   _select_device()
   cli.expert_mesh(_EXPERT_DEVICES.value)  # a usage error when the devices are missing
   try:
     return decode_lib.decode_suite(
-        model=_MODEL.value, scale=scale, batches=batches,
-        policies=policy_spec.parse_list(_POLICIES.value),
+        model=_MODEL.value, scale=scale, batches=batches, policies=policies,
         prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value, impl=_IMPL.value,
         attention_impl=_ATTENTION_IMPL.value, profile_dir=_PROFILE_DIR.value,
         repeats=_REPEATS.value,
         bandwidth_bytes=(64 << 20) if scale == "tiny" else (4 << 30), peer=peer,
         write_partial=lambda r: write_result(dict(r, command=command)),
-        expert_devices=_EXPERT_DEVICES.value)
+        expert_devices=_EXPERT_DEVICES.value, bandwidth_probe=probe)
   except memory.DoesNotFitError as err:
     raise app.UsageError(str(err)) from None
 

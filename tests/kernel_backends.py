@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from sere_jax.kernels import registry as registry_lib
-from sere_jax.kernels.schedule.reference import reference_schedule
+from sere_jax.kernels.schedule.reference import build_schedule, reference_schedule
 
 
 def implementations(registry: registry_lib.Registry) -> list[str]:
@@ -64,6 +64,21 @@ def routing(kind: str, rng: np.random.Generator, num_tokens: int, top_k: int,
   else:
     raise ValueError(kind)
   return ids.astype(np.int32), valid
+
+
+def gmm_case(kind: str, rng: np.random.Generator, num_tokens: int, top_k: int,
+             num_experts: int, dim: int, dtype, gather: bool):
+  """`(sched, x, row_token, options)` of one grouped-matmul case: the reference
+  schedule of a routing scenario and its left-hand side, either tokens gathered by
+  `row_token`, or rows already in expert order followed by 5 extra rows the matmul must
+  ignore (`options = {"num_rows": T * K}`, `row_token` None)."""
+  ids, valid = routing(kind, rng, num_tokens, top_k, num_experts)
+  sched = build_schedule(jnp.asarray(ids), jnp.asarray(valid), num_experts)
+  assert int(sched.stats[4]) == int(valid.sum()) * top_k  # every valid slot has a row
+  if gather:
+    return sched, jnp.asarray(rng.normal(size=(num_tokens, dim)), dtype), sched.row_token, {}
+  x = jnp.asarray(rng.normal(size=(num_tokens * top_k + 5, dim)), dtype)
+  return sched, x, None, dict(num_rows=num_tokens * top_k)
 
 
 def schedule_case(rng: np.random.Generator, num_tokens: int, top_k: int,

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from sere_jax.benchmarking import targets
+
 REQUIRED_ENV = ("device_kind", "backend", "jax", "jaxlib", "flax", "python")
 REQUIRED_ROW = ("batch", "ms_per_token", "tokens_per_s", "distinct_experts",
                 "roofline_ms", "measured_over_roofline", "speedup_over_none")
@@ -90,3 +92,67 @@ def test_peers_run_from_the_checkout(monkeypatch, tmp_path):
     peers.tool_path("torch_peer.py")
   peer = peers.run_hf_peer(sys.executable, "cpu", {}, [1], 4, 2, 1, timeout_s=10)
   assert "run from a checkout" in peer["skipped"]
+
+
+def test_targets_summary_from_one_decode_run(tmp_path):
+  """`--targets_out`: the bandwidth probe in separate processes, then the decode run,
+  then the summary with exactly `targets.KEYS` (kernel counts are 0 here: no GPU
+  events in a CPU trace)."""
+  out, summary = tmp_path / "decode", tmp_path / "targets.json"
+  _run(["sere_jax.scripts.benchmark", "--suite=decode", "--model=qwen3_30b_a3b",
+        "--scale=tiny", "--prompt_len=4", "--new_tokens=3", "--batch=1,16,64",
+        "--policies=none,sere:2:0", "--repeats=1", "--hf_peer=false",
+        "--attention_impl=xla", f"--profile_dir={tmp_path / 'profile'}", "--processes=2",
+        f"--bandwidth_bytes={4 << 20}", f"--out={out}", f"--targets_out={summary}"],
+       tmp_path)
+  result = json.loads((tmp_path / "decode.json").read_text())
+  assert len(result["bandwidth"]["processes"]) == 2  # the probe the rooflines used
+  got = json.loads(summary.read_text())
+  assert list(got) == [*targets.KEYS, "command"]
+  assert got["bandwidth_tbps"] == result["bandwidth"]["copy"]["tbs"]
+  assert got["gmm_backend_default"] == "interpret"
+  rows = {(r["batch"], r["label"]): r for r in result["rows"]}
+  assert got["b16_sere2_speedup"] == rows[16, "sere:2:0"]["speedup_over_none"]
+  assert got["b1_none_ms"] == rows[1, "none"]["ms_per_token"]
+
+
+def test_targets_need_their_cases_before_any_work(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "sere_jax.scripts.benchmark", "--suite=decode",
+       "--scale=tiny", "--batch=1,16", "--policies=none", "--hf_peer=false",
+       f"--out={tmp_path / 'd'}", f"--targets_out={tmp_path / 't.json'}"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert ("the decode targets need batch size 64, policy sere:2:0, --profile_dir"
+          in proc.stderr), proc.stderr[-2000:]
+  assert not list(tmp_path.iterdir())
+
+
+def test_targets_summary_values():
+  def row(batch, label, ms, ratio, speedup, profile=None):
+    return dict(batch=batch, label=label, ms_per_token=ms, measured_over_roofline=ratio,
+                speedup_over_none=speedup, profile=profile)
+  profile = dict(gpu_events=480.0, gpu_busy_us=9600.0, groups=[
+      dict(name="sere_gmm", total_us=5000.0), dict(name="sere_gmm_", total_us=2600.0),
+      dict(name="gemm_fusion_dot", total_us=1000.0)])
+  result = dict(impl="triton", hf_config=dict(num_hidden_layers=48), rows=[
+      row(1, "none", 5.8, 3.5, 1.0), row(16, "none", 11.0, 1.14, 1.0, profile),
+      row(16, "sere:2:0", 5.9, 1.57, 1.86), row(64, "none", 16.8, 1.09, 1.0),
+      row(64, "sere:2:0", 11.7, 1.28, 1.43)],
+      bandwidth=dict(copy=dict(tbs=4.1, medians=[4.0, 4.1, 4.2], spread=0.2 / 4.1)))
+  got = targets.decode_targets(result)
+  assert got == dict(
+      bandwidth_tbps=4.1, bandwidth_spread_pct=pytest.approx(100 * 0.1 / 4.1),
+      kernels_per_layer_b16=10.0, non_expert_us_per_layer_b16=pytest.approx(2000 / 48),
+      b1_none_ms=5.8, b1_none_x_roofline=3.5, b16_none_x_roofline=1.14,
+      b16_sere2_x_roofline=1.57, b16_sere2_speedup=1.86, b64_sere2_speedup=1.43,
+      gmm_backend_default="triton")
+  one_process = dict(result, bandwidth=dict(copy=dict(tbs=4.1, spread=0.01)))
+  with pytest.raises(ValueError, match="probed in one process"):
+    targets.decode_targets(one_process)
+  with pytest.raises(ValueError, match="no row for B=64 sere:2:0"):
+    targets.decode_targets(dict(result, rows=result["rows"][:3]))
+  unprofiled = [dict(r, profile=None) for r in result["rows"]]
+  with pytest.raises(ValueError, match="B=16 none row has no profile"):
+    targets.decode_targets(dict(result, rows=unprofiled))

@@ -209,6 +209,9 @@ def test_plan_defaults_per_platform():
   assert gpu.batches == (1, 16, 64) and gpu.distinct == (8, 16, 32, 64, 128)
   assert gpu.policies == ("none", "sere:1:0", "sere:2:0", "topk_truncate:1",
                           "topk_truncate:2", "expert_pool:16")
+  assert cpu.kernel_peers == ("ragged_dot",)
+  assert gpu.kernel_peers == ("ragged_dot", "mosaic_gpu")  # beside the Triton kernels
+  assert standard.Plan.for_platform("gpu", kernel_peers=[]).kernel_peers == ()
   assert standard.Plan.for_platform("cpu", scale="full").scale == "full"
   assert standard.Plan.for_platform("gpu", policies=["sere:1"]).policies == ("sere:1:0",)
   assert len(gpu.parts()) == 1 + 3 + 9
@@ -265,6 +268,24 @@ def test_summary_table_puts_each_devices_none_and_sere_speedups_side_by_side():
   assert lines[2:] == ["| qwen3_30b_a3b | 16 | 10 | 1.1 | 2 | 2.5 | 3 | 300 | 1.5 |  |",
                        "| qwen3_30b_a3b | 64 | 16 | 1.1 |  |  |  |  |  |  |"]
   assert "\n".join(lines) in compare.markdown([gpu, cpu]).replace("\n## Devices", "")
+
+
+def test_kernel_table_has_a_column_per_peer_of_each_device():
+  def result(device, peers, row):
+    return dict(env=dict(device_kind=device), _path=f"{device}.json", parts={},
+                plan=dict(kernel_peers=peers),
+                kernels=dict(impl="triton", shape={}, rows=[dict(
+                    batch=16, mode="forced", policy="none", select_top_k=0, distinct=8.0,
+                    triton_us=10.0, ours_over_roofline=1.25, **row)]))
+  gpu = result("gpu", ["ragged_dot", "mosaic_gpu"], dict(ragged_dot_us=30.0,
+                                                          mosaic_gpu_us=9.0))
+  cpu = result("cpu", ["ragged_dot"], dict(ragged_dot_us=50.0))
+  lines = compare.markdown([gpu, cpu]).splitlines()
+  start = lines.index("## MoE layer: time per layer against distinct experts")
+  header = next(l for l in lines[start:] if l.startswith("| B |"))
+  assert header == ("| B | routing | gpu distinct | µs/layer | × roofline | ragged_dot µs | "
+                    "mosaic_gpu µs | cpu distinct | µs/layer | × roofline | ragged_dot µs |")
+  assert "| 16 | forced 8 | 8 | 10 | 1.25 | 30 | 9 | 8 | 10 | 1.25 | 50 |" in lines
 
 
 # --------------------------------------------------------------------------- memory

@@ -33,16 +33,9 @@ def test_matches_reference(implementation, case):
   tol = dict(rtol=1e-5, atol=1e-3) if w_dtype == jnp.float32 else dict(rtol=1e-2,
                                                                          atol=1e-2)
   for kind in kernel_backends.SCENARIOS:
-    ids, valid = kernel_backends.routing(kind, rng, T, K, E)
-    sched = build_schedule(jnp.asarray(ids), jnp.asarray(valid), E)
+    sched, x, row_token, options = kernel_backends.gmm_case(kind, rng, T, K, E, d, w_dtype,
+                                                            gather)
     rows = int(sched.stats[4])
-    assert rows == int(valid.sum()) * K
-    if gather:
-      x = jnp.asarray(rng.normal(size=(T, d)), w_dtype)
-      row_token, options = sched.row_token, {}
-    else:  # sorted rows plus extra rows that must be ignored
-      x = jnp.asarray(rng.normal(size=(T * K + 5, d)), w_dtype)
-      row_token, options = None, dict(num_rows=T * K)
     out = gmm_op.gmm(x, w, sched.group_offsets, row_token,
                      active_experts=sched.active_experts, num_active=sched.num_distinct,
                      implementation=implementation, **options).block_until_ready()

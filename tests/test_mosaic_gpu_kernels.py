@@ -77,15 +77,9 @@ def test_gmm_matches_reference(case):
   rng = np.random.default_rng(sum(map(ord, case)))
   w = jnp.asarray(rng.normal(size=(E, d, n)), dtype)
   for kind in ("random", "one_expert", "big_group", "odd_rows", "no_valid"):
-    ids, valid = kernel_backends.routing(kind, rng, T, K, E)
-    sched = build_schedule(jnp.asarray(ids), jnp.asarray(valid), E)
+    sched, x, row_token, extra = kernel_backends.gmm_case(kind, rng, T, K, E, d, dtype,
+                                                          gather)
     rows = int(sched.stats[4])
-    if gather:
-      x = jnp.asarray(rng.normal(size=(T, d)), dtype)
-      row_token, extra = sched.row_token, {}
-    else:  # sorted rows plus extra rows that must be ignored
-      x = jnp.asarray(rng.normal(size=(T * K + 5, d)), dtype)
-      row_token, extra = None, dict(num_rows=T * K)
     got = mosaic_gpu.gmm_mosaic_gpu(x, w, sched.group_offsets, row_token,
                                     interpret=INTERPRET, **options,
                                     **extra).block_until_ready()  # see test_moe_ffn._run

@@ -1,5 +1,6 @@
-"""Checks the Triton kernels against their references at real shapes on a GPU: the MoE
-op (against the f32 dense op; its schedule bit for bit) and the decode-attention kernel
+"""Checks the GPU kernels against their references at real shapes on a GPU: the MoE op
+with the Triton kernels and with the Mosaic GPU grouped matmul (against the f32 dense
+op; its schedule bit for bit) and the decode-attention kernel
 (against the model's XLA attention in f32) at Qwen3-30B-A3B / Qwen1.5-MoE head shapes,
 and the fused router (against XLA's softmax + top_k).
 
@@ -43,19 +44,21 @@ def main():
         ("none", ids, RerouteConfig(policy="none")),
         ("sere", ids, RerouteConfig(select_top_k=2, threshold=0.3)),
         ("few8", few, RerouteConfig(policy="none"))):
-      got = moe_ffn(x, routed, w, wg, wd, valid=valid, similarity=sim, config=config,
-                    impl="triton")
       new_ids, _, _ = reroute(routed, w, valid, sim, config, num_experts=e)
       want = moe_ffn(x.astype(jnp.float32), new_ids, w, wg.astype(jnp.float32),
                      wd.astype(jnp.float32), valid=valid, impl="xla_dense").y
-      err = float(jnp.linalg.norm(got.y.astype(jnp.float32) - want) / jnp.linalg.norm(want))
       ref = reference_schedule(routed, w, valid, sim, config, e)
       ker = schedule_triton(routed, valid, sim, config, num_experts=e)
       same = _same_schedule(ker, ref, np.asarray(valid))
-      case_ok = err < 2e-2 and same and bool(jnp.array_equal(got.ids, new_ids))
-      ok &= case_ok
-      print(f"B={batch:4d} {name:5s} rel_err={err:.2e} schedule_equal={same} "
-            f"distinct={int(ker.stats[1])} {'OK' if case_ok else 'MISMATCH'}", flush=True)
+      for impl in ("triton", "mosaic_gpu"):
+        got = moe_ffn(x, routed, w, wg, wd, valid=valid, similarity=sim, config=config,
+                      impl=impl)
+        err = float(jnp.linalg.norm(got.y.astype(jnp.float32) - want)
+                    / jnp.linalg.norm(want))
+        case_ok = err < 2e-2 and same and bool(jnp.array_equal(got.ids, new_ids))
+        ok &= case_ok
+        print(f"B={batch:4d} {name:5s} {impl:10s} rel_err={err:.2e} schedule_equal={same} "
+              f"distinct={int(ker.stats[1])} {'OK' if case_ok else 'MISMATCH'}", flush=True)
     ok &= check_decode_attention(batch, rng)
     ok &= check_router(batch, rng)
   sys.exit(0 if ok else 1)

@@ -1,19 +1,20 @@
 """Expert-skipping grouped matmul for Hopper GPUs (Pallas Mosaic GPU: TMA + wgmma).
 
-A persistent kernel: one CTA per SM (`num_sms`) loops over work items. A work item is up to
-`BLOCK_M` rows of one expert with rows, one `block_n` column block and one K split;
-the CTA streams the expert's weight tiles and the rows' activation tiles through
-shared memory with TMA copies (`plgpu.emit_pipeline`, `max_concurrent_steps` deep) and
-multiplies them on the tensor cores with wgmma into a float32 accumulator, then writes
-the item's valid rows with TMA stores. Weights of experts without rows are never read.
+A persistent kernel: one CTA per SM (`num_sms`) loops over work items. A work item is
+the rows of one expert inside one aligned `BLOCK_M`-row block, one `block_n` column
+block and one K split; the CTA streams the expert's weight tiles and the block's
+activation tiles through shared memory with TMA copies (`plgpu.emit_pipeline`,
+`max_concurrent_steps` deep) and multiplies them on the tensor cores with wgmma into a
+float32 accumulator, then writes the item's rows with TMA stores. Weights of experts
+without rows are never read.
 
-The work-item table (each item's expert, first row and row count, and the number of
-items) is built from the group offsets in XLA (`item_table`); rows are in expert order,
-so with `row_token` the tokens are gathered first. wgmma multiplies 64 rows at a time:
-an expert with fewer rows computes zeros for the rest, which costs tensor-core time
-but no weight bytes (decode is bound by the weights' bytes). The Triton kernel
-(`triton.py`) is the other GPU backend; `tiles.MOSAIC_GPU_TILES` holds this one's
-options. Its reference is `reference.gmm_reference`.
+The work-item table (each item's expert, row block, first row and row count, and the
+number of items) is built from the group offsets in XLA (`item_table`); rows are in
+expert order, so with `row_token` the tokens are gathered first. wgmma multiplies 64
+rows at a time: rows of other experts in the block are computed and dropped, which
+costs tensor-core time but no weight bytes (decode is bound by the weights' bytes).
+The Triton kernel (`triton.py`) is the other GPU backend; `tiles.MOSAIC_GPU_TILES`
+holds this one's options. Its reference is `reference.gmm_reference`.
 """
 
 from __future__ import annotations
@@ -204,13 +205,15 @@ def gmm_mosaic_gpu(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
   x = jnp.pad(x[:num_rows], ((0, padded - num_rows), (0, 0)))
   ctas = num_sms()
   body = functools.partial(
-      _body, ctas=ctas, n_blocks=n // block_n, k_splits=k_splits, steps_per_split=steps // k_splits,
-      block_n=block_n, block_k=block_k, max_concurrent_steps=max_concurrent_steps)
+      _body, ctas=ctas, n_blocks=n // block_n, k_splits=k_splits,
+      steps_per_split=steps // k_splits, block_n=block_n, block_k=block_k,
+      max_concurrent_steps=max_concurrent_steps)
   kernel = plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((k_splits, padded, n), jnp.float32),
       grid=(ctas,),
       grid_names=("sm",),
+      kernel_name="sere_gmm_mosaic_gpu",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)

@@ -2,8 +2,9 @@
 
 `TILES` holds the Triton kernel's options (`triton.gmm_triton`); `api.gmm` passes
 them for `triton` and `interpret`. `MOSAIC_GPU_TILES` holds the Mosaic GPU kernel's
-(`mosaic_gpu.gmm_mosaic_gpu`), passed for `mosaic_gpu` and `mosaic_gpu_interpret`. The TPU kernel runs with its function's defaults
-(`tpu.gmm_tpu`; not yet swept on a TPU). `parse_overrides` reads the tilings a sweep
+(`mosaic_gpu.gmm_mosaic_gpu`), passed for `mosaic_gpu` and `mosaic_gpu_interpret`.
+The TPU kernel runs with its function's defaults (`tpu.gmm_tpu`; not yet swept on a
+TPU). `parse_overrides` reads the tilings a sweep
 times (`benchmark --suite=gmm_sweep --gmm_variants=...`).
 """
 

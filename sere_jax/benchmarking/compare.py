@@ -256,19 +256,21 @@ def _kernels_section(results, labels, pngs) -> list[str]:
   keys = sorted({k for rows in by_device for k in rows})
   if not keys:
     return []
+  peers = [(r.get("plan") or {}).get("kernel_peers") or [] for r in results]
   header = ["B", "routing"]
-  for label in labels:
-    header += [f"{label} distinct", "µs/layer", "× roofline"]
+  for label, names in zip(labels, peers):
+    header += [f"{label} distinct", "µs/layer", "× roofline"] + [f"{p} µs" for p in names]
   table = []
   for key in keys:
     batch, natural, policy, s, n = key
     routing = (f"forced {n}" if not natural else policy if policy == "none"
                else f"{policy} S={s}")
     cells: list[Any] = [batch, routing]
-    for r, rows in zip(results, by_device):
+    for r, rows, names in zip(results, by_device, peers):
       row = rows.get(key) or {}
       impl = (r.get("kernels") or {}).get("impl")
       cells += [row.get("distinct"), row.get(f"{impl}_us"), row.get("ours_over_roofline")]
+      cells += [row.get(f"{p}_us") for p in names]
     table.append(cells)
   shapes = "; ".join(f"{label}: {(r.get('kernels') or {}).get('shape')}"
                      for r, label in zip(results, labels) if r.get("kernels"))
@@ -277,7 +279,8 @@ def _kernels_section(results, labels, pngs) -> list[str]:
            "of layers with different weights, chain update subtracted; `forced n` uses "
            "exactly n experts, the other rows natural (uniform) routing under a policy; "
            "× roofline: the time over distinct experts × bytes per expert / the "
-           f"device's read bandwidth. Shapes: {shapes}.", ""]
+           "device's read bandwidth; `<peer> µs`: the same layer with the MoE op's "
+           f"implementation `<peer>`. Shapes: {shapes}.", ""]
   lines += _table(header, table) + [""]
   if "standard_kernels.png" in pngs:
     lines += ["![time per layer against distinct experts](standard_kernels.png)", ""]

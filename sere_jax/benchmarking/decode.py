@@ -212,10 +212,12 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
                  peer: dict[str, Any] | None,
                  write_partial: Callable[[dict[str, Any]], None], seed: int = 0,
                  attention_impl: str = "auto", profile_dir: str = "",
-                 expert_devices: int = 1) -> dict[str, Any]:
+                 expert_devices: int = 1,
+                 bandwidth_probe: dict[str, Any] | None = None) -> dict[str, Any]:
   """Runs the protocol (module docstring) on `model` at `scale` (`decode_models`);
   `peer` is `peers.run_hf_peer`'s result (or None); `write_partial(result)` is called
-  after every case.
+  after every case. The rooflines divide by `bandwidth_probe` (e.g. from
+  `bandwidth.across_processes`) or, without it, by a `bandwidth.probe` of this process.
 
   Before anything is built, `memory.check_fits` stops a batch size the device cannot
   hold (`memory.DoesNotFitError`, naming the bytes needed and the device's).
@@ -227,7 +229,7 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
   memory.check_fits(memory.decode_needs(model, scale, batches, prompt_len, new_tokens,
                                         expert_devices), memory.device_bytes_limit())
   env = timing.environment()
-  probe = bandwidth.probe(bandwidth_bytes)
+  probe = bandwidth_probe or bandwidth.probe(bandwidth_bytes)
   copy_bw, read_bw = probe["copy"]["tbs"] * 1e12, probe["read"]["tbs"] * 1e12
   bench = DecodeBench(model=model, scale=scale, impl=impl, attention_impl=attention_impl,
                       seed=seed, expert_devices=expert_devices)

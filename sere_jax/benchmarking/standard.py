@@ -5,7 +5,8 @@ On whatever device JAX finds, in parts (`Plan.parts`):
   * `bandwidth`: the read and copy bandwidth probe, with its spread over repeats
     (`bandwidth.probe`); every roofline of the run divides by its medians;
   * `kernels/B=<b>`: one MoE layer at Qwen3-30B-A3B shapes (`kernels.KernelSweep`),
-    forced 8–128 distinct experts and natural routing under `none`, SERE S=1, S=2;
+    forced 8–128 distinct experts and natural routing under `none`, SERE S=1, S=2,
+    with the reference `ragged_dot` beside it (and on a GPU the Mosaic GPU matmul);
   * `decode/<model>/B=<b>`: whole-model decoding (`decode.DecodeBench`) of
     Qwen3-30B-A3B, DeepSeek-V2-Lite and Qwen1.5-MoE under `none`, SERE S=1 and S=2,
     truncation to S=1 and S=2 and an expert pool.
@@ -42,13 +43,16 @@ from sere_jax.benchmarking import memory
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 
 SUITE = "standard"
-SUITE_VERSION = 2
+SUITE_VERSION = 3
 MODELS = ("qwen3_30b_a3b", "deepseek_v2_lite", "qwen15_moe_a27b")
 BATCHES = (1, 16, 64)
 POLICIES = ("none", "sere:1:0", "sere:2:0", "topk_truncate:1", "topk_truncate:2",
             "expert_pool:16")
 DISTINCT = kernels_lib.DEFAULT_DISTINCT
 KERNEL_PEERS = ("ragged_dot",)
+# On a GPU the MoE-layer sweep also times the Mosaic GPU grouped matmul beside the
+# Triton one (`impl="mosaic_gpu"`), the comparison that decides `auto`'s backend.
+GPU_KERNEL_PEERS = ("ragged_dot", "mosaic_gpu")
 TINY_NOTE = ("tiny scale: the same architectures shrunk (sere_jax.benchmarking."
              "decode_models.TINY, kernels.SCALES['tiny']) because this device is a CPU; "
              "its times show the suite runs, they are not comparable with full-scale "
@@ -95,11 +99,14 @@ class Plan:
   @classmethod
   def for_platform(cls, platform: str, **overrides: Any) -> Plan:
     """The plan of a `platform` (`jax.default_backend()`): a CPU gets the tiny scale
-    with short prompts and few steps; `overrides` (None values ignored) replace fields."""
+    with short prompts and few steps, a GPU the Mosaic GPU matmul among the kernel
+    peers; `overrides` (None values ignored) replace fields."""
     defaults: dict[str, Any] = {}
     if platform == "cpu":
       defaults = dict(scale="tiny", prompt_len=16, new_tokens=4, repeats=1,
                       kernel_layers=2, min_seconds=0.001)
+    elif platform == "gpu":
+      defaults = dict(kernel_peers=GPU_KERNEL_PEERS)
     defaults.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("models", "batches", "policies", "distinct", "kernel_peers"):
       if key in defaults:
