@@ -22,13 +22,18 @@ def _run(args, cwd):
   return proc
 
 
-def test_decode_suite_and_report(tmp_path):
-  out = tmp_path / "decode_cpu"
+def test_decode_suite_targets_and_report(tmp_path):
+  """One tiny decode run with `--targets_out` (the bandwidth probe in 2 separate
+  processes first; kernel counts are 0 here: a CPU trace has no GPU events), then the
+  report over its JSON."""
+  out, summary = tmp_path / "decode_cpu", tmp_path / "targets.json"
   _run(["sere_jax.scripts.benchmark", "--suite=decode", "--model=qwen3_30b_a3b",
-        "--scale=tiny", "--prompt_len=8", "--new_tokens=4", "--batch=1,4",
-        "--policies=none,sere:1", "--repeats=1", f"--peer_python={sys.executable}",
-        "--attention_impl=interpret", f"--profile_dir={tmp_path / 'profile'}",
-        f"--out={out}"], tmp_path)
+        "--scale=tiny", "--prompt_len=8", "--new_tokens=4", "--batch=1,16,64",
+        "--policies=none,sere:2", "--repeats=1",
+        f"--peer_python={sys.executable}", "--attention_impl=interpret",
+        f"--profile_dir={tmp_path / 'profile'}", "--processes=2",
+        f"--bandwidth_bytes={4 << 20}", f"--out={out}", f"--targets_out={summary}"],
+       tmp_path)
   with open(f"{out}.json") as fh:
     result = json.load(fh)
   assert result["suite"] == "decode" and result["scale"] == "tiny"
@@ -43,8 +48,8 @@ def test_decode_suite_and_report(tmp_path):
   # No torch in this environment (or no CUDA): the peer is skipped with its reason.
   assert result["peer"].get("skipped") or result["peer"].get("env")
   rows = result["rows"]
-  assert [(r["batch"], r["label"]) for r in rows] == [
-      (1, "none"), (1, "sere:1:0"), (4, "none"), (4, "sere:1:0")]  # canonical spec text
+  assert [(r["batch"], r["label"]) for r in rows] == [  # canonical spec texts
+      (b, p) for b in (1, 16, 64) for p in ("none", "sere:2:0")]
   top_k = result["model_config"]["top_k"]
   for r in rows:
     for key in REQUIRED_ROW:
@@ -53,8 +58,10 @@ def test_decode_suite_and_report(tmp_path):
     assert r["measured_over_roofline"] > 0
     assert r["steps_timed"] == 3
     assert len(r["distinct_per_layer"]) == result["model_config"]["num_layers"]
-    # S=1 under SERE: one primary expert per token, so at most B distinct experts.
-    limit = r["batch"] * (1 if r["label"] == "sere:1:0" else top_k)
+    # SERE at ρ = 0 keeps S primaries per token and moves every other expert onto an
+    # active one, so at most B * S distinct experts.
+    per_token = 2 if r["label"] == "sere:2:0" else top_k
+    limit = min(r["batch"] * per_token, result["model_config"]["num_experts"])
     assert 1 <= r["distinct_experts"] <= limit
   assert rows[0]["distinct_experts"] == top_k  # B=1 under none: exactly K experts
   for r in rows:  # --profile_dir: a kernel list (empty here: no GPU) and the loop's HLO
@@ -63,12 +70,21 @@ def test_decode_suite_and_report(tmp_path):
     assert hlo.read_text().startswith("HloModule")
   assert rows[0]["speedup_over_none"] == 1.0
   assert os.path.getsize(f"{out}.md") > 0
+  # The targets: from this run, its rooflines divided by the multi-process probe.
+  assert len(result["bandwidth"]["processes"]) == 2
+  got = json.loads(summary.read_text())
+  assert list(got) == [*targets.KEYS, "command"]
+  assert got["bandwidth_tbps"] == result["bandwidth"]["copy"]["tbs"]
+  assert got["gmm_backend_default"] == "interpret"
+  by_case = {(r["batch"], r["label"]): r for r in rows}
+  assert got["b16_sere2_speedup"] == by_case[16, "sere:2:0"]["speedup_over_none"]
+  assert got["b1_none_ms"] == by_case[1, "none"]["ms_per_token"]
 
   report_dir = tmp_path / "report"
   _run(["sere_jax.scripts.report", f"--inputs={out}.json", f"--out_dir={report_dir}"],
        tmp_path)
   readme = (report_dir / "README.md").read_text()
-  assert "qwen3_30b_a3b (tiny)" in readme and "sere:1" in readme
+  assert "qwen3_30b_a3b (tiny)" in readme and "sere:2:0" in readme
   pngs = sorted(p.name for p in report_dir.glob("*.png"))
   assert pngs == ["decode_qwen3_30b_a3b_tiny_cpu_cpu.png"]
   assert (report_dir / pngs[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -92,28 +108,6 @@ def test_peers_run_from_the_checkout(monkeypatch, tmp_path):
     peers.tool_path("torch_peer.py")
   peer = peers.run_hf_peer(sys.executable, "cpu", {}, [1], 4, 2, 1, timeout_s=10)
   assert "run from a checkout" in peer["skipped"]
-
-
-def test_targets_summary_from_one_decode_run(tmp_path):
-  """`--targets_out`: the bandwidth probe in separate processes, then the decode run,
-  then the summary with exactly `targets.KEYS` (kernel counts are 0 here: no GPU
-  events in a CPU trace)."""
-  out, summary = tmp_path / "decode", tmp_path / "targets.json"
-  _run(["sere_jax.scripts.benchmark", "--suite=decode", "--model=qwen3_30b_a3b",
-        "--scale=tiny", "--prompt_len=4", "--new_tokens=3", "--batch=1,16,64",
-        "--policies=none,sere:2:0", "--repeats=1", "--hf_peer=false",
-        "--attention_impl=xla", f"--profile_dir={tmp_path / 'profile'}", "--processes=2",
-        f"--bandwidth_bytes={4 << 20}", f"--out={out}", f"--targets_out={summary}"],
-       tmp_path)
-  result = json.loads((tmp_path / "decode.json").read_text())
-  assert len(result["bandwidth"]["processes"]) == 2  # the probe the rooflines used
-  got = json.loads(summary.read_text())
-  assert list(got) == [*targets.KEYS, "command"]
-  assert got["bandwidth_tbps"] == result["bandwidth"]["copy"]["tbs"]
-  assert got["gmm_backend_default"] == "interpret"
-  rows = {(r["batch"], r["label"]): r for r in result["rows"]}
-  assert got["b16_sere2_speedup"] == rows[16, "sere:2:0"]["speedup_over_none"]
-  assert got["b1_none_ms"] == rows[1, "none"]["ms_per_token"]
 
 
 def test_targets_need_their_cases_before_any_work(tmp_path):
