@@ -65,6 +65,8 @@ def load(paths) -> list[dict]:
     result = fileio.read_json(path)
     if not isinstance(result, dict) or "suite" not in result or "rows" not in result:
       continue  # not a benchmark result
+    if "env" not in result:
+      continue  # no device measured it (the ep_model suite's model has its own report)
     result["_path"] = path
     results.append(result)
   return results
