@@ -242,21 +242,31 @@ def main(argv: list[str]) -> None:
   print(markdown(result, result.get("command", command)))
 
 
-def bandwidth_suite(command: str) -> None:
-  """The bandwidth probe in `--processes` separate processes (`bandwidth.across_processes`;
-  this process leaves the device to them) into `<out>.json` and `.md`."""
+def _check_probe_flags() -> None:
   if _PROCESSES.value < 2 or _BANDWIDTH_BYTES.value < 0:
     raise app.UsageError(f"--processes must be >= 2 and --bandwidth_bytes >= 0, got "
                          f"{_PROCESSES.value} and {_BANDWIDTH_BYTES.value}")
+
+
+def _probe_across_processes() -> dict:
+  """`bandwidth.across_processes` as the flags say (checked by `_check_probe_flags`
+  first), with a progress bar; this process must not hold the device yet."""
   bar = cli.progress(total=_PROCESSES.value, desc="bandwidth probe", unit="process")
   try:
-    result = bandwidth.across_processes(
+    return bandwidth.across_processes(
         _PROCESSES.value, _BANDWIDTH_BYTES.value or None,
         progress=lambda done, total: bar.update(done - bar.n))
   except RuntimeError as err:
     raise app.UsageError(str(err)) from None
   finally:
     bar.close()
+
+
+def bandwidth_suite(command: str) -> None:
+  """The bandwidth probe in `--processes` separate processes (`bandwidth.across_processes`;
+  this process leaves the device to them) into `<out>.json` and `.md`."""
+  _check_probe_flags()
+  result = _probe_across_processes()
   result.update(suite="bandwidth", command=command)
   text = bandwidth.markdown(result, command)
   fileio.write_all_atomic({_OUT.value + ".json": json.dumps(result, indent=1),
@@ -279,6 +289,7 @@ def decode(command):
   hf = decode_models.hf_config(_MODEL.value, scale)
   policies = policy_spec.parse_list(_POLICIES.value)
   if _TARGETS_OUT.value:
+    _check_probe_flags()
     try:
       targets.check_plan(batches, [p.text for p in policies], _PROFILE_DIR.value)
     except ValueError as err:
@@ -293,7 +304,7 @@ def decode(command):
     logging.info("transformers peer: %s", peer.get("skipped") or peer.get("env"))
   probe = None
   if _TARGETS_OUT.value:  # in child processes, before this one takes the device
-    probe = bandwidth.across_processes(_PROCESSES.value, _BANDWIDTH_BYTES.value or None)
+    probe = _probe_across_processes()
   _select_device()
   cli.expert_mesh(_EXPERT_DEVICES.value)  # a usage error when the devices are missing
   try:

@@ -120,6 +120,15 @@ def test_targets_need_their_cases_before_any_work(tmp_path):
   assert proc.returncode != 0
   assert ("the decode targets need batch size 64, policy sere:2:0, --profile_dir"
           in proc.stderr), proc.stderr[-2000:]
+  # The probe's own flags too, before the transformers peer or the probe runs.
+  proc = subprocess.run(
+      [sys.executable, "-m", "sere_jax.scripts.benchmark", "--suite=decode",
+       "--scale=tiny", "--batch=1,16,64", "--policies=none,sere:2:0", "--processes=1",
+       f"--profile_dir={tmp_path / 'p'}", f"--out={tmp_path / 'd'}",
+       f"--targets_out={tmp_path / 't.json'}"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert "--processes must be >= 2" in proc.stderr, proc.stderr[-2000:]
   assert not list(tmp_path.iterdir())
 
 

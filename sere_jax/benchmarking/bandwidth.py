@@ -148,7 +148,7 @@ def across_processes(processes: int = 5, num_bytes: int | None = None, repeats: 
   """`probe` in `processes` child processes, one after another (each its own JAX client,
   without preallocating the device's memory): `{"processes": [each probe], "read": ...,
   "copy": ..., "steady"}`, each form `{"tbs" (median of the processes' medians),
-  "medians", "spread" (max - min over that median)}`; `steady` when both spreads are
+  "best_tbs", "min_tbs", "spread" (max - min over that median), "medians"}`; `steady` when both spreads are
   at most `STEADY_SPREAD`. A child that fails raises RuntimeError with its output."""
   if processes < 2:
     raise ValueError(f"need at least 2 processes to compare, got {processes}")
@@ -166,9 +166,7 @@ def across_processes(processes: int = 5, num_bytes: int | None = None, repeats: 
   result: dict[str, Any] = dict(processes=runs)
   for form in ("read", "copy"):
     medians = [r[form]["tbs"] for r in runs]
-    median = statistics.median(medians)
-    result[form] = dict(tbs=median, medians=medians,
-                        spread=(max(medians) - min(medians)) / median)
+    result[form] = dict(_stats(medians), medians=medians)
   result["steady"] = all(result[f]["spread"] <= STEADY_SPREAD for f in ("read", "copy"))
   result["spec_peak_tbs"] = runs[0]["spec_peak_tbs"]
   result["device_kind"] = runs[0]["device_kind"]
