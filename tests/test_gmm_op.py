@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from sere_jax.kernels import gmm as gmm_op
+from sere_jax.kernels.gmm import api as gmm_api
+from sere_jax.kernels.gmm.tiles import TILES
 from sere_jax.kernels.schedule.reference import build_schedule
 from tests import kernel_backends
 
@@ -45,6 +47,38 @@ def test_matches_reference(implementation, case):
     got = np.asarray(out[:rows])
     assert np.all(np.isfinite(got)), (kind, np.argwhere(~np.isfinite(got))[:5])
     np.testing.assert_allclose(got, np.asarray(want[:rows]), err_msg=kind, **tol)
+
+
+@kernel_backends.over_implementations(gmm_op.REGISTRY)
+@pytest.mark.parametrize("fused", [False, True], ids=["tiles", "fused_tiles"])
+def test_swiglu_activation_matches_reference(implementation, fused, monkeypatch):
+  """`activation="swiglu"` gives `SiLU(gate) * up` in `out_dtype` on every backend;
+  `fused` sets `tiles.SWIGLU_TILES`, so the Triton kernels compute it in-kernel."""
+  if fused:
+    monkeypatch.setattr(gmm_api, "SWIGLU_TILES", dict(TILES, k_splits=1))
+  rng = np.random.default_rng(11)
+  d, f = 64, 64
+  w = jnp.asarray(rng.normal(size=(E, d, 2 * f)), jnp.bfloat16)
+  for kind in ("random", "one_expert"):
+    sched, x, row_token, options = kernel_backends.gmm_case(kind, rng, T, K, E, d,
+                                                            jnp.bfloat16, True)
+    rows = int(sched.stats[4])
+    out = gmm_op.gmm(x, w, sched.group_offsets, row_token, activation="swiglu",
+                     out_dtype=jnp.bfloat16, implementation=implementation,
+                     **options).block_until_ready()
+    assert out.shape == (T * K, f) and out.dtype == jnp.bfloat16, kind
+    want = gmm_op.swiglu(gmm_op.gmm_reference(x, w, sched.group_offsets, row_token))
+    np.testing.assert_allclose(np.asarray(out[:rows], np.float32),
+                               np.asarray(want[:rows]), rtol=2e-2, atol=2e-2,
+                               err_msg=kind)
+
+
+def test_bad_activation_is_named():
+  x, w, offsets = jnp.zeros((4, 8)), jnp.zeros((2, 8, 6)), jnp.zeros((3,), jnp.int32)
+  with pytest.raises(ValueError, match="activation must be one of"):
+    gmm_op.gmm(x, w, offsets, activation="gelu", implementation="xla")
+  with pytest.raises(ValueError, match="even number of columns"):
+    gmm_op.gmm(x, w[..., :5], offsets, activation="swiglu", implementation="xla")
 
 
 @kernel_backends.over_implementations(gmm_op.REGISTRY)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels.gmm.reference import gmm_reference
+from sere_jax.kernels.gmm.reference import gmm_reference, swiglu
 from sere_jax.kernels.gmm.tiles import TILES
 from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.lowering_check import export_for
@@ -92,6 +92,51 @@ def test_gmm_matches_reference(case):
     got = np.asarray(out[:rows])
     assert np.all(np.isfinite(got)), (kind, np.argwhere(~np.isfinite(got))[:5])
     np.testing.assert_allclose(got, np.asarray(want[:rows]), err_msg=kind, **tol)
+
+
+# (w dtype, D, F, gather rows by token, output dtype, kernel options): the fused
+# SwiGLU epilogue reads the gate block and the up block F columns further.
+SWIGLU_CASES = {
+    # 3 contraction chunks, 2 output blocks (16 + 4): the up block starts mid-block
+    "f32_gather": (jnp.float32, 40, 20, True, jnp.float32,
+                   dict(row_tiles=(16,), block_n=16, block_k=16, k_splits=1)),
+    # bf16 out, pre-sorted rows with extra rows, one output block wider than F
+    "bf16_sorted_bf16_out": (jnp.bfloat16, 40, 24, False, jnp.bfloat16,
+                             dict(row_tiles=(16, 32), block_n=32, block_k=32, k_splits=1)),
+    # the production row tiles, looping programs
+    "bf16_gather_three_tiles": (jnp.bfloat16, 40, 24, True, jnp.bfloat16,
+                                dict(TILES, block_n=16, block_k=16, k_splits=1,
+                                     max_programs=4)),
+}
+
+
+@pytest.mark.parametrize("case", SWIGLU_CASES)
+def test_gmm_swiglu_matches_reference(case):
+  """`swiglu=True`: `SiLU(gate) * up` of the fused projection, in the output dtype."""
+  w_dtype, d, f, gather, out_dtype, options = SWIGLU_CASES[case]
+  rng = np.random.default_rng(sum(map(ord, case)))
+  w = jnp.asarray(rng.normal(size=(E, d, 2 * f)), w_dtype)
+  for kind in SCENARIOS:
+    sched, x, row_token, rows_option = kernel_backends.gmm_case(kind, rng, T, K, E, d,
+                                                                w_dtype, gather)
+    rows = int(sched.stats[4])
+    out = gmm_triton(x, w, sched.group_offsets, row_token, swiglu=True,
+                     out_dtype=out_dtype, interpret=True, **options, **rows_option)
+    assert out.shape == (T * K, f) and out.dtype == out_dtype, kind
+    want = swiglu(gmm_reference(x, w, sched.group_offsets, row_token, T * K))
+    got = np.asarray(out[:rows], np.float32)
+    assert np.all(np.isfinite(got)), (kind, np.argwhere(~np.isfinite(got))[:5])
+    tol = 1e-4 if out_dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(got, np.asarray(want[:rows]), rtol=tol, atol=tol,
+                               err_msg=kind)
+
+
+def test_gmm_swiglu_rejects_a_k_split_or_odd_columns():
+  x, offsets = jnp.zeros((6, 8)), jnp.zeros((5,), jnp.int32)
+  with pytest.raises(ValueError, match="swiglu needs .* k_splits=1"):
+    gmm_triton(x, jnp.zeros((4, 8, 8)), offsets, swiglu=True, k_splits=2, interpret=True)
+  with pytest.raises(ValueError, match="even number of weight columns"):
+    gmm_triton(x, jnp.zeros((4, 8, 7)), offsets, swiglu=True, k_splits=1, interpret=True)
 
 
 @pytest.mark.parametrize("tiles", [dict(row_tiles=(16,)), dict(row_tiles=(16, 32)),
@@ -215,6 +260,18 @@ def test_gmm_lowers_for_cuda(x_shape, w_shape, gather):
     specs.append(_spec((512,)))
   fn = functools.partial(gmm_triton, **TILES)
   _assert_triton(export_for("cuda", fn, *specs))
+
+
+def test_gmm_swiglu_lowers_for_cuda():
+  """The fused gate/up projection at Qwen3-30B-A3B shapes, 64 tokens gathered."""
+  specs = [_spec((64, 2048), jnp.bfloat16), _spec((128, 2048, 1536), jnp.bfloat16),
+           _spec((129,)), _spec((512,))]
+  fn = functools.partial(gmm_triton, swiglu=True, out_dtype=jnp.bfloat16,
+                         **dict(TILES, k_splits=1, block_n=64))
+  exported = export_for("cuda", fn, *specs)
+  _assert_triton(exported)
+  assert exported.out_avals[0].shape == (512, 768)
+  assert exported.out_avals[0].dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("tokens", [1, 64, 256])

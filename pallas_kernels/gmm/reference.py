@@ -1,10 +1,16 @@
-"""Pure-jnp grouped matmul: the definition the kernels (`triton.py`, `tpu.py`) are
-tested against."""
+"""Pure-jnp grouped matmul: the definition the kernels (`triton.py`, `tpu.py`,
+`mosaic_gpu.py`) are tested against, and its optional SwiGLU epilogue."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def swiglu(gate_up: jax.Array) -> jax.Array:
+  """`SiLU(gate) * up` of a fused `[..., 2F]` projection (gate first)."""
+  gate, up = jnp.split(gate_up, 2, axis=-1)
+  return jax.nn.silu(gate) * up
 
 
 def row_experts(group_offsets: jax.Array, num_rows: int) -> jax.Array:

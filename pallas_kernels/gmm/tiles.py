@@ -1,7 +1,9 @@
 """Tuned block sizes of the grouped-matmul kernels.
 
 `TILES` holds the Triton kernel's options (`triton.gmm_triton`); `api.gmm` passes
-them for `triton` and `interpret`. `MOSAIC_GPU_TILES` holds the Mosaic GPU kernel's
+them for `triton` and `interpret`. `SWIGLU_TILES` holds its options for the gate/up
+projection with the SwiGLU epilogue in the kernel (`swiglu=True`, no K split); None
+means the op runs the plain kernel and applies the activation in XLA. `MOSAIC_GPU_TILES` holds the Mosaic GPU kernel's
 (`mosaic_gpu.gmm_mosaic_gpu`), passed for `mosaic_gpu` and `mosaic_gpu_interpret`.
 The TPU kernel runs with its function's defaults (`tpu.gmm_tpu`; not yet swept on a
 TPU). `parse_overrides` reads the tilings a sweep
@@ -23,6 +25,11 @@ from typing import Any
 # experts have rows (the down projection at 8 experts took 13.6 instead of 10.7 us).
 TILES = dict(row_tiles=(16, 32, 64), block_n=128, block_k=64, k_splits=2, num_warps=4,
              num_stages=3, max_programs=2112)
+
+# The fused SwiGLU epilogue: each program accumulates a gate and an up block side by
+# side over the whole contraction. Not yet timed against the plain kernel followed by
+# XLA's split-K sum and activation (`tools/swiglu_fusion_check.py`), so not used.
+SWIGLU_TILES = None
 
 # Mosaic GPU kernel: 64x128 output tiles over 64-deep contraction steps, a four-deep TMA
 # pipeline (24 KiB of operands per stage). Chosen from the kernel's structure, not yet

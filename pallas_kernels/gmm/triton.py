@@ -8,8 +8,11 @@ one expert run side by side in different programs and share the expert's weight 
 through L2. A program loops over its share of the contraction (a
 `fori_loop`, which Triton software-pipelines); split-K partial sums are written in
 float32 and summed afterwards. Left-hand rows can be gathered from the token array
-in-kernel (`row_token`), so no sorted copy is made. The tuned tiles are
-`tiles.TILES`.
+in-kernel (`row_token`), so no sorted copy is made. With `swiglu=True` the kernel
+computes the gate and up columns of one output block side by side over the whole
+contraction (no K split) and writes `SiLU(gate) * up` in the output dtype: the MoE
+layer's gate/up projection then needs no separate split-K sum and activation kernel.
+The tuned tiles are `tiles.TILES` and `tiles.SWIGLU_TILES`.
 """
 
 from __future__ import annotations
@@ -60,11 +63,14 @@ class _ItemTable:
 
 def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_experts,
                 row_tiles, block_n, block_k, chunks_per_split, num_chunks, contract, n,
-                gather, item_programs, interpret):
+                gather, swiglu, item_programs, interpret):
   n_block, split, program = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   items = _ItemTable(offsets_ref, num_experts=num_experts, row_tiles=row_tiles)
   cols = n_block * block_n + jnp.arange(block_n)
   col_ok = cols < n
+  # The weight columns each accumulator reads: the block, and with `swiglu` the up
+  # projection's matching block `n` columns further (the output has `n` columns).
+  weight_cols = (cols, cols + n) if swiglu else (cols,)
 
   def row_block(tile_m, expert, row0, end):
     rows = row0 + jnp.arange(tile_m)
@@ -74,20 +80,31 @@ def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_expert
     else:
       tokens = jnp.where(row_ok, rows, 0)
 
-    def k_step(c, acc):
+    def k_step(c, accs):
       ks = c * block_k + jnp.arange(block_k)
       k_ok = ks < contract
       lhs = plt.load(x_ref.at[tokens[:, None], ks[None, :]], mask=k_ok[None, :], other=0)
-      rhs = plt.load(w_ref.at[expert, ks[:, None], cols[None, :]],
-                     mask=k_ok[:, None] & col_ok[None, :], other=0)
       if interpret:  # CPU dots take no bf16 x bf16 -> f32; the f32 product is exact.
-        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
-      return acc + jnp.dot(lhs, rhs, preferred_element_type=jnp.float32)
+        lhs = lhs.astype(jnp.float32)
+      new = []
+      for acc, wcols in zip(accs, weight_cols):
+        rhs = plt.load(w_ref.at[expert, ks[:, None], wcols[None, :]],
+                       mask=k_ok[:, None] & col_ok[None, :], other=0)
+        if interpret:
+          rhs = rhs.astype(jnp.float32)
+        new.append(acc + jnp.dot(lhs, rhs, preferred_element_type=jnp.float32))
+      return tuple(new)
 
     first = split * chunks_per_split
     last = jnp.minimum(first + chunks_per_split, num_chunks)
-    acc = jax.lax.fori_loop(first, last, k_step, jnp.zeros((tile_m, block_n), jnp.float32))
-    plt.store(out_ref.at[split, rows[:, None], cols[None, :]], acc,
+    zeros = tuple(jnp.zeros((tile_m, block_n), jnp.float32) for _ in weight_cols)
+    accs = jax.lax.fori_loop(first, last, k_step, zeros)
+    if swiglu:
+      gate, up = accs
+      out = gate / (1.0 + jnp.exp(-gate)) * up  # SiLU(gate) * up
+    else:
+      (out,) = accs
+    plt.store(out_ref.at[split, rows[:, None], cols[None, :]], out.astype(out_ref.dtype),
               mask=row_ok[:, None] & col_ok[None, :])
 
   def one_item(step, carry):
@@ -108,11 +125,13 @@ def _pow2_at_least(x: int, low: int) -> int:
   return max(low, 1 << (max(x, 1) - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("num_rows", "row_tiles", "block_n",
-                                             "block_k", "k_splits", "num_warps",
-                                             "num_stages", "max_programs", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_rows", "swiglu", "out_dtype",
+                                             "row_tiles", "block_n", "block_k",
+                                             "k_splits", "num_warps", "num_stages",
+                                             "max_programs", "interpret"))
 def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
                row_token: jax.Array | None = None, *, num_rows: int | None = None,
+               swiglu: bool = False, out_dtype=jnp.float32,
                row_tiles: tuple[int, ...] = (16,), block_n: int = 128, block_k: int = 64,
                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3,
                max_programs: int | None = None, interpret: bool = False) -> jax.Array:
@@ -124,6 +143,9 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     group_offsets: `[E + 1]` int32 row offsets per expert, ascending, at most M.
     row_token: optional `[M]` int32 token of each row.
     num_rows: M (required when `row_token` is None and x has extra rows).
+    swiglu: `w` is a fused `[E, D, 2F]` gate/up projection (gate first) and the
+      output is `SiLU(gate) * up`, `[M, F]`; needs `k_splits=1`.
+    out_dtype: the output's dtype (accumulation is float32 either way).
     row_tiles: ascending powers of two (at least 16), the row-block sizes of the work
       items: an expert's rows go into the smallest tile that holds them all, or into
       several of the largest. See `tiles.TILES`.
@@ -132,9 +154,15 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
       few experts have rows).
 
   Returns:
-    `[M, N]` float32; rows outside every group are unspecified.
+    `[M, N]` (`[M, N / 2]` with `swiglu`) in `out_dtype`; rows outside every group
+    are unspecified.
   """
   num_experts, contract, n = w.shape
+  if swiglu:
+    if n % 2 or k_splits != 1:
+      raise ValueError("swiglu needs an even number of weight columns (gate, then up) "
+                       f"and k_splits=1, got {n} columns and k_splits={k_splits}")
+    n //= 2
   gather = row_token is not None
   if num_rows is None:
     num_rows = row_token.shape[0] if gather else x.shape[0]
@@ -166,14 +194,17 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
   kernel = functools.partial(
       _gmm_kernel, num_experts=num_experts, row_tiles=row_tiles,
       block_n=block_n, block_k=block_k, chunks_per_split=chunks_per_split,
-      num_chunks=num_chunks, contract=contract, n=n, gather=gather,
+      num_chunks=num_chunks, contract=contract, n=n, gather=gather, swiglu=swiglu,
       item_programs=item_programs, interpret=bool(interpret))
+  partial_dtype = out_dtype if k_splits == 1 else jnp.float32
   partials = pl.pallas_call(
       kernel,
       grid=(n_blocks, k_splits, item_programs),
-      out_shape=jax.ShapeDtypeStruct((k_splits, num_rows, n), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((k_splits, num_rows, n), partial_dtype),
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="sere_gmm",
   )(group_offsets.astype(jnp.int32), row_token.astype(jnp.int32), x, w)
-  return jnp.sum(partials, axis=0)
+  if k_splits == 1:
+    return partials[0]
+  return jnp.sum(partials, axis=0).astype(out_dtype)

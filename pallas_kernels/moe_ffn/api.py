@@ -33,7 +33,7 @@ from sere_jax.kernels import registry
 # Imported eagerly: importing Pallas backends registers config state, and doing it
 # during a first trace would change the tracing context and force a recompile.
 from sere_jax.kernels.gmm import api as gmm_api
-from sere_jax.kernels.moe_ffn.reference import combine, dense_ffn, ragged_dot_ffn, swiglu
+from sere_jax.kernels.moe_ffn.reference import combine, dense_ffn, ragged_dot_ffn
 from sere_jax.kernels.schedule import api as schedule_api
 from sere_jax.kernels.schedule import reference as schedule_lib
 
@@ -73,8 +73,8 @@ def _grouped_ffn(impl, x, ids, weights, valid, sched, w_gate_up, w_down, out_dty
   matmul = functools.partial(gmm_api.gmm, implementation=BACKENDS[impl].gmm,
                              active_experts=sched.active_experts,
                              num_active=sched.num_distinct)
-  gate_up = matmul(x, w_gate_up, sched.group_offsets, sched.row_token)
-  hidden = swiglu(gate_up).astype(w_down.dtype)
+  hidden = matmul(x, w_gate_up, sched.group_offsets, sched.row_token,
+                  activation="swiglu", out_dtype=w_down.dtype)
   down = matmul(hidden, w_down, sched.group_offsets)
   return combine(down, weights, valid, sched.slot_row, out_dtype or x.dtype)
 

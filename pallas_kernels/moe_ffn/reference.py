@@ -4,8 +4,8 @@ Given re-routed `ids`, `weights` and (for `ragged_dot`) the schedule:
   dense_ffn       (`xla_dense`) every expert applied to every token, combined by the
                   routing weights: the plain definition.
   ragged_dot_ffn  (`ragged_dot`) `jax.lax.ragged_dot` over the expert-sorted rows.
-`swiglu` and `combine` are the steps around the grouped matmuls, used by every
-implementation. `valid` is `[T]` (tokens) or `[T, K]` (slots: expert parallelism
+`combine` is the step after the grouped matmuls, used by every implementation (the
+activation between them, `gmm.reference.swiglu`, is re-exported here). `valid` is `[T]` (tokens) or `[T, K]` (slots: expert parallelism
 computes on each device only the slots of its own experts).
 """
 
@@ -15,13 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from sere_jax.numerics import mixed_dot_operands
+from sere_jax.kernels.gmm.reference import swiglu
 from sere_jax.kernels.schedule.reference import Schedule, slot_mask
-
-
-def swiglu(gate_up: jax.Array) -> jax.Array:
-  """`SiLU(gate) * up` of a fused `[..., 2F]` projection (gate first)."""
-  gate, up = jnp.split(gate_up, 2, axis=-1)
-  return jax.nn.silu(gate) * up
 
 
 def combine(rows: jax.Array, weights: jax.Array, valid: jax.Array, slot_row: jax.Array,
