@@ -12,7 +12,8 @@ routed-expert FFN (`moe_ffn`, schedule + gate/up + down + combine) is timed with
   mosaic_gpu             the Mosaic GPU grouped matmul (activation in XLA)
 Times are µs per layer over a chain of 8 weight sets (`timing.LayerChain`, chain
 update subtracted), with the read roofline of the distinct experts' bytes. The JSON
-holds every row; a table goes to stdout. Each variant re-traces the layer with
+holds every row so far (rewritten after each); a table goes to stdout. A variant that
+fails is recorded with its error (`<name>_error`, time NaN) and the others go on. Each variant re-traces the layer with
 `tiles.SWIGLU_TILES` set for it (the table the op reads at trace time).
 """
 
@@ -63,6 +64,10 @@ def main(argv):
   d, e, k = SHAPE["dim"], SHAPE["experts"], SHAPE["top_k"]
   expert_bytes = 3 * d * SHAPE["ffn"] * 2
   weights = kernels_lib.make_weights(SHAPE, LAYERS)
+  result = dict(command="python tools/moe_layer_variants.py " + " ".join(argv[1:]),
+                env=timing.environment(), read_bandwidth_tbs=read_bw / 1e12,
+                variants={name: dict(impl=impl, swiglu_tiles=tiles)
+                          for name, (impl, tiles) in VARIANTS.items()})
   rows = []
   print(f"{'B':>3} {'n':>4} {'roofline':>9} " + " ".join(f"{v:>26}" for v in VARIANTS))
   for batch in batches:
@@ -77,15 +82,15 @@ def main(argv):
         layer_args.append((ids, w, wg, wd))
       row = dict(batch=batch, distinct=n, roofline_us=n * expert_bytes / read_bw * 1e6)
       for name, (impl, tiles) in VARIANTS.items():
-        row[f"{name}_us"] = (time_variant(impl, tiles, x, layer_args) - overhead) * 1e6
+        try:
+          row[f"{name}_us"] = (time_variant(impl, tiles, x, layer_args) - overhead) * 1e6
+        except Exception as err:  # pylint: disable=broad-except
+          row[f"{name}_us"], row[f"{name}_error"] = float("nan"), f"{type(err).__name__}: {err}"
+          print(f"{name}: {row[f'{name}_error'][:300]}", flush=True)
       rows.append(row)
       print(f"{batch:>3} {n:>4} {row['roofline_us']:>9.1f} "
             + " ".join(f"{row[f'{v}_us']:>26.1f}" for v in VARIANTS), flush=True)
-  fileio.write_json_atomic(out_path, dict(
-      command="python tools/moe_layer_variants.py " + " ".join(argv[1:]),
-      env=timing.environment(), read_bandwidth_tbs=read_bw / 1e12,
-      variants={name: dict(impl=impl, swiglu_tiles=tiles)
-                for name, (impl, tiles) in VARIANTS.items()}, rows=rows))
+      fileio.write_json_atomic(out_path, dict(result, rows=rows))  # a cut run keeps these
 
 
 if __name__ == "__main__":
