@@ -99,7 +99,7 @@ def _finish_figure(fig, ax, path: str) -> None:
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
   _pyplot().close(fig)
   fileio.write_atomic(path, buf.getvalue())
 

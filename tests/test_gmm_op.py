@@ -32,8 +32,8 @@ def test_matches_reference(implementation, case):
   w_dtype, d, n, gather = CASES[case]
   rng = np.random.default_rng(sum(map(ord, case)))
   w = jnp.asarray(rng.normal(size=(E, d, n)), w_dtype)
-  tol = dict(rtol=1e-5, atol=1e-3) if w_dtype == jnp.float32 else dict(rtol=1e-2,
-                                                                         atol=1e-2)
+  tol = (kernel_backends.F32_TOLERANCE if w_dtype == jnp.float32
+         else dict(rtol=1e-2, atol=1e-2))
   for kind in kernel_backends.SCENARIOS:
     sched, x, row_token, options = kernel_backends.gmm_case(kind, rng, T, K, E, d, w_dtype,
                                                             gather)
@@ -94,8 +94,8 @@ def test_active_experts_default_to_the_offsets(implementation):
   got = gmm_op.gmm(x, w, sched.group_offsets, sched.row_token,
                    implementation=implementation)
   want = gmm_op.gmm_reference(x, w, sched.group_offsets, sched.row_token)
-  np.testing.assert_allclose(np.asarray(got[:rows]), np.asarray(want[:rows]), rtol=1e-5,
-                             atol=1e-3)
+  np.testing.assert_allclose(np.asarray(got[:rows]), np.asarray(want[:rows]),
+                             **kernel_backends.F32_TOLERANCE)
 
 
 def test_reference_is_an_independent_matmul():

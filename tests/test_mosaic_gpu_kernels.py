@@ -139,9 +139,13 @@ def test_bad_inputs_are_refused_by_name():
   with pytest.raises(ValueError, match=r"group_offsets must be \[E \+ 1\] = \[3\]"):
     mosaic_gpu.gmm_mosaic_gpu(x, jnp.zeros((2, 128, 64), jnp.bfloat16), offsets,
                               interpret=True)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the kernel runs on a GPU")
+def test_the_kernel_off_a_gpu_is_an_error():
   with pytest.raises(ValueError, match="'mosaic_gpu' runs only on gpu devices"):
-    gmm_op.gmm(x, jnp.zeros((1, 128, 64), jnp.bfloat16), offsets,
-               implementation="mosaic_gpu")
+    gmm_op.gmm(jnp.zeros((4, 128), jnp.bfloat16), jnp.zeros((1, 128, 64), jnp.bfloat16),
+               jnp.array([0, 4], jnp.int32), implementation="mosaic_gpu")
 
 
 @pytest.mark.parametrize("policy", ["none", "sere"])

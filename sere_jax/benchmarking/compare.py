@@ -318,7 +318,7 @@ def _pyplot():
 
 def _png(fig) -> bytes:
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
   _pyplot().close(fig)
   return buf.getvalue()
 
