@@ -112,6 +112,15 @@ def test_standard_suite_runs_resumes_and_merges(tmp_path):
   cells = [c.strip() for c in row.strip("|").split("|")]
   assert float(cells[4]) == pytest.approx(2 * float(cells[3]), rel=0.02)
 
+  # The per-suite README of a directory holding standard results opens with the
+  # findings written beside them, then the cross-device table.
+  (first / "summary.md").write_text("SERE gains most here.\n")
+  _script("report", f"--inputs={first / 'standard_cpu.json'}", f"--out_dir={first}",
+          cwd=tmp_path)
+  readme = (first / "README.md").read_text()
+  assert (readme.index("SERE gains most here.") < readme.index("## Across devices")
+          < readme.index("| qwen3_30b_a3b | 4 |") < readme.index("## Inputs"))
+
   # Another suite version: refused, naming both files; nothing is written.
   other = tmp_path / "other"
   other.mkdir()

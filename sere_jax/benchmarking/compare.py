@@ -214,8 +214,9 @@ SUMMARY_POLICIES = ("sere:2:0", "sere:1:0")
 def summary_table(results: Sequence[dict[str, Any]]) -> list[str]:
   """The cross-device table: per model and B, for each device `none`'s ms per token
   and its ratio to that device's roofline, and the speedup of SERE S=2 and S=1 over
-  `none` (`SUMMARY_POLICIES`). Markdown lines; the report opens with it and
-  `docs/benchmarks/README.md` quotes it."""
+  `none` (`SUMMARY_POLICIES`). Markdown lines; the report opens with it
+  (`summary_section`), and so does the per-suite README of a directory holding
+  standard-suite results."""
   labels = device_labels(results)
   header = ["model", "B"]
   for label in labels:
@@ -236,7 +237,8 @@ def summary_table(results: Sequence[dict[str, Any]]) -> list[str]:
   return _table(header, table)
 
 
-def _summary_section(results) -> list[str]:
+def summary_section(results: Sequence[dict[str, Any]]) -> list[str]:
+  """`summary_table` under its heading and a sentence on what it shows."""
   return ["## Across devices", "",
           "Per model and batch size B: `none`'s ms per output token, its ratio to the "
           "device's own roofline (bytes a step reads / the probed copy bandwidth), and "
@@ -302,7 +304,7 @@ def markdown(results: Sequence[dict[str, Any]], pngs: Sequence[str] = (),
              "side by side, made by `python -m sere_jax.scripts.report` from the files "
              "named below.")
   lines = [f"# {title}", "", intro, ""]
-  lines += _summary_section(results)
+  lines += summary_section(results)
   lines += _devices_section(results, labels)
   lines += _decode_section(results, labels, pngs)
   lines += _kernels_section(results, labels, pngs)
