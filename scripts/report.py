@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import io
 import json
 import os
 import re
@@ -100,23 +99,7 @@ def _finish_figure(fig, ax, path: str) -> None:
   """Grid and legend, then the PNG written atomically; the figure is closed."""
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-  _pyplot().close(fig)
-  fileio.write_atomic(path, buf.getvalue())
-
-
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def _log2_x(ax) -> None:
-  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
-  ax.set_xscale("log", base=2)
-  ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  fileio.write_atomic(path, compare.png_bytes(fig))
 
 
 def decode_section(results, out_dir) -> tuple[list[str], list[str]]:
@@ -130,7 +113,7 @@ def decode_section(results, out_dir) -> tuple[list[str], list[str]]:
                  "median `generate()` step; roofline = bytes a step must read / copy "
                  "bandwidth of the same run; speedups are against `none` (ours) and "
                  "transformers `generate()` on the same device.", ""], []
-  plt = _pyplot()
+  plt = compare.pyplot()
   for (model, scale, device), group in sorted(groups.items()):
     rows = [dict(row) for r in group for row in r["rows"]]
     base = {row["batch"]: row["ms_per_token"] for row in rows if row["label"] == "none"}
@@ -166,7 +149,7 @@ def decode_section(results, out_dir) -> tuple[list[str], list[str]]:
         xs = sorted(points)
         ax.plot(xs, [points[x] for x in xs], marker="o",
                 linestyle="--" if label == "none" else "-", label=label)
-      _log2_x(ax)
+      compare.log2_x(ax)
       ax.set_xlabel("batch size (sequences)")
       ax.set_ylabel("speedup over none (time per output token)")
       ax.set_title(f"{model} ({scale}), {device}", fontsize=9)
@@ -182,7 +165,7 @@ def kernels_section(results, out_dir) -> tuple[list[str], list[str]]:
                  "µs per MoE layer at Qwen3-30B-A3B shapes (see scripts/benchmark.py); "
                  "`forced` rows use exactly `distinct` experts, `natural` rows uniform "
                  "routing under a policy.", ""], []
-  plt = _pyplot()
+  plt = compare.pyplot()
   groups = collections.defaultdict(list)
   for r in results:
     groups[(json.dumps(r.get("shape"), sort_keys=True), _device(r))].append(r)
@@ -209,7 +192,7 @@ def kernels_section(results, out_dir) -> tuple[list[str], list[str]]:
                         marker="o", label=f"B={batch}")
         ax.plot([p["distinct"] for p in points], [p["roofline_us"] for p in points],
                 linestyle=":", color=line.get_color())
-      _log2_x(ax)
+      compare.log2_x(ax)
       ax.set_yscale("log")
       ax.set_xlabel("distinct experts")
       ax.set_ylabel(f"µs per layer ({impl}; dotted: roofline)")

@@ -3,11 +3,11 @@
 `TILES` holds the Triton kernel's options (`triton.gmm_triton`); `api.gmm` passes
 them for `triton` and `interpret`. `SWIGLU_TILES` holds its options for the gate/up
 projection with the SwiGLU epilogue in the kernel (`swiglu=True`, no K split); None
-means the op runs the plain kernel and applies the activation in XLA. `MOSAIC_GPU_TILES` holds the Mosaic GPU kernel's
-(`mosaic_gpu.gmm_mosaic_gpu`), passed for `mosaic_gpu` and `mosaic_gpu_interpret`.
-The TPU kernel runs with its function's defaults (`tpu.gmm_tpu`; not yet swept on a
-TPU). `parse_overrides` reads the tilings a sweep
-times (`benchmark --suite=gmm_sweep --gmm_variants=...`).
+means the op runs the plain kernel and applies the activation in XLA.
+`MOSAIC_GPU_TILES` holds the Mosaic GPU kernel's (`mosaic_gpu.gmm_mosaic_gpu`), passed
+for `mosaic_gpu` and `mosaic_gpu_interpret`. The TPU kernel runs with its function's
+defaults (`tpu.gmm_tpu`; not yet swept on a TPU). `parse_overrides` reads the tilings
+a sweep times (`benchmark --suite=gmm_sweep --gmm_variants=...`).
 """
 
 from __future__ import annotations

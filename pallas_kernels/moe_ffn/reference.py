@@ -5,8 +5,9 @@ Given re-routed `ids`, `weights` and (for `ragged_dot`) the schedule:
                   routing weights: the plain definition.
   ragged_dot_ffn  (`ragged_dot`) `jax.lax.ragged_dot` over the expert-sorted rows.
 `combine` is the step after the grouped matmuls, used by every implementation (the
-activation between them, `gmm.reference.swiglu`, is re-exported here). `valid` is `[T]` (tokens) or `[T, K]` (slots: expert parallelism
-computes on each device only the slots of its own experts).
+activation between them, `gmm.reference.swiglu`, is re-exported here). `valid` is
+`[T]` (tokens) or `[T, K]` (slots: expert parallelism computes on each device only the
+slots of its own experts).
 """
 
 from __future__ import annotations

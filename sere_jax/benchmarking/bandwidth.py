@@ -148,8 +148,9 @@ def across_processes(processes: int = 5, num_bytes: int | None = None, repeats: 
   """`probe` in `processes` child processes, one after another (each its own JAX client,
   without preallocating the device's memory): `{"processes": [each probe], "read": ...,
   "copy": ..., "steady"}`, each form `{"tbs" (median of the processes' medians),
-  "best_tbs", "min_tbs", "spread" (max - min over that median), "medians"}`; `steady` when both spreads are
-  at most `STEADY_SPREAD`. A child that fails raises RuntimeError with its output."""
+  "best_tbs", "min_tbs", "spread" (max - min over that median), "medians"}`; `steady`
+  when both spreads are at most `STEADY_SPREAD`. A child that fails raises
+  RuntimeError with its output."""
   if processes < 2:
     raise ValueError(f"need at least 2 processes to compare, got {processes}")
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
