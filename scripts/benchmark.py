@@ -51,9 +51,11 @@ einsum, and the roofline from the read bandwidth measured in the same process.
 Writes `<out>.json` and `<out>.md`. `--torch_peer` adds PyTorch's `torch._grouped_mm`
 on the same routings (`tools/torch_peer.py`, in a child process from a checkout).
 
-Suite `gmm_sweep`: the Triton grouped matmul alone (gate+up and down) at forced
-distinct-expert counts, once per tiling (`--gmm_variants`, JSON overrides of
-`sere_jax.kernels.gmm.tiles.TILES`; interpreted on a CPU).
+Suite `gmm_sweep`: a grouped-matmul kernel alone (gate+up and down) at forced
+distinct-expert counts, once per tiling (`--gmm_variants`, JSON overrides of its table
+in `sere_jax.kernels.gmm.tiles`): the Triton kernel (`--impl=auto`/`triton`;
+interpreted on a CPU) or the Mosaic GPU one (`--impl=mosaic_gpu`, a Hopper GPU, or
+`mosaic_gpu_interpret`).
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ _GMM_MATMULS = flags.DEFINE_list("gmm_matmuls", ["gate_up", "down"],
                                   "gmm_sweep: the projections swept (gate_up, down).")
 _GMM_VARIANTS = flags.DEFINE_string(
     "gmm_variants", "", "gmm_sweep: the tilings timed, as a JSON list of overrides of "
-    "sere_jax.kernels.gmm.tiles.TILES (e.g. '[{}, {\"k_splits\": 4}]'); empty: a built-in list.")
+    "the kernel's table in sere_jax.kernels.gmm.tiles (e.g. '[{}, {\"k_splits\": 4}]'); "
+    "empty: a built-in list.")
 _MERGE = flags.DEFINE_list("merge", [], "Instead of running: merge these result JSON files "
                            "of one suite (e.g. runs over different batch sizes).")
 _EXPERT_DEVICES = flags.DEFINE_integer(
@@ -171,9 +174,9 @@ def kernels_suite(env):
       torch_peer=_TORCH.value, write_partial=write_result)
 
 
-def _gmm_variants() -> list[dict]:
+def _gmm_variants(impl: str) -> list[dict]:
   try:
-    return tiles.parse_overrides(_GMM_VARIANTS.value)
+    return tiles.parse_overrides(_GMM_VARIANTS.value, gmm_sweep_lib.kernel_table(impl))
   except ValueError as err:
     raise app.UsageError(f"--gmm_variants: {err}") from None
 
@@ -181,11 +184,16 @@ def _gmm_variants() -> list[dict]:
 def gmm_sweep(env):
   """The tile sweep (`sere_jax.benchmarking.gmm_sweep`) as the flags say."""
   try:
+    impl = moe_ffn_lib.resolve_impl(_IMPL.value)
+    gmm_sweep_lib.kernel_table(impl)
+  except ValueError as err:
+    raise app.UsageError(f"--suite=gmm_sweep: {err}") from None
+  variants = _gmm_variants(impl)
+  try:
     return gmm_sweep_lib.gmm_sweep(
-        env, impl=moe_ffn_lib.resolve_impl(_IMPL.value), scale=_SCALE.value,
-        batches=[int(b) for b in _BATCHES.value],
+        env, impl=impl, scale=_SCALE.value, batches=[int(b) for b in _BATCHES.value],
         distinct=[int(v) for v in _DISTINCT.value], matmuls=_GMM_MATMULS.value,
-        variants=_gmm_variants(), layers=_LAYERS.value, min_seconds=_MIN_SECONDS.value)
+        variants=variants, layers=_LAYERS.value, min_seconds=_MIN_SECONDS.value)
   except ValueError as err:
     raise app.UsageError(f"--suite=gmm_sweep: {err}") from None
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from sere_jax.benchmarking import gmm_sweep
 from sere_jax.kernels.gmm import tiles
 
 
@@ -56,16 +57,42 @@ def test_gmm_sweep_tiny(tmp_path):
     assert r["us"] > 0 and r["roofline_us"] > 0 and r["ratio"] > 0, r
 
 
-def test_tile_overrides():
-  """`--gmm_variants`: JSON overrides of the tile table (lists become the tuples jit
-  needs), the built-in list when empty, and an error naming the problem otherwise."""
-  assert tiles.parse_overrides("") == [dict(v) for v in tiles.DEFAULT_OVERRIDES]
-  assert tiles.parse_overrides('[{}, {"row_tiles": [16, 32]}, {"k_splits": 4}]') == [
-      {}, {"row_tiles": (16, 32)}, {"k_splits": 4}]
+def test_gmm_sweep_mosaic_gpu_interpret(monkeypatch):
+  """The Mosaic GPU kernel's sweep, interpreted: its own table's tilings; a tiling the
+  kernel cannot take (a contraction step that does not divide D) is a row with the
+  error, not a time, and the sweep goes on."""
+  monkeypatch.setitem(gmm_sweep.SCALES, "mosaic_tiny", dict(
+      dim=64, ffn=64, experts=8, top_k=2, bandwidth_bytes=64 << 20))
+  result = gmm_sweep.gmm_sweep(
+      {}, impl="mosaic_gpu_interpret", scale="mosaic_tiny", batches=[4], distinct=[4],
+      matmuls=["down"], variants=[{}, {"block_k": 48}], layers=2, min_seconds=0.001)
+  good, bad = result["rows"]
+  assert good["block_k"] == 64 and good["max_concurrent_steps"] == 4 and good["us"] > 0
+  assert bad["block_k"] == 48 and "us" not in bad
+  assert "multiple of block_k=48" in bad["error"], bad
+
+
+def test_gmm_sweep_takes_only_the_grouped_matmul_kernels():
+  with pytest.raises(ValueError, match="Triton or Mosaic GPU grouped matmul.*'xla_dense'"):
+    gmm_sweep.kernel_table("xla_dense")
+
+
+@pytest.mark.parametrize("kernel, table", [("triton", tiles.TILES),
+                                           ("mosaic_gpu", tiles.MOSAIC_GPU_TILES)])
+def test_tile_overrides(kernel, table):
+  """`--gmm_variants`: JSON overrides of a kernel's tile table (lists become the tuples
+  jit needs), its built-in list when empty, and an error naming the problem otherwise."""
+  defaults = tiles.SWEPT[kernel][1]
+  assert tiles.parse_overrides("", kernel) == [dict(v) for v in defaults]
+  assert all(set(v) <= set(table) for v in defaults)
+  assert tiles.parse_overrides('[{}, {"block_n": 64}, {"k_splits": 4}]', kernel) == [
+      {}, {"block_n": 64}, {"k_splits": 4}]
   for bad, message in (("[{", "not JSON"), ('{"k_splits": 4}', "list of objects"),
-                       ('[{"block_m": 16}]', r"unknown tile options \['block_m'\]")):
+                       ('[{"block_m": 16}]',
+                        rf"unknown {kernel} tile options \['block_m'\]")):
     with pytest.raises(ValueError, match=message):
-      tiles.parse_overrides(bad)
+      tiles.parse_overrides(bad, kernel)
+  assert tiles.parse_overrides('[{"row_tiles": [16, 32]}]') == [{"row_tiles": (16, 32)}]
 
 
 def test_bad_tile_overrides_are_a_usage_error(tmp_path):
@@ -75,4 +102,4 @@ def test_bad_tile_overrides_are_a_usage_error(tmp_path):
       cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
       text=True, timeout=300, check=False)
   assert proc.returncode != 0
-  assert "--gmm_variants: unknown tile options ['block_m']" in proc.stderr, proc.stderr
+  assert "--gmm_variants: unknown triton tile options ['block_m']" in proc.stderr, proc.stderr

@@ -7,7 +7,8 @@ means the op runs the plain kernel and applies the activation in XLA.
 `MOSAIC_GPU_TILES` holds the Mosaic GPU kernel's (`mosaic_gpu.gmm_mosaic_gpu`), passed
 for `mosaic_gpu` and `mosaic_gpu_interpret`. The TPU kernel runs with its function's
 defaults (`tpu.gmm_tpu`; not yet swept on a TPU). `parse_overrides` reads the tilings
-a sweep times (`benchmark --suite=gmm_sweep --gmm_variants=...`).
+a sweep of the Triton or Mosaic GPU kernel times (`benchmark --suite=gmm_sweep
+--impl=... --gmm_variants=...`).
 """
 
 from __future__ import annotations
@@ -51,12 +52,26 @@ DEFAULT_OVERRIDES = (
     dict(num_warps=2), dict(num_stages=4))
 
 
-def parse_overrides(text: str) -> list[dict[str, Any]]:
-  """Overrides of `TILES` from a JSON list of objects (lists become the tuples jit's
-  static arguments need); `DEFAULT_OVERRIDES` for an empty string. A ValueError names
-  what is wrong."""
+# The Mosaic GPU tilings a sweep times when none are named: the table, then narrower N
+# blocks, K splits (more work items when few experts have rows), shallower and deeper
+# TMA pipelines, and 128-deep contraction steps with a pipeline that fits shared memory.
+MOSAIC_GPU_DEFAULT_OVERRIDES = (
+    {}, dict(block_n=64), dict(k_splits=2), dict(k_splits=4), dict(block_n=64, k_splits=2),
+    dict(max_concurrent_steps=2), dict(max_concurrent_steps=6),
+    dict(block_k=128, max_concurrent_steps=2))
+
+# Per swept kernel: its tuned table and the tilings a sweep times by default.
+SWEPT = {"triton": (TILES, DEFAULT_OVERRIDES),
+         "mosaic_gpu": (MOSAIC_GPU_TILES, MOSAIC_GPU_DEFAULT_OVERRIDES)}
+
+
+def parse_overrides(text: str, kernel: str = "triton") -> list[dict[str, Any]]:
+  """Overrides of `kernel`'s table (`SWEPT`) from a JSON list of objects (lists become
+  the tuples jit's static arguments need); its default tilings for an empty string. A
+  ValueError names what is wrong."""
+  table, defaults = SWEPT[kernel]
   if not text:
-    return [dict(v) for v in DEFAULT_OVERRIDES]
+    return [dict(v) for v in defaults]
   try:
     variants = json.loads(text)
   except json.JSONDecodeError as err:
@@ -64,8 +79,8 @@ def parse_overrides(text: str) -> list[dict[str, Any]]:
   if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
     raise ValueError("tile overrides must be a JSON list of objects, e.g. "
                      '\'[{}, {"k_splits": 4}]\'')
-  unknown = sorted({k for v in variants for k in v} - set(TILES))
+  unknown = sorted({k for v in variants for k in v} - set(table))
   if unknown:
-    raise ValueError(f"unknown tile options {unknown}; known: {sorted(TILES)}")
+    raise ValueError(f"unknown {kernel} tile options {unknown}; known: {sorted(table)}")
   return [{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}
           for v in variants]

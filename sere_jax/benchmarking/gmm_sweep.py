@@ -1,15 +1,18 @@
-"""The tile sweep of the Triton grouped matmul (`benchmark.py --suite=gmm_sweep`).
+"""The tile sweep of a grouped-matmul kernel (`benchmark.py --suite=gmm_sweep`): the
+Triton kernel or the Mosaic GPU one (`KERNELS`), on a GPU or interpreted.
 
 For each batch size and forced distinct-expert count (exactly n experts used,
 `kernels.forced_ids`), the gate+up projection (tokens gathered in-kernel) and the down
 projection (expert-sorted rows) are timed once per tiling, each a set of overrides of
-`sere_jax.kernels.gmm.tiles.TILES` (`tiles.parse_overrides`), inside one jit over a
-chain of layers with different weights (`timing.LayerChain`), against the roofline:
-the experts' bytes over the read bandwidth measured in the same process.
+the kernel's table in `sere_jax.kernels.gmm.tiles` (`tiles.parse_overrides`), inside
+one jit over a chain of layers with different weights (`timing.LayerChain`), against
+the roofline: the experts' bytes over the read bandwidth measured in the same process.
+A tiling the kernel cannot compile gets a row with its `error` instead of a time.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 from absl import logging
@@ -21,10 +24,27 @@ from sere_jax.benchmarking import bandwidth
 from sere_jax.benchmarking import timing
 from sere_jax.benchmarking.kernels import SCALES, forced_ids, make_weights
 from sere_jax.kernels.gmm import tiles
+from sere_jax.kernels.gmm.mosaic_gpu import gmm_mosaic_gpu
 from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.schedule import reference as schedule_lib
 
 MATMULS = ("gate_up", "down")
+
+# Per implementation the sweep takes: the tiles table it overrides and the kernel.
+KERNELS = {"triton": ("triton", gmm_triton),
+           "interpret": ("triton", functools.partial(gmm_triton, interpret=True)),
+           "mosaic_gpu": ("mosaic_gpu", gmm_mosaic_gpu),
+           "mosaic_gpu_interpret": ("mosaic_gpu",
+                                    functools.partial(gmm_mosaic_gpu, interpret=True))}
+
+
+def kernel_table(impl: str) -> str:
+  """The tiles table (`tiles.SWEPT` key) of the kernel `impl` sweeps; a ValueError
+  names the implementations a sweep takes."""
+  if impl not in KERNELS:
+    raise ValueError(f"the sweep times the Triton or Mosaic GPU grouped matmul "
+                     f"({', '.join(KERNELS)}), not {impl!r}")
+  return KERNELS[impl][0]
 
 
 def gmm_sweep(env: dict[str, Any], *, impl: str, scale: str, batches: Sequence[int],
@@ -32,14 +52,13 @@ def gmm_sweep(env: dict[str, Any], *, impl: str, scale: str, batches: Sequence[i
               variants: Sequence[dict[str, Any]], layers: int,
               min_seconds: float) -> dict[str, Any]:
   """One row per (batch, distinct count, projection, tiling): µs per layer, its
-  roofline and their ratio. `impl` is `triton` (a GPU) or `interpret`."""
-  if impl not in ("triton", "interpret"):
-    raise ValueError("the sweep times the Triton grouped matmul: run it on a GPU, or "
-                     f"interpreted on a CPU (the implementation is {impl!r})")
+  roofline and their ratio. `impl` is a key of `KERNELS`; `variants` override the
+  table of its kernel (`kernel_table`)."""
+  table, kernel = tiles.SWEPT[kernel_table(impl)][0], KERNELS[impl][1]
   unknown = sorted(set(matmuls) - set(MATMULS))
   if unknown:
     raise ValueError(f"unknown projections {unknown}; known: {list(MATMULS)}")
-  configs = [dict(tiles.TILES, **v) for v in variants]
+  configs = [dict(table, **v) for v in variants]
   shape = SCALES[scale]
   d, f, e, k = shape["dim"], shape["ffn"], shape["experts"], shape["top_k"]
   read_bw = bandwidth.probe(shape["bandwidth_bytes"])["read"]["tbs"] * 1e12
@@ -67,14 +86,17 @@ def gmm_sweep(env: dict[str, Any], *, impl: str, scale: str, batches: Sequence[i
           roofline = n * f * d * 2 / read_bw
         for cfg in configs:
           def step(x, offsets, row_token, w, lhs, cfg=cfg):
-            out = gmm_triton(lhs, w, offsets, row_token, interpret=impl == "interpret",
-                             **cfg)
+            out = kernel(lhs, w, offsets, row_token, **cfg)
             return x + jnp.sum(out[:1, :1]).astype(x.dtype) * 0
-          t = timing.LayerChain(step).seconds_per_layer(
-              x, layer_args, min_seconds=min_seconds) - overhead
-          rows.append(dict(batch=batch, distinct=n, matmul=matmul,
-                           roofline_us=roofline * 1e6, us=t * 1e6, ratio=t / roofline,
-                           **cfg))
+          row = dict(batch=batch, distinct=n, matmul=matmul, roofline_us=roofline * 1e6)
+          try:
+            t = timing.LayerChain(step).seconds_per_layer(
+                x, layer_args, min_seconds=min_seconds) - overhead
+          except (ValueError, RuntimeError) as err:  # e.g. shared memory overflows
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+          else:
+            row.update(us=t * 1e6, ratio=t / roofline)
+          rows.append(dict(row, **cfg))
           logging.info("%s", rows[-1])
   return dict(suite="gmm_sweep", env=env, shape=shape, impl=impl,
               read_bandwidth_tbs=read_bw / 1e12, rows=rows)

@@ -103,7 +103,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
     lines.append("Times are µs per MoE layer (gate+up, SwiGLU, down, combine), chain "
                  "update subtracted.")
   else:
-    cols = list(rows[0].keys()) if rows else []
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # rows may differ (`error`)
   lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:
     cells = [f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
