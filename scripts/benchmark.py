@@ -56,6 +56,10 @@ distinct-expert counts, once per tiling (`--gmm_variants`, JSON overrides of its
 in `sere_jax.kernels.gmm.tiles`): the Triton kernel (`--impl=auto`/`triton`;
 interpreted on a CPU) or the Mosaic GPU one (`--impl=mosaic_gpu`, a Hopper GPU, or
 `mosaic_gpu_interpret`).
+
+One script for every suite on purpose (one `sere-benchmark` command whose flags the
+suites share); each suite's work lives in its `sere_jax.benchmarking` module, and this
+file only maps flags onto them.
 """
 
 from __future__ import annotations

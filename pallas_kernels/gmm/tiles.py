@@ -35,12 +35,15 @@ TILES = dict(row_tiles=(16, 32, 64), block_n=128, block_k=64, k_splits=2, num_wa
 # back in fewer programs per expert (no K split), so the op keeps the plain kernel.
 SWIGLU_TILES = None
 
-# Mosaic GPU kernel: 64x128 output tiles over 64-deep contraction steps, a four-deep TMA
-# pipeline (24 KiB of operands per stage); chosen from the kernel's structure, not swept.
-# On an H100 (docs/benchmarks/moe_layer_variants_h100.json) the MoE layer with it took
-# 1.04-1.17x the time with the Triton kernel at every measured shape (B = 1, 16, 64;
-# 8-128 experts), so `auto` runs the Triton kernel at every shape.
-MOSAIC_GPU_TILES = dict(block_n=128, block_k=64, k_splits=1, max_concurrent_steps=4)
+# Mosaic GPU kernel: 64x128 output tiles over 64-deep contraction steps, a six-deep TMA
+# pipeline (24 KiB of operands per stage). From a sweep on an H100
+# (docs/benchmarks/gmm_sweep_mosaic_h100.md; B = 1, 16, 64 at 8, 32, 128 experts, both
+# projections): six stages took 0.97-1.04x the time of four (geometric mean 0.988),
+# the other tilings were slower (64-column blocks 1.17x, K splits 1.07-1.14x, two stages
+# 1.26x, 128-deep steps 1.07x). Even so, the MoE layer with this kernel took 1.04-1.17x
+# the time with the Triton kernel at every measured shape
+# (docs/benchmarks/moe_layer_variants_h100.json), so `auto` runs the Triton kernel.
+MOSAIC_GPU_TILES = dict(block_n=128, block_k=64, k_splits=1, max_concurrent_steps=6)
 
 # The tilings a sweep times when none are named: the tuned table, then around it other
 # row tiles, one program per possible item (no item loop), other K splits, narrower N
