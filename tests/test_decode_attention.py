@@ -22,6 +22,8 @@ from tests import kernel_backends
 from tests.random_models import random_qwen
 
 EPS, SCALE = 1e-6, 0.25
+F32_TOLERANCE = kernel_backends.f32_tolerance(rtol=1e-5, atol=1e-5,
+                                              tf32=kernel_backends.TF32_UNIT_TOLERANCE)
 
 
 def _case(rng, *, batch, heads, kv_heads, head_dim, cache_len, index, dtype, qk_norm,
@@ -67,7 +69,7 @@ def test_matches_model_attention(case, implementation):
                                       implementation=implementation)
   want = decode_attention_reference(*args, eps=EPS, scale=SCALE)
   exact = dtype == jnp.float32 and cache_dtype is None
-  tol = dict(rtol=1e-5, atol=1e-5) if exact else dict(rtol=2e-2, atol=2e-2)
+  tol = F32_TOLERANCE if exact else dict(rtol=2e-2, atol=2e-2)
   for name, g, w in zip(("out", "k_cache", "v_cache"), got, want):
     assert g.shape == w.shape and g.dtype == w.dtype, name
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
@@ -88,7 +90,7 @@ def test_row_with_nothing_visible_is_zero(implementation):
                                             implementation=implementation)
   np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
   want, _, _ = decode_attention_reference(*args, eps=EPS, scale=SCALE)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), **F32_TOLERANCE)
 
 
 def test_rejects_bad_shapes():
@@ -188,7 +190,10 @@ def test_model_rejects_unknown_attention_impl():
 
 
 def test_auto_attention_is_the_kernel_on_gpu_only(monkeypatch):
-  assert qwen_moe.resolve_attention_impl("auto") == "xla"  # this CPU machine
+  here = "triton" if jax.default_backend() == "gpu" else "xla"
+  assert qwen_moe.resolve_attention_impl("auto") == here  # this machine
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert qwen_moe.resolve_attention_impl("auto") == "xla"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert qwen_moe.resolve_attention_impl("auto") == "triton"
   assert qwen_moe.resolve_attention_impl("xla") == "xla"
