@@ -21,8 +21,10 @@ substitute over a finite one; an expert whose similarity to every primary is
 non-finite is critical (kept) under a threshold rho > 0 and goes to the lowest-index
 primary at rho = 0. The routing stays deterministic, in range and equal on every
 backend (a NaN reaching a kernel's argmax could yield an id past E), and the flag says
-that it happened; generation and evaluation can surface it. This flag-and-route-safely
-choice costs one reduction and one select over `[E, E]` per layer; switching
+that it happened; generation and evaluation can surface it. The schedule kernels apply
+that rule to the values they load (`least_similar_where_non_finite`), so the fused
+path adds only the flag's reduction over `[E, E]` per layer, which XLA drops where the
+flag is unused (as in `generate`); the XLA paths add one select too. Switching
 re-routing off for the step instead would cost a second schedule or a device-side
 branch per layer in the fused kernels.
 """
@@ -106,14 +108,23 @@ def check_similarity(similarity, num_experts: int, name: str = "similarity") -> 
     raise ValueError(f"{name} {_NON_FINITE}")
 
 
-def similarity_for_routing(similarity, num_experts: int, policy: str
-                           ) -> tuple[jax.Array, jax.Array]:
+def least_similar_where_non_finite(similarity: jax.Array) -> jax.Array:
+  """`similarity` with every NaN or ±inf entry at the dtype's minimum, the least
+  similar value. Written with comparisons only, so that Pallas kernels (Triton, Mosaic
+  TPU) apply it to the values they load."""
+  finite = (similarity == similarity) & (jnp.abs(similarity) < jnp.inf)
+  return jnp.where(finite, similarity, jnp.finfo(similarity.dtype).min)
+
+
+def similarity_for_routing(similarity, num_experts: int, policy: str, *,
+                           sanitize: bool = True) -> tuple[jax.Array, jax.Array]:
   """The similarity a re-routing step uses, and its `invalid_similarity` flag.
 
   Raises ValueError for a missing or misshaped similarity, or a concrete one with
   non-finite values. A traced one is checked as the module docstring says: returns
   `(similarity with non-finite entries at the dtype's minimum, int32 1 if it had any
-  else 0)`.
+  else 0)`; with `sanitize=False` the similarity comes back as it is, for a kernel that
+  applies `least_similar_where_non_finite` to what it loads.
   """
   if similarity is None:
     raise ValueError(f"policy {policy!r} needs a similarity matrix [E, E] with "
@@ -122,11 +133,11 @@ def similarity_for_routing(similarity, num_experts: int, policy: str
   similarity = jnp.asarray(similarity)
   if is_concrete(similarity) or not jnp.issubdtype(similarity.dtype, jnp.floating):
     return similarity, jnp.zeros((), jnp.int32)
-  finite = jnp.isfinite(similarity)
-  ok = jnp.all(finite)
+  ok = jnp.all(jnp.isfinite(similarity))
   checkify.debug_check(ok, f"similarity {_NON_FINITE}")
-  lowest = jnp.finfo(similarity.dtype).min
-  return jnp.where(finite, similarity, lowest), (~ok).astype(jnp.int32)
+  if sanitize:
+    similarity = least_similar_where_non_finite(similarity)
+  return similarity, (~ok).astype(jnp.int32)
 
 
 def check_ids(ids, valid, num_experts: int) -> None:

@@ -77,3 +77,31 @@ def test_rejects_unfused_policy(implementation):
   with pytest.raises(ValueError, match="oea"):
     schedule_op.schedule(ids, valid, jnp.eye(8), RerouteConfig(policy="oea", select_top_k=1),
                          num_experts=8, implementation=implementation)
+
+
+@pytest.mark.parametrize("implementation", [
+    *kernel_backends.implementations(schedule_op.REGISTRY), "xla"])
+def test_non_finite_similarity_is_least_similar(implementation):
+  """A traced similarity with NaN, inf and -inf entries routes as if each were the
+  dtype's minimum (the kernels apply that rule on load), at rho = 0 (an expert whose
+  similarity to every primary is non-finite goes to the lowest-index primary) and
+  rho > 0 (it is critical)."""
+  num_tokens, top_k, num_experts = 12, 4, 16
+  rng = np.random.default_rng(7)
+  lowest = np.finfo(np.float32).min
+  for config in (CONFIGS[3], CONFIGS[4]):
+    for case in range(3):
+      ids, valid, sim = kernel_backends.schedule_case(rng, num_tokens, top_k,
+                                                      num_experts, case, 9)
+      bad = np.array(sim, np.float32)
+      bad[rng.random(bad.shape) < 0.3] = np.nan
+      bad[rng.random(bad.shape) < 0.1] = np.inf
+      bad[rng.random(bad.shape) < 0.1] = -np.inf
+      bad[int(np.asarray(ids)[0, -1])] = -np.inf  # a secondary's row: all non-finite
+      run = jax.jit(functools.partial(schedule_op.schedule, config=config,
+                                      num_experts=num_experts,
+                                      implementation=implementation))
+      got = run(ids, valid, jnp.asarray(bad))
+      want = kernel_backends.jitted_reference_schedule(config, num_experts)(
+          ids, valid, jnp.asarray(np.where(np.isfinite(bad), bad, lowest)))
+      kernel_backends.check_schedule(got, want, np.asarray(valid), f"{config} case {case}")

@@ -160,8 +160,10 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
   if impl in _KERNEL_IMPLS and (config.policy in ("none", "sere") or not active):
     invalid_similarity = jnp.zeros((), jnp.int32)
     if active and config.policy == "sere":
+      # The schedule kernels read non-finite entries as the least similar value
+      # themselves: no select over [E, E] in XLA, only the flag.
       similarity, invalid_similarity = validation.similarity_for_routing(
-          similarity, num_experts, config.policy)
+          similarity, num_experts, config.policy, sanitize=False)
     sched = kernel_schedule(impl, ids, valid, similarity, config, num_experts)
   else:
     ids, weights, stats = policies.reroute(

@@ -9,7 +9,9 @@ similarity) -> critical experts -> re-routed ids -> stable counting sort by expe
 (pairwise comparisons of `(expert, slot)` keys, no cumsum) -> group offsets, the
 active-expert list and statistics. Orientation changes of small vectors are
 masked reductions against an identity mask, so no transposes are lowered. Integer
-arithmetic avoids division. Outputs equal `reference.reference_schedule` exactly.
+arithmetic avoids division. Outputs equal `reference.reference_schedule` exactly; a
+non-finite similarity entry counts as the least similar value, as the reference's
+`validation.similarity_for_routing` defines (applied in the kernel).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from sere_jax import validation
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels.schedule import reference as schedule_lib
 
@@ -62,7 +65,8 @@ def _schedule_kernel(col_ref, row_ref, ints_ref, rho_ref, sim_ref, ids_ref, slot
     is_primary_r = _any(onehot & (valid_c & (rank_c < select_top_k)), axis=0)  # [1, E]
     is_primary_c = _any(onehot_t & (valid_r & (rank_r < select_top_k)), axis=1)
     apply = (_count(valid_r & (rank_r == 0)) >= min_batch) & _any(is_primary_r, axis=1)
-    masked = jnp.where(is_primary_r, sim_ref[...], -jnp.inf)  # [expert, primary]
+    sim = validation.least_similar_where_non_finite(sim_ref[...])
+    masked = jnp.where(is_primary_r, sim, -jnp.inf)  # [expert, primary]
     best = jnp.max(masked, axis=1, keepdims=True)
     nearest = jnp.min(jnp.where(masked == best, e_lane, experts), axis=1, keepdims=True)
     critical = ~is_primary_c & apply & (best < threshold)  # [E, 1]

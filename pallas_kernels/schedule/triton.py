@@ -13,7 +13,9 @@ programs and the sort is stable. The same pass
 counts, for the program's slice of the experts, the valid slots below each expert
 (the group offsets) and marks the experts in use (the distinct count). Its outputs
 equal `reference.reference_schedule` exactly; the active-expert list is derived from
-the offsets outside the kernel (and dropped by XLA where nothing reads it).
+the offsets outside the kernel (and dropped by XLA where nothing reads it). A
+non-finite similarity entry counts as the least similar value, as the reference's
+`validation.similarity_for_routing` defines; the kernel applies that rule on load.
 
 Programs share nothing: each repeats the batch-wide steps (latency-bound work done in
 parallel) instead of waiting on a grid-wide barrier, which Triton lacks. Within a
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from sere_jax import validation
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels.schedule import reference as schedule_lib
 
@@ -104,8 +107,9 @@ def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
 
   distinct_before = critical_kept = slots_rerouted = None
   if reroute:
-    sim = plt.load(sim_ref.at[expert[:, None], expert[None, :]],
-                   mask=real[:, None] & real[None, :], other=-jnp.inf)
+    sim = validation.least_similar_where_non_finite(plt.load(
+        sim_ref.at[expert[:, None], expert[None, :]],
+        mask=real[:, None] & real[None, :], other=0.0))  # padding: never a primary
 
     def mark(c, valid_tokens):  # which experts are primary, used by secondaries
       _, _, ids, _, j, valid = load_chunk(c, scan_chunk)
