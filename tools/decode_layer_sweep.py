@@ -6,7 +6,10 @@ Per batch size (default 16,64):
 - dense projections, XLA vs the Triton grouped matmul with one "expert" (a split-K
   small-M matmul): q/k/v as three XLA dots (the model's layout), as one XLA dot of
   the concatenated weight, and as `gmm_triton` on it with several tilings; the output
-  projection as an XLA dot and as `gmm_triton`;
+  projection as an XLA dot and as `gmm_triton`; the LM head (once per step, two weight
+  sets) as an XLA dot. The XLA dots also with their input padded to two rows
+  (`*_two_rows`): at B = 1 XLA rewrites a vector-matrix dot as a multiply and a
+  reduction, which a second row avoids;
 - the decode-attention kernel over a 160-slot cache (index 150) at several tilings;
 - routing (router gemm + softmax top-8 of 128): XLA's, and the fused top-K kernel with
   1, 2, 4 and 16 tokens per program and 1, 2 and 4 warps.
@@ -30,12 +33,20 @@ from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.router.triton import route_triton
 from sere_jax.models import layers
 
-D, Q, KV, LAYERS = 2048, 32 * 128, 4 * 128, 8
+D, Q, KV, LAYERS, VOCAB = 2048, 32 * 128, 4 * 128, 8, 151936
 TRITON_TILES = [dict(block_n=128, block_k=64, k_splits=s, num_warps=4, num_stages=3)
                 for s in (2, 4, 8)] + [dict(block_n=64, block_k=64, k_splits=4, num_warps=4,
                                             num_stages=3),
                                        dict(block_n=128, block_k=128, k_splits=4,
                                             num_warps=4, num_stages=3)]
+
+
+def _two_rows(dot):
+  """`dot(x, w)` with `x` padded to at least two rows (the padding sliced off after)."""
+  def padded(x, w):
+    rows = x.shape[0]
+    return dot(jnp.pad(x, ((0, max(0, 2 - rows)), (0, 0))), w)[:rows]
+  return padded
 
 
 def _triton(x, w, **tiles):
@@ -87,6 +98,11 @@ def main(argv):
       "qkv_xla_fused": (jnp.dot, [(w,) for w in fused], D * (Q + 2 * KV)),
       "o_xla": (lambda x, w: jnp.dot(jnp.tile(x, (1, Q // D)), w), o_proj, Q * D),
   }
+  lm_heads = [(weight(i, (D, VOCAB)),) for i in range(2)]
+  cases["lm_head_xla"] = (jnp.dot, lm_heads, D * VOCAB)
+  for name in ("qkv_xla_fused", "o_xla", "lm_head_xla"):
+    fn, layer_args, elements = cases[name]
+    cases[f"{name}_two_rows"] = (_two_rows(fn), layer_args, elements)
   routers = [(weight(4 * i + 3, (D, EXPERTS)),) for i in range(LAYERS)]
   cases["router_xla"] = (lambda x, w: _route(x, w, routing.route), routers, D * EXPERTS)
   for block_t in (1, 2, 4, 16):
