@@ -24,7 +24,8 @@ from sere_jax.benchmarking import bandwidth
 from sere_jax.benchmarking import timing
 from sere_jax.benchmarking.kernels import SCALES, forced_ids, make_weights
 from sere_jax.kernels.gmm import tiles
-from sere_jax.kernels.gmm.mosaic_gpu import gmm_mosaic_gpu
+from sere_jax.kernels.gmm import api as gmm_api
+from sere_jax.kernels.gmm import mosaic_gpu
 from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.schedule import reference as schedule_lib
 
@@ -33,9 +34,9 @@ MATMULS = ("gate_up", "down")
 # Per implementation the sweep takes: the tiles table it overrides and the kernel.
 KERNELS = {"triton": ("triton", gmm_triton),
            "interpret": ("triton", functools.partial(gmm_triton, interpret=True)),
-           "mosaic_gpu": ("mosaic_gpu", gmm_mosaic_gpu),
-           "mosaic_gpu_interpret": ("mosaic_gpu",
-                                    functools.partial(gmm_mosaic_gpu, interpret=True))}
+           "mosaic_gpu": ("mosaic_gpu", mosaic_gpu.gmm_mosaic_gpu),
+           "mosaic_gpu_interpret": ("mosaic_gpu", functools.partial(
+               mosaic_gpu.gmm_mosaic_gpu, interpret=True))}
 
 
 def kernel_table(impl: str) -> str:
@@ -55,6 +56,9 @@ def gmm_sweep(env: dict[str, Any], *, impl: str, scale: str, batches: Sequence[i
   roofline and their ratio. `impl` is a key of `KERNELS`; `variants` override the
   table of its kernel (`kernel_table`)."""
   table, kernel = tiles.SWEPT[kernel_table(impl)][0], KERNELS[impl][1]
+  gmm_api.REGISTRY.check(impl)  # a kernel that cannot run here fails now, not per row
+  if impl == "mosaic_gpu":
+    mosaic_gpu.check_device()
   unknown = sorted(set(matmuls) - set(MATMULS))
   if unknown:
     raise ValueError(f"unknown projections {unknown}; known: {list(MATMULS)}")
