@@ -178,9 +178,9 @@ def kernels_suite(env):
       torch_peer=_TORCH.value, write_partial=write_result)
 
 
-def _gmm_variants(impl: str) -> list[dict]:
+def _gmm_variants(kernel: str) -> list[dict]:
   try:
-    return tiles.parse_overrides(_GMM_VARIANTS.value, gmm_sweep_lib.kernel_table(impl))
+    return tiles.parse_overrides(_GMM_VARIANTS.value, kernel)
   except ValueError as err:
     raise app.UsageError(f"--gmm_variants: {err}") from None
 
@@ -189,10 +189,10 @@ def gmm_sweep(env):
   """The tile sweep (`sere_jax.benchmarking.gmm_sweep`) as the flags say."""
   try:
     impl = moe_ffn_lib.resolve_impl(_IMPL.value)
-    gmm_sweep_lib.kernel_table(impl)
+    kernel = gmm_sweep_lib.kernel_table(impl)
   except ValueError as err:
     raise app.UsageError(f"--suite=gmm_sweep: {err}") from None
-  variants = _gmm_variants(impl)
+  variants = _gmm_variants(kernel)
   try:
     return gmm_sweep_lib.gmm_sweep(
         env, impl=impl, scale=_SCALE.value, batches=[int(b) for b in _BATCHES.value],

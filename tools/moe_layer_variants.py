@@ -13,8 +13,9 @@ routed-expert FFN (`moe_ffn`, schedule + gate/up + down + combine) is timed with
 Times are µs per layer over a chain of 8 weight sets (`timing.LayerChain`, chain
 update subtracted), with the read roofline of the distinct experts' bytes. The JSON
 holds every row so far (rewritten after each); a table goes to stdout. A variant that
-fails is recorded with its error (`<name>_error`, time NaN) and the others go on. Each variant re-traces the layer with
-`tiles.SWIGLU_TILES` set for it (the table the op reads at trace time).
+fails is recorded with its error (`<name>_error`, time NaN) and the others go on. Each
+variant re-traces the layer with `tiles.SWIGLU_TILES` set for it (the table the op
+reads at trace time).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def main(argv):
         try:
           row[f"{name}_us"] = (time_variant(impl, tiles, x, layer_args) - overhead) * 1e6
         except Exception as err:  # pylint: disable=broad-except
-          row[f"{name}_us"], row[f"{name}_error"] = float("nan"), f"{type(err).__name__}: {err}"
+          row[f"{name}_us"] = float("nan")
+          row[f"{name}_error"] = f"{type(err).__name__}: {err}"
           print(f"{name}: {row[f'{name}_error'][:300]}", flush=True)
       rows.append(row)
       print(f"{batch:>3} {n:>4} {row['roofline_us']:>9.1f} "
