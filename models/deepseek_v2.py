@@ -34,6 +34,7 @@ from sere_jax.models import hf_import
 from sere_jax.models.layers import KVCache, Linear, RMSNorm, SwiGLU
 from sere_jax.models.layers import apply_rope, attend, attention_mask
 from sere_jax.moe import MoeBlock, Router
+from sere_jax.numerics import gemm_dot
 
 NO_REROUTE = RerouteConfig(policy="none")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -356,7 +357,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
       x = x[:, -1:]
     x = self.norm(x)
     logits = (self.lm_head(x) if self.lm_head is not None
-              else jnp.dot(x, self.embed_tokens[...].T.astype(x.dtype)))
+              else gemm_dot(x, self.embed_tokens[...].T.astype(x.dtype)))
     return base.ForwardOutput(logits.astype(jnp.float32), new_cache, tuple(stats))
 
 

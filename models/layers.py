@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from sere_jax.kernels.decode_attention.reference import (apply_rope, attend,
                                                          attend_with_cache, rms_norm,
                                                          update_cache)
+from sere_jax.numerics import gemm_dot
 
 __all__ = ["KVCache", "Linear", "RMSNorm", "SwiGLU", "apply_rope", "attend",
            "attention_mask", "cached_attention", "linear_param", "rms_norm",
@@ -74,7 +75,7 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+    y = gemm_dot(x, self.kernel[...].astype(x.dtype))
     return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 

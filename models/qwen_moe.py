@@ -31,7 +31,7 @@ from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models import layers
 from sere_jax.moe import MoeBlock
-from sere_jax.numerics import mixed_dot_operands
+from sere_jax.numerics import gemm_dot, mixed_dot_operands
 from sere_jax.policies import RerouteStats
 
 ARCHITECTURES = ("qwen2_moe", "qwen3_moe")
@@ -274,7 +274,7 @@ class QwenMoeForCausalLM(nnx.Module):
       x = x[:, -1:]
     head = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
     x, head = mixed_dot_operands(self.norm(x).astype(head.dtype), head)
-    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+    logits = gemm_dot(x, head, preferred_element_type=jnp.float32)
     return base.ForwardOutput(logits, new_cache, tuple(stats))
 
 

@@ -44,7 +44,7 @@ from sere_jax import validation
 from sere_jax.config import SIMILARITY_POLICIES, RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 from sere_jax.kernels.router import api as router_api
-from sere_jax.numerics import mixed_dot_operands
+from sere_jax.numerics import gemm_dot, mixed_dot_operands
 
 # A router maps `[T, E]` logits to `(ids [T, K], weights [T, K], scores [T, E])`, where
 # `scores` are the per-expert scores on the weights' scale (for the `oea` policy).
@@ -169,8 +169,8 @@ class MoeBlock(nnx.Module):
     self._record(CAPTURE_INPUT, flat)
     self._record(CAPTURE_VALID, flat_valid)
     # bf16 x bf16 products are exact in f32: no f32 copy of the router weight.
-    logits = jnp.dot(*mixed_dot_operands(flat, self.router_kernel[...]),
-                     preferred_element_type=jnp.float32)
+    logits = gemm_dot(*mixed_dot_operands(flat, self.router_kernel[...]),
+                      preferred_element_type=jnp.float32)
     ids, weights, scores = self.route(logits)
     self._record(CAPTURE_LOAD_BALANCE,
                  routing.load_balancing_loss(logits, ids, flat_valid))
