@@ -320,11 +320,17 @@ def pyplot():
 
 
 def png_bytes(fig) -> bytes:
-  """The figure as PNG bytes (90 dpi, cropped); the figure is closed."""
+  """The figure as PNG bytes (90 dpi, cropped, a 64-colour palette: a third of the
+  bytes of full colour for line plots); the figure is closed."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (matplotlib's dependency)
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
   pyplot().close(fig)
-  return buf.getvalue()
+  buf.seek(0)
+  image = Image.open(buf).convert("RGB").quantize(colors=64)
+  out = io.BytesIO()
+  image.save(out, format="PNG", optimize=True)
+  return out.getvalue()
 
 
 def log2_x(ax) -> None:
