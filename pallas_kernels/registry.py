@@ -15,6 +15,7 @@ cannot run on the current device raises ValueError.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Mapping
 
 import jax
@@ -27,6 +28,17 @@ _PREFERRED = {"gpu": "triton", "tpu": "tpu"}
 _DEFAULT_PREFERRED = "interpret"
 # The backends that need a device; every other implementation runs anywhere.
 _RUNS_ON = {"triton": "gpu", "tpu": "tpu", "mosaic_gpu": "gpu"}
+
+
+_LOGGED: set[str] = set()
+
+
+def log_once(message: str) -> None:
+  """Logs `message` as a warning the first time this process sees it: a kernel that
+  cannot take its inputs says once why the op runs another path instead."""
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    logging.getLogger("sere_jax.kernels").warning(message)
 
 
 def current_platform() -> str:

@@ -5,6 +5,7 @@ reference), inside the Qwen models, and the Triton kernel's lowering for an H200
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import pytest
 from sere_jax import generation
 from sere_jax.kernels import decode_attention as attention_op
 from sere_jax.kernels.decode_attention.reference import decode_attention_reference
+from sere_jax.kernels.decode_attention import triton as attention_triton
 from sere_jax.kernels.decode_attention.triton import decode_attention_triton
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.models import layers
@@ -91,6 +93,38 @@ def test_row_with_nothing_visible_is_zero(implementation):
   np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
   want, _, _ = decode_attention_reference(*args, eps=EPS, scale=SCALE)
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), **F32_TOLERANCE)
+
+
+@kernel_backends.over_implementations(attention_op.REGISTRY)
+def test_head_dim_the_kernel_cannot_take_runs_xla_with_one_log_line(implementation,
+                                                                    caplog):
+  """D = 24 is no power of two: the kernels run the reference and say why, once."""
+  rng = np.random.default_rng(4)
+  args = _case(rng, batch=2, heads=4, kv_heads=2, head_dim=24, cache_len=16, index=5,
+               dtype=jnp.float32, qk_norm=True)
+  with caplog.at_level(logging.WARNING):
+    got = [attention_op.decode_attention(*args, eps=EPS, scale=SCALE,
+                                         implementation=implementation)
+           for _ in range(2)]
+  want = decode_attention_reference(*args, eps=EPS, scale=SCALE)
+  for g in got:
+    for g_part, w_part in zip(g, want):
+      np.testing.assert_array_equal(np.asarray(g_part), np.asarray(w_part))
+  lines = [r.getMessage() for r in caplog.records if "decode_attention" in r.getMessage()]
+  assert lines == [f"decode_attention ({implementation}): the Triton kernel takes head "
+                   "dims that are powers of two >= 16, not 24; running the XLA attention"]
+
+
+def test_unsupported_names_each_reason():
+  qkv = jnp.zeros((2, 8, 32), jnp.bfloat16)
+  cache = jnp.zeros((2, 16, 2, 32), jnp.bfloat16)
+  freq = jnp.zeros((16,), jnp.float32)
+  assert attention_triton.unsupported(qkv, cache, cache, freq) is None
+  assert "not 8" in attention_triton.unsupported(qkv[..., :8], cache[..., :8],
+                                                 cache[..., :8], freq[:4])
+  assert "whole head" in attention_triton.unsupported(qkv, cache, cache, freq[:8])
+  assert "v_cache in int8" in attention_triton.unsupported(qkv, cache, cache.astype(
+      jnp.int8), freq)
 
 
 def test_rejects_bad_shapes():

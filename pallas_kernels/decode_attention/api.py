@@ -3,8 +3,11 @@
 One new token per sequence: per-head q/k RMSNorm, RoPE, the write of its key and
 value into the cache, and grouped-query attention over the cache. Implementations
 (`IMPLEMENTATIONS`, `REGISTRY`):
-  triton     one Pallas Triton kernel (NVIDIA GPUs), `triton.decode_attention_triton`.
-  interpret  the Triton kernel in Pallas interpret mode (any backend).
+  triton     one Pallas Triton kernel (NVIDIA GPUs), `triton.decode_attention_triton`;
+             inputs it cannot take (`triton.unsupported`: a head dim that is not a
+             power of two >= 16, partial RoPE, other dtypes) run `xla` instead, with
+             one log line naming the reason.
+  interpret  the Triton kernel in Pallas interpret mode (any backend), the same way.
   xla        the models' XLA path, `reference.decode_attention_reference`.
   auto       triton on GPU, interpret on CPU, xla on TPU (no TPU kernel).
 (The Qwen models choose with their own `attention_impl`, whose `auto` is `xla`
@@ -17,11 +20,26 @@ import jax
 
 from sere_jax.kernels import registry
 from sere_jax.kernels.decode_attention.reference import decode_attention_reference
-from sere_jax.kernels.decode_attention.triton import decode_attention_triton
+from sere_jax.kernels.decode_attention import triton
+
+def _triton(qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm,
+            k_norm, *, eps, scale, interpret=False, **options):
+  reason = triton.unsupported(qkv, k_cache, v_cache, inv_freq)
+  if reason:
+    name = "interpret" if interpret else "triton"
+    registry.log_once(f"decode_attention ({name}): the Triton kernel {reason}; running "
+                      "the XLA attention")
+    return decode_attention_reference(qkv, k_cache, v_cache, visible, cache_index,
+                                      positions, inv_freq, q_norm, k_norm, eps=eps,
+                                      scale=scale)
+  return triton.decode_attention_triton(qkv, k_cache, v_cache, visible, cache_index,
+                                        positions, inv_freq, q_norm, k_norm, eps=eps,
+                                        scale=scale, interpret=interpret, **options)
+
 
 IMPLEMENTATIONS = {
-    "triton": decode_attention_triton,
-    "interpret": lambda *args, **kw: decode_attention_triton(*args, interpret=True, **kw),
+    "triton": _triton,
+    "interpret": lambda *args, **kw: _triton(*args, interpret=True, **kw),
     "xla": decode_attention_reference,
 }
 REGISTRY = registry.Registry("decode_attention", IMPLEMENTATIONS, references=("xla",),

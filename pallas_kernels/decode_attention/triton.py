@@ -113,6 +113,26 @@ def _is_pow2(x: int) -> bool:
   return x >= 16 and x & (x - 1) == 0
 
 
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                inv_freq: jax.Array) -> str | None:
+  """Why the kernel cannot take these inputs (None when it can): the head dim must be a
+  power of two of at least 16, RoPE must rotate the whole head, and activations and
+  caches must be bfloat16, float16 or float32."""
+  head_dim = qkv.shape[-1]
+  if not _is_pow2(head_dim):
+    return f"takes head dims that are powers of two >= 16, not {head_dim}"
+  if inv_freq.shape != (head_dim // 2,):
+    return (f"rotates the whole head ({head_dim // 2} RoPE frequencies), not "
+            f"{inv_freq.shape} frequencies")
+  for name, array in (("qkv", qkv), ("k_cache", k_cache), ("v_cache", v_cache)):
+    if array.dtype not in _DTYPES:
+      return f"takes bfloat16, float16 or float32 arrays, not {name} in {array.dtype}"
+  return None
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "scale", "block_s", "num_warps",
                                              "interpret"))
 def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,

@@ -22,8 +22,6 @@ other implementation after the matmul. Implementations (`IMPLEMENTATIONS`,
 
 from __future__ import annotations
 
-import logging
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
@@ -64,7 +62,7 @@ def _mosaic_gpu(x, w, group_offsets, row_token, *, active_experts, num_active, n
   options = dict(MOSAIC_GPU_TILES, **options)
   reason = mosaic_gpu.unsupported(x, w, block_k=options["block_k"])
   if reason:
-    _log_once(f"gmm: the Mosaic GPU kernel {reason}; running the Triton kernel")
+    registry.log_once(f"gmm: the Mosaic GPU kernel {reason}; running the Triton kernel")
     return _triton(x, w, group_offsets, row_token, active_experts=active_experts,
                    num_active=num_active, num_rows=num_rows, activation=activation,
                    out_dtype=out_dtype, interpret=interpret)
@@ -74,15 +72,6 @@ def _mosaic_gpu(x, w, group_offsets, row_token, *, active_experts, num_active, n
   return _epilogue(mosaic_gpu.gmm_mosaic_gpu(x, w, group_offsets, row_token,
                                              num_rows=num_rows, interpret=interpret,
                                              **options), activation, out_dtype)
-
-
-_LOGGED: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-  if message not in _LOGGED:
-    _LOGGED.add(message)
-    logging.getLogger(__name__).warning(message)
 
 
 def _tpu(x, w, group_offsets, row_token, *, active_experts, num_active, num_rows,
