@@ -41,6 +41,7 @@ from absl import flags
 from sere_jax import cli
 from sere_jax import fileio
 from sere_jax.benchmarking import compare
+from sere_jax.benchmarking import figures
 
 _INPUTS = flags.DEFINE_list("inputs", ["docs/benchmarks/*.json"],
                             "Result JSON files or globs (comma separated).")
@@ -99,7 +100,7 @@ def _finish_figure(fig, ax, path: str) -> None:
   """Grid and legend, then the PNG written atomically; the figure is closed."""
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)
-  fileio.write_atomic(path, compare.png_bytes(fig))
+  fileio.write_atomic(path, figures.png_bytes(fig))
 
 
 def decode_section(results, out_dir) -> tuple[list[str], list[str]]:
@@ -113,7 +114,7 @@ def decode_section(results, out_dir) -> tuple[list[str], list[str]]:
                  "median `generate()` step; roofline = bytes a step must read / copy "
                  "bandwidth of the same run; speedups are against `none` (ours) and "
                  "transformers `generate()` on the same device.", ""], []
-  plt = compare.pyplot()
+  plt = figures.pyplot()
   for (model, scale, device), group in sorted(groups.items()):
     rows = [dict(row) for r in group for row in r["rows"]]
     base = {row["batch"]: row["ms_per_token"] for row in rows if row["label"] == "none"}
@@ -149,7 +150,7 @@ def decode_section(results, out_dir) -> tuple[list[str], list[str]]:
         xs = sorted(points)
         ax.plot(xs, [points[x] for x in xs], marker="o",
                 linestyle="--" if label == "none" else "-", label=label)
-      compare.log2_x(ax)
+      figures.log2_x(ax)
       ax.set_xlabel("batch size (sequences)")
       ax.set_ylabel("speedup over none (time per output token)")
       ax.set_title(f"{model} ({scale}), {device}", fontsize=9)
@@ -165,7 +166,7 @@ def kernels_section(results, out_dir) -> tuple[list[str], list[str]]:
                  "µs per MoE layer at Qwen3-30B-A3B shapes (see scripts/benchmark.py); "
                  "`forced` rows use exactly `distinct` experts, `natural` rows uniform "
                  "routing under a policy.", ""], []
-  plt = compare.pyplot()
+  plt = figures.pyplot()
   groups = collections.defaultdict(list)
   for r in results:
     groups[(json.dumps(r.get("shape"), sort_keys=True), _device(r))].append(r)
@@ -192,7 +193,7 @@ def kernels_section(results, out_dir) -> tuple[list[str], list[str]]:
                         marker="o", label=f"B={batch}")
         ax.plot([p["distinct"] for p in points], [p["roofline_us"] for p in points],
                 linestyle=":", color=line.get_color())
-      compare.log2_x(ax)
+      figures.log2_x(ax)
       ax.set_yscale("log")
       ax.set_xlabel("distinct experts")
       ax.set_ylabel(f"µs per layer ({impl}; dotted: roofline)")

@@ -17,12 +17,12 @@ input has been read.
 from __future__ import annotations
 
 import glob
-import io
 import os
 import re
 from typing import Any, Sequence
 
 from sere_jax import fileio
+from sere_jax.benchmarking import figures
 from sere_jax.benchmarking import standard
 
 REPORT_NAME = "standard_report.md"
@@ -311,39 +311,10 @@ def markdown(results: Sequence[dict[str, Any]], pngs: Sequence[str] = (),
   return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def pyplot():
-  """matplotlib's pyplot with the file-only Agg backend (imported on first use)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def png_bytes(fig) -> bytes:
-  """The figure as PNG bytes (90 dpi, cropped, a 64-colour palette: a third of the
-  bytes of full colour for line plots); the figure is closed."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top  (matplotlib's dependency)
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-  pyplot().close(fig)
-  buf.seek(0)
-  image = Image.open(buf).convert("RGB").quantize(colors=64)
-  out = io.BytesIO()
-  image.save(out, format="PNG", optimize=True)
-  return out.getvalue()
-
-
-def log2_x(ax) -> None:
-  """A base-2 log x axis labelled with plain numbers."""
-  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
-  ax.set_xscale("log", base=2)
-  ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-
-
 def plots(results: Sequence[dict[str, Any]]) -> dict[str, bytes]:
   """`{file name: PNG bytes}`: `standard_speedup_<model>.png` per model and
   `standard_kernels.png` (see the module docstring); needs matplotlib."""
-  plt = pyplot()
+  plt = figures.pyplot()
   labels = device_labels(results)
   out = {}
   policies = _policy_order(results)
@@ -360,7 +331,7 @@ def plots(results: Sequence[dict[str, Any]]) -> dict[str, bytes]:
         xs = sorted(by_policy[policy])
         ax.plot(xs, [by_policy[policy][x] for x in xs], marker="o", label=policy)
       ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
-      log2_x(ax)
+      figures.log2_x(ax)
       ax.set_xlabel("batch size B")
       ax.set_title(label, fontsize=8)
       ax.grid(True, alpha=0.3)
@@ -368,7 +339,7 @@ def plots(results: Sequence[dict[str, Any]]) -> dict[str, bytes]:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("speedup over none (time per token)")
     fig.suptitle(model, fontsize=10)
-    out[f"standard_speedup_{_slug(model)}.png"] = png_bytes(fig)
+    out[f"standard_speedup_{_slug(model)}.png"] = figures.png_bytes(fig)
   batches = sorted({row["batch"] for r in results
                     for row in (r.get("kernels") or {}).get("rows", [])
                     if row["mode"] == "forced"})
@@ -387,14 +358,14 @@ def plots(results: Sequence[dict[str, Any]]) -> dict[str, bytes]:
                         label=label)
         ax.plot([p[0] for p in points], [p[2] for p in points], linestyle=":",
                 color=line.get_color())
-      log2_x(ax)
+      figures.log2_x(ax)
       ax.set_yscale("log")
       ax.set_xlabel("distinct experts")
       ax.set_title(f"B = {batch}", fontsize=9)
       ax.grid(True, alpha=0.3)
       ax.legend(fontsize=7)
     axes[0][0].set_ylabel("µs per MoE layer (dotted: roofline)")
-    out["standard_kernels.png"] = png_bytes(fig)
+    out["standard_kernels.png"] = figures.png_bytes(fig)
   return out
 
 
