@@ -8,6 +8,7 @@ import sys
 import jax
 import pytest
 
+from sere_jax import benchmarking
 from sere_jax.benchmarking import gmm_sweep
 from sere_jax.kernels.gmm import tiles
 
@@ -109,3 +110,13 @@ def test_bad_tile_overrides_are_a_usage_error(tmp_path):
       text=True, timeout=300, check=False)
   assert proc.returncode != 0
   assert "--gmm_variants: unknown triton tile options ['block_m']" in proc.stderr, proc.stderr
+
+
+def test_layer_chain_times_a_step_and_compiles_with_the_options_given():
+  x = jax.numpy.ones((2, 4))
+  layers = [(jax.numpy.eye(4),)] * 2
+  chain = benchmarking.LayerChain(lambda x, w: x @ w)
+  assert chain.seconds_per_layer(x, layers, min_seconds=1e-3, repeats=1) > 0
+  unknown = benchmarking.LayerChain(lambda x, w: x @ w, {"no_such_xla_option": True})
+  with pytest.raises(jax.errors.JaxRuntimeError, match="no_such_xla_option"):
+    unknown.seconds_per_layer(x, layers, min_seconds=1e-3, repeats=1)

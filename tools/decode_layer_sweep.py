@@ -9,7 +9,9 @@ Per batch size (default 16,64):
   projection as an XLA dot and as `gmm_triton`; the LM head (once per step, two weight
   sets) as an XLA dot. The XLA dots also with their input padded to two rows
   (`*_two_rows`): at B = 1 XLA rewrites a vector-matrix dot as a multiply and a
-  reduction, which a second row avoids;
+  reduction, which a second row avoids; and, on a GPU, compiled with that rewrite
+  switched off instead (`*_no_strength_reduction`, XLA's
+  `xla_gpu_enable_dot_strength_reduction`), which needs no padding kernel;
 - the decode-attention kernel over a 160-slot cache (index 150) at several tilings;
 - routing (router gemm + softmax top-8 of 128): XLA's, and the fused top-K kernel with
   1, 2, 4 and 16 tokens per program and 1, 2 and 4 warps.
@@ -55,6 +57,7 @@ def _triton(x, w, **tiles):
 
 
 CACHE, INDEX = 160, 150
+NO_STRENGTH_REDUCTION = {"xla_gpu_enable_dot_strength_reduction": False}
 EXPERTS, TOP_K = 128, 8
 
 
@@ -105,6 +108,9 @@ def main(argv):
     cases[f"{name}_two_rows"] = (_two_rows(fn), layer_args, elements)
   routers = [(weight(4 * i + 3, (D, EXPERTS)),) for i in range(LAYERS)]
   cases["router_xla"] = (lambda x, w: _route(x, w, routing.route), routers, D * EXPERTS)
+  if jax.default_backend() == "gpu":  # the option exists on GPU clients only
+    for name in ("qkv_xla_three_dots", "o_xla", "lm_head_xla", "router_xla"):
+      cases[f"{name}_no_strength_reduction"] = (*cases[name], NO_STRENGTH_REDUCTION)
   for block_t in (1, 2, 4, 16):
     for warps in (1, 2, 4):
       cases[f"router_triton_block_t{block_t}_num_warps{warps}"] = (
@@ -130,11 +136,13 @@ def main(argv):
       cases[f"attention_block_s{block_s}_num_warps{num_warps}"] = (
           lambda x, kc, vc, o=dict(block_s=block_s, num_warps=num_warps): _attend(
               x, kc, vc, **o), caches, cache_elements)
-    for name, (fn, layer_args, elements) in cases.items():  # elements: bf16 values read
+    # elements: bf16 values read; options: the chain's XLA compiler options, if any
+    for name, (fn, layer_args, elements, *options) in cases.items():
       def step(x, *w, fn=fn):
         y = fn(x, *w)
         return x + jnp.sum(y, dtype=jnp.float32).astype(x.dtype) * 0  # all of y is used
-      us = (benchmarking.LayerChain(step).seconds_per_layer(x, layer_args) - overhead) * 1e6
+      chain = benchmarking.LayerChain(step, *options)
+      us = (chain.seconds_per_layer(x, layer_args) - overhead) * 1e6
       roofline = elements * 2 / read_bw * 1e6
       rows.append(dict(batch=batch, case=name, us=us, roofline_us=roofline,
                        ratio=us / roofline))

@@ -125,9 +125,11 @@ class LayerChain:
 
   `step` returns an array shaped like `x` (or a tuple whose first element is);
   the next layer's input is the normalised sum, as a residual stream would be.
+  `compiler_options` (XLA debug options by name) go to the chain's `jax.jit`.
   """
 
-  def __init__(self, step: Callable[..., Any]):
+  def __init__(self, step: Callable[..., Any],
+               compiler_options: dict[str, Any] | None = None):
     def run(x, rounds, layer_args):
       def one_round(_, x):
         for args in layer_args:
@@ -139,7 +141,7 @@ class LayerChain:
           x = _normalise(x + y.astype(x.dtype))
         return x
       return jax.lax.fori_loop(0, rounds, one_round, x)
-    self._run = jax.jit(run)
+    self._run = jax.jit(run, compiler_options=compiler_options)
 
   def seconds_per_layer(self, x: jax.Array, layer_args: Sequence[tuple],
                         min_seconds: float = 0.03, repeats: int = 5) -> float:
