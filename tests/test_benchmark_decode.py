@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from sere_jax.benchmarking import report
 from sere_jax.benchmarking import targets
 
 REQUIRED_ENV = ("device_kind", "backend", "jax", "jaxlib", "flax", "python")
@@ -159,3 +160,21 @@ def test_targets_summary_values():
   unprofiled = [dict(r, profile=None) for r in result["rows"]]
   with pytest.raises(ValueError, match="B=16 none row has no profile"):
     targets.decode_targets(dict(result, rows=unprofiled))
+
+
+def test_decode_report_adds_the_datasheet_ratio_where_the_device_has_one():
+  row = dict(batch=16, label="none", ms_per_token=12.0, tokens_per_s=1333.3,
+             distinct_experts=77.0, roofline_ms=10.0, measured_over_roofline=1.2,
+             speedup_over_none=1.0)
+  result = dict(suite="decode", env=dict(device_kind="NVIDIA H200", backend="gpu",
+                                         jax="0.11.2"),
+                model="qwen3_30b_a3b", scale="full", impl="triton",
+                protocol=dict(prompt_len=128, new_tokens=32), bytes=dict(param_bytes=6e10),
+                copy_bandwidth_tbs=4.0, read_bandwidth_tbs=4.4, rows=[row],
+                bandwidth=dict(copy=dict(tbs=4.0), spec_peak_tbs=4.8))
+  text = report.markdown(result, "cmd")
+  assert "| measured_over_roofline | measured_over_spec | speedup_over_none |" in text
+  assert "| 1.200 | 1.440 | 1.000 |" in text  # 12 ms over the roofline at 4.8 TB/s
+  assert "datasheet 4800 GB/s" in text
+  result["bandwidth"] = dict(copy=dict(tbs=4.0), spec_peak_tbs=None)  # e.g. a CPU
+  assert "measured_over_spec" not in report.markdown(result, "cmd")

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from sere_jax import fileio
 from sere_jax.benchmarking import figures
+from sere_jax.benchmarking import report
 from sere_jax.benchmarking import standard
 
 REPORT_NAME = "standard_report.md"
@@ -161,14 +162,6 @@ def _devices_section(results, labels) -> list[str]:
   return lines + [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
 
 
-def _spec_over_copy(result) -> float | None:
-  """Datasheet over probed copy bandwidth (turns × roofline into × spec), or None."""
-  bw = result.get("bandwidth") or {}
-  if not bw.get("spec_peak_tbs") or "copy" not in bw:
-    return None
-  return bw["spec_peak_tbs"] / bw["copy"]["tbs"]
-
-
 def _decode_section(results, labels, pngs) -> list[str]:
   lines = []
   policies = _policy_order(results)
@@ -179,7 +172,7 @@ def _decode_section(results, labels, pngs) -> list[str]:
                   key=lambda k: (k[0], policies.index(k[1]) if k[1] in policies else 99,
                                  k[1]))
     # Against the datasheet bandwidth too, where the device's is known.
-    spec = [_spec_over_copy(r) for r in results]
+    spec = [report.spec_over_copy(r) for r in results]
     header = ["B", "policy"]
     for label, s in zip(labels, spec):
       header += [f"{label} ms/token", "× roofline"] + (["× spec"] if s else []) + [

@@ -19,10 +19,23 @@ def add_speedups(rows: Sequence[dict[str, Any]]) -> None:
       r["speedup_over_none"] = base[r["batch"]] / r["ms_per_token"]
 
 
+def spec_over_copy(result: dict[str, Any]) -> float | None:
+  """The datasheet bandwidth over the probed copy bandwidth of a result (which turns a
+  ratio to the roofline into one to the roofline at the datasheet figure), or None
+  where the result's probe does not know the device's datasheet figure."""
+  bw = result.get("bandwidth") or {}
+  if not bw.get("spec_peak_tbs") or "copy" not in bw:
+    return None
+  return bw["spec_peak_tbs"] / bw["copy"]["tbs"]
+
+
 def decode_markdown_rows(result: dict[str, Any]) -> list[str]:
-  """The decode suite's protocol lines and table (for `markdown`)."""
+  """The decode suite's protocol lines and table (for `markdown`); where the datasheet
+  bandwidth is known, a `measured_over_spec` column beside `measured_over_roofline`."""
+  spec = spec_over_copy(result)
   cols = ["batch", "label", "ms_per_token", "tokens_per_s", "distinct_experts",
-          "roofline_ms", "measured_over_roofline", "speedup_over_none"]
+          "roofline_ms", "measured_over_roofline",
+          *(["measured_over_spec"] if spec else []), "speedup_over_none"]
   devices = result.get("expert_devices", 1)
   if devices > 1:
     cols.insert(5, "max_device_distinct")
@@ -35,16 +48,21 @@ def decode_markdown_rows(result: dict[str, Any]) -> list[str]:
            f"prompt {proto['prompt_len']}, new tokens {proto['new_tokens']}, "
            f"{result['bytes']['param_bytes'] / 1e9:.2f} GB of bf16 parameters",
            f"- bandwidth measured in this run: copy {result['copy_bandwidth_tbs'] * 1e3:.1f} "
-           f"GB/s, read {result['read_bandwidth_tbs'] * 1e3:.1f} GB/s",
+           f"GB/s, read {result['read_bandwidth_tbs'] * 1e3:.1f} GB/s"
+           + (f"; datasheet {result['bandwidth']['spec_peak_tbs'] * 1e3:.0f} GB/s" if spec
+              else ""),
            "- transformers peer: " + (peer.get("skipped") or json.dumps(peer.get("env"))),
            *([f"- experts sharded over {devices} devices (expert parallelism): the roofline "
               "is one device's bytes (replicated weights, its KV cache, the busiest "
               "device's experts)"] if devices > 1 else []),
            "", "Time per output token is a decode loop's time / its steps (median over repeats; "
            "the transformers peer: its median step); the roofline is the bytes "
-           "a step must read over the copy bandwidth.", "",
+           "a step must read over the copy bandwidth"
+           + (" (`measured_over_spec`: over the datasheet bandwidth)." if spec else "."), "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in result["rows"]:
+    if spec:
+      r = dict(r, measured_over_spec=r["measured_over_roofline"] * spec)
     cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
              for c in cols]
     lines.append("| " + " | ".join(cells) + " |")
