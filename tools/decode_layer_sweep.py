@@ -9,9 +9,9 @@ Per batch size (default 16,64):
   projection as an XLA dot and as `gmm_triton`; the LM head (once per step, two weight
   sets) as an XLA dot. The XLA dots also with their input padded to two rows
   (`*_two_rows`): at B = 1 XLA rewrites a vector-matrix dot as a multiply and a
-  reduction, which a second row avoids; and, on a GPU, compiled with that rewrite
-  switched off instead (`*_no_strength_reduction`, XLA's
-  `xla_gpu_enable_dot_strength_reduction`), which needs no padding kernel;
+  reduction, which a second row avoids; and, on a GPU, compiled with XLA options
+  (`XLA_VARIANTS`): that rewrite switched off instead (no padding kernel), cuBLAS
+  instead of XLA's Triton GEMMs, cuBLASLt, and split-K autotuning off;
 - the decode-attention kernel over a 160-slot cache (index 150) at several tilings;
 - routing (router gemm + softmax top-8 of 128): XLA's, and the fused top-K kernel with
   1, 2, 4 and 16 tokens per program and 1, 2 and 4 warps.
@@ -57,7 +57,13 @@ def _triton(x, w, **tiles):
 
 
 CACHE, INDEX = 160, 150
-NO_STRENGTH_REDUCTION = {"xla_gpu_enable_dot_strength_reduction": False}
+# XLA compiler options the dense projections and the router are also timed with (GPU).
+XLA_VARIANTS = {
+    "no_strength_reduction": {"xla_gpu_enable_dot_strength_reduction": False},
+    "cublas": {"xla_gpu_enable_triton_gemm": False},
+    "cublaslt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True},
+    "no_split_k_autotuning": {"xla_gpu_enable_split_k_autotuning": False},
+}
 EXPERTS, TOP_K = 128, 8
 
 
@@ -110,7 +116,8 @@ def main(argv):
   cases["router_xla"] = (lambda x, w: _route(x, w, routing.route), routers, D * EXPERTS)
   if jax.default_backend() == "gpu":  # the option exists on GPU clients only
     for name in ("qkv_xla_three_dots", "o_xla", "lm_head_xla", "router_xla"):
-      cases[f"{name}_no_strength_reduction"] = (*cases[name], NO_STRENGTH_REDUCTION)
+      for variant, options in XLA_VARIANTS.items():
+        cases[f"{name}_{variant}"] = (*cases[name], options)
   for block_t in (1, 2, 4, 16):
     for warps in (1, 2, 4):
       cases[f"router_triton_block_t{block_t}_num_warps{warps}"] = (
@@ -142,7 +149,14 @@ def main(argv):
         y = fn(x, *w)
         return x + jnp.sum(y, dtype=jnp.float32).astype(x.dtype) * 0  # all of y is used
       chain = benchmarking.LayerChain(step, *options)
-      us = (chain.seconds_per_layer(x, layer_args) - overhead) * 1e6
+      try:
+        us = (chain.seconds_per_layer(x, layer_args) - overhead) * 1e6
+      except jax.errors.JaxRuntimeError as err:  # an XLA option this build refuses
+        if not options:
+          raise
+        rows.append(dict(batch=batch, case=name, error=str(err).splitlines()[0]))
+        print(rows[-1], flush=True)
+        continue
       roofline = elements * 2 / read_bw * 1e6
       rows.append(dict(batch=batch, case=name, us=us, roofline_us=roofline,
                        ratio=us / roofline))
