@@ -19,8 +19,9 @@ from __future__ import annotations
 import jax
 
 from sere_jax.kernels import registry
-from sere_jax.kernels.decode_attention.reference import decode_attention_reference
 from sere_jax.kernels.decode_attention import triton
+from sere_jax.kernels.decode_attention.reference import decode_attention_reference
+
 
 def _triton(qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm,
             k_norm, *, eps, scale, interpret=False, **options):
