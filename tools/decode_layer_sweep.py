@@ -8,7 +8,7 @@ Per batch size (default 16,64):
   the concatenated weight, and as `gmm_triton` on it with several tilings; the output
   projection as an XLA dot and as `gmm_triton`; the LM head (once per step, two weight
   sets) as an XLA dot. The XLA dots also with their input padded to two rows
-  (`*_two_rows`): at B = 1 XLA rewrites a vector-matrix dot as a multiply and a
+  (`*_two_rows`, `numerics.gemm_dot` as the models call it): at B = 1 XLA rewrites a vector-matrix dot as a multiply and a
   reduction, which a second row avoids; and, on a GPU, compiled with XLA options
   (`XLA_VARIANTS`): that rewrite switched off instead (no padding kernel), cuBLAS
   instead of XLA's Triton GEMMs, cuBLASLt, and split-K autotuning off;
@@ -34,6 +34,7 @@ from sere_jax.kernels.decode_attention.triton import decode_attention_triton
 from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.router.triton import route_triton
 from sere_jax.models import layers
+from sere_jax.numerics import gemm_dot
 
 D, Q, KV, LAYERS, VOCAB = 2048, 32 * 128, 4 * 128, 8, 151936
 TRITON_TILES = [dict(block_n=128, block_k=64, k_splits=s, num_warps=4, num_stages=3)
@@ -41,14 +42,6 @@ TRITON_TILES = [dict(block_n=128, block_k=64, k_splits=s, num_warps=4, num_stage
                                             num_stages=3),
                                        dict(block_n=128, block_k=128, k_splits=4,
                                             num_warps=4, num_stages=3)]
-
-
-def _two_rows(dot):
-  """`dot(x, w)` with `x` padded to at least two rows (the padding sliced off after)."""
-  def padded(x, w):
-    rows = x.shape[0]
-    return dot(jnp.pad(x, ((0, max(0, 2 - rows)), (0, 0))), w)[:rows]
-  return padded
 
 
 def _triton(x, w, **tiles):
@@ -99,19 +92,21 @@ def main(argv):
 
   qkv = [(weight(4 * i, (D, Q)), weight(4 * i + 1, (D, KV)), weight(4 * i + 2, (D, KV)))
          for i in range(LAYERS)]
-  fused = [jnp.concatenate(ws, axis=1) for ws in qkv]
+  fused = [(jnp.concatenate(ws, axis=1),) for ws in qkv]
   o_proj = [(weight(4 * i + 3, (Q, D)),) for i in range(LAYERS)]
   cases = {
       "qkv_xla_three_dots": (lambda x, wq, wk, wv: jnp.concatenate(
           [jnp.dot(x, wq), jnp.dot(x, wk), jnp.dot(x, wv)], axis=1), qkv, D * (Q + 2 * KV)),
-      "qkv_xla_fused": (jnp.dot, [(w,) for w in fused], D * (Q + 2 * KV)),
+      "qkv_xla_fused": (jnp.dot, fused, D * (Q + 2 * KV)),
       "o_xla": (lambda x, w: jnp.dot(jnp.tile(x, (1, Q // D)), w), o_proj, Q * D),
   }
   lm_heads = [(weight(i, (D, VOCAB)),) for i in range(2)]
   cases["lm_head_xla"] = (jnp.dot, lm_heads, D * VOCAB)
-  for name in ("qkv_xla_fused", "o_xla", "lm_head_xla"):
-    fn, layer_args, elements = cases[name]
-    cases[f"{name}_two_rows"] = (_two_rows(fn), layer_args, elements)
+  # The models' dot (`numerics.gemm_dot`): one row padded to two.
+  cases["qkv_xla_fused_two_rows"] = (gemm_dot, fused, D * (Q + 2 * KV))
+  cases["o_xla_two_rows"] = (lambda x, w: gemm_dot(jnp.tile(x, (1, Q // D)), w), o_proj,
+                             Q * D)
+  cases["lm_head_xla_two_rows"] = (gemm_dot, lm_heads, D * VOCAB)
   routers = [(weight(4 * i + 3, (D, EXPERTS)),) for i in range(LAYERS)]
   cases["router_xla"] = (lambda x, w: _route(x, w, routing.route), routers, D * EXPERTS)
   if jax.default_backend() == "gpu":  # the option exists on GPU clients only
@@ -128,7 +123,7 @@ def main(argv):
   for t in TRITON_TILES:
     name = "_".join(f"{k}{v}" for k, v in t.items())
     cases[f"qkv_triton_{name}"] = (lambda x, w, t=t: _triton(x, w, **t),
-                                   [(w,) for w in fused], D * (Q + 2 * KV))
+                                   fused, D * (Q + 2 * KV))
     cases[f"o_triton_{name}"] = (lambda x, w, t=t: _triton(jnp.tile(x, (1, Q // D)), w, **t),
                                  o_proj, Q * D)
   rows = []
