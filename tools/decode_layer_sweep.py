@@ -10,8 +10,8 @@ Per batch size (default 16,64):
   sets) as an XLA dot. The XLA dots also with their input padded to two rows
   (`*_two_rows`, `numerics.gemm_dot` as the models call it): at B = 1 XLA rewrites a vector-matrix dot as a multiply and a
   reduction, which a second row avoids; and, on a GPU, compiled with XLA options
-  (`XLA_VARIANTS`): that rewrite switched off instead (no padding kernel), cuBLAS
-  instead of XLA's Triton GEMMs, cuBLASLt, and split-K autotuning off;
+  (`XLA_VARIANTS`): cuBLAS instead of XLA's Triton GEMMs, and cuBLASLt. (jaxlib
+  0.11.2 has no compile option that switches the rewrite or split-K autotuning off.)
 - the decode-attention kernel over a 160-slot cache (index 150) at several tilings;
 - routing (router gemm + softmax top-8 of 128): XLA's, and the fused top-K kernel with
   1, 2, 4 and 16 tokens per program and 1, 2 and 4 warps.
@@ -52,10 +52,8 @@ def _triton(x, w, **tiles):
 CACHE, INDEX = 160, 150
 # XLA compiler options the dense projections and the router are also timed with (GPU).
 XLA_VARIANTS = {
-    "no_strength_reduction": {"xla_gpu_enable_dot_strength_reduction": False},
     "cublas": {"xla_gpu_enable_triton_gemm": False},
     "cublaslt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True},
-    "no_split_k_autotuning": {"xla_gpu_enable_split_k_autotuning": False},
 }
 EXPERTS, TOP_K = 128, 8
 
