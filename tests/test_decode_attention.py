@@ -96,6 +96,60 @@ def test_row_with_nothing_visible_is_zero(implementation):
 
 
 @kernel_backends.over_implementations(attention_op.REGISTRY)
+@pytest.mark.parametrize("index", [0, 20, 39])
+def test_cache_split_among_programs_matches_reference(index, implementation):
+  """Flash-decoding: 3 blocks of 16 slots (up to slot 39) shared by 2, 3 and 5
+  programs per sequence and KV head (uneven shares, splits with no slot), merged;
+  sequence 2 sees no slot."""
+  rng = np.random.default_rng(index)
+  args = list(_case(rng, batch=3, heads=8, kv_heads=2, head_dim=32, cache_len=40,
+                    index=index, dtype=jnp.float32, qk_norm=True))
+  args[3] = args[3].at[2].set(False)
+  want = decode_attention_reference(*args, eps=EPS, scale=SCALE)
+  for splits in (2, 3, 5):
+    got = attention_op.decode_attention(*args, eps=EPS, scale=SCALE, block_s=16,
+                                        splits=splits, implementation=implementation)
+    for name, g, w in zip(("out", "k_cache", "v_cache"), got, want):
+      assert g.shape == w.shape and g.dtype == w.dtype, name
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), err_msg=f"{name} {splits}",
+                                 **F32_TOLERANCE)
+    np.testing.assert_array_equal(np.asarray(got[0][2]), 0.0)
+
+
+def test_combine_splits_is_softmax_over_all_slots():
+  """Two splits' partial sums, against one softmax over their slots together; a head
+  whose splits saw nothing is zero."""
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(2, 6)).astype(np.float32)  # [splits, slots] of one head
+  values = rng.normal(size=(2, 6, 4)).astype(np.float32)
+  m = logits.max(axis=1)
+  p = np.exp(logits - m[:, None])
+  acc = np.einsum("ps,psd->pd", p, values)
+  probs = np.exp(logits.reshape(-1) - logits.max())
+  want = probs @ values.reshape(12, 4) / probs.sum()
+  got = attention_triton.combine_splits(
+      jnp.asarray(np.stack([acc, np.zeros_like(acc)]))[:, :, None],  # [B=2, P, H=1, D]
+      jnp.asarray(np.stack([m, np.full(2, -np.inf, np.float32)]))[:, :, None],
+      jnp.asarray(np.stack([p.sum(axis=1), np.zeros(2, np.float32)]))[:, :, None],
+      jnp.float32)
+  np.testing.assert_allclose(np.asarray(got[0, 0]), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(got[1]), 0.0)
+
+
+def test_default_splits():
+  """One split for short caches; long caches split until the grid is full."""
+  assert attention_triton.default_splits(batch=16, kv_heads=4, cache_len=160) == 1
+  assert attention_triton.default_splits(batch=1, kv_heads=4, cache_len=1023) == 1
+  min_slots, programs = (attention_triton.SPLITS[k] for k in ("min_slots", "programs"))
+  long = 1024 * min_slots
+  assert attention_triton.default_splits(batch=1, kv_heads=4, cache_len=long) == (
+      -(-programs // 4))
+  assert attention_triton.default_splits(batch=1, kv_heads=4,
+                                         cache_len=3 * min_slots) == 3
+  assert attention_triton.default_splits(batch=programs, kv_heads=4, cache_len=long) == 1
+
+
+@kernel_backends.over_implementations(attention_op.REGISTRY)
 def test_head_dim_the_kernel_cannot_take_runs_xla_with_one_log_line(implementation,
                                                                     caplog):
   """D = 24 is no power of two: the kernels run the reference and say why, once."""
@@ -138,6 +192,9 @@ def test_rejects_bad_shapes():
     call(*args, block_s=24)
   with pytest.raises(ValueError, match="both be given"):
     call(*args[:8], None)
+  for splits in (0, -2, 1.5):
+    with pytest.raises(ValueError, match="splits must be a positive integer"):
+      call(*args, splits=splits)
   bad_cache = jnp.zeros((2, 16, 3, 16), jnp.float32)
   with pytest.raises(ValueError, match="cache shapes"):
     call(args[0], bad_cache, *args[2:])
@@ -183,6 +240,23 @@ def test_lowers_for_cuda():
   assert "__gpu$xla.gpu.triton" in module
   # bf16 norm weights go in as stored: no f32 copies made outside the kernel.
   assert "tensor<128xf32>" not in module
+
+
+def test_split_cache_lowers_for_cuda():
+  """B = 1 over a 4096-slot cache: the default splits the cache, and the kernel writes
+  float32 partial sums for the merge."""
+  spec = jax.ShapeDtypeStruct
+  bf16, i32 = jnp.bfloat16, jnp.int32
+  splits = attention_triton.default_splits(batch=1, kv_heads=4, cache_len=4096)
+  assert splits > 1
+  fn = functools.partial(decode_attention_triton, eps=EPS, scale=SCALE)
+  module = export_for(
+      "cuda", fn, spec((1, 32 + 2 * 4, 128), bf16), spec((1, 4096, 4, 128), bf16),
+      spec((1, 4096, 4, 128), bf16), spec((1, 4096), jnp.bool_), spec((), i32),
+      spec((1,), i32), spec((64,), jnp.float32), spec((128,), bf16),
+      spec((128,), bf16)).mlir_module()
+  assert "__gpu$xla.gpu.triton" in module
+  assert f"tensor<1x{splits}x32x128xf32>" in module
 
 
 # ---------------------------------------------------------------- in the Qwen models

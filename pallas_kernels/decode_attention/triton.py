@@ -3,9 +3,17 @@
 For a decode step XLA runs about ten small kernels between the q/k/v projection and
 the output projection: per-head q/k RMSNorm, RoPE, two cache updates, the q·k product,
 the softmax pieces, the probs·v product and transposes. `decode_attention_triton` does
-all of it in one launch. Grid: (batch, kv head). A program normalises and rotates its
-query-head group and its new key, writes the new key and value into the cache, and
-runs an online-softmax pass over the cache slots up to the current one.
+all of it in one launch. Grid: (batch, kv head, split). A program normalises and
+rotates its query-head group and its new key, and runs an online-softmax pass over
+its share of the cache slots up to the current one; the first split's program writes
+the new key and value into the cache (every program takes them from registers).
+
+With one split (short caches) the program normalises its result in place. With more
+(flash-decoding: a long cache's slots divided among more programs, so that a small
+batch still fills the GPU), each program writes its unnormalised sum with its
+running maximum and denominator, and `combine_splits` merges them: one small XLA
+fusion. `default_splits` picks the count from the batch, the KV heads and the
+cache length (`SPLITS`).
 
 The new token's projections come in one array `qkv [B, H + 2 * Hkv, D]` (query heads,
 then key heads, then value heads): the model builds it by concatenating the q, k and v
@@ -27,13 +35,17 @@ from jax.experimental.pallas import triton as plt
 
 from sere_jax.kernels.decode_attention.reference import num_query_heads
 
+# When a cache is split among programs (`default_splits`): each split covers at least
+# `min_slots` slots, and splits are added until the grid has `programs` programs.
+SPLITS = dict(min_slots=512, programs=264)
+
 
 def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
-            k_norm_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref, v_cache_ref, *,
-            num_heads, num_kv_heads, group, group_pad, head_dim, cache_len, block_s, eps,
-            scale, qk_norm, interpret):
+            k_norm_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref, v_cache_ref,
+            *stats_refs, num_heads, num_kv_heads, group, group_pad, head_dim, cache_len,
+            block_s, splits, eps, scale, qk_norm, interpret):
   del k_cache_in, v_cache_in  # aliased to k_cache_ref, v_cache_ref
-  b, g = pl.program_id(0), pl.program_id(1)
+  b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   r = jnp.arange(group_pad)
   r_ok = r < group
   d = jnp.arange(head_dim)
@@ -69,8 +81,11 @@ def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref
                     plt.load(qkv_ref.at[b, k_head, partner]),
                     k_norm_ref, dtype).astype(k_cache_ref.dtype)
   v_new = plt.load(qkv_ref.at[b, v_head, d]).astype(v_cache_ref.dtype)
-  plt.store(k_cache_ref.at[b, index, g, d], k_new)
-  plt.store(v_cache_ref.at[b, index, g, d], v_new)
+
+  @pl.when(split == 0)
+  def _():
+    plt.store(k_cache_ref.at[b, index, g, d], k_new)
+    plt.store(v_cache_ref.at[b, index, g, d], v_new)
 
   def block(i, carry):
     m, l, acc = carry
@@ -102,11 +117,21 @@ def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref
   init = (jnp.full((group_pad,), -jnp.inf, jnp.float32),
           jnp.zeros((group_pad,), jnp.float32),
           jnp.zeros((group_pad, head_dim), jnp.float32))
-  # Slots after the new token are never visible: stop at its block.
-  _, l, acc = jax.lax.fori_loop(0, index // block_s + 1, block, init)
-  out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
-  plt.store(out_ref.at[b, heads[:, None], d[None, :]], out.astype(out_ref.dtype),
-            mask=r_ok[:, None])
+  # Slots after the new token are never visible: the blocks up to its block, shared
+  # evenly among the splits (a split past the end has none).
+  blocks = index // block_s + 1
+  per_split = (blocks + splits - 1) // splits
+  first = split * per_split
+  m, l, acc = jax.lax.fori_loop(first, jnp.minimum(first + per_split, blocks), block, init)
+  if splits == 1:
+    out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+    plt.store(out_ref.at[b, heads[:, None], d[None, :]], out.astype(out_ref.dtype),
+              mask=r_ok[:, None])
+  else:  # partial results, [B, splits, H, ...], merged by `combine_splits`
+    m_ref, l_ref = stats_refs
+    plt.store(out_ref.at[b, split, heads[:, None], d[None, :]], acc, mask=r_ok[:, None])
+    plt.store(m_ref.at[b, split, heads], m, mask=r_ok)
+    plt.store(l_ref.at[b, split, heads], l, mask=r_ok)
 
 
 def _is_pow2(x: int) -> bool:
@@ -133,14 +158,35 @@ def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "scale", "block_s", "num_warps",
-                                             "interpret"))
+def default_splits(batch: int, kv_heads: int, cache_len: int) -> int:
+  """Splits of each sequence's cache (`SPLITS`): one for short caches, else as many
+  as bring the grid to `programs` programs with `min_slots` slots or more each."""
+  most = cache_len // SPLITS["min_slots"]
+  wanted = -(-SPLITS["programs"] // (batch * kv_heads))
+  return max(1, min(most, wanted))
+
+
+def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Array:
+  """Merges the splits' unnormalised sums `acc [B, P, H, D]`, running maxima `m` and
+  denominators `l [B, P, H]` (all float32) into `[B, H, D]` in `dtype`; a head that
+  saw no slot gives zeros."""
+  top = jnp.max(m, axis=1, keepdims=True)
+  weight = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - jnp.where(top == -jnp.inf, 0.0, top)))
+  total = jnp.sum(weight * l, axis=1)
+  out = jnp.sum(weight[..., None] * acc, axis=1)
+  return jnp.where(total[..., None] > 0,
+                   out / jnp.where(total > 0, total, 1.0)[..., None], 0.0).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "scale", "block_s", "splits",
+                                             "num_warps", "interpret"))
 def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                             visible: jax.Array, cache_index: jax.Array,
                             positions: jax.Array, inv_freq: jax.Array,
                             q_norm: jax.Array | None, k_norm: jax.Array | None, *,
                             eps: float, scale: float, block_s: int = 64,
-                            num_warps: int = 4, interpret: bool = False
+                            splits: int | None = None, num_warps: int = 4,
+                            interpret: bool = False
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Attention of one new token per sequence over its KV cache.
 
@@ -157,6 +203,9 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
       dtype, read as stored and widened in the kernel (an `astype` here would be two
       extra XLA kernels per layer and step).
     eps: the RMSNorm epsilon; scale: the logit scale.
+    block_s: cache slots per step of a program; splits: programs per sequence and KV
+      head, each over an equal share of the slots up to `cache_index` (None:
+      `default_splits`).
 
   Returns:
     `(out [B, H, D] in qkv's dtype, k_cache, v_cache)`. `H` must be a multiple of `Hkv`
@@ -173,6 +222,10 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
   if inv_freq.shape != (head_dim // 2,):
     raise ValueError(f"inv_freq must be [{head_dim // 2}] (RoPE over the whole head), "
                      f"got {inv_freq.shape}")
+  if splits is None:
+    splits = default_splits(batch, kv_heads, cache_len)
+  if not isinstance(splits, int) or splits < 1:
+    raise ValueError(f"splits must be a positive integer, got {splits!r}")
   qk_norm = q_norm is not None
   if qk_norm != (k_norm is not None):
     raise ValueError("q_norm and k_norm must both be given or both be None")
@@ -182,14 +235,21 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
   kernel = functools.partial(
       _kernel, num_heads=heads, num_kv_heads=kv_heads, group=group,
       group_pad=max(16, 1 << (group - 1).bit_length()), head_dim=head_dim,
-      cache_len=cache_len, block_s=block_s, eps=eps, scale=scale, qk_norm=qk_norm,
-      interpret=bool(interpret))
-  return pl.pallas_call(
+      cache_len=cache_len, block_s=block_s, splits=splits, eps=eps, scale=scale,
+      qk_norm=qk_norm, interpret=bool(interpret))
+  caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+  if splits == 1:
+    out_shape = (jax.ShapeDtypeStruct((batch, heads, head_dim), qkv.dtype), *caches)
+  else:
+    f32 = jnp.float32
+    out_shape = (jax.ShapeDtypeStruct((batch, splits, heads, head_dim), f32), *caches,
+                 jax.ShapeDtypeStruct((batch, splits, heads), f32),
+                 jax.ShapeDtypeStruct((batch, splits, heads), f32))
+  results = pl.pallas_call(
       kernel,
-      grid=(batch, kv_heads),
-      out_shape=(jax.ShapeDtypeStruct((batch, heads, head_dim), qkv.dtype),
-                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+      grid=(batch, kv_heads, splits),
+      out_shape=out_shape,
       input_output_aliases={7: 1, 8: 2},
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
@@ -197,3 +257,7 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
   )(qkv, visible.astype(jnp.int32), jnp.reshape(cache_index, (1,)).astype(jnp.int32),
     positions.astype(jnp.int32), inv_freq.astype(jnp.float32),
     q_norm, k_norm, k_cache, v_cache)
+  if splits == 1:
+    return results
+  acc, k_cache, v_cache, m, l = results
+  return combine_splits(acc, m, l, qkv.dtype), k_cache, v_cache
