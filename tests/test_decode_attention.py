@@ -137,10 +137,12 @@ def test_combine_splits_is_softmax_over_all_slots():
 
 
 def test_default_splits():
-  """One split for short caches; long caches split until the grid is full."""
-  assert attention_triton.default_splits(batch=16, kv_heads=4, cache_len=160) == 1
-  assert attention_triton.default_splits(batch=1, kv_heads=4, cache_len=1023) == 1
+  """One split for short caches and full grids; long caches split until the grid is
+  full, each split over `min_slots` slots or more."""
   min_slots, programs = (attention_triton.SPLITS[k] for k in ("min_slots", "programs"))
+  assert attention_triton.default_splits(batch=1, kv_heads=4, cache_len=min_slots) == 1
+  assert attention_triton.default_splits(batch=1, kv_heads=4,
+                                         cache_len=2 * min_slots - 1) == 1
   long = 1024 * min_slots
   assert attention_triton.default_splits(batch=1, kv_heads=4, cache_len=long) == (
       -(-programs // 4))

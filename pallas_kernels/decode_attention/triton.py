@@ -35,9 +35,13 @@ from jax.experimental.pallas import triton as plt
 
 from sere_jax.kernels.decode_attention.reference import num_query_heads
 
-# When a cache is split among programs (`default_splits`): each split covers at least
-# `min_slots` slots, and splits are added until the grid has `programs` programs.
-SPLITS = dict(min_slots=512, programs=264)
+# How `default_splits` shares a cache among programs: splits of at least `min_slots`
+# slots are added until the grid has `programs` programs. From a sweep on an H100
+# (docs/benchmarks/decode_attention_sweep_h100.json; Qwen3-30B-A3B's 4 KV heads, B = 1,
+# 16, 64 over 160-16384 slots): B = 1 was fastest with 64-slot splits up to 64 of them
+# (16384 slots: 473 -> 25 us per layer), B = 16 with 4-5 splits (2.4x at 16384 slots),
+# B = 64 (256 programs) unsplit.
+SPLITS = dict(min_slots=64, programs=256)
 
 
 def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
@@ -159,8 +163,9 @@ def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
 
 def default_splits(batch: int, kv_heads: int, cache_len: int) -> int:
-  """Splits of each sequence's cache (`SPLITS`): one for short caches, else as many
-  as bring the grid to `programs` programs with `min_slots` slots or more each."""
+  """Splits of each sequence's cache (`SPLITS`): as many as bring the grid to
+  `programs` programs, each over `min_slots` slots or more (so one for short caches
+  and for batches that fill the grid)."""
   most = cache_len // SPLITS["min_slots"]
   wanted = -(-SPLITS["programs"] // (batch * kv_heads))
   return max(1, min(most, wanted))
