@@ -59,7 +59,7 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   caches `[B, S, Hkv, D]`, `visible [B, S]`, `positions [B]`, `inv_freq [D / 2]`,
   optional per-head norm weights `[D]`; returns `(out [B, H, D], k_cache, v_cache)`.
   `implementation` is one of `REGISTRY.names`; `**options` are the chosen backend's
-  tuning knobs (`block_s`, `num_warps` for the Triton kernel).
+  tuning knobs (`block_s`, `splits`, `num_warps` for the Triton kernel).
   """
   fn = REGISTRY.get(implementation)
   return fn(qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm,
