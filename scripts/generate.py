@@ -57,6 +57,9 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at 
 _LENGTH_MULTIPLE = flags.DEFINE_integer(
     "length_multiple", 64, "Batches are left-padded to a multiple of this many prompt "
     "tokens, so batches of different prompt lengths share compiled prefills.")
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", generation.DEFAULT_PREFILL_CHUNK, "Longer prompts are prefilled in "
+    "chunks of this many positions (less memory for attention scores); 0 = whole.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
@@ -86,6 +89,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--batch_size must be >= 1")
   if _LENGTH_MULTIPLE.value < 1:
     raise app.UsageError("--length_multiple must be >= 1")
+  if _PREFILL_CHUNK.value < 0:
+    raise app.UsageError("--prefill_chunk must be >= 0 (0: the whole prompt at once)")
   if _OUTPUT.value and _OUTPUT.value == _STATS_OUTPUT.value:
     raise app.UsageError("--output and --stats_output name the same file")
   cli.check_outputs([_OUTPUT.value], overwrite=_OVERWRITE.value, flag="--output")
@@ -118,7 +123,8 @@ def main(argv: list[str]) -> None:
   logging.info("loaded %s (%s) in %.1f s", model_dir, model.config.architecture,
                time.time() - t0)
   # One cache length for all batches, so the decode loop compiles once.
-  cache_length = (generation.padded_prompt_length(prompts, _LENGTH_MULTIPLE.value)
+  cache_length = (generation.padded_prompt_length(prompts, _LENGTH_MULTIPLE.value,
+                                                  _PREFILL_CHUNK.value)
                   + _MAX_NEW.value - 1)
 
   results: list[dict[str, Any]] = []
@@ -134,7 +140,7 @@ def main(argv: list[str]) -> None:
         model, prompts[lo:hi], max_new_tokens=_MAX_NEW.value,
         sampling=dataclasses.replace(sampling, seed=(sampling.seed + b) % 2**32),
         eos_ids=eos_ids, cache_length=cache_length,
-        length_multiple=_LENGTH_MULTIPLE.value)
+        length_multiple=_LENGTH_MULTIPLE.value, prefill_chunk=_PREFILL_CHUNK.value)
     for i, (toks, reason) in enumerate(zip(res.tokens, res.finish_reason)):
       row = {"index": lo + i, "prompt_tokens": prompts[lo + i], "tokens": toks,
              "finish_reason": reason}

@@ -12,7 +12,11 @@
 
 How it runs: prompts are left-padded to a common length `P` (layers.py conventions),
 so every sequence writes cache slot `cache_index`. The prefill is one jitted call of
-the whole model (all layers) over `[B, P]` that also samples the first token. All
+the whole model (all layers) over `[B, P]` that also samples the first token; a
+prompt longer than `prefill_chunk` positions is padded to a multiple of it and
+prefilled in chunks of that many positions, one call each (the same compiled call),
+so that attention scores take `[B, H, chunk, cache]` rather than `[B, H, P, cache]`
+of memory. All
 decode steps then run on the device in one more jitted call, a `lax.while_loop`
 (`decode_loop`) whose step runs the model over `[B, 1]` and samples; EOS and
 stop-sequence checks and the output buffer live there too, so the host dispatches two
@@ -45,6 +49,11 @@ from sere_jax.models import base as model_base
 STAT_FIELDS = ("distinct_before", "distinct_after", "critical_kept", "slots_rerouted",
                "max_device_distinct")
 FINISH_REASONS = ("eos", "stop", "length")
+# Prompt positions per prefill call (`generate`'s `prefill_chunk`). The XLA attention's
+# float32 scores of one call take 4 * heads * chunk * cache bytes per sequence: for
+# Qwen3-30B-A3B (32 heads) and an 8192-token prompt 2 GiB in 2048-position chunks, 8 GiB
+# in one call, beside 57 GiB of weights on a card with about 75 GiB.
+DEFAULT_PREFILL_CHUNK = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +124,7 @@ class GenerationResult(NamedTuple):
   tokens: list[list[int]]  # new tokens per prompt, without the EOS / stop sequence
   finish_reason: list[str]  # "eos", "stop" or "length" per prompt
   decode_stats: np.ndarray  # [steps, num_moe_layers, 5] float64 (STAT_FIELDS)
-  prefill_stats: np.ndarray  # [num_moe_layers, 5] float64
+  prefill_stats: np.ndarray  # [num_moe_layers, 5] float64 (means over prefill chunks)
 
 
 def stats_array(stats: Sequence[Any]) -> jax.Array:
@@ -160,15 +169,23 @@ def model_step(graphdef: Any, state: Any, tokens: jax.Array, positions: jax.Arra
                              cache, cache_valid, cache_index, key, sampling, decode)
 
 
-def padded_prompt_length(prompts: Sequence[Sequence[int]],
-                         length_multiple: int = 1) -> int:
+def padded_prompt_length(prompts: Sequence[Sequence[int]], length_multiple: int = 1,
+                         prefill_chunk: int = 0) -> int:
   """The length `generate` left-pads a batch of prompts to: the longest prompt, rounded
-  up to a multiple of `length_multiple`."""
-  return -(-max(len(p) for p in prompts) // length_multiple) * length_multiple
+  up to a multiple of `length_multiple`, and then, if longer than `prefill_chunk` (> 0),
+  to a multiple of `prefill_chunk`."""
+  length = -(-max(len(p) for p in prompts) // length_multiple) * length_multiple
+  if 0 < prefill_chunk < length:
+    length = -(-length // prefill_chunk) * prefill_chunk
+  return length
+
+
+def _is_int(value, least: int) -> bool:
+  return not isinstance(value, bool) and isinstance(value, int) and value >= least
 
 
 def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length,
-              length_multiple):
+              length_multiple, prefill_chunk):
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
       max_new_tokens < 1):
     raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -195,11 +212,13 @@ def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_len
     raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
                      f"({max_new_tokens}) exceeds the model's max positions "
                      f"(max_position_embeddings={max_pos})")
-  if isinstance(length_multiple, bool) or not isinstance(length_multiple, int) or (
-      length_multiple < 1):
+  if not _is_int(length_multiple, 1):
     raise ValueError(f"length_multiple must be an integer >= 1, got {length_multiple!r}")
+  if not _is_int(prefill_chunk, 0):
+    raise ValueError(f"prefill_chunk must be an integer >= 0 (0: the whole prompt in "
+                     f"one call), got {prefill_chunk!r}")
   # The last sampled token is never fed back, so the cache needs P + N - 1 slots.
-  padded = padded_prompt_length(prompts, length_multiple)
+  padded = padded_prompt_length(prompts, length_multiple, prefill_chunk)
   needed = padded + max_new_tokens - 1
   if cache_length is not None and needed > cache_length:
     raise ValueError(f"the longest prompt ({longest} tokens, padded to {padded}) + "
@@ -305,8 +324,8 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] = (),
              stop_sequences: Sequence[Sequence[int]] = (), cache_length: int | None = None,
-             pad_id: int = 0, cache_dtype: Any = None,
-             length_multiple: int = 1) -> GenerationResult:
+             pad_id: int = 0, cache_dtype: Any = None, length_multiple: int = 1,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> GenerationResult:
   """Generates up to `max_new_tokens` tokens for each prompt (see the module docstring).
 
   A sequence stops at any of `eos_ids` (reason "eos") or when its new tokens end with
@@ -317,18 +336,21 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   `length_multiple` (`padded_prompt_length`): the prefill compiles once per padded
   length, so batches of prompts of different lengths share compiled prefills (the
   decode loop compiles once per cache length; give a fixed `cache_length` for that).
-  The padding changes no output.
+  The padding changes no output. A padded prompt longer than `prefill_chunk` (0: no
+  limit) is padded further to a multiple of it and prefilled chunk by chunk, which
+  changes no token either (a prefill that re-routes, `decode_only=False`, re-routes
+  each chunk's tokens together; `prefill_stats` are means over the chunks).
   """
   prompts = [list(p) for p in prompts]
   eos_ids = tuple(sorted({int(e) for e in eos_ids}))
   stop_sequences = tuple(tuple(int(t) for t in s) for s in stop_sequences)
   _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length,
-            length_multiple)
+            length_multiple, prefill_chunk)
   moe.check_calibrated(model)
 
   batch = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
-  prompt_len = padded_prompt_length(prompts, length_multiple)
+  prompt_len = padded_prompt_length(prompts, length_multiple, prefill_chunk)
   total = cache_length or prompt_len + max_new_tokens - 1
   pad = prompt_len - lengths  # left padding per sequence
 
@@ -346,11 +368,16 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   cache = model.init_cache(batch, total, cache_dtype)
   cache_valid = jnp.zeros((batch, total), jnp.bool_)
 
-  first_token, cache, cache_valid, prefill_stats = model_step(
-      graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
-      jnp.asarray(token_valid), cache, cache_valid,
-      jnp.asarray(0, jnp.int32), jax.random.fold_in(base_key, 0),
-      sampling=sampling_static, decode=False)
+  chunk = prefill_chunk if 0 < prefill_chunk < prompt_len else prompt_len
+  chunk_stats = []
+  for start in range(0, prompt_len, chunk):  # the last chunk's token is the first one
+    cols = slice(start, start + chunk)
+    first_token, cache, cache_valid, stats = model_step(
+        graphdef, state, jnp.asarray(tokens[:, cols]), jnp.asarray(positions[:, cols]),
+        jnp.asarray(token_valid[:, cols]), cache, cache_valid,
+        jnp.asarray(start, jnp.int32), jax.random.fold_in(base_key, 0),
+        sampling=sampling_static, decode=False)
+    chunk_stats.append(np.asarray(stats, np.float64))
   acc, steps, stats, _, _ = decode_loop(
       graphdef, state, first_token, jnp.asarray(lengths), cache, cache_valid,
       jnp.asarray(prompt_len, jnp.int32), base_key, sampling=sampling_static,
@@ -362,8 +389,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   # Every sequence has finished: the loop runs until the last one reaches the length.
   finish = [FINISH_REASONS[r] for r in reason]
   decode_stats = np.asarray(stats[:int(steps)], np.float64)
-  return GenerationResult(generated, finish, decode_stats,
-                          np.asarray(prefill_stats, np.float64))
+  return GenerationResult(generated, finish, decode_stats, np.mean(chunk_stats, axis=0))
 
 
 def summarize_stats(decode_stats: np.ndarray) -> dict[str, list[float]]:

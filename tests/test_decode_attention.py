@@ -294,6 +294,25 @@ def test_model_generates_the_same_tokens(hf):
   np.testing.assert_allclose(got.decode_stats, want.decode_stats)
 
 
+def test_model_with_split_caches_generates_the_same_tokens(monkeypatch):
+  """As above with every cache shared among several programs per sequence: with 4-slot
+  splits `default_splits` splits the caches of 10 or more slots (a batch of four, so
+  no compiled step of another test is reused), and the merge is traced."""
+  monkeypatch.setitem(attention_triton.SPLITS, "min_slots", 4)
+  merged = []
+  combine = attention_triton.combine_splits
+  monkeypatch.setattr(attention_triton, "combine_splits",
+                      lambda acc, *args: merged.append(acc.shape[1]) or combine(acc, *args))
+  prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11], [12]]
+  want = generation.generate(random_qwen(_QWEN3, attention_impl="xla"), prompts,
+                             max_new_tokens=5)
+  got = generation.generate(random_qwen(_QWEN3, attention_impl="interpret"), prompts,
+                            max_new_tokens=5)
+  assert merged and min(merged) >= 2  # every traced decode attention was split
+  assert got.tokens == want.tokens
+  np.testing.assert_allclose(got.decode_stats, want.decode_stats)
+
+
 def test_model_rejects_unknown_attention_impl():
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     random_qwen(_QWEN3, attention_impl="flash")

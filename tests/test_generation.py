@@ -211,6 +211,39 @@ def test_prompt_length_multiple_changes_no_output(model):
     generation.generate(model, PROMPTS, max_new_tokens=2, length_multiple=0)
 
 
+@pytest.mark.parametrize("reroute", [moe.NO_REROUTE,
+                                     RerouteConfig(policy="sere", select_top_k=1)],
+                         ids=["none", "sere"])
+def test_chunked_prefill_changes_no_output(reroute):
+  """Prompts of up to 7 tokens prefilled 3 positions at a time (padded to 9, three
+  chunks, one of them padding only for the shorter prompts) give the tokens and decode
+  statistics of the one-call prefill; a chunk as long as the prompt is one call."""
+  model = make_model(reroute=reroute, calibrate=reroute.policy != "none")
+  whole = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE,
+                              prefill_chunk=0)
+  assert generation.padded_prompt_length(PROMPTS, 1, 3) == 9
+  chunked = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE,
+                                prefill_chunk=3)
+  assert chunked.tokens == whole.tokens
+  np.testing.assert_array_equal(chunked.decode_stats, whole.decode_stats)
+  assert chunked.prefill_stats.shape == whole.prefill_stats.shape
+  one_chunk = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE,
+                                  prefill_chunk=7)
+  assert generation.padded_prompt_length(PROMPTS, 1, 7) == 7
+  np.testing.assert_array_equal(one_chunk.prefill_stats, whole.prefill_stats)
+  assert one_chunk.tokens == whole.tokens
+
+
+def test_chunked_prefill_rejects_bad_chunks_and_short_caches(model):
+  for chunk in (-1, 1.5, True):
+    with pytest.raises(ValueError, match="prefill_chunk must be an integer >= 0"):
+      generation.generate(model, PROMPTS, max_new_tokens=2, prefill_chunk=chunk)
+  # Padded to 10 for 5-position chunks: 10 + 8 - 1 slots, more than 16 (7 + 8 - 1 fit).
+  with pytest.raises(ValueError, match="padded to 10"):
+    generation.generate(model, PROMPTS, max_new_tokens=8, cache_length=16,
+                        prefill_chunk=5)
+
+
 def test_eos_stops_and_finished_sequence_adds_no_experts(model):
   free = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE)
   # A prompt whose first new token appears nowhere in the others' continuations
