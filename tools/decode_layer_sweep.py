@@ -9,7 +9,9 @@ Per batch size (default 16,64):
   projection as an XLA dot and as `gmm_triton`; the LM head (once per step, two weight
   sets) as an XLA dot. The XLA dots also with their input padded to two rows
   (`*_two_rows`, `numerics.gemm_dot` as the models call it): at B = 1 XLA rewrites a vector-matrix dot as a multiply and a
-  reduction, which a second row avoids; and, on a GPU, compiled with XLA options
+  reduction, which a second row avoids; the same with the row padded by a copy of
+  itself (`*_two_copies`: a broadcast, which XLA may fuse into the GEMM's operand
+  instead of launching a pad kernel); and, on a GPU, compiled with XLA options
   (`XLA_VARIANTS`): cuBLAS instead of XLA's Triton GEMMs, and cuBLASLt. (jaxlib
   0.11.2 has no compile option that switches the rewrite or split-K autotuning off.)
 - the decode-attention kernel over a 160-slot cache (index 150) at several tilings;
@@ -56,6 +58,13 @@ XLA_VARIANTS = {
     "cublaslt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True},
 }
 EXPERTS, TOP_K = 128, 8
+
+
+def _dot_two_copies(x, w):
+  """`jnp.dot(x, w)`, a single row padded to two by a copy of itself."""
+  if x.shape[0] != 1:
+    return jnp.dot(x, w)
+  return jnp.dot(jnp.broadcast_to(x, (2, x.shape[1])), w)[:1]
 
 
 def _route(x, w_router, route):
@@ -105,6 +114,10 @@ def main(argv):
   cases["o_xla_two_rows"] = (lambda x, w: gemm_dot(jnp.tile(x, (1, Q // D)), w), o_proj,
                              Q * D)
   cases["lm_head_xla_two_rows"] = (gemm_dot, lm_heads, D * VOCAB)
+  cases["qkv_xla_fused_two_copies"] = (_dot_two_copies, fused, D * (Q + 2 * KV))
+  cases["o_xla_two_copies"] = (lambda x, w: _dot_two_copies(jnp.tile(x, (1, Q // D)), w),
+                               o_proj, Q * D)
+  cases["lm_head_xla_two_copies"] = (_dot_two_copies, lm_heads, D * VOCAB)
   routers = [(weight(4 * i + 3, (D, EXPERTS)),) for i in range(LAYERS)]
   cases["router_xla"] = (lambda x, w: _route(x, w, routing.route), routers, D * EXPERTS)
   if jax.default_backend() == "gpu":  # the option exists on GPU clients only
