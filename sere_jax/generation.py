@@ -377,7 +377,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
         jnp.asarray(token_valid[:, cols]), cache, cache_valid,
         jnp.asarray(start, jnp.int32), jax.random.fold_in(base_key, 0),
         sampling=sampling_static, decode=False)
-    chunk_stats.append(np.asarray(stats, np.float64))
+    chunk_stats.append(stats)
   acc, steps, stats, _, _ = decode_loop(
       graphdef, state, first_token, jnp.asarray(lengths), cache, cache_valid,
       jnp.asarray(prompt_len, jnp.int32), base_key, sampling=sampling_static,
@@ -389,7 +389,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   # Every sequence has finished: the loop runs until the last one reaches the length.
   finish = [FINISH_REASONS[r] for r in reason]
   decode_stats = np.asarray(stats[:int(steps)], np.float64)
-  return GenerationResult(generated, finish, decode_stats, np.mean(chunk_stats, axis=0))
+  prefill_stats = np.mean(np.asarray(jnp.stack(chunk_stats)), axis=0, dtype=np.float64)
+  return GenerationResult(generated, finish, decode_stats, prefill_stats)
 
 
 def summarize_stats(decode_stats: np.ndarray) -> dict[str, list[float]]:
