@@ -120,3 +120,16 @@ def test_layer_chain_times_a_step_and_compiles_with_the_options_given():
   unknown = benchmarking.LayerChain(lambda x, w: x @ w, {"no_such_xla_option": True})
   with pytest.raises(jax.errors.JaxRuntimeError, match="no_such_xla_option"):
     unknown.seconds_per_layer(x, layers, min_seconds=1e-3, repeats=1)
+  assert chain.layer_args is None  # nothing carried: the chain keeps no arguments
+
+
+def test_layer_chain_carries_updated_layer_arguments():
+  """A step that counts its calls in its layer argument (as a decode step writes its
+  cache): every call of every layer is counted, in the arguments the chain hands back."""
+  x = jax.numpy.ones((2, 4))
+  counts = [(jax.numpy.zeros((), jax.numpy.int32),) for _ in range(3)]
+  chain = benchmarking.LayerChain(lambda x, n: (x, (n + 1,)), carry_args=True)
+  assert chain.seconds_per_layer(x, counts, min_seconds=1e-3, repeats=2) > 0
+  calls = [int(n) for (n,) in chain.layer_args]
+  # Warm-up, three single rounds, then two timed calls of the same number of rounds.
+  assert len(set(calls)) == 1 and calls[0] >= 6 and (calls[0] - 4) % 2 == 0, calls

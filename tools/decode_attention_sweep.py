@@ -7,16 +7,17 @@ one new token per sequence at slot `length - 10` of a cache of `length` slots, p
 batch size (default 1,16,64) and cache length (default 160,1024,4096,16384): the
 Triton kernel with its cache shared among 1, 2, 4, ... 64 programs per sequence and
 KV head (`splits`; up to 4096 programs and one 64-slot block per split) and with
-`default_splits`' choice. The caches are the loop's carry, updated in place as in
-decoding. Times are µs per layer over 8 layers, with the read-bandwidth roofline of
-the keys and values read.
+`default_splits`' choice. The caches are carried through the loop and updated in
+place as in decoding (`benchmarking.LayerChain(..., carry_args=True)`). Times are µs
+per layer over 8 layers, the chain's own update (one small fusion per layer) included,
+with the read-bandwidth roofline of the keys and values read. (The committed H100
+sweep ran this tool's earlier loop of its own, which also carried the caches and added
+one small fusion per layer.)
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,47 +32,19 @@ D, HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK_S = 2048, 32, 4, 128, 8, 64
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def _attend(x, k_cache, v_cache, index, splits, interpret=False):
-  """One decode-attention call whose q, k, v are slices of `x [B, 2048]`."""
+def _attend(x, k_cache, v_cache, index, splits):
+  """One decode-attention call whose q, k, v are slices of `x [B, 2048]`: `(out [B,
+  2048] (its first 16 heads), (k_cache, v_cache))`."""
   batch, length = x.shape[0], k_cache.shape[1]
   q = jnp.tile(x, (1, 2)).reshape(batch, HEADS, HEAD_DIM)
   kv = x.reshape(batch, D // HEAD_DIM, HEAD_DIM)[:, :KV_HEADS]
   visible = jnp.broadcast_to(jnp.arange(length) <= index, (batch, length))
-  return attention_triton.decode_attention_triton(
+  out, k_cache, v_cache = attention_triton.decode_attention_triton(
       jnp.concatenate([q, kv, kv], axis=1), k_cache, v_cache, visible, jnp.int32(index),
       jnp.full((batch,), index, jnp.int32), layers.rope_inv_freq(HEAD_DIM, 1e6),
       jnp.ones((HEAD_DIM,), jnp.float32), jnp.ones((HEAD_DIM,), jnp.float32), eps=1e-6,
       scale=HEAD_DIM ** -0.5, block_s=BLOCK_S, splits=splits)
-
-
-def _seconds_per_layer(x, caches, index, splits, min_seconds=0.03, repeats=5):
-  """Median seconds per layer of a chain of attention layers, caches in the carry
-  (donated: the updated caches come back with the time)."""
-  def run(x, caches, rounds):
-    def one_round(_, carry):
-      x, caches = carry
-      new = []
-      for k_cache, v_cache in caches:
-        out, k_cache, v_cache = _attend(x, k_cache, v_cache, index, splits)
-        x = x + out.reshape(x.shape[0], -1)[:, :D].astype(x.dtype) * 1e-3
-        new.append((k_cache, v_cache))
-      return x, tuple(new)
-    return jax.lax.fori_loop(0, rounds, one_round, (x, caches))
-
-  run = jax.jit(run, static_argnums=2, donate_argnums=1)
-
-  def timed(rounds):
-    nonlocal caches
-    start = time.perf_counter()
-    _, caches = jax.block_until_ready(run(x, caches, rounds))
-    return time.perf_counter() - start
-
-  timed(1)  # compile
-  once = statistics.median(timed(1) for _ in range(3))
-  rounds = max(1, int(min_seconds / max(once, 1e-6)) + 1)
-  timed(rounds)  # compile
-  seconds = statistics.median(timed(rounds) for _ in range(repeats)) / (rounds * LAYERS)
-  return seconds, caches
+  return out.reshape(batch, -1)[:, :D], (k_cache, v_cache)
 
 
 def main(argv):
@@ -94,8 +67,10 @@ def main(argv):
       blocks = -(-(index + 1) // BLOCK_S)
       for splits in sorted({s for s in SPLITS
                             if s <= blocks and batch * KV_HEADS * s <= 4096} | {default}):
-        seconds, caches = _seconds_per_layer(x, caches, index, splits)
-        us = seconds * 1e6
+        chain = benchmarking.LayerChain(
+            lambda x, kc, vc, s=splits: _attend(x, kc, vc, index, s), carry_args=True)
+        us = chain.seconds_per_layer(x, caches) * 1e6
+        caches = chain.layer_args  # the chain consumed the caches it was given
         rows.append(dict(batch=batch, cache_len=length, splits=splits,
                          default=splits == default, us=us, roofline_us=roofline,
                          ratio=us / roofline))

@@ -126,32 +126,65 @@ class LayerChain:
   `step` returns an array shaped like `x` (or a tuple whose first element is);
   the next layer's input is the normalised sum, as a residual stream would be.
   `compiler_options` (XLA debug options by name) go to the chain's `jax.jit`.
+
+  With `carry_args`, `step` returns `(y, new_args)` and each layer's arguments are
+  carried through the loop and donated, as a decode step carries its KV cache (a
+  kernel that writes its cache in place then copies nothing); the arguments given to
+  `seconds_per_layer` are consumed, and `layer_args` holds the updated ones after it.
   """
 
   def __init__(self, step: Callable[..., Any],
-               compiler_options: dict[str, Any] | None = None):
+               compiler_options: dict[str, Any] | None = None, *, carry_args: bool = False):
+    def layer(x, args):
+      # The barrier ties each layer's inputs to the running x, so that no layer's
+      # work is hoisted out of the loop as invariant.
+      x, args = jax.lax.optimization_barrier((x, args))
+      out = step(x, *args)
+      if carry_args:
+        y, args = out
+      else:
+        y = out[0] if isinstance(out, tuple) else out
+      return _normalise(x + y.astype(x.dtype)), tuple(args)
+
     def run(x, rounds, layer_args):
       def one_round(_, x):
         for args in layer_args:
-          # The barrier ties each layer's inputs to the running x, so that no
-          # layer's work is hoisted out of the loop as invariant.
-          x, args = jax.lax.optimization_barrier((x, args))
-          y = step(x, *args)
-          y = y[0] if isinstance(y, tuple) else y
-          x = _normalise(x + y.astype(x.dtype))
+          x, _ = layer(x, args)
         return x
       return jax.lax.fori_loop(0, rounds, one_round, x)
-    self._run = jax.jit(run, compiler_options=compiler_options)
+
+    def run_carried(x, rounds, layer_args):
+      def one_round(_, carry):
+        x, layer_args = carry
+        new_args = []
+        for args in layer_args:
+          x, args = layer(x, args)
+          new_args.append(args)
+        return x, tuple(new_args)
+      return jax.lax.fori_loop(0, rounds, one_round, (x, layer_args))
+
+    self._carry_args = carry_args
+    self.layer_args: tuple[tuple, ...] | None = None
+    self._run = (jax.jit(run_carried, compiler_options=compiler_options, donate_argnums=2)
+                 if carry_args else jax.jit(run, compiler_options=compiler_options))
 
   def seconds_per_layer(self, x: jax.Array, layer_args: Sequence[tuple],
                         min_seconds: float = 0.03, repeats: int = 5) -> float:
     """Median seconds per layer step (chain update included)."""
-    layer_args = tuple(tuple(a) for a in layer_args)
-    jax.block_until_ready(self._run(x, 1, layer_args))  # compile + warm up
-    once = _median_seconds(lambda: self._run(x, 1, layer_args), 3)
+    args = tuple(tuple(a) for a in layer_args)
+
+    def call(rounds):
+      if not self._carry_args:
+        return self._run(x, rounds, args)
+      out, self.layer_args = self._run(x, rounds, self.layer_args)
+      return out
+
+    self.layer_args = args if self._carry_args else None
+    jax.block_until_ready(call(1))  # compile + warm up
+    once = _median_seconds(lambda: call(1), 3)
     rounds = max(1, int(np.ceil(min_seconds / max(once, 1e-6))))
-    total = _median_seconds(lambda: self._run(x, rounds, layer_args), repeats)
-    return total / (rounds * len(layer_args))
+    total = _median_seconds(lambda: call(rounds), repeats)
+    return total / (rounds * len(args))
 
 
 def chain_overhead(x: jax.Array, num_layers: int, **kwargs) -> float:
