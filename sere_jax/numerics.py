@@ -21,7 +21,6 @@ def mixed_dot_operands(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   return arrays
 
 
-
 def gemm_dot(x: jax.Array, w: jax.Array, *,
              preferred_element_type: jnp.dtype | None = None) -> jax.Array:
   """`jnp.dot(x, w)` of activations `x [..., K]` and a weight `w [K, N]`, kept a matrix

@@ -8,12 +8,13 @@ Per batch size (default 16,64):
   the concatenated weight, and as `gmm_triton` on it with several tilings; the output
   projection as an XLA dot and as `gmm_triton`; the LM head (once per step, two weight
   sets) as an XLA dot. The XLA dots also with their input padded to two rows
-  (`*_two_rows`, `numerics.gemm_dot` as the models call it): at B = 1 XLA rewrites a vector-matrix dot as a multiply and a
-  reduction, which a second row avoids; the same with the row padded by a copy of
-  itself (`*_two_copies`: a broadcast, which XLA may fuse into the GEMM's operand
-  instead of launching a pad kernel); and, on a GPU, compiled with XLA options
-  (`XLA_VARIANTS`): cuBLAS instead of XLA's Triton GEMMs, and cuBLASLt. (jaxlib
-  0.11.2 has no compile option that switches the rewrite or split-K autotuning off.)
+  (`*_two_rows`, `numerics.gemm_dot` as the models call it): at B = 1 XLA rewrites a
+  vector-matrix dot as a multiply and a reduction, which a second row avoids; the
+  same with the row padded by a copy of itself (`*_two_copies`: a broadcast, which
+  XLA may fuse into the GEMM's operand instead of launching a pad kernel); and, on a
+  GPU, compiled with XLA options (`XLA_VARIANTS`): cuBLAS instead of XLA's Triton
+  GEMMs, and cuBLASLt. (jaxlib 0.11.2 has no compile option that switches the rewrite
+  or split-K autotuning off.)
 - the decode-attention kernel over a 160-slot cache (index 150) at several tilings;
 - routing (router gemm + softmax top-8 of 128): XLA's, and the fused top-K kernel with
   1, 2, 4 and 16 tokens per program and 1, 2 and 4 warps.
