@@ -31,7 +31,7 @@ from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models import layers
 from sere_jax.moe import MoeBlock
-from sere_jax.numerics import gemm_dot, mixed_dot_operands
+from sere_jax.numerics import gemm_dot, mixed_dot_operands, split_k_count, split_k_dot
 from sere_jax.policies import RerouteStats
 
 ARCHITECTURES = ("qwen2_moe", "qwen3_moe")
@@ -176,7 +176,6 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, cache: layers.KVCache,
                mask: jax.Array, cache_index: jax.Array) -> tuple[jax.Array, layers.KVCache]:
     b, l, _ = x.shape
-    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     inv_freq = layers.rope_inv_freq(self.head_dim, self.rope_theta)
     if self.q_norm is None:
       norms, eps = (None, None), 0.0  # eps unused without q/k norm
@@ -185,21 +184,38 @@ class Attention(nnx.Module):
     scale = self.head_dim ** -0.5
     impl = resolve_attention_impl(self.attention_impl)
     if impl != "xla" and l == 1:  # one new token: the fused kernel
-      # One [B, H + 2 * Hkv, D] array: XLA merges the three projection dots, and this
-      # concatenation of their slices is the merged dot's output (one reduce of its
-      # split-K partials, not one slice fusion each for q, k and v).
-      qkv = jnp.concatenate([q, k, v], axis=-1).reshape(
-          b, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+      qkv, activation_dtype = self._decode_qkv(x[:, 0])
       out, k_cache, v_cache = attention_api.decode_attention(
           qkv, cache.k, cache.v, mask[:, 0], cache_index, positions[:, 0], inv_freq,
-          *norms, eps=eps, scale=scale, implementation=impl)
+          *norms, eps=eps, scale=scale, activation_dtype=activation_dtype,
+          implementation=impl)
       out, cache = out[:, None], layers.KVCache(k_cache, v_cache)
     else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
       heads = lambda t: t.reshape(b, l, -1, self.head_dim)
       out, cache = layers.cached_attention(heads(q), heads(k), heads(v), cache, mask,
                                            cache_index, positions, inv_freq, *norms,
                                            eps=eps, scale=scale)
     return self.o_proj(out.reshape(b, l, -1)), cache
+
+  def _decode_qkv(self, x: jax.Array) -> tuple[jax.Array, jnp.dtype | None]:
+    """The decode-attention kernel's `qkv` for one new token per sequence `x [B, dim]`,
+    and its `activation_dtype`.
+
+    XLA merges the three projection dots into one. Without biases the kernel takes
+    that dot's float32 split-K partials `[P, B, H + 2 * Hkv, D]` and sums them as it
+    loads them (no reduction kernel in between); with biases (Qwen2), one
+    `[B, H + 2 * Hkv, D]` array, the merged dot's output.
+    """
+    projections = (self.q_proj, self.k_proj, self.v_proj)
+    heads = (x.shape[0], self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+    if any(p.bias is not None for p in projections):
+      return jnp.concatenate([p(x) for p in projections], axis=-1).reshape(heads), None
+    weights = [p.kernel[...].astype(x.dtype) for p in projections]
+    splits = split_k_count(x.shape[-1], sum(w.shape[1] for w in weights))
+    qkv = jnp.concatenate([split_k_dot(*mixed_dot_operands(x, w), splits)
+                           for w in weights], axis=-1)
+    return qkv.reshape(splits, *heads), x.dtype
 
 
 class DecoderLayer(nnx.Module):

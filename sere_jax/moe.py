@@ -44,7 +44,8 @@ from sere_jax import validation
 from sere_jax.config import SIMILARITY_POLICIES, RerouteConfig
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 from sere_jax.kernels.router import api as router_api
-from sere_jax.numerics import gemm_dot, mixed_dot_operands
+from sere_jax.kernels.router import reference as router_reference
+from sere_jax.numerics import gemm_dot, mixed_dot_operands, split_k_count, split_k_dot
 
 # A router maps `[T, E]` logits to `(ids [T, K], weights [T, K], scores [T, E])`, where
 # `scores` are the per-expert scores on the weights' scale (for the `oea` policy).
@@ -68,19 +69,28 @@ class ExpertPoolStats(nnx.Variable):
   the weight scale `[E, E]` of a route moved from one expert to another."""
 
 
+def fused_router(impl: str) -> str | None:
+  """The `kernels.router` implementation that the MoE op `impl` (`moe_ffn.IMPLS`)
+  routes with (the Triton kernel, or its interpret mode), or None for
+  `routing.route`."""
+  backends = moe_ffn_lib.BACKENDS.get(moe_ffn_lib.resolve_impl(impl))
+  return None if backends is None else backends.router
+
+
 def softmax_router(top_k: int, normalize: bool, impl: str = "auto") -> Router:
   """Softmax scores, top-K, optionally renormalised (Qwen's `norm_topk_prob`).
 
-  `impl` is the MoE op's (`moe_ffn.IMPLS`): where it runs the fused top-K kernel
-  (`moe_ffn.BACKENDS[impl].router`: the Triton kernel, or its interpret mode) the
-  top-K is that `kernels.router` op, otherwise `routing.route`.
+  The top-K is the `kernels.router` op where `fused_router(impl)` names one,
+  otherwise `routing.route`. Besides `[T, E]` logits the router takes float32 split-K
+  partials `[P, T, E]` of the router dot, which the fused kernel sums as it loads them.
   """
   def route(logits):
-    backends = moe_ffn_lib.BACKENDS.get(moe_ffn_lib.resolve_impl(impl))
-    if backends is not None and backends.router is not None:
+    kernel = fused_router(impl)
+    if kernel is not None:
       ids, weights = router_api.route(logits, top_k, normalize=normalize,
-                                      implementation=backends.router)
-    else:
+                                      implementation=kernel)
+    logits = router_reference.summed_logits(logits)
+    if kernel is None:
       ids, weights = routing.route(logits, top_k, normalize=normalize)
     return ids, weights, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   return route
@@ -112,6 +122,7 @@ class MoeBlock(nnx.Module):
     self.pool_scale = nnx.data(None)  # ExpertPoolStats [E, E] likewise
     self.reroute = reroute
     self.route = router or softmax_router(top_k, normalize, impl)
+    self.router_sums_partials = router is None and fused_router(impl) is not None
     self.impl = impl
     self.group_size = group_size
     self.mesh, self.expert_axis = mesh, expert_axis
@@ -169,9 +180,13 @@ class MoeBlock(nnx.Module):
     self._record(CAPTURE_INPUT, flat)
     self._record(CAPTURE_VALID, flat_valid)
     # bf16 x bf16 products are exact in f32: no f32 copy of the router weight.
-    logits = gemm_dot(*mixed_dot_operands(flat, self.router_kernel[...]),
-                      preferred_element_type=jnp.float32)
+    operands = mixed_dot_operands(flat, self.router_kernel[...])
+    if self.router_sums_partials:  # the top-K kernel sums the dot's split-K partials
+      logits = split_k_dot(*operands, split_k_count(*self.router_kernel.shape))
+    else:
+      logits = gemm_dot(*operands, preferred_element_type=jnp.float32)
     ids, weights, scores = self.route(logits)
+    logits = router_reference.summed_logits(logits)
     self._record(CAPTURE_LOAD_BALANCE,
                  routing.load_balancing_loss(logits, ids, flat_valid))
     stepwise = decode and (self.group_size > 0 or (x.ndim == 3 and x.shape[1] > 1))

@@ -116,6 +116,53 @@ def test_cache_split_among_programs_matches_reference(index, implementation):
     np.testing.assert_array_equal(np.asarray(got[0][2]), 0.0)
 
 
+def _partials(rng, qkv, parts):
+  """Float32 split-K partials `[parts, ...]` of `qkv`'s shape in multiples of 1/8, so that
+  their sum is exact in any order, and that sum rounded to qkv's dtype."""
+  values = jnp.asarray(rng.integers(-8, 9, (parts, *qkv.shape)) / 8, jnp.float32)
+  return values, values.sum(0).astype(qkv.dtype)
+
+
+@kernel_backends.over_implementations(attention_op.REGISTRY)
+@pytest.mark.parametrize("dtype,parts,splits", [
+    (jnp.bfloat16, 4, 1), (jnp.float32, 3, 1), (jnp.bfloat16, 1, 1), (jnp.bfloat16, 2, 3)])
+def test_sums_split_k_partials_of_qkv(dtype, parts, splits, implementation):
+  """Partials of the q/k/v projection give what their sum in the activation dtype
+  gives, one array or several splits of the cache; the reference takes them too."""
+  rng = np.random.default_rng(parts * 10 + splits)
+  args = list(_case(rng, batch=3, heads=8, kv_heads=2, head_dim=32, cache_len=40,
+                    index=21, dtype=dtype, qk_norm=True))
+  partials, args[0] = _partials(rng, args[0], parts)
+  kw = dict(eps=EPS, scale=SCALE, block_s=16, splits=splits, implementation=implementation)
+  got = attention_op.decode_attention(partials, *args[1:], activation_dtype=dtype, **kw)
+  want = attention_op.decode_attention(*args, **kw)
+  reference = decode_attention_reference(partials, *args[1:], eps=EPS, scale=SCALE,
+                                         activation_dtype=dtype)
+  for name, g, w, r in zip(("out", "k_cache", "v_cache"), got, want, reference):
+    assert g.shape == w.shape == r.shape and g.dtype == w.dtype == r.dtype == dtype, name
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                  err_msg=name)
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                               err_msg=name, rtol=2e-2, atol=2e-2)
+
+
+def test_rejects_bad_qkv_partials():
+  rng = np.random.default_rng(4)
+  args = list(_case(rng, batch=2, heads=4, kv_heads=2, head_dim=16, cache_len=16, index=5,
+                    dtype=jnp.bfloat16, qk_norm=False))
+  partials = jnp.zeros((2, *args[0].shape), jnp.float32)
+  for fn in (decode_attention_triton, decode_attention_reference):
+    call = functools.partial(fn, eps=EPS, scale=SCALE)
+    with pytest.raises(ValueError, match="must be float32 and come with an activation"):
+      call(partials, *args[1:])  # no activation_dtype
+    with pytest.raises(ValueError, match="must be float32"):
+      call(partials.astype(jnp.bfloat16), *args[1:], activation_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="is for qkv partials"):
+      call(*args, activation_dtype=jnp.float32)
+  assert "activations, not int8" in attention_triton.unsupported(
+      partials, args[1], args[2], args[6], jnp.int8)
+
+
 def test_combine_splits_is_softmax_over_all_slots():
   """Two splits' partial sums, against one softmax over their slots together; a head
   whose splits saw nothing is zero."""
@@ -244,6 +291,22 @@ def test_lowers_for_cuda():
   assert "tensor<128xf32>" not in module
 
 
+def test_qkv_partials_lower_for_cuda():
+  """Qwen3-30B-A3B at B = 16 with its q/k/v dot's four split-K partials: bf16 out."""
+  spec = jax.ShapeDtypeStruct
+  bf16, i32 = jnp.bfloat16, jnp.int32
+  fn = functools.partial(decode_attention_triton, eps=EPS, scale=SCALE,
+                         activation_dtype=bf16)
+  exported = export_for(
+      "cuda", fn, spec((4, 16, 32 + 2 * 4, 128), jnp.float32),
+      spec((16, 160, 4, 128), bf16), spec((16, 160, 4, 128), bf16),
+      spec((16, 160), jnp.bool_), spec((), i32), spec((16,), i32),
+      spec((64,), jnp.float32), spec((128,), bf16), spec((128,), bf16))
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+  assert exported.out_avals[0].shape == (16, 32, 128)
+  assert exported.out_avals[0].dtype == bf16
+
+
 def test_split_cache_lowers_for_cuda():
   """B = 1 over a 4096-slot cache: the default splits the cache, and the kernel writes
   float32 partial sums for the merge."""
@@ -292,6 +355,20 @@ def test_model_generates_the_same_tokens(hf):
                             max_new_tokens=5)
   assert got.tokens == want.tokens
   np.testing.assert_allclose(got.decode_stats, want.decode_stats)
+
+
+def test_model_hands_the_kernel_qkv_partials_without_biases(monkeypatch):
+  """Qwen3 (no q/k/v biases) gives the kernel its projection dot's split-K partials;
+  Qwen2 (biases) one summed array."""
+  seen = []
+  kernel = attention_triton.decode_attention_triton
+  monkeypatch.setattr(attention_triton, "decode_attention_triton",
+                      lambda qkv, *a, **kw: seen.append(qkv.ndim) or kernel(qkv, *a, **kw))
+  for hf, ndim in ((_QWEN3, 4), (_QWEN2, 3)):
+    seen.clear()
+    generation.generate(random_qwen(hf, attention_impl="interpret"), [[1, 2, 3], [4]],
+                        max_new_tokens=2)
+    assert seen and set(seen) == {ndim}, hf["model_type"]
 
 
 def test_model_with_split_caches_generates_the_same_tokens(monkeypatch):

@@ -38,6 +38,21 @@ def test_router_matches_reference(tokens, experts, top_k, normalize, implementat
                              rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("partials,tokens,experts,top_k", [
+    (1, 5, 8, 2), (4, 16, 128, 8), (32, 3, 60, 4)])
+@kernel_backends.over_implementations(router_op.REGISTRY)
+def test_router_sums_split_k_partials(partials, tokens, experts, top_k, implementation):
+  # Integer partials: exact sums in any order, and ties among the summed logits.
+  rng = np.random.default_rng(partials * tokens + experts)
+  parts = jnp.asarray(rng.integers(-2, 3, (partials, tokens, experts)), jnp.float32)
+  ids, weights = router_op.route(parts, top_k, normalize=True,
+                                 implementation=implementation)
+  want_ids, want_weights = routing.route(parts.sum(0), top_k, normalize=True)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+  np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights),
+                             rtol=1e-6, atol=1e-7)
+
+
 @kernel_backends.over_implementations(router_op.REGISTRY)
 def test_router_breaks_ties_towards_the_lower_expert(implementation):
   # Integer logits in {0, 1, 2}: many exact ties, resolved as lax.top_k does.
@@ -98,6 +113,8 @@ def test_softmax_router_uses_the_kernel_for_triton_impls():
 
 @pytest.mark.parametrize("args,match", [
     ((jnp.zeros((4,)), 2), r"\[T, E\]"),
+    ((jnp.zeros((2, 4, 8), jnp.bfloat16), 2), r"float32 \[P, T, E\] partials"),
+    ((jnp.zeros((1, 2, 4, 8)), 2), r"\[T, E\] logits or"),
     ((jnp.zeros((4, 8)), 9), "top_k must be in"),
     ((jnp.zeros((4, 8)), 0), "top_k must be in"),
 ])
@@ -118,6 +135,13 @@ def test_router_lowers_for_cuda(tokens):
                         jax.ShapeDtypeStruct((tokens, 128), jnp.float32))
   assert _TRITON_CALL in exported.mlir_module()
   assert [a.shape for a in exported.out_avals] == [(tokens, 8), (tokens, 8)]
+
+
+def test_router_lowers_split_k_partials_for_cuda():
+  exported = export_for("cuda", lambda lg: route_triton(lg, 8, normalize=True),
+                        jax.ShapeDtypeStruct((32, 16, 128), jnp.float32))
+  assert _TRITON_CALL in exported.mlir_module()
+  assert [a.shape for a in exported.out_avals] == [(16, 8), (16, 8)]
 
 
 @pytest.mark.parametrize("block_t", [1, 2, 4, 8])

@@ -24,18 +24,19 @@ from sere_jax.kernels.decode_attention.reference import decode_attention_referen
 
 
 def _triton(qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm,
-            k_norm, *, eps, scale, interpret=False, **options):
-  reason = triton.unsupported(qkv, k_cache, v_cache, inv_freq)
+            k_norm, *, eps, scale, activation_dtype=None, interpret=False, **options):
+  reason = triton.unsupported(qkv, k_cache, v_cache, inv_freq, activation_dtype)
   if reason:
     name = "interpret" if interpret else "triton"
     registry.log_once(f"decode_attention ({name}): the Triton kernel {reason}; running "
                       "the XLA attention")
     return decode_attention_reference(qkv, k_cache, v_cache, visible, cache_index,
                                       positions, inv_freq, q_norm, k_norm, eps=eps,
-                                      scale=scale)
+                                      scale=scale, activation_dtype=activation_dtype)
   return triton.decode_attention_triton(qkv, k_cache, v_cache, visible, cache_index,
                                         positions, inv_freq, q_norm, k_norm, eps=eps,
-                                        scale=scale, interpret=interpret, **options)
+                                        scale=scale, activation_dtype=activation_dtype,
+                                        interpret=interpret, **options)
 
 
 IMPLEMENTATIONS = {
@@ -51,16 +52,18 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      visible: jax.Array, cache_index: jax.Array, positions: jax.Array,
                      inv_freq: jax.Array, q_norm: jax.Array | None,
                      k_norm: jax.Array | None, *, eps: float, scale: float,
-                     implementation: str = "auto", **options
+                     activation_dtype=None, implementation: str = "auto", **options
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Attention of one new token per sequence over its KV cache.
 
-  Arguments and results as `triton.decode_attention_triton`: `qkv [B, H + 2 * Hkv, D]`,
-  caches `[B, S, Hkv, D]`, `visible [B, S]`, `positions [B]`, `inv_freq [D / 2]`,
-  optional per-head norm weights `[D]`; returns `(out [B, H, D], k_cache, v_cache)`.
+  Arguments and results as `triton.decode_attention_triton`: `qkv [B, H + 2 * Hkv, D]`
+  (or float32 split-K partials `[P, B, H + 2 * Hkv, D]` with `activation_dtype`, the
+  dtype of their sum), caches `[B, S, Hkv, D]`, `visible [B, S]`, `positions [B]`,
+  `inv_freq [D / 2]`, optional per-head norm weights `[D]`; returns `(out [B, H, D],
+  k_cache, v_cache)`.
   `implementation` is one of `REGISTRY.names`; `**options` are the chosen backend's
   tuning knobs (`block_s`, `splits`, `num_warps` for the Triton kernel).
   """
   fn = REGISTRY.get(implementation)
   return fn(qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm,
-            k_norm, eps=eps, scale=scale, **options)
+            k_norm, eps=eps, scale=scale, activation_dtype=activation_dtype, **options)

@@ -3,10 +3,13 @@
 The models' attention is built from these functions (`sere_jax.models.layers` imports
 them): per-head RMSNorm, RoPE (rotate-half layout), the cache write and grouped-query
 attention. `decode_attention_reference` applies them to one new token per sequence,
-with the kernel's arguments and results.
+with the kernel's arguments and results (the new token's projections whole, or as
+split-K partials: `qkv_partials`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -104,14 +107,41 @@ def num_query_heads(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> i
   return heads
 
 
+def qkv_partials(qkv: jax.Array, activation_dtype=None) -> tuple[int, jnp.dtype]:
+  """`(P, dtype)` of the new token's projections: `qkv [B, H + 2 * Hkv, D]` as one
+  array (P = 1, its own dtype; `activation_dtype` None or the same), or float32
+  split-K partials `[P, B, H + 2 * Hkv, D]` of the projection dot
+  (`sere_jax.numerics.split_k_dot`) whose sum, rounded to `activation_dtype` (the
+  unsplit dot's output dtype), is that array. Raises ValueError otherwise."""
+  if qkv.ndim == 4:
+    if qkv.dtype != jnp.float32 or activation_dtype is None:
+      raise ValueError("qkv partials [P, B, H + 2 * Hkv, D] must be float32 and come "
+                       f"with an activation_dtype, got {qkv.dtype} and {activation_dtype}")
+    return qkv.shape[0], jnp.dtype(activation_dtype)
+  if activation_dtype is not None and jnp.dtype(activation_dtype) != qkv.dtype:
+    raise ValueError(f"activation_dtype {activation_dtype} is for qkv partials; qkv "
+                     f"{qkv.shape} is one array in {qkv.dtype}")
+  return 1, qkv.dtype
+
+
+def whole_qkv(qkv: jax.Array, activation_dtype=None) -> jax.Array:
+  """`[B, H + 2 * Hkv, D]` from either form of `qkv_partials`, partials summed in order
+  in float32 and rounded to `activation_dtype`."""
+  partials, dtype = qkv_partials(qkv, activation_dtype)
+  if partials == 1 and qkv.ndim == 3:
+    return qkv
+  return functools.reduce(jnp.add, list(qkv)).astype(dtype)
+
+
 def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                visible: jax.Array, cache_index: jax.Array,
                                positions: jax.Array, inv_freq: jax.Array,
                                q_norm: jax.Array | None, k_norm: jax.Array | None, *,
-                               eps: float, scale: float
+                               eps: float, scale: float, activation_dtype=None
                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`triton.decode_attention_triton`'s result by the models' XLA path
   (`attend_with_cache`) for one token per sequence."""
+  qkv = whole_qkv(qkv, activation_dtype)
   heads, kv_heads = num_query_heads(qkv, k_cache, v_cache), k_cache.shape[2]
   q, k, v = jnp.split(qkv[:, None], [heads, heads + kv_heads], axis=2)
   out, k_cache, v_cache = attend_with_cache(

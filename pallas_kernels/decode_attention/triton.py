@@ -17,8 +17,9 @@ cache length (`SPLITS`).
 
 The new token's projections come in one array `qkv [B, H + 2 * Hkv, D]` (query heads,
 then key heads, then value heads): the model builds it by concatenating the q, k and v
-projections, which XLA computes as one dot, so a decode step has one reduce of that
-dot's split-K partials instead of three slice fusions each re-summing them.
+projections, which XLA computes as one dot. They may also come as that dot's float32
+split-K partials `[P, B, H + 2 * Hkv, D]`, which each program sums for its heads as it
+loads them: then no reduction kernel runs between the dot and this one.
 
 Its reference is `reference.decode_attention_reference`, the models' XLA path for
 one token, with the kernel's arguments and results.
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from sere_jax.kernels.decode_attention.reference import num_query_heads
+from sere_jax.kernels.decode_attention.reference import num_query_heads, qkv_partials
 
 # How `default_splits` shares a cache among programs: splits of at least `min_slots`
 # slots are added until the grid has `programs` programs. From a sweep on an H100
@@ -47,7 +48,7 @@ SPLITS = dict(min_slots=64, programs=256)
 def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
             k_norm_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref, v_cache_ref,
             *stats_refs, num_heads, num_kv_heads, group, group_pad, head_dim, cache_len,
-            block_s, splits, eps, scale, qk_norm, interpret):
+            block_s, splits, partials, dtype, eps, scale, qk_norm, interpret):
   del k_cache_in, v_cache_in  # aliased to k_cache_ref, v_cache_ref
   b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   r = jnp.arange(group_pad)
@@ -73,18 +74,23 @@ def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref
       x_partner = (x_partner * inv * weight_partner).astype(dtype).astype(jnp.float32)
     return (x * cos + sign * x_partner * sin).astype(dtype)
 
-  dtype = qkv_ref.dtype
+  def load_qkv(rows, cols, mask=None):
+    """The new token's projections at (rows, cols): split-K partials summed in order,
+    rounded to the activation dtype as the unsplit dot would be."""
+    other = None if mask is None else 0
+    x = plt.load(qkv_ref.at[0, b, rows, cols], mask=mask, other=other)
+    for p in range(1, partials):
+      x += plt.load(qkv_ref.at[p, b, rows, cols], mask=mask, other=other)
+    return x.astype(dtype)
+
   heads = g * group + r  # this program's query heads; its key and value heads follow H
   k_head, v_head = num_heads + g, num_heads + num_kv_heads + g
-  q = norm_rope(plt.load(qkv_ref.at[b, heads[:, None], d[None, :]], mask=r_ok[:, None],
-                         other=0),
-                plt.load(qkv_ref.at[b, heads[:, None], partner[None, :]],
-                         mask=r_ok[:, None], other=0),
+  q = norm_rope(load_qkv(heads[:, None], d[None, :], r_ok[:, None]),
+                load_qkv(heads[:, None], partner[None, :], r_ok[:, None]),
                 q_norm_ref, dtype).astype(k_cache_ref.dtype)  # [group_pad, D]
-  k_new = norm_rope(plt.load(qkv_ref.at[b, k_head, d]),
-                    plt.load(qkv_ref.at[b, k_head, partner]),
+  k_new = norm_rope(load_qkv(k_head, d), load_qkv(k_head, partner),
                     k_norm_ref, dtype).astype(k_cache_ref.dtype)
-  v_new = plt.load(qkv_ref.at[b, v_head, d]).astype(v_cache_ref.dtype)
+  v_new = load_qkv(v_head, d).astype(v_cache_ref.dtype)
 
   @pl.when(split == 0)
   def _():
@@ -146,10 +152,13 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                inv_freq: jax.Array) -> str | None:
+                inv_freq: jax.Array, activation_dtype=None) -> str | None:
   """Why the kernel cannot take these inputs (None when it can): the head dim must be a
   power of two of at least 16, RoPE must rotate the whole head, and activations and
   caches must be bfloat16, float16 or float32."""
+  _, dtype = qkv_partials(qkv, activation_dtype)
+  if dtype not in _DTYPES:
+    return f"takes bfloat16, float16 or float32 activations, not {dtype}"
   head_dim = qkv.shape[-1]
   if not _is_pow2(head_dim):
     return f"takes head dims that are powers of two >= 16, not {head_dim}"
@@ -184,21 +193,24 @@ def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "scale", "block_s", "splits",
-                                             "num_warps", "interpret"))
+                                             "num_warps", "activation_dtype", "interpret"))
 def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                             visible: jax.Array, cache_index: jax.Array,
                             positions: jax.Array, inv_freq: jax.Array,
                             q_norm: jax.Array | None, k_norm: jax.Array | None, *,
                             eps: float, scale: float, block_s: int = 64,
                             splits: int | None = None, num_warps: int = 4,
-                            interpret: bool = False
+                            activation_dtype=None, interpret: bool = False
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Attention of one new token per sequence over its KV cache.
 
   Args:
     qkv: `[B, H + 2 * Hkv, D]`, the new token's projections (before q/k norm and RoPE):
       its `H` query heads, then its `Hkv` key heads, then its `Hkv` value heads. One
-      array, so the model's q/k/v projection stays one XLA dot with one output.
+      array, so the model's q/k/v projection stays one XLA dot with one output. Or
+      that dot's float32 split-K partials `[P, B, H + 2 * Hkv, D]`, summed here as they
+      are loaded (no reduction kernel between the dot and this one), with
+      `activation_dtype` the dtype their sum is rounded to.
     k_cache, v_cache: `[B, S, Hkv, D]`; the new key and value are written at slot
       `cache_index` (in place where XLA can alias the buffers).
     visible: `[B, S]` bool, the slots the new token attends to (itself included; no
@@ -213,11 +225,13 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
       `default_splits`).
 
   Returns:
-    `(out [B, H, D] in qkv's dtype, k_cache, v_cache)`. `H` must be a multiple of `Hkv`
+    `(out [B, H, D] in the activation dtype, k_cache, v_cache)`. `H` must be a multiple of `Hkv`
     and `D` a power of two of at least 16 (Triton tiles); the query-head group
     `H / Hkv` is padded to 16 rows for the tensor-core dots.
   """
-  heads = num_query_heads(qkv, k_cache, v_cache)
+  partials, dtype = qkv_partials(qkv, activation_dtype)
+  qkv = qkv.reshape(partials, *qkv.shape[-3:])
+  heads = num_query_heads(jax.ShapeDtypeStruct(qkv.shape[1:], dtype), k_cache, v_cache)
   batch, cache_len, kv_heads, head_dim = k_cache.shape
   if visible.shape != (batch, cache_len):
     raise ValueError(f"visible must be [B, S] = {(batch, cache_len)}, got {visible.shape}")
@@ -240,12 +254,13 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
   kernel = functools.partial(
       _kernel, num_heads=heads, num_kv_heads=kv_heads, group=group,
       group_pad=max(16, 1 << (group - 1).bit_length()), head_dim=head_dim,
-      cache_len=cache_len, block_s=block_s, splits=splits, eps=eps, scale=scale,
+      cache_len=cache_len, block_s=block_s, splits=splits, partials=partials,
+      dtype=dtype, eps=eps, scale=scale,
       qk_norm=qk_norm, interpret=bool(interpret))
   caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
   if splits == 1:
-    out_shape = (jax.ShapeDtypeStruct((batch, heads, head_dim), qkv.dtype), *caches)
+    out_shape = (jax.ShapeDtypeStruct((batch, heads, head_dim), dtype), *caches)
   else:
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((batch, splits, heads, head_dim), f32), *caches,
@@ -265,4 +280,4 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
   if splits == 1:
     return results
   acc, k_cache, v_cache, m, l = results
-  return combine_splits(acc, m, l, qkv.dtype), k_cache, v_cache
+  return combine_splits(acc, m, l, dtype), k_cache, v_cache
