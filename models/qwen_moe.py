@@ -13,7 +13,9 @@ Layers listed in `mlp_only_layers`, or off the `decoder_sparse_step` grid, are d
 `attention_impl` chooses how a decode step (one new token) attends: `xla` (the model's
 building blocks, also used for prefill) or the fused Pallas kernel
 `sere_jax.kernels.decode_attention` (`triton` on GPUs, `interpret` anywhere); `auto`
-(the default) is `triton` on GPUs and `xla` elsewhere.
+(the default) is `triton` on GPUs and `xla` elsewhere. With the kernel, the q/k/v and
+output projections hand their split-K partials to the attention and `residual_norm`
+kernels, which sum them as they load them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels.decode_attention import api as attention_api
+from sere_jax.kernels.residual_norm import api as residual_norm_api
 from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models import layers
@@ -175,6 +178,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: layers.KVCache,
                mask: jax.Array, cache_index: jax.Array) -> tuple[jax.Array, layers.KVCache]:
+    """`x [B, L, D]` -> `(out, cache)`: `out [B, L, D]`, or, for one new token through the
+    decode-attention kernel without an output bias, the output projection's float32
+    split-K partials `[P, B, 1, D]` (for `residual_norm`)."""
     b, l, _ = x.shape
     inv_freq = layers.rope_inv_freq(self.head_dim, self.rope_theta)
     if self.q_norm is None:
@@ -189,7 +195,13 @@ class Attention(nnx.Module):
           qkv, cache.k, cache.v, mask[:, 0], cache_index, positions[:, 0], inv_freq,
           *norms, eps=eps, scale=scale, activation_dtype=activation_dtype,
           implementation=impl)
-      out, cache = out[:, None], layers.KVCache(k_cache, v_cache)
+      cache = layers.KVCache(k_cache, v_cache)
+      if self.o_proj.bias is None:  # the residual_norm kernel sums the partials
+        weight = self.o_proj.kernel[...].astype(out.dtype)
+        parts = split_k_dot(*mixed_dot_operands(out.reshape(b, -1), weight),
+                            split_k_count(*weight.shape))
+        return parts.reshape(-1, b, 1, weight.shape[1]), cache
+      out = out[:, None]
     else:
       q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
       heads = lambda t: t.reshape(b, l, -1, self.head_dim)
@@ -215,7 +227,7 @@ class Attention(nnx.Module):
     splits = split_k_count(x.shape[-1], sum(w.shape[1] for w in weights))
     qkv = jnp.concatenate([split_k_dot(*mixed_dot_operands(x, w), splits)
                            for w in weights], axis=-1)
-    return qkv.reshape(splits, *heads), x.dtype
+    return qkv.reshape(-1, *heads), x.dtype
 
 
 class DecoderLayer(nnx.Module):
@@ -241,8 +253,13 @@ class DecoderLayer(nnx.Module):
                decode: bool) -> tuple[jax.Array, layers.KVCache, RerouteStats | None]:
     """`x [B, L, D]` -> `(x, cache, stats)`; `stats` is None on dense layers."""
     h, cache = self.attn(self.input_norm(x), positions, cache, mask, cache_index)
-    x = x + h
-    h = self.post_attn_norm(x)
+    if h.ndim > x.ndim:  # split-K partials: the add and the norm in one kernel
+      x, h = residual_norm_api.residual_norm(
+          x, h, self.post_attn_norm.weight[...], eps=self.post_attn_norm.eps,
+          implementation=resolve_attention_impl(self.attn.attention_impl))
+    else:
+      x = x + h
+      h = self.post_attn_norm(x)
     if not isinstance(self.mlp, MoeBlock):
       return x + self.mlp(h), cache, None
     y, stats = self.mlp(h, token_valid, decode=decode)

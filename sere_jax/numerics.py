@@ -62,12 +62,15 @@ def split_k_count(k: int, n: int, *, min_chunk: int = 64, programs: int = 256) -
 
 
 def split_k_dot(x: jax.Array, w: jax.Array, splits: int) -> jax.Array:
-  """The float32 split-K partials of `x [..., K] @ w [K, N]`: `[splits, ..., N]`, whose
-  sum over the first axis is the product.
+  """The float32 split-K partials of `x [..., K] @ w [K, N]`: `[P, ..., N]`, whose sum
+  over the first axis is the product; partial `p` is chunk `p` of the contraction.
 
   A kernel that reads the product can sum the partials as it loads them, instead of a
-  separate reduction kernel after XLA's own split-K dot. One row is computed as two
-  (`gemm_dot`). Operands are used as given (see `mixed_dot_operands`).
+  separate reduction kernel after XLA's own split-K dot. One row is computed as two,
+  itself and a zero row (`gemm_dot`), and the zero row's partials are returned as
+  further partials (`P = 2 * splits`, chunk `p // 2`): they add zeros for finite
+  weights, and no slice kernel stands between the dot and its reader. Operands are
+  used as given (see `mixed_dot_operands`).
   """
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(f"split_k_dot takes x [..., K] and w [K, N], got {x.shape} and "
@@ -81,6 +84,4 @@ def split_k_dot(x: jax.Array, w: jax.Array, splits: int) -> jax.Array:
     rows = _two_rows(rows)
   out = jnp.einsum("msk,skn->smn", rows.reshape(rows.shape[0], splits, k // splits),
                    w.reshape(splits, k // splits, n), preferred_element_type=jnp.float32)
-  if single:
-    out = out[:, :1]
-  return out.reshape(splits, *x.shape[:-1], n)
+  return out.reshape(-1, *x.shape[:-1], n)

@@ -358,17 +358,23 @@ def test_model_generates_the_same_tokens(hf):
 
 
 def test_model_hands_the_kernel_qkv_partials_without_biases(monkeypatch):
-  """Qwen3 (no q/k/v biases) gives the kernel its projection dot's split-K partials;
-  Qwen2 (biases) one summed array."""
+  """Qwen3 (no q/k/v biases) gives the kernel its projection dot's split-K partials,
+  also for one sequence (its zero row's partials too); Qwen2 (biases) one summed
+  array. One sequence generates the XLA attention's tokens."""
   seen = []
   kernel = attention_triton.decode_attention_triton
   monkeypatch.setattr(attention_triton, "decode_attention_triton",
-                      lambda qkv, *a, **kw: seen.append(qkv.ndim) or kernel(qkv, *a, **kw))
+                      lambda qkv, *a, **kw: seen.append(qkv.shape) or kernel(qkv, *a, **kw))
   for hf, ndim in ((_QWEN3, 4), (_QWEN2, 3)):
-    seen.clear()
-    generation.generate(random_qwen(hf, attention_impl="interpret"), [[1, 2, 3], [4]],
-                        max_new_tokens=2)
-    assert seen and set(seen) == {ndim}, hf["model_type"]
+    for prompts in ([[1, 2, 3], [4]], [[5, 6, 7, 8]]):
+      seen.clear()
+      got = generation.generate(random_qwen(hf, attention_impl="interpret"), prompts,
+                                max_new_tokens=4)
+      assert seen and {len(shape) for shape in seen} == {ndim}, hf["model_type"]
+      if len(prompts) == 1:
+        want = generation.generate(random_qwen(hf, attention_impl="xla"), prompts,
+                                   max_new_tokens=4)
+        assert got.tokens == want.tokens, hf["model_type"]
 
 
 def test_model_with_split_caches_generates_the_same_tokens(monkeypatch):
