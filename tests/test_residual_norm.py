@@ -5,12 +5,14 @@ the models' own add and norm, and the Triton kernel's CUDA lowering."""
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sere_jax.kernels import registry
 from sere_jax.kernels import residual_norm as residual_norm_op
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.kernels.residual_norm.triton import residual_norm_triton
@@ -79,6 +81,31 @@ def test_rejects_bad_input(update, weight, match):
   residual = jnp.zeros((2, 8), jnp.float32)
   with pytest.raises(ValueError, match=match):
     residual_norm_triton(residual, update, weight, eps=EPS, interpret=True)
+
+
+@kernel_backends.over_implementations(residual_norm_op.REGISTRY)
+def test_dtype_the_kernel_cannot_take_runs_xla_with_one_log_line(implementation, caplog):
+  """An int32 residual stream: the reference's result, and one log line that names it
+  (none for the reference itself)."""
+  rng = np.random.default_rng(9)
+  residual = jnp.asarray(rng.integers(-4, 5, (2, 16)), jnp.int32)
+  update = jnp.asarray(rng.integers(-8, 9, (2, 2, 16)) / 8, jnp.float32)
+  weight = jnp.ones((16,), jnp.float32)
+  registry._LOGGED.clear()
+  with caplog.at_level(logging.WARNING, logger="sere_jax.kernels"):
+    got = residual_norm_op.residual_norm(residual, update, weight, eps=EPS,
+                                         implementation=implementation)
+  want = residual_norm_op.residual_norm_reference(residual, update, weight, eps=EPS)
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  logged = [r.getMessage() for r in caplog.records if "residual_norm" in r.getMessage()]
+  if implementation == "xla":
+    assert not logged
+  else:
+    assert logged == [f"residual_norm ({implementation}): the Triton kernel takes "
+                      "bfloat16, float16 or float32 residuals, not int32; running the "
+                      "XLA reference"]
 
 
 def test_lowers_for_cuda():

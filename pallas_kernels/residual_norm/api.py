@@ -3,8 +3,10 @@
 `(residual + update, rms_norm(residual + update) * weight)`, the update whole or as
 float32 split-K partials of the projection that made it. Implementations
 (`IMPLEMENTATIONS`, `REGISTRY`):
-  triton     one Pallas Triton kernel (NVIDIA GPUs), `triton.residual_norm_triton`.
-  interpret  the Triton kernel in Pallas interpret mode (any backend).
+  triton     one Pallas Triton kernel (NVIDIA GPUs), `triton.residual_norm_triton`;
+             a residual stream it cannot take (`triton.unsupported`: another dtype)
+             runs `xla` instead, with one log line naming the reason.
+  interpret  the Triton kernel in Pallas interpret mode (any backend), the same way.
   xla        the jnp reference, `reference.residual_norm_reference`.
   auto       triton on GPU, interpret on CPU, xla on TPU (no TPU kernel).
 """
@@ -14,12 +16,23 @@ from __future__ import annotations
 import jax
 
 from sere_jax.kernels import registry
+from sere_jax.kernels.residual_norm import triton
 from sere_jax.kernels.residual_norm.reference import residual_norm_reference
-from sere_jax.kernels.residual_norm.triton import residual_norm_triton
+
+def _triton(residual, update, weight, *, eps, interpret=False, **options):
+  reason = triton.unsupported(residual)
+  if reason:
+    name = "interpret" if interpret else "triton"
+    registry.log_once(f"residual_norm ({name}): the Triton kernel {reason}; running "
+                      "the XLA reference")
+    return residual_norm_reference(residual, update, weight, eps=eps)
+  return triton.residual_norm_triton(residual, update, weight, eps=eps,
+                                     interpret=interpret, **options)
+
 
 IMPLEMENTATIONS = {
-    "triton": residual_norm_triton,
-    "interpret": lambda *args, **kw: residual_norm_triton(*args, interpret=True, **kw),
+    "triton": _triton,
+    "interpret": lambda *args, **kw: _triton(*args, interpret=True, **kw),
     "xla": residual_norm_reference,
 }
 REGISTRY = registry.Registry("residual_norm", IMPLEMENTATIONS, references=("xla",),

@@ -40,9 +40,20 @@ def _kernel(residual_ref, update_ref, weight_ref, total_ref, normed_ref, *, part
   plt.store(normed_ref.at[t, d], (weight * x).astype(dtype), mask=ok)
 
 
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def unsupported(residual: jax.Array) -> str | None:
+  """Why the kernel cannot take this residual stream (None when it can): it must be
+  bfloat16, float16 or float32."""
+  if residual.dtype not in _DTYPES:
+    return f"takes bfloat16, float16 or float32 residuals, not {residual.dtype}"
+  return None
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
 def residual_norm_triton(residual: jax.Array, update: jax.Array, weight: jax.Array, *,
-                         eps: float, num_warps: int = 4, interpret: bool = False
+                         eps: float, num_warps: int = 16, interpret: bool = False
                          ) -> tuple[jax.Array, jax.Array]:
   """`reference.residual_norm_reference` as one kernel.
 
@@ -51,7 +62,10 @@ def residual_norm_triton(residual: jax.Array, update: jax.Array, weight: jax.Arr
     update: `[..., D]` in the residual's dtype, or float32 split-K partials
       `[P, ..., D]` that sum to it.
     weight: `[D]` the RMSNorm weight, any float dtype (read as stored).
-    eps: the RMSNorm epsilon; num_warps: a GPU tuning knob.
+    eps: the RMSNorm epsilon; num_warps: a GPU tuning knob. The default, 16 warps per
+      row, was the fastest of 4, 8 and 16 at B = 1, 16 and 64 on an H100, and the only
+      one faster than XLA's dot, add and norm at every B (`tools/residual_norm_sweep.py`,
+      `docs/benchmarks/experiments/residual_norm_sweep_h100.json`).
 
   Returns:
     `(residual + update, its RMSNorm)`, both `[..., D]` in the residual's dtype.
