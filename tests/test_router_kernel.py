@@ -4,6 +4,7 @@ CUDA lowering."""
 
 from __future__ import annotations
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ from sere_jax import moe
 from sere_jax import routing
 from sere_jax.kernels import router as router_op
 from sere_jax.kernels.lowering_check import export_for
+from sere_jax.kernels.router import reference as router_reference
 from sere_jax.kernels.router.triton import route_triton
 from tests import kernel_backends
 
@@ -51,6 +53,26 @@ def test_router_sums_split_k_partials(partials, tokens, experts, top_k, implemen
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
   np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights),
                              rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("partials", [1, 3])
+def test_summed_logits_is_two_dimensional(partials):
+  parts = jnp.arange(partials * 4 * 6, dtype=jnp.float32).reshape(partials, 4, 6)
+  summed = router_reference.summed_logits(parts)
+  assert summed.shape == (4, 6)
+  np.testing.assert_array_equal(np.asarray(summed), np.asarray(parts.sum(0)))
+  assert router_reference.summed_logits(summed) is summed
+
+
+@pytest.mark.parametrize("impl", ["interpret", "xla_dense"])
+def test_softmax_router_scores_are_two_dimensional(impl):
+  """The scores the router hands back (for `oea`) are `[T, E]` whether or not the block
+  computes split-K partials for the fused top-K kernel, also with one partial."""
+  block = moe.MoeBlock(16, 8, 6, 2, impl=impl, rngs=nnx.Rngs(0))
+  assert block.router_sums_partials == (impl == "interpret")
+  logits = jnp.ones((1, 5, 6), jnp.float32)  # one partial
+  ids, weights, scores = block.route(logits if block.router_sums_partials else logits[0])
+  assert ids.shape == weights.shape == (5, 2) and scores.shape == (5, 6)
 
 
 @kernel_backends.over_implementations(router_op.REGISTRY)

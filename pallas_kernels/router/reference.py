@@ -29,7 +29,8 @@ def check_logits(router_logits: jax.Array) -> int:
 
 def summed_logits(router_logits: jax.Array) -> jax.Array:
   """`[T, E]` logits from either form (`check_logits`), partials summed in order."""
-  if check_logits(router_logits) == 1:
+  check_logits(router_logits)
+  if router_logits.ndim == 2:
     return router_logits
   return functools.reduce(jnp.add, list(router_logits))
 
