@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sere_jax import moe
+from sere_jax import validation
 from sere_jax.models import base as model_base
 
 # The RerouteStats fields a model step reports per MoE layer, in this order.
@@ -180,15 +181,9 @@ def padded_prompt_length(prompts: Sequence[Sequence[int]], length_multiple: int 
   return length
 
 
-def _is_int(value, least: int) -> bool:
-  return not isinstance(value, bool) and isinstance(value, int) and value >= least
-
-
 def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length,
               length_multiple, prefill_chunk):
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
-      max_new_tokens < 1):
-    raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+  validation.check_int("max_new_tokens", max_new_tokens, 1)
   if not prompts:
     raise ValueError("prompts is empty: give at least one prompt")
   vocab = getattr(model.config, "vocab_size", None)
@@ -212,11 +207,8 @@ def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_len
     raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
                      f"({max_new_tokens}) exceeds the model's max positions "
                      f"(max_position_embeddings={max_pos})")
-  if not _is_int(length_multiple, 1):
-    raise ValueError(f"length_multiple must be an integer >= 1, got {length_multiple!r}")
-  if not _is_int(prefill_chunk, 0):
-    raise ValueError(f"prefill_chunk must be an integer >= 0 (0: the whole prompt in "
-                     f"one call), got {prefill_chunk!r}")
+  validation.check_int("length_multiple", length_multiple, 1)
+  validation.check_int("prefill_chunk", prefill_chunk, 0)  # 0: the whole prompt at once
   # The last sampled token is never fed back, so the cache needs P + N - 1 slots.
   padded = padded_prompt_length(prompts, length_multiple, prefill_chunk)
   needed = padded + max_new_tokens - 1

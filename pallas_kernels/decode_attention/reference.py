@@ -127,8 +127,8 @@ def qkv_partials(qkv: jax.Array, activation_dtype=None) -> tuple[int, jnp.dtype]
 def whole_qkv(qkv: jax.Array, activation_dtype=None) -> jax.Array:
   """`[B, H + 2 * Hkv, D]` from either form of `qkv_partials`, partials summed in order
   in float32 and rounded to `activation_dtype`."""
-  partials, dtype = qkv_partials(qkv, activation_dtype)
-  if partials == 1 and qkv.ndim == 3:
+  _, dtype = qkv_partials(qkv, activation_dtype)
+  if qkv.ndim == 3:  # one array
     return qkv
   return functools.reduce(jnp.add, list(qkv)).astype(dtype)
 

@@ -33,7 +33,8 @@ def residual_norm_reference(residual: jax.Array, update: jax.Array, weight: jax.
                             eps: float) -> tuple[jax.Array, jax.Array]:
   """`(residual + update, rms_norm(residual + update) * weight)`, both in the
   residual's dtype; partials are summed in order in float32 and rounded first."""
-  if update_partials(residual, update) > 1 or update.ndim > residual.ndim:
+  update_partials(residual, update)
+  if update.ndim > residual.ndim:  # partials
     update = functools.reduce(jnp.add, list(update)).astype(residual.dtype)
   total = residual + update
   return total, rms_norm(total, weight, eps)
