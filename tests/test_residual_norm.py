@@ -64,7 +64,7 @@ def test_reference_is_the_models_add_then_norm():
   projection = update.sum(0).astype(jnp.bfloat16)
   want_total = residual + projection
   norm = layers.RMSNorm(32, EPS, jnp.bfloat16)
-  norm.weight.value = weight
+  norm.weight[...] = weight
   np.testing.assert_array_equal(np.asarray(total, np.float32),
                                 np.asarray(want_total, np.float32))
   np.testing.assert_array_equal(np.asarray(normed, np.float32),
