@@ -198,6 +198,21 @@ def test_default_splits():
   assert attention_triton.default_splits(batch=programs, kv_heads=4, cache_len=long) == 1
 
 
+def test_default_splits_wide_grid():
+  """Once the unsplit grid has `wide_grid` programs a split needs twice `min_slots`
+  slots: the benchmarks' 160-slot caches stay unsplit at B = 16 but split at B = 1."""
+  min_slots, wide = (attention_triton.SPLITS[k] for k in ("min_slots", "wide_grid"))
+  batch = wide // 4
+  assert attention_triton.default_splits(batch=1, kv_heads=4, cache_len=160) == 2
+  assert attention_triton.default_splits(batch=batch, kv_heads=4, cache_len=160) == 1
+  assert attention_triton.default_splits(batch=batch - 1, kv_heads=4,
+                                         cache_len=2 * min_slots) == 2
+  assert attention_triton.default_splits(batch=batch, kv_heads=4,
+                                         cache_len=4 * min_slots - 1) == 1
+  assert attention_triton.default_splits(batch=batch, kv_heads=4,
+                                         cache_len=4 * min_slots) == 2
+
+
 @kernel_backends.over_implementations(attention_op.REGISTRY)
 def test_head_dim_the_kernel_cannot_take_runs_xla_with_one_log_line(implementation,
                                                                     caplog):

@@ -41,8 +41,10 @@ from sere_jax.kernels.decode_attention.reference import num_query_heads, qkv_par
 # (docs/benchmarks/decode_attention_sweep_h100.json; Qwen3-30B-A3B's 4 KV heads, B = 1,
 # 16, 64 over 160-16384 slots): B = 1 was fastest with 64-slot splits up to 64 of them
 # (16384 slots: 473 -> 25 us per layer), B = 16 with 4-5 splits (2.4x at 16384 slots),
-# B = 64 (256 programs) unsplit.
-SPLITS = dict(min_slots=64, programs=256)
+# B = 64 (256 programs) unsplit. Once the unsplit grid has `wide_grid` programs a split
+# must hold twice `min_slots`: at B = 16 (64 programs) two 80-slot splits measured no
+# faster than one (11.91 against 11.84 us) and cost the merge kernel.
+SPLITS = dict(min_slots=64, programs=256, wide_grid=64)
 
 
 def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
@@ -173,10 +175,13 @@ def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
 def default_splits(batch: int, kv_heads: int, cache_len: int) -> int:
   """Splits of each sequence's cache (`SPLITS`): as many as bring the grid to
-  `programs` programs, each over `min_slots` slots or more (so one for short caches
-  and for batches that fill the grid)."""
-  most = cache_len // SPLITS["min_slots"]
-  wanted = -(-SPLITS["programs"] // (batch * kv_heads))
+  `programs` programs, each over `min_slots` slots or more, twice that once the
+  unsplit grid has `wide_grid` programs (so one for short caches and for batches that
+  fill the grid)."""
+  unsplit = batch * kv_heads
+  min_slots = SPLITS["min_slots"] * (2 if unsplit >= SPLITS["wide_grid"] else 1)
+  most = cache_len // min_slots
+  wanted = -(-SPLITS["programs"] // unsplit)
   return max(1, min(most, wanted))
 
 
