@@ -15,10 +15,7 @@ building blocks, also used for prefill) or the fused Pallas kernel
 `sere_jax.kernels.decode_attention` (`triton` on GPUs, `interpret` anywhere); `auto`
 (the default) is `triton` on GPUs and `xla` elsewhere. With the kernel, the q/k/v and
 output projections hand their split-K partials to the attention and `residual_norm`
-kernels, which sum them as they load them. In decode a layer leaves its MLP output
-unadded (`DecoderLayer`): the next layer's input norm (or the final norm) adds and
-normalises it in one step, and with the kernels an MoE block without a shared expert
-hands over its grouped matmuls' rows, combined inside `residual_norm`.
+kernels, which sum them as they load them.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import jax.numpy as jnp
 
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels.decode_attention import api as attention_api
-from sere_jax.kernels.moe_ffn import ExpertRows
 from sere_jax.kernels.residual_norm import api as residual_norm_api
 from sere_jax.models import base
 from sere_jax.models import hf_import
@@ -54,19 +50,6 @@ def resolve_attention_impl(attention_impl: str) -> str:
   if attention_impl != "auto":
     return attention_impl
   return "triton" if jax.default_backend() == "gpu" else "xla"
-
-
-def add_norm(x: jax.Array, update: jax.Array | ExpertRows | None, norm: layers.RMSNorm,
-             implementation: str) -> tuple[jax.Array, jax.Array]:
-  """`(x + update, norm(x + update))`, `update` None adding nothing. Split-K partials and
-  expert rows go to the `residual_norm` op (`implementation`), a whole update to XLA."""
-  if update is None:
-    return x, norm(x)
-  if isinstance(update, ExpertRows) or update.ndim > x.ndim:
-    return residual_norm_api.residual_norm(x, update, norm.weight[...], eps=norm.eps,
-                                           implementation=implementation)
-  x = x + update
-  return x, norm(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,30 +248,24 @@ class DecoderLayer(nnx.Module):
                           if shared else None)
     self.shared_expert_gate = layers.Linear(c.hidden_size, 1, **kw) if shared else None
 
-  def __call__(self, x: jax.Array, pending: jax.Array | ExpertRows | None,
-               positions: jax.Array, token_valid: jax.Array, cache: layers.KVCache,
-               mask: jax.Array, cache_index: jax.Array, *, decode: bool
-               ) -> tuple[jax.Array, jax.Array | ExpertRows, layers.KVCache,
-                          RerouteStats | None]:
-    """`x [B, L, D]` and `pending`, the previous layer's MLP output not yet added to it
-    (None for the first layer) -> `(x, pending, cache, stats)`: this layer's MLP output
-    is left for the next reader to add (`add_norm`); `stats` is None on dense layers.
-
-    In decode with the attention kernel, an MoE block without a shared expert leaves
-    its grouped matmuls' `ExpertRows`, so that combine, residual add and norm are one
-    `residual_norm` kernel.
-    """
-    impl = resolve_attention_impl(self.attn.attention_impl)
-    x, h = add_norm(x, pending, self.input_norm, impl)
-    h, cache = self.attn(h, positions, cache, mask, cache_index)
-    x, h = add_norm(x, h, self.post_attn_norm, impl)
+  def __call__(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
+               cache: layers.KVCache, mask: jax.Array, cache_index: jax.Array, *,
+               decode: bool) -> tuple[jax.Array, layers.KVCache, RerouteStats | None]:
+    """`x [B, L, D]` -> `(x, cache, stats)`; `stats` is None on dense layers."""
+    h, cache = self.attn(self.input_norm(x), positions, cache, mask, cache_index)
+    if h.ndim > x.ndim:  # split-K partials: the add and the norm in one kernel
+      x, h = residual_norm_api.residual_norm(
+          x, h, self.post_attn_norm.weight[...], eps=self.post_attn_norm.eps,
+          implementation=resolve_attention_impl(self.attn.attention_impl))
+    else:
+      x = x + h
+      h = self.post_attn_norm(x)
     if not isinstance(self.mlp, MoeBlock):
-      return x, self.mlp(h), cache, None
-    defer = decode and impl != "xla" and self.shared_expert is None
-    y, stats = self.mlp(h, token_valid, decode=decode, defer_combine=defer)
+      return x + self.mlp(h), cache, None
+    y, stats = self.mlp(h, token_valid, decode=decode)
     if self.shared_expert is not None:
       y = y + jax.nn.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
-    return x, y, cache, stats
+    return x + y, cache, stats
 
 
 class QwenMoeForCausalLM(nnx.Module):
@@ -319,20 +296,17 @@ class QwenMoeForCausalLM(nnx.Module):
                *, decode: bool = False, last_only: bool = False) -> base.ForwardOutput:
     x = jnp.take(self.embed[...], tokens, axis=0)
     mask = layers.attention_mask(cache_valid, cache_index, tokens.shape[1])
-    new_cache, stats, pending = [], [], None
+    new_cache, stats = [], []
     for layer, layer_cache in zip(self.layers, cache):
-      x, pending, layer_cache, layer_stats = layer(x, pending, positions, token_valid,
-                                                   layer_cache, mask, cache_index,
-                                                   decode=decode)
+      x, layer_cache, layer_stats = layer(x, positions, token_valid, layer_cache, mask,
+                                          cache_index, decode=decode)
       new_cache.append(layer_cache)
       if layer_stats is not None:
         stats.append(layer_stats)
-    if last_only and x.shape[1] > 1:  # the LM head on the last position only
-      x, pending = x[:, -1:], pending[:, -1:]  # expert rows come for one position only
+    if last_only:  # the LM head on the last position only: [B, 1, V] logits
+      x = x[:, -1:]
     head = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
-    _, x = add_norm(x, pending, self.norm,
-                    resolve_attention_impl(self.layers[0].attn.attention_impl))
-    x, head = mixed_dot_operands(x.astype(head.dtype), head)
+    x, head = mixed_dot_operands(self.norm(x).astype(head.dtype), head)
     logits = gemm_dot(x, head, preferred_element_type=jnp.float32)
     return base.ForwardOutput(logits, new_cache, tuple(stats))
 

@@ -155,14 +155,9 @@ class MoeBlock(nnx.Module):
     _check_devices(config, devices, self.expert_axis)
     return dataclasses.replace(config, expert_devices=devices)
 
-  def __call__(self, x: jax.Array, valid: jax.Array, *, decode: bool,
-               defer_combine: bool = False
-               ) -> tuple[jax.Array | moe_ffn_lib.ExpertRows, policies.RerouteStats]:
+  def __call__(self, x: jax.Array, valid: jax.Array, *, decode: bool
+               ) -> tuple[jax.Array, policies.RerouteStats]:
     """`x [T, D]` or `[B, L, D]`, `valid` `[T]` or `[B, L]` -> `(y like x, stats)`.
-
-    `defer_combine`: where the fused path runs the grouped-matmul kernels, `y` is
-    their `ExpertRows` instead (`moe_ffn`'s `defer_combine`), for a reader that
-    combines them as it loads them.
 
     Stats are int32 scalars for one re-routing batch; with `decode=True` and a
     `[B, L, D]` input with L > 1, or with `group_size` set, they are `[L, G]`: one
@@ -197,10 +192,7 @@ class MoeBlock(nnx.Module):
     stepwise = decode and (self.group_size > 0 or (x.ndim == 3 and x.shape[1] > 1))
     if not stepwise and config.policy in FUSED_POLICIES and self.mesh is None:
       similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
-      out = self._ffn(flat, ids, weights, flat_valid, similarity, config, scores,
-                      defer_combine=defer_combine)
-      if isinstance(out.y, moe_ffn_lib.ExpertRows):
-        return out.y, out.stats
+      out = self._ffn(flat, ids, weights, flat_valid, similarity, config, scores)
       return out.y.reshape(x.shape), out.stats
     expert_out = None
     if config.policy == "oracle" and config.is_active(self.top_k):
@@ -214,7 +206,7 @@ class MoeBlock(nnx.Module):
     out = self._ffn(flat, ids, weights, flat_valid, None, NO_REROUTE, scores)
     return out.y.reshape(x.shape), stats
 
-  def _ffn(self, x, ids, weights, valid, similarity, config, scores, defer_combine=False):
+  def _ffn(self, x, ids, weights, valid, similarity, config, scores):
     if self.mesh is not None:  # re-routed already (the fused path is single-device)
       return moe_ffn_lib.MoeOutput(
           expert_parallel.ffn(x, ids, weights, valid, self.w_gate_up[...],
@@ -223,7 +215,7 @@ class MoeBlock(nnx.Module):
     return moe_ffn_lib.moe_ffn(
         x, ids, weights, self.w_gate_up[...], self.w_down[...], valid=valid,
         similarity=similarity, config=config, router_scores=scores,
-        renormalize=self.normalize, impl=self.impl, defer_combine=defer_combine)
+        renormalize=self.normalize, impl=self.impl)
 
   def expert_outputs(self, x: jax.Array) -> jax.Array:
     """Every expert's output for every token of `x [T, D]`: `[T, E, D]` float32,

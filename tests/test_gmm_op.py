@@ -5,8 +5,6 @@ tested in test_triton_kernels.py and test_tpu_kernels.py."""
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,33 +79,6 @@ def test_bad_activation_is_named():
     gmm_op.gmm(x, w, offsets, activation="gelu", implementation="xla")
   with pytest.raises(ValueError, match="even number of columns"):
     gmm_op.gmm(x, w[..., :5], offsets, activation="swiglu", implementation="xla")
-
-
-@kernel_backends.over_implementations(gmm_op.REGISTRY)
-def test_split_k_partials_sum_to_the_result(implementation):
-  """`split_k_partials=True` gives float32 partials `[S, M, N]` whose sum is the
-  summed call's result (integer-valued inputs: exact in any order); the Triton
-  kernel's S is its `k_splits`, the other backends' one."""
-  rng = np.random.default_rng(5)
-  d = 2 * TILES["block_k"]  # two K chunks
-  sched, x, row_token, options = kernel_backends.gmm_case("random", rng, T, K, E, d,
-                                                          jnp.bfloat16, True)
-  x = jnp.asarray(rng.integers(-3, 4, x.shape), jnp.bfloat16)
-  w = jnp.asarray(rng.integers(-3, 4, (E, d, 128)), jnp.bfloat16)  # whole tiles
-  call = functools.partial(gmm_op.gmm, x, w, sched.group_offsets, row_token,
-                           implementation=implementation, **options)
-  parts, whole = call(split_k_partials=True), call()
-  splits = min(TILES["k_splits"], 2) if implementation in ("triton", "interpret") else 1
-  assert parts.shape == (splits, T * K, 128) and parts.dtype == jnp.float32
-  rows = int(sched.stats[4])
-  np.testing.assert_array_equal(np.asarray(parts.sum(0)[:rows]), np.asarray(whole[:rows]))
-
-
-def test_split_k_partials_need_a_plain_float32_result():
-  x, w, offsets = jnp.zeros((4, 8)), jnp.zeros((2, 8, 6)), jnp.zeros((3,), jnp.int32)
-  for kw in (dict(activation="swiglu"), dict(out_dtype=jnp.bfloat16)):
-    with pytest.raises(ValueError, match="split_k_partials needs activation=None"):
-      gmm_op.gmm(x, w, offsets, split_k_partials=True, implementation="xla", **kw)
 
 
 @kernel_backends.over_implementations(gmm_op.REGISTRY)

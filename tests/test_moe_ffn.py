@@ -11,7 +11,7 @@ import pytest
 
 from sere_jax import policies
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels.moe_ffn import REGISTRY, ExpertRows, moe_ffn, resolve_impl
+from sere_jax.kernels.moe_ffn import REGISTRY, moe_ffn, resolve_impl
 from tests import kernel_backends
 
 T, K, E, D, F = 8, 4, 8, 24, 20  # 32 rows; D and F are not powers of two
@@ -49,14 +49,14 @@ def _problem(dtype=jnp.float32, seed=0):
               valid=valid, similarity=sim, router_scores=scores.astype(np.float32))
 
 
-def _run(problem, config, impl, **options):
+def _run(problem, config, impl):
   """The op's output, awaited: the interpret modes' host callbacks run JAX ops, and one
   still running while this thread dispatches the next implementation's inputs can
   deadlock JAX's CPU client."""
   p = {k: jnp.asarray(v) for k, v in problem.items()}
   return jax.block_until_ready(moe_ffn(p["x"], p["ids"], p["weights"], p["w_gate_up"], p["w_down"],
                  valid=p["valid"], similarity=p["similarity"], config=config,
-                 router_scores=p["router_scores"], impl=impl, **options))
+                 router_scores=p["router_scores"], impl=impl))
 
 
 def _numpy_ffn(problem, ids, weights):
@@ -116,24 +116,6 @@ def test_matches_numpy_ffn(policy, impl):
   want = _numpy_ffn(problem, ids, weights)
   assert np.abs(want).max() > 0.1
   np.testing.assert_allclose(np.asarray(out.y), want, **F32_TOLERANCE)
-
-
-@pytest.mark.parametrize("policy", ["sere_rho05", "topk_truncate"])
-def test_defer_combine_gives_the_rows_that_combine_to_y(policy):
-  """The kernels hand over their `ExpertRows`, which combine to the output they give
-  without `defer_combine`; the references combine either way."""
-  problem, config = _problem(), CONFIGS[policy]
-  for impl in ("xla_dense", "ragged_dot", *KERNELS):
-    want = _run(problem, config, impl)
-    got = _run(problem, config, impl, defer_combine=True)
-    if impl not in KERNELS:
-      np.testing.assert_array_equal(np.asarray(got.y), np.asarray(want.y), err_msg=impl)
-      continue
-    assert isinstance(got.y, ExpertRows), impl
-    assert got.y.rows.dtype == jnp.float32 and got.y.valid.shape == (T,), impl
-    np.testing.assert_array_equal(np.asarray(got.y.combine(jnp.float32)),
-                                  np.asarray(want.y), err_msg=impl)
-    np.testing.assert_array_equal(np.asarray(got.ids), np.asarray(want.ids), err_msg=impl)
 
 
 def test_bf16_output_dtype_and_agreement():

@@ -1,7 +1,6 @@
 """The residual add + RMSNorm op (`sere_jax.kernels.residual_norm`): every kernel backend
-that runs here (interpret mode on a CPU) against its reference, with split-K partials
-and with the MoE FFN's expert rows; the reference against the models' own combine, add
-and norm; the Triton kernel's CUDA lowering; the Qwen models' use of it."""
+that runs here (interpret mode on a CPU) against its reference, the reference against
+the models' own add and norm, and the Triton kernel's CUDA lowering."""
 
 from __future__ import annotations
 
@@ -13,17 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sere_jax import generation
-from sere_jax.kernels import moe_ffn
 from sere_jax.kernels import registry
 from sere_jax.kernels import residual_norm as residual_norm_op
-from sere_jax.kernels.residual_norm import api as residual_norm_api
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.kernels.residual_norm.triton import residual_norm_triton
 from sere_jax.models import layers
 from tests import kernel_backends
-from tests import random_models
-from tests.random_models import random_qwen
 
 EPS = 1e-6
 
@@ -122,119 +116,3 @@ def test_lowers_for_cuda():
                         spec((8, 16, 1, 2048), jnp.float32), spec((2048,), jnp.bfloat16))
   assert "__gpu$xla.gpu.triton" in exported.mlir_module()
   assert [a.shape for a in exported.out_avals] == [(16, 1, 2048)] * 2
-
-
-# ------------------------------------------------- the MoE FFN's rows, combined here
-
-
-def _expert_rows(rng, tokens, top_k, num_rows, dim, partials=2, invalid=()):
-  """`ExpertRows`: row partials in multiples of 1/8 and power-of-two weights (so every
-  sum is exact in any order), slots that share rows, the tokens `invalid` masked."""
-  valid = np.ones(tokens, bool)
-  valid[list(invalid)] = False
-  return moe_ffn.ExpertRows(
-      jnp.asarray(rng.integers(-8, 9, (partials, num_rows, dim)) / 8, jnp.float32),
-      jnp.asarray(2.0 ** -rng.integers(0, 3, (tokens, top_k)), jnp.float32),
-      jnp.asarray(valid), jnp.asarray(rng.integers(0, num_rows, (tokens, top_k)), jnp.int32))
-
-
-@kernel_backends.over_implementations(residual_norm_op.REGISTRY)
-@pytest.mark.parametrize("shape,dtype,top_k,partials,invalid", [
-    ((4, 1, 32), jnp.bfloat16, 3, 2, (2,)),  # a decode step's [B, 1, D], a padded token
-    ((3, 48), jnp.float32, 1, 1, ()),         # one slot, D not a power of two
-    ((1, 1, 16), jnp.float16, 8, 4, ()),      # one row, eight slots
-])
-def test_combines_expert_rows(shape, dtype, top_k, partials, invalid, implementation):
-  rng = np.random.default_rng(top_k)
-  tokens, dim = int(np.prod(shape[:-1])), shape[-1]
-  residual, _, weight = _inputs(rng, shape, dtype, 0)
-  update = _expert_rows(rng, tokens, top_k, 2 * tokens + 1, dim, partials, invalid)
-  got = residual_norm_op.residual_norm(residual, update, weight, eps=EPS,
-                                       implementation=implementation)
-  want = residual_norm_op.residual_norm_reference(residual, update, weight, eps=EPS)
-  for name, g, w in zip(("total", "normed"), got, want):
-    assert g.shape == w.shape == shape and g.dtype == w.dtype == dtype, name
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
-                               err_msg=name, **tol)
-  np.testing.assert_array_equal(np.asarray(got[0], np.float32),
-                                np.asarray(want[0], np.float32))
-  for t in invalid:  # a masked token adds nothing
-    np.testing.assert_array_equal(np.asarray(got[0]).reshape(tokens, dim)[t],
-                                  np.asarray(residual).reshape(tokens, dim)[t])
-
-
-def test_expert_rows_reference_is_the_models_combine_add_norm():
-  """The MoE FFN's combine into the residual's dtype, the add, then `layers.RMSNorm`."""
-  rng = np.random.default_rng(11)
-  residual, _, weight = _inputs(rng, (4, 1, 32), jnp.bfloat16, 0)
-  update = _expert_rows(rng, 4, 2, 6, 32, invalid=(1,))
-  total, normed = residual_norm_op.residual_norm_reference(residual, update, weight, eps=EPS)
-  rows, *routing = update
-  want_total = residual + moe_ffn.combine(rows[0] + rows[1], *routing,
-                                          jnp.bfloat16).reshape(4, 1, 32)
-  norm = layers.RMSNorm(32, EPS, jnp.bfloat16)
-  norm.weight[...] = weight
-  np.testing.assert_array_equal(np.asarray(total, np.float32),
-                                np.asarray(want_total, np.float32))
-  np.testing.assert_array_equal(np.asarray(normed, np.float32),
-                                np.asarray(norm(want_total), np.float32))
-
-
-@pytest.mark.parametrize("field,value,match", [
-    ("rows", jnp.zeros((2, 5, 8), jnp.bfloat16), r"float32 partials \[S, R, 8\]"),
-    ("rows", jnp.zeros((2, 5, 4), jnp.float32), r"float32 partials \[S, R, 8\]"),
-    ("rows", jnp.zeros((5, 8), jnp.float32), r"float32 partials \[S, R, 8\]"),
-    ("weights", jnp.ones((3, 2)), r"expert weights must be \[2, K\]"),
-    ("slot_row", jnp.zeros((2, 2), jnp.float32), "slot rows must be int32"),
-    ("slot_row", jnp.zeros((2, 3), jnp.int32), r"slot rows must be int32 \(2, 2\)"),
-    ("valid", jnp.ones((2, 2), bool), r"the token mask must be bool \[2\]"),
-    ("valid", jnp.ones((2,), jnp.int32), r"the token mask must be bool \[2\]"),
-])
-@pytest.mark.parametrize("fn", [functools.partial(residual_norm_triton, interpret=True),
-                                residual_norm_op.residual_norm_reference],
-                         ids=["kernel", "reference"])
-def test_rejects_bad_expert_rows(field, value, match, fn):
-  good = moe_ffn.ExpertRows(jnp.zeros((2, 5, 8), jnp.float32), jnp.ones((2, 2)),
-                            jnp.ones((2,), bool), jnp.zeros((2, 2), jnp.int32))
-  with pytest.raises(ValueError, match=match):
-    fn(jnp.zeros((2, 8), jnp.float32), good._replace(**{field: value}), jnp.ones(8),
-       eps=EPS)
-
-
-def test_expert_rows_lower_for_cuda():
-  """Qwen3-30B-A3B at B = 16: eight slots per token over 128 rows of 2048, each row in
-  the down projection's two split-K partials."""
-  spec = jax.ShapeDtypeStruct
-  fn = functools.partial(residual_norm_triton, eps=EPS)
-  rows = moe_ffn.ExpertRows(spec((2, 128, 2048), jnp.float32), spec((16, 8), jnp.float32),
-                            spec((16,), jnp.bool_), spec((16, 8), jnp.int32))
-  exported = export_for("cuda", fn, spec((16, 1, 2048), jnp.bfloat16), rows,
-                        spec((2048,), jnp.bfloat16))
-  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
-  assert [a.shape for a in exported.out_avals] == [(16, 1, 2048)] * 2
-
-
-@pytest.mark.parametrize("hf,defers", [(dict(random_models.HF_QWEN3, head_dim=16), True),
-                                       (random_models.HF_QWEN2, False)],
-                         ids=["qwen3", "qwen2_shared_expert"])
-def test_model_hands_the_expert_rows_to_the_next_norm(hf, defers, monkeypatch):
-  """In decode with the kernels, a Qwen3 MoE layer leaves its grouped matmuls' rows to
-  the next norm's `residual_norm` (a Qwen2 layer, whose shared expert is added to the
-  combine, does not), and generation gives the XLA attention's tokens, whose decode
-  combines in XLA."""
-  seen = []
-  op = residual_norm_api.residual_norm
-  monkeypatch.setattr(residual_norm_api, "residual_norm",
-                      lambda x, update, *a, **kw: seen.append(type(update)) or op(
-                          x, update, *a, **kw))
-  prompts = [[1, 2, 3], [4], [5, 6]]
-  got = generation.generate(random_qwen(hf, impl="interpret", attention_impl="interpret"),
-                            prompts, max_new_tokens=3)
-  assert (moe_ffn.ExpertRows in seen) == defers
-  seen.clear()
-  want = generation.generate(random_qwen(hf, impl="interpret", attention_impl="xla"),
-                             prompts, max_new_tokens=3)
-  assert not seen
-  assert got.tokens == want.tokens
-  np.testing.assert_allclose(got.decode_stats, want.decode_stats)

@@ -45,57 +45,50 @@ def _epilogue(out: jax.Array, activation: str | None, out_dtype) -> jax.Array:
   return out.astype(out_dtype)
 
 
-def _one_partial(out: jax.Array, split_k_partials: bool) -> jax.Array:
-  """The result of a backend that does not split K, as one partial when asked for."""
-  return out[None] if split_k_partials else out
-
-
 def _triton(x, w, group_offsets, row_token, *, active_experts, num_active, num_rows,
-            activation, out_dtype, split_k_partials=False, **options):
+            activation, out_dtype, **options):
   del active_experts, num_active  # the kernel finds the experts with rows itself
   if activation == "swiglu" and SWIGLU_TILES is not None:
     return gmm_triton(x, w, group_offsets, row_token, num_rows=num_rows, swiglu=True,
                       out_dtype=out_dtype, **dict(SWIGLU_TILES, **options))
   out = gmm_triton(x, w, group_offsets, row_token, num_rows=num_rows,
                    out_dtype=out_dtype if activation is None else jnp.float32,
-                   sum_partials=not split_k_partials, **dict(TILES, **options))
+                   **dict(TILES, **options))
   return out if activation is None else _epilogue(out, activation, out_dtype)
 
 
 def _mosaic_gpu(x, w, group_offsets, row_token, *, active_experts, num_active, num_rows,
-                activation, out_dtype, split_k_partials=False, interpret=False, **options):
+                activation, out_dtype, interpret=False, **options):
   options = dict(MOSAIC_GPU_TILES, **options)
   reason = mosaic_gpu.unsupported(x, w, block_k=options["block_k"])
   if reason:
     registry.log_once(f"gmm: the Mosaic GPU kernel {reason}; running the Triton kernel")
     return _triton(x, w, group_offsets, row_token, active_experts=active_experts,
                    num_active=num_active, num_rows=num_rows, activation=activation,
-                   out_dtype=out_dtype, split_k_partials=split_k_partials,
-                   interpret=interpret)
+                   out_dtype=out_dtype, interpret=interpret)
   del active_experts, num_active  # the item table is built from the offsets
   if not interpret:
     mosaic_gpu.check_device()
-  out = mosaic_gpu.gmm_mosaic_gpu(x, w, group_offsets, row_token, num_rows=num_rows,
-                                  interpret=interpret, **options)
-  return _one_partial(_epilogue(out, activation, out_dtype), split_k_partials)
+  return _epilogue(mosaic_gpu.gmm_mosaic_gpu(x, w, group_offsets, row_token,
+                                             num_rows=num_rows, interpret=interpret,
+                                             **options), activation, out_dtype)
 
 
 def _tpu(x, w, group_offsets, row_token, *, active_experts, num_active, num_rows,
-         activation, out_dtype, split_k_partials=False, **options):
+         activation, out_dtype, **options):
   if active_experts is None:
     active_experts = active_experts_from_offsets(group_offsets)
   if num_active is None:
     num_active = jnp.sum(jnp.diff(group_offsets) > 0, dtype=jnp.int32)
-  out = gmm_tpu(x, w, group_offsets, active_experts, num_active, row_token,
-                num_rows=num_rows, **options)
-  return _one_partial(_epilogue(out, activation, out_dtype), split_k_partials)
+  return _epilogue(gmm_tpu(x, w, group_offsets, active_experts, num_active, row_token,
+                           num_rows=num_rows, **options), activation, out_dtype)
 
 
 def _reference(x, w, group_offsets, row_token, *, active_experts, num_active, num_rows,
-               activation, out_dtype, split_k_partials=False):
+               activation, out_dtype):
   del active_experts, num_active
-  out = gmm_reference(x, w, group_offsets, row_token, num_rows)
-  return _one_partial(_epilogue(out, activation, out_dtype), split_k_partials)
+  return _epilogue(gmm_reference(x, w, group_offsets, row_token, num_rows), activation,
+                   out_dtype)
 
 
 IMPLEMENTATIONS = {
@@ -115,8 +108,7 @@ def gmm(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
         row_token: jax.Array | None = None, *, active_experts: jax.Array | None = None,
         num_active: jax.Array | None = None, num_rows: int | None = None,
         activation: str | None = None, out_dtype=jnp.float32,
-        split_k_partials: bool = False, implementation: str = "auto",
-        **options) -> jax.Array:
+        implementation: str = "auto", **options) -> jax.Array:
   """Grouped matmul over the experts with rows.
 
   Args:
@@ -131,17 +123,14 @@ def gmm(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     activation: None, or "swiglu": `w` is a fused `[E, D, 2F]` gate/up projection
       (gate first) and the result is `SiLU(gate) * up`, `[M, F]`.
     out_dtype: the result's dtype (float32 by default).
-    split_k_partials: return float32 partials `[S, M, N]` that sum to the result, for
-      a reader that sums them as it loads them: the Triton kernel's split-K partials,
-      one (S = 1) from the other backends. Needs no activation and float32 out.
     implementation: one of `REGISTRY.names`.
     **options: tuning knobs of the chosen backend (for `triton` and `interpret` they
       override `tiles.TILES`, or `tiles.SWIGLU_TILES` for a fused activation; for the
       Mosaic GPU ones `tiles.MOSAIC_GPU_TILES`).
 
   Returns:
-    `[M, N]` (`[M, N / 2]` with `swiglu`, `[S, M, N]` with `split_k_partials`) in
-    `out_dtype`; rows outside every group are unspecified (zero for `xla`).
+    `[M, N]` (`[M, N / 2]` with `swiglu`) in `out_dtype`; rows outside every group
+    are unspecified (zero for `xla`).
   """
   fn = REGISTRY.get(implementation)
   if activation not in ACTIVATIONS:
@@ -149,9 +138,6 @@ def gmm(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
   if activation == "swiglu" and w.shape[-1] % 2:
     raise ValueError("activation='swiglu' needs a fused gate/up weight with an even "
                      f"number of columns, got w of shape {w.shape}")
-  if split_k_partials and (activation is not None or out_dtype != jnp.float32):
-    raise ValueError("split_k_partials needs activation=None and float32 out_dtype, got "
-                     f"activation={activation!r} and out_dtype={jnp.dtype(out_dtype)}")
   return fn(x, w, group_offsets, row_token, active_experts=active_experts,
             num_active=num_active, num_rows=num_rows, activation=activation,
-            out_dtype=out_dtype, split_k_partials=split_k_partials, **options)
+            out_dtype=out_dtype, **options)

@@ -128,14 +128,13 @@ def _pow2_at_least(x: int, low: int) -> int:
 @functools.partial(jax.jit, static_argnames=("num_rows", "swiglu", "out_dtype",
                                              "row_tiles", "block_n", "block_k",
                                              "k_splits", "num_warps", "num_stages",
-                                             "max_programs", "sum_partials", "interpret"))
+                                             "max_programs", "interpret"))
 def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
                row_token: jax.Array | None = None, *, num_rows: int | None = None,
                swiglu: bool = False, out_dtype=jnp.float32,
                row_tiles: tuple[int, ...] = (16,), block_n: int = 128, block_k: int = 64,
                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3,
-               max_programs: int | None = None, sum_partials: bool = True,
-               interpret: bool = False) -> jax.Array:
+               max_programs: int | None = None, interpret: bool = False) -> jax.Array:
   """Grouped matmul over experts with rows only; see `reference.gmm_reference`.
 
   Args:
@@ -153,8 +152,6 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     max_programs: cap on the programs launched; each then loops over several work
       items (None: one program per possible item, most of which exit at once when
       few experts have rows).
-    sum_partials: False returns the split-K partials `[S, M, N]` unsummed (float32
-      when S > 1), for a reader that sums them as it loads them.
 
   Returns:
     `[M, N]` (`[M, N / 2]` with `swiglu`) in `out_dtype`; rows outside every group
@@ -208,8 +205,6 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
       interpret=interpret,
       name="sere_gmm",
   )(group_offsets.astype(jnp.int32), row_token.astype(jnp.int32), x, w)
-  if not sum_partials:
-    return partials
   if k_splits == 1:
     return partials[0]
   return jnp.sum(partials, axis=0).astype(out_dtype)

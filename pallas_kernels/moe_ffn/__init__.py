@@ -4,9 +4,8 @@ from sere_jax.kernels.moe_ffn.api import (BACKENDS, IMPLEMENTATIONS, IMPLS, REGI
                                           Backends, MoeOutput, check_expert_weights,
                                           kernel_schedule, moe_ffn, resolve_impl,
                                           routed_ffn)
-from sere_jax.kernels.moe_ffn.reference import (ExpertRows, combine, dense_ffn, ragged_dot_ffn,
-                                                swiglu)
+from sere_jax.kernels.moe_ffn.reference import combine, dense_ffn, ragged_dot_ffn, swiglu
 
-__all__ = ["BACKENDS", "Backends", "ExpertRows", "IMPLEMENTATIONS", "IMPLS", "REGISTRY", "MoeOutput",
+__all__ = ["BACKENDS", "Backends", "IMPLEMENTATIONS", "IMPLS", "REGISTRY", "MoeOutput",
            "check_expert_weights", "combine", "dense_ffn", "kernel_schedule", "moe_ffn",
            "ragged_dot_ffn", "resolve_impl", "routed_ffn", "swiglu"]

@@ -33,7 +33,7 @@ from sere_jax.kernels import registry
 # Imported eagerly: importing Pallas backends registers config state, and doing it
 # during a first trace would change the tracing context and force a recompile.
 from sere_jax.kernels.gmm import api as gmm_api
-from sere_jax.kernels.moe_ffn.reference import ExpertRows, dense_ffn, ragged_dot_ffn
+from sere_jax.kernels.moe_ffn.reference import combine, dense_ffn, ragged_dot_ffn
 from sere_jax.kernels.schedule import api as schedule_api
 from sere_jax.kernels.schedule import reference as schedule_lib
 
@@ -59,31 +59,24 @@ BACKENDS = {
 
 
 class MoeOutput(NamedTuple):
-  """`y [T, D]` (or its `ExpertRows`, see `moe_ffn`'s `defer_combine`), the re-routed
-  `ids [T, K]` and `weights [T, K]`, and statistics."""
+  """`y [T, D]`, the re-routed `ids [T, K]` and `weights [T, K]`, and statistics."""
 
-  y: jax.Array | ExpertRows
+  y: jax.Array
   ids: jax.Array
   weights: jax.Array
   stats: policies.RerouteStats
 
 
-def _expert_rows(impl, x, weights, valid, sched, w_gate_up, w_down) -> ExpertRows:
-  """The grouped-matmul kernels of `impl` over the schedule's rows, not yet combined."""
+def _grouped_ffn(impl, x, ids, weights, valid, sched, w_gate_up, w_down, out_dtype=None):
+  """The FFN with the grouped-matmul kernels of `impl` over the schedule's rows."""
+  del ids  # the schedule holds them
   matmul = functools.partial(gmm_api.gmm, implementation=BACKENDS[impl].gmm,
                              active_experts=sched.active_experts,
                              num_active=sched.num_distinct)
   hidden = matmul(x, w_gate_up, sched.group_offsets, sched.row_token,
                   activation="swiglu", out_dtype=w_down.dtype)
-  down = matmul(hidden, w_down, sched.group_offsets, split_k_partials=True)
-  return ExpertRows(down, weights, valid, sched.slot_row)
-
-
-def _grouped_ffn(impl, x, ids, weights, valid, sched, w_gate_up, w_down, out_dtype=None):
-  """The FFN with the grouped-matmul kernels of `impl` over the schedule's rows."""
-  del ids  # the schedule holds them
-  rows = _expert_rows(impl, x, weights, valid, sched, w_gate_up, w_down)
-  return rows.combine(out_dtype or x.dtype)
+  down = matmul(hidden, w_down, sched.group_offsets)
+  return combine(down, weights, valid, sched.slot_row, out_dtype or x.dtype)
 
 
 def _ragged_dot(x, ids, weights, valid, sched, w_gate_up, w_down, out_dtype=None):
@@ -125,7 +118,7 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
             similarity: jax.Array | None = None, config: RerouteConfig = _NO_REROUTE,
             router_scores: jax.Array | None = None, renormalize: bool = False,
             key: jax.Array | None = None, impl: str = "auto",
-            implementation: str | None = None, defer_combine: bool = False) -> MoeOutput:
+            implementation: str | None = None) -> MoeOutput:
   """Routed-expert FFN of one MoE layer for a batch of tokens.
 
   Args:
@@ -145,12 +138,9 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
       off GPUs, `tpu` off TPUs) raises ValueError.
     implementation: the same as `impl` (the other kernel ops' keyword); when given,
       it wins over the default `impl`.
-    defer_combine: where the grouped-matmul kernels run (a kernel `impl`), return
-      their `ExpertRows` as `y`, for a reader that combines
-      them as it loads them (`residual_norm`); the references combine either way.
 
   Returns:
-    `MoeOutput(y [T, D] in x.dtype or ExpertRows, ids, weights, stats)`.
+    `MoeOutput(y [T, D] in x.dtype, ids, weights, stats)`.
 
   Every implementation checks its inputs the same way (`sere_jax.validation`): bad
   shapes raise ValueError always, bad values where concrete; a traced similarity with
@@ -185,10 +175,7 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
     invalid_similarity = stats.invalid_similarity
     sched = schedule_lib.build_schedule(ids, valid, num_experts, stats)
 
-  if defer_combine and impl in _KERNEL_IMPLS:
-    y = _expert_rows(impl, x, weights, valid, sched, w_gate_up, w_down)
-  else:
-    y = IMPLEMENTATIONS[impl](x, sched.ids, weights, valid, sched, w_gate_up, w_down)
+  y = IMPLEMENTATIONS[impl](x, sched.ids, weights, valid, sched, w_gate_up, w_down)
   stats = policies.RerouteStats(
       *(sched.stats[i] for i in range(4)), invalid_similarity,
       policies.max_device_distinct(sched.ids, valid, num_experts, config.expert_devices,

@@ -5,16 +5,12 @@ Given re-routed `ids`, `weights` and (for `ragged_dot`) the schedule:
                   routing weights: the plain definition.
   ragged_dot_ffn  (`ragged_dot`) `jax.lax.ragged_dot` over the expert-sorted rows.
 `combine` is the step after the grouped matmuls, used by every implementation (the
-activation between them, `gmm.reference.swiglu`, is re-exported here). `ExpertRows` are
-the grouped matmuls' rows before it, for a reader that combines them as it loads them
-(the `residual_norm` kernel). `valid` is
+activation between them, `gmm.reference.swiglu`, is re-exported here). `valid` is
 `[T]` (tokens) or `[T, K]` (slots: expert parallelism computes on each device only the
 slots of its own experts).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,21 +28,6 @@ def combine(rows: jax.Array, weights: jax.Array, valid: jax.Array, slot_row: jax
   mask = slot_mask(valid, weights.shape)
   y = jnp.sum(jnp.where(mask[..., None], scaled, 0.0), axis=1)
   return y.astype(dtype)
-
-
-class ExpertRows(NamedTuple):
-  """The FFN's output before `combine`: token t's is
-  `sum_j weights[t, j] * sum_s rows[s, slot_row[t, j]]` over its valid slots."""
-
-  rows: jax.Array  # [S, R, D] float32, the down projection's rows as split-K partials
-  weights: jax.Array  # [T, K]
-  valid: jax.Array  # [T] bool (tokens) or [T, K] (slots), as in `combine`
-  slot_row: jax.Array  # [T, K] int32
-
-  def combine(self, dtype) -> jax.Array:
-    """`y [T, D]` in `dtype`: the partials summed, then `combine`d."""
-    return combine(jnp.sum(self.rows, axis=0), self.weights, self.valid, self.slot_row,
-                   dtype)
 
 
 def ragged_dot_ffn(x: jax.Array, weights: jax.Array, valid: jax.Array, sched: Schedule,

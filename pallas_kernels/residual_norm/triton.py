@@ -4,11 +4,7 @@ After the attention's output projection XLA runs two kernels per layer: one sums
 projection's split-K partials into the residual stream, one normalises the result for
 the MoE block. This kernel does both: one program per token row loads the residual
 and the update (summing the partials of `sere_jax.numerics.split_k_dot` as it loads
-them), writes the sum, and writes its RMSNorm. After the MoE block it does the same
-with the grouped matmuls' rows (`moe_ffn.ExpertRows`): a program gathers its token's
-K rows, sums each row's split-K partials and the rows by weight (the combine XLA
-would otherwise run as a kernel of its own), then adds and normalises for the next
-layer. Reference:
+them), writes the sum, and writes its RMSNorm. Reference:
 `reference.residual_norm_reference`.
 """
 
@@ -21,8 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from sere_jax.kernels.moe_ffn.reference import ExpertRows
-from sere_jax.kernels.residual_norm.reference import check_expert_rows, update_partials
+from sere_jax.kernels.residual_norm.reference import update_partials
 
 
 def _kernel(residual_ref, update_ref, weight_ref, total_ref, normed_ref, *, partials, dim,
@@ -30,33 +25,10 @@ def _kernel(residual_ref, update_ref, weight_ref, total_ref, normed_ref, *, part
   t = pl.program_id(0)
   d = jnp.arange(dim_pad)
   ok = d < dim
+  dtype = total_ref.dtype
   update = plt.load(update_ref.at[0, t, d], mask=ok, other=0)
   for p in range(1, partials):  # split-K partials, summed in order
     update += plt.load(update_ref.at[p, t, d], mask=ok, other=0)
-  _add_and_norm(residual_ref, update, weight_ref, total_ref, normed_ref, t, d, ok, dim, eps)
-
-
-def _combine_kernel(residual_ref, rows_ref, weights_ref, valid_ref, slot_row_ref,
-                    weight_ref, total_ref, normed_ref, *, partials, top_k, dim, dim_pad,
-                    eps):
-  t = pl.program_id(0)
-  d = jnp.arange(dim_pad)
-  ok = d < dim
-  update = jnp.zeros((dim_pad,), jnp.float32)
-  for j in range(top_k):  # the token's slots, summed by weight in order
-    r = slot_row_ref[t, j]
-    row = plt.load(rows_ref.at[0, r, d], mask=ok, other=0)
-    for p in range(1, partials):  # the row's split-K partials, summed in order
-      row += plt.load(rows_ref.at[p, r, d], mask=ok, other=0)
-    update += weights_ref[t, j].astype(jnp.float32) * row
-  update = jnp.where(valid_ref[t] != 0, update, 0.0)
-  _add_and_norm(residual_ref, update, weight_ref, total_ref, normed_ref, t, d, ok, dim, eps)
-
-
-def _add_and_norm(residual_ref, update, weight_ref, total_ref, normed_ref, t, d, ok, dim,
-                  eps):
-  """Row t: writes `residual + update` and its RMSNorm times the weight."""
-  dtype = total_ref.dtype
   residual = plt.load(residual_ref.at[t, d], mask=ok, other=0)
   # Rounded as the model rounds: the projection's output, then the sum.
   total = (residual.astype(jnp.float32)
@@ -80,17 +52,15 @@ def unsupported(residual: jax.Array) -> str | None:
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
-def residual_norm_triton(residual: jax.Array, update: jax.Array | ExpertRows,
-                         weight: jax.Array, *, eps: float, num_warps: int = 16,
-                         interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+def residual_norm_triton(residual: jax.Array, update: jax.Array, weight: jax.Array, *,
+                         eps: float, num_warps: int = 16, interpret: bool = False
+                         ) -> tuple[jax.Array, jax.Array]:
   """`reference.residual_norm_reference` as one kernel.
 
   Args:
     residual: `[..., D]` the residual stream (bfloat16, float16 or float32).
-    update: `[..., D]` in the residual's dtype, float32 split-K partials
-      `[P, ..., D]` that sum to it, or the MoE FFN's `ExpertRows` for the residual's
-      T rows (float32 row partials `[S, R, D]`, weights and int32 slot rows `[T, K]`,
-      a token mask `[T]`).
+    update: `[..., D]` in the residual's dtype, or float32 split-K partials
+      `[P, ..., D]` that sum to it.
     weight: `[D]` the RMSNorm weight, any float dtype (read as stored).
     eps: the RMSNorm epsilon; num_warps: a GPU tuning knob. The default, 16 warps per
       row, was the fastest of 4, 8 and 16 at B = 1, 16 and 64 on an H100, and the only
@@ -100,20 +70,13 @@ def residual_norm_triton(residual: jax.Array, update: jax.Array | ExpertRows,
   Returns:
     `(residual + update, its RMSNorm)`, both `[..., D]` in the residual's dtype.
   """
+  partials = update_partials(residual, update)
   dim = residual.shape[-1]
   if weight.shape != (dim,):
     raise ValueError(f"weight must be [{dim}], got {weight.shape}")
   rows = residual.reshape(-1, dim)
-  options = dict(dim=dim, dim_pad=max(16, 1 << (dim - 1).bit_length()), eps=eps)
-  if isinstance(update, ExpertRows):
-    check_expert_rows(residual, update)
-    kernel = functools.partial(_combine_kernel, partials=update.rows.shape[0],
-                               top_k=update.weights.shape[1], **options)
-    operands = (*update, weight)
-  else:
-    partials = update_partials(residual, update)
-    kernel = functools.partial(_kernel, partials=partials, **options)
-    operands = (update.reshape(partials, *rows.shape), weight)
+  kernel = functools.partial(_kernel, partials=partials, dim=dim,
+                             dim_pad=max(16, 1 << (dim - 1).bit_length()), eps=eps)
   out = jax.ShapeDtypeStruct(rows.shape, residual.dtype)
   total, normed = pl.pallas_call(
       kernel,
@@ -122,5 +85,5 @@ def residual_norm_triton(residual: jax.Array, update: jax.Array | ExpertRows,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="sere_residual_norm",
-  )(rows, *operands)
+  )(rows, update.reshape(partials, *rows.shape), weight)
   return total.reshape(residual.shape), normed.reshape(residual.shape)
