@@ -4,6 +4,7 @@ split-K partials for kernels that sum them as they load."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -59,6 +60,12 @@ def split_k_count(k: int, n: int, *, min_chunk: int = 64, programs: int = 256) -
   while splits < want and k % (2 * splits) == 0 and k // (2 * splits) >= min_chunk:
     splits *= 2
   return splits
+
+
+def sum_partials(partials: jax.Array) -> jax.Array:
+  """Split-K partials `[P, ...]` summed over the first axis in order, `((p0 + p1) + p2)
+  ...`, as the kernels that read `split_k_dot`'s output sum them as they load them."""
+  return functools.reduce(jnp.add, list(partials))
 
 
 def split_k_dot(x: jax.Array, w: jax.Array, splits: int) -> jax.Array:

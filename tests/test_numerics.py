@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sere_jax.numerics import gemm_dot, split_k_count, split_k_dot
+from sere_jax.numerics import gemm_dot, split_k_count, split_k_dot, sum_partials
 from tests import kernel_backends
 
 # float32 dots run in TF32 on a GPU.
@@ -97,3 +97,11 @@ def test_split_k_dot_rejects_bad_input(x_shape, w_shape, splits, match):
 ])
 def test_split_k_count(k, n, want):
   assert split_k_count(k, n) == want
+
+
+def test_sum_partials_adds_in_order():
+  """((p0 + p1) + p2) in float32: 1 + 2^-24 rounds back to 1 each time, so the order
+  shows (summing p1 + p2 first would give 1 + 2^-23)."""
+  partials = jnp.asarray([[1.0], [2.0 ** -24], [2.0 ** -24]], jnp.float32)
+  assert float(sum_partials(partials)[0]) == 1.0
+  assert float(sum_partials(partials[::-1])[0]) == 1.0 + 2.0 ** -23

@@ -9,12 +9,10 @@ split-K partials: `qkv_partials`).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from sere_jax.numerics import mixed_dot_operands
+from sere_jax.numerics import mixed_dot_operands, sum_partials
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -130,7 +128,7 @@ def whole_qkv(qkv: jax.Array, activation_dtype=None) -> jax.Array:
   _, dtype = qkv_partials(qkv, activation_dtype)
   if qkv.ndim == 3:  # one array
     return qkv
-  return functools.reduce(jnp.add, list(qkv)).astype(dtype)
+  return sum_partials(qkv).astype(dtype)
 
 
 def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,

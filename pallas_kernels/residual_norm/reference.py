@@ -9,12 +9,11 @@ projection's output.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from sere_jax.kernels.decode_attention.reference import rms_norm
+from sere_jax.numerics import sum_partials
 
 
 def update_partials(residual: jax.Array, update: jax.Array) -> int:
@@ -35,6 +34,6 @@ def residual_norm_reference(residual: jax.Array, update: jax.Array, weight: jax.
   residual's dtype; partials are summed in order in float32 and rounded first."""
   update_partials(residual, update)
   if update.ndim > residual.ndim:  # partials
-    update = functools.reduce(jnp.add, list(update)).astype(residual.dtype)
+    update = sum_partials(update).astype(residual.dtype)
   total = residual + update
   return total, rms_norm(total, weight, eps)

@@ -8,12 +8,11 @@ float32 split-K partials `[P, T, E]` that sum to them.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from sere_jax import routing
+from sere_jax.numerics import sum_partials
 
 
 def check_logits(router_logits: jax.Array) -> int:
@@ -32,7 +31,7 @@ def summed_logits(router_logits: jax.Array) -> jax.Array:
   check_logits(router_logits)
   if router_logits.ndim == 2:
     return router_logits
-  return functools.reduce(jnp.add, list(router_logits))
+  return sum_partials(router_logits)
 
 
 def route_reference(router_logits: jax.Array, top_k: int, *, normalize: bool = False
