@@ -86,13 +86,13 @@ def softmax_router(top_k: int, normalize: bool, impl: str = "auto") -> Router:
   """
   def route(logits):
     kernel = fused_router(impl)
-    if kernel is not None:
+    summed = router_reference.summed_logits(logits)
+    if kernel is None:
+      ids, weights = routing.route(summed, top_k, normalize=normalize)
+    else:
       ids, weights = router_api.route(logits, top_k, normalize=normalize,
                                       implementation=kernel)
-    logits = router_reference.summed_logits(logits)
-    if kernel is None:
-      ids, weights = routing.route(logits, top_k, normalize=normalize)
-    return ids, weights, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return ids, weights, jax.nn.softmax(summed.astype(jnp.float32), axis=-1)
   return route
 
 
