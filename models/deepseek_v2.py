@@ -7,8 +7,11 @@
 Multi-head latent attention (MLA): queries come from `q_proj` (or the low-rank
 `q_a_proj -> q_a_layernorm -> q_b_proj`), keys and values from a compressed latent
 (`kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj`) plus one decoupled RoPE key
-shared by all heads; RoPE may be YaRN-scaled. The cache stores the expanded per-head
-keys and values. MoE layers route with softmax scores, greedy or group-limited greedy
+shared by all heads; RoPE may be YaRN-scaled. The cache holds what MLA compresses
+to, per token: the normalised latent and the rotated shared key (576 values per token
+and layer in V2-Lite against 5120 for per-head keys and values). One new token attends
+in the latent space (`kv_b_proj` absorbed into the query and the output); longer
+chunks expand the cached latents into per-head keys and values. MoE layers route with softmax scores, greedy or group-limited greedy
 top-K (`DeepseekV2Config.topk_method`), and add `n_shared_experts` as one dense MLP.
 
 Semantics follow DeepSeek's reference code, which the Hugging Face implementation
@@ -34,7 +37,7 @@ from sere_jax.models import hf_import
 from sere_jax.models.layers import KVCache, Linear, RMSNorm, SwiGLU
 from sere_jax.models.layers import apply_rope, attend, attention_mask
 from sere_jax.moe import MoeBlock, Router
-from sere_jax.numerics import gemm_dot
+from sere_jax.numerics import gemm_dot, mixed_dot_operands
 
 NO_REROUTE = RerouteConfig(policy="none")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -241,8 +244,40 @@ def _deinterleave(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
+def latent_attention(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
+                     k_pe: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """Attention over MLA's compressed cache, `kv_b_proj` absorbed into the query.
+
+  `q_latent [B, L, H, R]` is each head's no-RoPE query mapped into the latent space,
+  `q_pe [B, L, H, P]` its rotated part; the cache holds `latent [B, S, 1, R]` (keys
+  and values at once) and the shared rotated key `k_pe [B, S, 1, P]`; `mask [B, L, S]`.
+  Returns `[B, L, H, R]` in q_latent's dtype, still to be mapped out of the latent
+  space. Products accumulate in float32 and the softmax is float32, as in `attend`.
+  """
+  dtype = q_latent.dtype
+  cache_latent, cache_pe = latent[:, :, 0], k_pe[:, :, 0]
+  logits = (
+      jnp.einsum("blhr,bsr->bhls",
+                 *mixed_dot_operands(q_latent.astype(latent.dtype), cache_latent),
+                 preferred_element_type=jnp.float32)
+      + jnp.einsum("blhp,bsp->bhls", *mixed_dot_operands(q_pe.astype(k_pe.dtype), cache_pe),
+                   preferred_element_type=jnp.float32))
+  logits = jnp.where(mask[:, None], logits * scale, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows with no visible slot
+  out = jnp.einsum("bhls,bsr->blhr",
+                   *mixed_dot_operands(probs.astype(latent.dtype), cache_latent),
+                   preferred_element_type=jnp.float32)
+  return out.astype(dtype)
+
+
 class MlaAttention(nnx.Module):
-  """Multi-head latent attention with decoupled RoPE and an expanded-KV cache."""
+  """Multi-head latent attention with decoupled RoPE and a compressed (latent) cache.
+
+  The cache's `k [B, S, 1, qk_rope_head_dim]` holds the rotated shared key and its
+  `v [B, S, 1, kv_lora_rank]` the normalised latent, which `kv_b_proj` expands into
+  each head's no-RoPE key and value.
+  """
 
   def __init__(self, config: DeepseekV2Config, *, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
@@ -270,16 +305,26 @@ class MlaAttention(nnx.Module):
          else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))))
     q_nope, q_pe = jnp.split(q.reshape(b, l, heads, c.qk_head_dim), [c.qk_nope_head_dim], -1)
     latent, k_pe = jnp.split(self.kv_a_proj_with_mqa(x), [c.kv_lora_rank], -1)
-    kv = self.kv_b_proj(self.kv_a_layernorm(latent)).reshape(b, l, heads, -1)
-    k_nope, v = jnp.split(kv, [c.qk_nope_head_dim], -1)
     inv_freq, rope_scale = rope_frequencies(c)
     q_pe = apply_rope(_deinterleave(q_pe), positions, inv_freq, rope_scale)
     k_pe = apply_rope(_deinterleave(k_pe[:, :, None, :]), positions, inv_freq, rope_scale)
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, l, heads, c.qk_rope_head_dim))],
-                        axis=-1)
-    cache = cache.update(k, v, cache_index)
-    out = attend(jnp.concatenate([q_nope, q_pe], -1), cache.k, cache.v, mask,
-                 softmax_scale(c))
+    cache = cache.update(k_pe, self.kv_a_layernorm(latent)[:, :, None, :], cache_index)
+    if l == 1:  # one new token: attend in the latent space
+      w = self.kv_b_proj.kernel[...].reshape(c.kv_lora_rank, heads, -1)
+      w_k, w_v = jnp.split(w.astype(q.dtype), [c.qk_nope_head_dim], -1)
+      q_latent = jnp.einsum("blhn,rhn->blhr", *mixed_dot_operands(q_nope, w_k),
+                            preferred_element_type=jnp.float32).astype(q.dtype)
+      out = latent_attention(q_latent, q_pe, cache.v, cache.k, mask, softmax_scale(c))
+      out = jnp.einsum("blhr,rhv->blhv", *mixed_dot_operands(out, w_v),
+                       preferred_element_type=jnp.float32).astype(q.dtype)
+    else:  # a chunk of tokens: expand every cached latent into per-head keys and values
+      slots = cache.v.shape[1]
+      kv = self.kv_b_proj(cache.v[:, :, 0].astype(q.dtype)).reshape(b, slots, heads, -1)
+      k_nope, v = jnp.split(kv, [c.qk_nope_head_dim], -1)
+      k = jnp.concatenate([k_nope, jnp.broadcast_to(cache.k.astype(k_nope.dtype),
+                                                    (b, slots, heads, c.qk_rope_head_dim))],
+                          axis=-1)
+      out = attend(jnp.concatenate([q_nope, q_pe], -1), k, v, mask, softmax_scale(c))
     return self.o_proj(out.reshape(b, l, heads * c.v_head_dim)), cache
 
 
@@ -338,8 +383,8 @@ class DeepseekV2ForCausalLM(nnx.Module):
 
   def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> list[KVCache]:
     c = self.config
-    return [KVCache.zeros(batch, length, c.num_attention_heads, c.qk_head_dim,
-                          c.v_head_dim, dtype) for _ in range(c.num_hidden_layers)]
+    return [KVCache.zeros(batch, length, 1, c.qk_rope_head_dim, c.kv_lora_rank, dtype)
+            for _ in range(c.num_hidden_layers)]
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
                cache: list[KVCache], cache_valid: jax.Array, cache_index: jax.Array, *,

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from sere_jax.models import deepseek_v2 as ds
 from sere_jax.models import hf_import
+from sere_jax.models.layers import attend
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "parity")
 PARITY_MODELS = ("deepseek_v2", "deepseek_v2_lite")
@@ -144,6 +145,60 @@ def test_load_hf_names_bad_tensors(checkpoint_copy, edit, error, match):
   save_file(tensors, os.path.join(directory, "model.safetensors"))
   with pytest.raises(error, match=match.replace(".", r"\.")):
     ds.load_hf(directory, impl="xla_dense")
+
+
+# --- the latent cache ---------------------------------------------------------------
+
+def test_latent_attention_matches_attention_over_expanded_keys_and_values():
+  b, l, s, h, rank, nope, rope, dv = 2, 1, 6, 3, 8, 4, 2, 5
+  keys = jax.random.split(jax.random.key(0), 6)
+  q_nope = jax.random.normal(keys[0], (b, l, h, nope))
+  q_pe = jax.random.normal(keys[1], (b, l, h, rope))
+  latent = jax.random.normal(keys[2], (b, s, 1, rank))
+  k_pe = jax.random.normal(keys[3], (b, s, 1, rope))
+  w_k = jax.random.normal(keys[4], (rank, h, nope))
+  w_v = jax.random.normal(keys[5], (rank, h, dv))
+  mask = jnp.asarray(np.random.default_rng(0).random((b, l, s)) < 0.7).at[1].set(False)
+  k = jnp.concatenate([jnp.einsum("bsr,rhn->bshn", latent[:, :, 0], w_k),
+                       jnp.broadcast_to(k_pe, (b, s, h, rope))], axis=-1)
+  v = jnp.einsum("bsr,rhv->bshv", latent[:, :, 0], w_v)
+  want = attend(jnp.concatenate([q_nope, q_pe], -1), k, v, mask, 0.3)
+  q_latent = jnp.einsum("blhn,rhn->blhr", q_nope, w_k)
+  got = jnp.einsum("blhr,rhv->blhv",
+                   ds.latent_attention(q_latent, q_pe, latent, k_pe, mask, 0.3), w_v)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got[1], 0.0)  # no visible slot: zeros, not NaN
+
+
+def test_cache_holds_the_latent_and_the_shared_rotated_key():
+  config = ds.DeepseekV2Config(**SMALL)
+  model = ds.DeepseekV2ForCausalLM(config, rngs=nnx.Rngs(0))
+  cache = model.init_cache(3, 7)
+  assert len(cache) == config.num_hidden_layers
+  assert cache[0].k.shape == (3, 7, 1, config.qk_rope_head_dim)
+  assert cache[0].v.shape == (3, 7, 1, config.kv_lora_rank)
+
+
+def test_decode_steps_match_one_pass_over_the_sequence():
+  """A token decoded over the latent cache scores as it does in a full-length pass."""
+  config = ds.DeepseekV2Config(**SMALL)
+  model = ds.DeepseekV2ForCausalLM(config, impl="xla_dense", rngs=nnx.Rngs(1))
+  batch, length, prompt = 2, 6, 4
+  tokens = jax.random.randint(jax.random.key(2), (batch, length), 0, config.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  valid = jnp.ones((batch, length), bool)
+  whole = _forward(model, tokens, positions, valid, model.init_cache(batch, length), valid,
+                   jnp.int32(0), decode=False).logits
+  cache_valid = valid.at[:, prompt:].set(False)
+  out = _forward(model, tokens[:, :prompt], positions[:, :prompt], valid[:, :prompt],
+                 model.init_cache(batch, length), cache_valid, jnp.int32(0), decode=False)
+  cache = out.cache
+  for t in range(prompt, length):
+    cache_valid = cache_valid.at[:, t].set(True)
+    out = _forward(model, tokens[:, t:t + 1], positions[:, t:t + 1], valid[:, t:t + 1],
+                   cache, cache_valid, jnp.int32(t), decode=True)
+    cache = out.cache
+    np.testing.assert_allclose(out.logits[:, 0], whole[:, t], rtol=1e-4, atol=1e-5)
 
 
 # --- parity with Hugging Face -------------------------------------------------------
