@@ -36,7 +36,7 @@ from sere_jax.config import RerouteConfig
 from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models.layers import KVCache, Linear, RMSNorm, SwiGLU
-from sere_jax.models.layers import apply_rope, attend, attention_mask
+from sere_jax.models.layers import apply_rope, attend, attention_mask, masked_softmax
 from sere_jax.moe import MoeBlock, Router
 from sere_jax.numerics import gemm_dot, mixed_dot_operands
 
@@ -263,9 +263,7 @@ def latent_attention(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
                  preferred_element_type=jnp.float32)
       + jnp.einsum("blhp,bsp->bhls", *mixed_dot_operands(q_pe.astype(k_pe.dtype), cache_pe),
                    preferred_element_type=jnp.float32))
-  logits = jnp.where(mask[:, None], logits * scale, -jnp.inf)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows with no visible slot
+  probs = masked_softmax(logits, mask[:, None], scale)
   out = jnp.einsum("bhls,bsr->blhr",
                    *mixed_dot_operands(probs.astype(latent.dtype), cache_latent),
                    preferred_element_type=jnp.float32)

@@ -23,13 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from sere_jax.kernels.decode_attention.reference import (apply_rope, attend,
-                                                         attend_with_cache, rms_norm,
+                                                         attend_with_cache,
+                                                         masked_softmax, rms_norm,
                                                          update_cache)
 from sere_jax.numerics import gemm_dot
 
 __all__ = ["KVCache", "Linear", "RMSNorm", "SwiGLU", "apply_rope", "attend",
-           "attention_mask", "cached_attention", "linear_param", "rms_norm",
-           "rope_inv_freq"]
+           "attention_mask", "cached_attention", "linear_param", "masked_softmax",
+           "rms_norm", "rope_inv_freq"]
 
 
 class KVCache(NamedTuple):

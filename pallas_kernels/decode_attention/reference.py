@@ -37,6 +37,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
   return (xf * cos + rotated * sin).astype(x.dtype)
 
 
+def masked_softmax(logits: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """Float32 softmax over the last axis of `logits * scale` where `mask` (broadcast to
+  the logits) is set; a row with no visible slot is all zeros, not NaN."""
+  probs = jax.nn.softmax(jnp.where(mask, logits * scale, -jnp.inf), axis=-1)
+  return jnp.where(jnp.isnan(probs), 0.0, probs)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
            ) -> jax.Array:
   """Grouped-query attention. `q [B, L, H, Dk]`, `k [B, S, Hkv, Dk]`, `v [B, S, Hkv, Dv]`,
@@ -46,9 +53,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
   kv_heads, dtype = k.shape[2], q.dtype
   q, k = mixed_dot_operands(q.reshape(b, l, kv_heads, h // kv_heads, dk).astype(k.dtype), k)
   logits = jnp.einsum("blgrd,bsgd->bgrls", q, k, preferred_element_type=jnp.float32)
-  logits = jnp.where(mask[:, None, None], logits * scale, -jnp.inf)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows with no visible slot
+  probs = masked_softmax(logits, mask[:, None, None], scale)
   probs, v = mixed_dot_operands(probs.astype(v.dtype), v)
   out = jnp.einsum("bgrls,bsgd->blgrd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, l, h, v.shape[-1]).astype(dtype)
