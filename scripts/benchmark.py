@@ -217,7 +217,7 @@ def main(argv: list[str]) -> None:
     result = dict(suite="ep_model", command=command, **ep_model.ep_table(
         policy_spec.parse_list(_POLICIES.value), [int(b) for b in _BATCHES.value],
         _EXPERT_DEVICES.value))
-    fileio.write_all_atomic({_OUT.value + ".json": json.dumps(result, indent=1),
+    fileio.write_all_atomic({_OUT.value + ".json": fileio.compact_json(result),
                              _OUT.value + ".md": ep_model.markdown(result, command)})
     print(ep_model.markdown(result, command))
     return
@@ -281,7 +281,7 @@ def bandwidth_suite(command: str) -> None:
   result = _probe_across_processes()
   result.update(suite="bandwidth", command=command)
   text = bandwidth.markdown(result, command)
-  fileio.write_all_atomic({_OUT.value + ".json": json.dumps(result, indent=1),
+  fileio.write_all_atomic({_OUT.value + ".json": fileio.compact_json(result),
                            _OUT.value + ".md": text})
   print(text)
 
@@ -408,7 +408,7 @@ def standard_suite(command: str) -> None:
   bar.close()
   text = compare.markdown([dict(result, _path=final_json)],
                           title=f"Standard suite on {env['device_kind']}")
-  fileio.write_all_atomic({final_json: json.dumps(result, indent=1), final_md: text})
+  fileio.write_all_atomic({final_json: fileio.compact_json(result), final_md: text})
   if os.path.exists(partial):
     os.remove(partial)
   print(text)
@@ -423,7 +423,7 @@ def write_result(result):
   """Writes `<out>.json` and `<out>.md`."""
   result.setdefault("command", _command())
   command = result["command"]
-  fileio.write_all_atomic({_OUT.value + ".json": json.dumps(result, indent=1),
+  fileio.write_all_atomic({_OUT.value + ".json": fileio.compact_json(result),
                            _OUT.value + ".md": markdown(result, command)})
 
 
