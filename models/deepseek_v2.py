@@ -35,6 +35,7 @@ from sere_jax import policies
 from sere_jax.config import RerouteConfig
 from sere_jax.models import base
 from sere_jax.models import hf_import
+from sere_jax.models import layers
 from sere_jax.models.layers import KVCache, Linear, RMSNorm, SwiGLU
 from sere_jax.models.layers import apply_rope, attend, attention_mask, masked_softmax
 from sere_jax.moe import MoeBlock, Router
@@ -43,6 +44,9 @@ from sere_jax.numerics import gemm_dot, mixed_dot_operands
 NO_REROUTE = RerouteConfig(policy="none")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 ROPE_TYPES = ("default", "yarn")
+# The decode step's residual add + RMSNorm after attention: `auto` is the residual_norm
+# kernel on GPUs (fed the output projection's split-K partials) and XLA elsewhere.
+NORM_IMPLS = ("auto", "xla", "triton", "interpret")
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in HF
 
 
@@ -296,7 +300,11 @@ class MlaAttention(nnx.Module):
     self.o_proj = Linear(heads * c.v_head_dim, dim, bias=c.attention_bias, **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache,
-               mask: jax.Array, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+               mask: jax.Array, cache_index: jax.Array, *, partials: bool = False
+               ) -> tuple[jax.Array, KVCache]:
+    """`x [B, L, D]` -> `(out [B, L, D], cache)`; with `partials` and one new token
+    (no output bias), `out` is the output projection's split-K partials `[P, B, 1, D]`
+    (`layers.add_and_norm`)."""
     c = self.config
     b, l, _ = x.shape
     heads = c.num_attention_heads
@@ -316,6 +324,8 @@ class MlaAttention(nnx.Module):
       out = latent_attention(q_latent, q_pe, cache.v, cache.k, mask, softmax_scale(c))
       out = jnp.einsum("blhr,rhv->blhv", *mixed_dot_operands(out, w_v),
                        preferred_element_type=jnp.float32).astype(q.dtype)
+      if partials and self.o_proj.bias is None:
+        return layers.projection_partials(out.reshape(b, -1), self.o_proj), cache
     else:  # a chunk of tokens: expand every cached latent into per-head keys and values
       slots = cache.v.shape[1]
       kv = self.kv_b_proj(cache.v[:, :, 0].astype(q.dtype)).reshape(b, slots, heads, -1)
@@ -331,8 +341,9 @@ class DecoderLayer(nnx.Module):
   """Pre-norm MLA + (dense SwiGLU | routed MoE + shared experts)."""
 
   def __init__(self, config: DeepseekV2Config, layer: int, *, reroute: RerouteConfig,
-               impl: str, param_dtype, rngs: nnx.Rngs):
+               impl: str, param_dtype, rngs: nnx.Rngs, norm_impl: str = "auto"):
     dim, kw = config.hidden_size, dict(param_dtype=param_dtype, rngs=rngs)
+    self.norm_impl = norm_impl
     self.input_layernorm = RMSNorm(dim, config.rms_norm_eps, param_dtype)
     self.self_attn = MlaAttention(config, **kw)
     self.post_attention_layernorm = RMSNorm(dim, config.rms_norm_eps, param_dtype)
@@ -351,9 +362,12 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
                cache: KVCache, mask: jax.Array, cache_index: jax.Array, decode: bool
                ) -> tuple[jax.Array, KVCache, policies.RerouteStats | None]:
-    h, cache = self.self_attn(self.input_layernorm(x), positions, cache, mask, cache_index)
-    x = x + h
-    h = self.post_attention_layernorm(x)
+    norm_impl = (layers.decode_kernels_impl() if self.norm_impl == "auto"
+                 else self.norm_impl)
+    h, cache = self.self_attn(self.input_layernorm(x), positions, cache, mask, cache_index,
+                              partials=norm_impl != "xla")
+    x, h = layers.add_and_norm(x, h, self.post_attention_layernorm,
+                               implementation=norm_impl)
     stats = None
     if isinstance(self.mlp, MoeBlock):
       y, stats = self.mlp(h, token_valid, decode=decode)
@@ -368,13 +382,17 @@ class DeepseekV2ForCausalLM(nnx.Module):
   """DeepSeek-V2 decoder with LM head; see `sere_jax.models.base` for the interface."""
 
   def __init__(self, config: DeepseekV2Config, *, reroute: RerouteConfig = NO_REROUTE,
-               impl: str = "auto", param_dtype=jnp.float32, rngs: nnx.Rngs):
+               impl: str = "auto", norm_impl: str = "auto", param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if norm_impl not in NORM_IMPLS:
+      raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {norm_impl!r}")
     self.config = config
     self.embed_tokens = nnx.Param(nnx.initializers.normal(stddev=0.02)(
         rngs.params(), (config.vocab_size, config.hidden_size), param_dtype))
     self.layers = nnx.List([
-        DecoderLayer(config, i, reroute=reroute, impl=impl, param_dtype=param_dtype,
-                     rngs=rngs) for i in range(config.num_hidden_layers)])
+        DecoderLayer(config, i, reroute=reroute, impl=impl, norm_impl=norm_impl,
+                     param_dtype=param_dtype, rngs=rngs)
+        for i in range(config.num_hidden_layers)])
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
     self.lm_head = (None if config.tie_word_embeddings else
                     Linear(config.hidden_size, config.vocab_size, param_dtype=param_dtype,

@@ -26,11 +26,13 @@ from sere_jax.kernels.decode_attention.reference import (apply_rope, attend,
                                                          attend_with_cache,
                                                          masked_softmax, rms_norm,
                                                          update_cache)
-from sere_jax.numerics import gemm_dot
+from sere_jax.kernels.residual_norm import api as residual_norm_api
+from sere_jax.numerics import gemm_dot, mixed_dot_operands, split_k_count, split_k_dot
 
-__all__ = ["KVCache", "Linear", "RMSNorm", "SwiGLU", "apply_rope", "attend",
-           "attention_mask", "cached_attention", "linear_param", "masked_softmax",
-           "rms_norm", "rope_inv_freq"]
+__all__ = ["KVCache", "Linear", "RMSNorm", "SwiGLU", "add_and_norm", "apply_rope",
+           "attend", "attention_mask", "cached_attention", "decode_kernels_impl",
+           "linear_param", "masked_softmax", "projection_partials", "rms_norm",
+           "rope_inv_freq"]
 
 
 class KVCache(NamedTuple):
@@ -78,6 +80,36 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     y = gemm_dot(x, self.kernel[...].astype(x.dtype))
     return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+def decode_kernels_impl() -> str:
+  """The backend of the fused decode kernels on this machine: `triton` on GPUs, else
+  `xla` (their jnp references, with the unfused model path)."""
+  return "triton" if jax.default_backend() == "gpu" else "xla"
+
+
+def projection_partials(x: jax.Array, proj: Linear) -> jax.Array:
+  """`proj(x)` of one token per sequence, `x [B, K]`, as float32 split-K partials
+  `[P, B, 1, N]` for `add_and_norm` to sum (`proj` has no bias)."""
+  if proj.bias is not None:
+    raise ValueError("projection_partials takes a projection without a bias")
+  weight = proj.kernel[...].astype(x.dtype)
+  parts = split_k_dot(*mixed_dot_operands(x, weight), split_k_count(*weight.shape))
+  return parts.reshape(-1, x.shape[0], 1, weight.shape[1])
+
+
+def add_and_norm(x: jax.Array, update: jax.Array, norm: RMSNorm, *,
+                 implementation: str) -> tuple[jax.Array, jax.Array]:
+  """The residual add and the pre-norm after it: `(x + update, norm(x + update))`.
+
+  `update` is `[B, L, D]` like `x`, or `projection_partials`' `[P, B, 1, D]`, which the
+  `residual_norm` kernel (`implementation`) sums, adds and normalises in one pass.
+  """
+  if update.ndim > x.ndim:
+    return residual_norm_api.residual_norm(x, update, norm.weight[...], eps=norm.eps,
+                                           implementation=implementation)
+  x = x + update
+  return x, norm(x)
 
 
 class SwiGLU(nnx.Module):

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels.decode_attention import api as attention_api
-from sere_jax.kernels.residual_norm import api as residual_norm_api
 from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models import layers
@@ -49,7 +48,7 @@ def resolve_attention_impl(attention_impl: str) -> str:
                      f"got {attention_impl!r}")
   if attention_impl != "auto":
     return attention_impl
-  return "triton" if jax.default_backend() == "gpu" else "xla"
+  return layers.decode_kernels_impl()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +196,7 @@ class Attention(nnx.Module):
           implementation=impl)
       cache = layers.KVCache(k_cache, v_cache)
       if self.o_proj.bias is None:  # the residual_norm kernel sums the partials
-        weight = self.o_proj.kernel[...].astype(out.dtype)
-        parts = split_k_dot(*mixed_dot_operands(out.reshape(b, -1), weight),
-                            split_k_count(*weight.shape))
-        return parts.reshape(-1, b, 1, weight.shape[1]), cache
+        return layers.projection_partials(out.reshape(b, -1), self.o_proj), cache
       out = out[:, None]
     else:
       q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -253,13 +249,9 @@ class DecoderLayer(nnx.Module):
                decode: bool) -> tuple[jax.Array, layers.KVCache, RerouteStats | None]:
     """`x [B, L, D]` -> `(x, cache, stats)`; `stats` is None on dense layers."""
     h, cache = self.attn(self.input_norm(x), positions, cache, mask, cache_index)
-    if h.ndim > x.ndim:  # split-K partials: the add and the norm in one kernel
-      x, h = residual_norm_api.residual_norm(
-          x, h, self.post_attn_norm.weight[...], eps=self.post_attn_norm.eps,
-          implementation=resolve_attention_impl(self.attn.attention_impl))
-    else:
-      x = x + h
-      h = self.post_attn_norm(x)
+    x, h = layers.add_and_norm(
+        x, h, self.post_attn_norm,
+        implementation=resolve_attention_impl(self.attn.attention_impl))
     if not isinstance(self.mlp, MoeBlock):
       return x + self.mlp(h), cache, None
     y, stats = self.mlp(h, token_valid, decode=decode)

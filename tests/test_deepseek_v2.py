@@ -170,6 +170,12 @@ def test_latent_attention_matches_attention_over_expanded_keys_and_values():
   np.testing.assert_array_equal(got[1], 0.0)  # no visible slot: zeros, not NaN
 
 
+def test_unknown_norm_impl_is_named():
+  with pytest.raises(ValueError, match="norm_impl must be one of"):
+    ds.DeepseekV2ForCausalLM(ds.DeepseekV2Config(**SMALL), norm_impl="cuda",
+                             rngs=nnx.Rngs(0))
+
+
 def test_cache_holds_the_latent_and_the_shared_rotated_key():
   config = ds.DeepseekV2Config(**SMALL)
   model = ds.DeepseekV2ForCausalLM(config, rngs=nnx.Rngs(0))
@@ -179,10 +185,14 @@ def test_cache_holds_the_latent_and_the_shared_rotated_key():
   assert cache[0].v.shape == (3, 7, 1, config.kv_lora_rank)
 
 
-def test_decode_steps_match_one_pass_over_the_sequence():
-  """A token decoded over the latent cache scores as it does in a full-length pass."""
+@pytest.mark.parametrize("norm_impl", ["xla", "interpret"])
+def test_decode_steps_match_one_pass_over_the_sequence(norm_impl):
+  """A token decoded over the latent cache scores as it does in a full-length pass,
+  with the residual add + norm after attention as XLA ops or as the residual_norm
+  kernel fed the output projection's split-K partials."""
   config = ds.DeepseekV2Config(**SMALL)
-  model = ds.DeepseekV2ForCausalLM(config, impl="xla_dense", rngs=nnx.Rngs(1))
+  model = ds.DeepseekV2ForCausalLM(config, impl="xla_dense", norm_impl=norm_impl,
+                                   rngs=nnx.Rngs(1))
   batch, length, prompt = 2, 6, 4
   tokens = jax.random.randint(jax.random.key(2), (batch, length), 0, config.vocab_size)
   positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
