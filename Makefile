@@ -9,4 +9,4 @@ demo: venv
 	.venv/bin/python -m sere_jax.scripts.demo
 
 test: venv
-	.venv/bin/python -m pytest tests
+	.venv/bin/python -m pytest -n auto --maxprocesses=4 tests
