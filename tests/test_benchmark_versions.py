@@ -47,6 +47,14 @@ def test_new_rows_against_the_old_line_at_their_distinct_experts():
   assert "| 16 | sere:2:0 | 25.0 | 3.570 | 3.500 | +2.0 % | 3465 | 3500 | -1.0 % |" in table
 
 
+def test_profiles_without_gpu_time_compare_ms_only():
+  """A CPU run's profiles have no GPU events: busy time is missing, not zero."""
+  old = _result([_row(2, "none", 4.0, 2.0, 0.0)])
+  (row,) = versions.compare_decode(old, _result([_row(2, "none", 4.0, 1.8, 0.0)]))
+  assert row["ms_change"] == pytest.approx(-0.1)
+  assert row["gpu_busy_us"] is None and row["busy_change"] is None
+
+
 def test_one_old_row_at_another_distinct_count_has_no_line():
   new = _result([_row(1, "none", 6.0, 4.0)])
   (row,) = versions.compare_decode(OLD, new)

@@ -19,8 +19,10 @@ import numpy as np
 
 
 def _busy(row: dict[str, Any]) -> float | None:
+  """The row's GPU busy µs per step; None without a profile or without GPU events (a
+  profile taken on a CPU has none)."""
   profile = row.get("profile")
-  return profile["gpu_busy_us"] if profile else None
+  return (profile.get("gpu_busy_us") or None) if profile else None
 
 
 def _at(rows: Sequence[dict[str, Any]], value, distinct: float) -> float | None:
