@@ -11,7 +11,9 @@ shared by all heads; RoPE may be YaRN-scaled. The cache holds what MLA compresse
 to, per token: the normalised latent and the rotated shared key (576 values per token
 and layer in V2-Lite against 5120 for per-head keys and values). One new token attends
 in the latent space (`kv_b_proj` absorbed into the query and the output); longer
-chunks expand the cached latents into per-head keys and values. MoE layers route with
+chunks expand the cached latents into per-head keys and values. In decode on GPUs the
+output projection hands its split-K partials to the `residual_norm` kernel
+(`norm_impl`). MoE layers route with
 softmax scores, greedy or group-limited greedy top-K (`DeepseekV2Config.topk_method`),
 and add `n_shared_experts` as one dense MLP.
 
