@@ -13,9 +13,8 @@ and layer in V2-Lite against 5120 for per-head keys and values). One new token a
 in the latent space (`kv_b_proj` absorbed into the query and the output); longer
 chunks expand the cached latents into per-head keys and values. In decode on GPUs the
 output projection hands its split-K partials to the `residual_norm` kernel
-(`norm_impl`). MoE layers route with
-softmax scores, greedy or group-limited greedy top-K (`DeepseekV2Config.topk_method`),
-and add `n_shared_experts` as one dense MLP.
+(`norm_impl`). MoE layers route with softmax scores, greedy or group-limited greedy
+top-K (`DeepseekV2Config.topk_method`), and add `n_shared_experts` as one dense MLP.
 
 Semantics follow DeepSeek's reference code, which the Hugging Face implementation
 matches for every released checkpoint; where they differ (transformers ignores
@@ -48,7 +47,7 @@ TOPK_METHODS = ("greedy", "group_limited_greedy")
 ROPE_TYPES = ("default", "yarn")
 # The decode step's residual add + RMSNorm after attention: `auto` is the residual_norm
 # kernel on GPUs (fed the output projection's split-K partials) and XLA elsewhere.
-NORM_IMPLS = ("auto", "xla", "triton", "interpret")
+NORM_IMPLS = layers.DECODE_IMPLS
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in HF
 
 
@@ -364,8 +363,7 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
                cache: KVCache, mask: jax.Array, cache_index: jax.Array, decode: bool
                ) -> tuple[jax.Array, KVCache, policies.RerouteStats | None]:
-    norm_impl = (layers.decode_kernels_impl() if self.norm_impl == "auto"
-                 else self.norm_impl)
+    norm_impl = layers.resolve_decode_impl(self.norm_impl, arg="norm_impl")
     h, cache = self.self_attn(self.input_layernorm(x), positions, cache, mask, cache_index,
                               partials=norm_impl != "xla")
     x, h = layers.add_and_norm(x, h, self.post_attention_layernorm,
@@ -386,8 +384,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
   def __init__(self, config: DeepseekV2Config, *, reroute: RerouteConfig = NO_REROUTE,
                impl: str = "auto", norm_impl: str = "auto", param_dtype=jnp.float32,
                rngs: nnx.Rngs):
-    if norm_impl not in NORM_IMPLS:
-      raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {norm_impl!r}")
+    layers.resolve_decode_impl(norm_impl, arg="norm_impl")  # rejects unknown values
     self.config = config
     self.embed_tokens = nnx.Param(nnx.initializers.normal(stddev=0.02)(
         rngs.params(), (config.vocab_size, config.hidden_size), param_dtype))

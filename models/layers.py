@@ -30,9 +30,12 @@ from sere_jax.kernels.residual_norm import api as residual_norm_api
 from sere_jax.numerics import gemm_dot, mixed_dot_operands, split_k_count, split_k_dot
 
 __all__ = ["KVCache", "Linear", "RMSNorm", "SwiGLU", "add_and_norm", "apply_rope",
-           "attend", "attention_mask", "cached_attention", "decode_kernels_impl",
-           "linear_param", "masked_softmax", "projection_partials", "rms_norm",
-           "rope_inv_freq"]
+           "attend", "attention_mask", "cached_attention", "DECODE_IMPLS",
+           "linear_param", "masked_softmax", "projection_partials",
+           "resolve_decode_impl", "rms_norm", "rope_inv_freq"]
+
+# Backends of the models' fused decode kernels (attention, residual add + norm).
+DECODE_IMPLS = ("auto", "xla", "triton", "interpret")
 
 
 class KVCache(NamedTuple):
@@ -82,9 +85,14 @@ class Linear(nnx.Module):
     return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
-def decode_kernels_impl() -> str:
-  """The backend of the fused decode kernels on this machine: `triton` on GPUs, else
-  `xla` (their jnp references, with the unfused model path)."""
+def resolve_decode_impl(impl: str, *, arg: str) -> str:
+  """Validates `impl` (one of `DECODE_IMPLS`; `arg` names the option in the error) and
+  maps `auto` to `triton` on GPUs and `xla` (the jnp references, with the unfused
+  model path) on other backends."""
+  if impl not in DECODE_IMPLS:
+    raise ValueError(f"{arg} must be one of {DECODE_IMPLS}, got {impl!r}")
+  if impl != "auto":
+    return impl
   return "triton" if jax.default_backend() == "gpu" else "xla"
 
 

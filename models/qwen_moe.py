@@ -38,17 +38,12 @@ from sere_jax.policies import RerouteStats
 
 ARCHITECTURES = ("qwen2_moe", "qwen3_moe")
 NO_REROUTE = RerouteConfig(policy="none")
-ATTENTION_IMPLS = ("auto", "xla", "triton", "interpret")
+ATTENTION_IMPLS = layers.DECODE_IMPLS
 
 
 def resolve_attention_impl(attention_impl: str) -> str:
   """Maps `auto` to `triton` on GPUs and `xla` on other backends."""
-  if attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
-                     f"got {attention_impl!r}")
-  if attention_impl != "auto":
-    return attention_impl
-  return layers.decode_kernels_impl()
+  return layers.resolve_decode_impl(attention_impl, arg="attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
