@@ -11,9 +11,12 @@ shared by all heads; RoPE may be YaRN-scaled. The cache holds what MLA compresse
 to, per token: the normalised latent and the rotated shared key (576 values per token
 and layer in V2-Lite against 5120 for per-head keys and values). One new token attends
 in the latent space (`kv_b_proj` absorbed into the query and the output); longer
-chunks expand the cached latents into per-head keys and values. In decode on GPUs the
-output projection hands its split-K partials to the `residual_norm` kernel
-(`norm_impl`). MoE layers route with softmax scores, greedy or group-limited greedy
+chunks expand the cached latents into per-head keys and values. `attention_impl`
+chooses the decode step's kernels: `xla` (the model's building blocks) or the Pallas
+kernels `sere_jax.kernels.latent_attention` (the attention in the latent space) and
+`residual_norm`, fed the output projection's split-K partials (`triton` on GPUs,
+`interpret` anywhere); `auto` (the default) is `triton` on GPUs and `xla` elsewhere.
+MoE layers route with softmax scores, greedy or group-limited greedy
 top-K (`DeepseekV2Config.topk_method`), and add `n_shared_experts` as one dense MLP.
 
 Semantics follow DeepSeek's reference code, which the Hugging Face implementation
@@ -34,21 +37,20 @@ import numpy as np
 
 from sere_jax import policies
 from sere_jax.config import RerouteConfig
+from sere_jax.kernels.latent_attention import api as latent_attention_api
 from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models import layers
 from sere_jax.models.layers import KVCache, Linear, RMSNorm, SwiGLU
-from sere_jax.models.layers import apply_rope, attend, attention_mask, masked_softmax
+from sere_jax.models.layers import apply_rope, attend, attention_mask
 from sere_jax.moe import MoeBlock, Router
 from sere_jax.numerics import gemm_dot, mixed_dot_operands
 
 NO_REROUTE = RerouteConfig(policy="none")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 ROPE_TYPES = ("default", "yarn")
-# The decode step's residual add + RMSNorm after attention: `auto` is the residual_norm
-# kernel on GPUs (fed the output projection's split-K partials) and XLA elsewhere.
-NORM_IMPLS = layers.DECODE_IMPLS
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in HF
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,31 +252,6 @@ def _deinterleave(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
-def latent_attention(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
-                     k_pe: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-  """Attention over MLA's compressed cache, `kv_b_proj` absorbed into the query.
-
-  `q_latent [B, L, H, R]` is each head's no-RoPE query mapped into the latent space,
-  `q_pe [B, L, H, P]` its rotated part; the cache holds `latent [B, S, 1, R]` (keys
-  and values at once) and the shared rotated key `k_pe [B, S, 1, P]`; `mask [B, L, S]`.
-  Returns `[B, L, H, R]` in q_latent's dtype, still to be mapped out of the latent
-  space. Products accumulate in float32 and the softmax is float32, as in `attend`.
-  """
-  dtype = q_latent.dtype
-  cache_latent, cache_pe = latent[:, :, 0], k_pe[:, :, 0]
-  logits = (
-      jnp.einsum("blhr,bsr->bhls",
-                 *mixed_dot_operands(q_latent.astype(latent.dtype), cache_latent),
-                 preferred_element_type=jnp.float32)
-      + jnp.einsum("blhp,bsp->bhls", *mixed_dot_operands(q_pe.astype(k_pe.dtype), cache_pe),
-                   preferred_element_type=jnp.float32))
-  probs = masked_softmax(logits, mask[:, None], scale)
-  out = jnp.einsum("bhls,bsr->blhr",
-                   *mixed_dot_operands(probs.astype(latent.dtype), cache_latent),
-                   preferred_element_type=jnp.float32)
-  return out.astype(dtype)
-
-
 class MlaAttention(nnx.Module):
   """Multi-head latent attention with decoupled RoPE and a compressed (latent) cache.
 
@@ -301,11 +278,12 @@ class MlaAttention(nnx.Module):
     self.o_proj = Linear(heads * c.v_head_dim, dim, bias=c.attention_bias, **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache,
-               mask: jax.Array, cache_index: jax.Array, *, partials: bool = False
+               mask: jax.Array, cache_index: jax.Array, *, impl: str = "xla"
                ) -> tuple[jax.Array, KVCache]:
-    """`x [B, L, D]` -> `(out [B, L, D], cache)`; with `partials` and one new token
-    (no output bias), `out` is the output projection's split-K partials `[P, B, 1, D]`
-    (`layers.add_and_norm`)."""
+    """`x [B, L, D]` -> `(out [B, L, D], cache)`. One new token attends with the
+    `latent_attention` op's `impl` (a resolved `layers.ATTENTION_IMPLS` name); with a
+    kernel (not `xla`) and no output bias, `out` is the output projection's split-K
+    partials `[P, B, 1, D]` (`layers.add_and_norm`)."""
     c = self.config
     b, l, _ = x.shape
     heads = c.num_attention_heads
@@ -322,10 +300,12 @@ class MlaAttention(nnx.Module):
       w_k, w_v = jnp.split(w.astype(q.dtype), [c.qk_nope_head_dim], -1)
       q_latent = jnp.einsum("blhn,rhn->blhr", *mixed_dot_operands(q_nope, w_k),
                             preferred_element_type=jnp.float32).astype(q.dtype)
-      out = latent_attention(q_latent, q_pe, cache.v, cache.k, mask, softmax_scale(c))
+      out = latent_attention_api.latent_attention(
+          q_latent[:, 0], q_pe[:, 0], cache.v[:, :, 0], cache.k[:, :, 0], mask[:, 0],
+          cache_index, scale=softmax_scale(c), implementation=impl)[:, None]
       out = jnp.einsum("blhr,rhv->blhv", *mixed_dot_operands(out, w_v),
                        preferred_element_type=jnp.float32).astype(q.dtype)
-      if partials and self.o_proj.bias is None:
+      if impl != "xla" and self.o_proj.bias is None:
         return layers.projection_partials(out.reshape(b, -1), self.o_proj), cache
     else:  # a chunk of tokens: expand every cached latent into per-head keys and values
       slots = cache.v.shape[1]
@@ -342,9 +322,9 @@ class DecoderLayer(nnx.Module):
   """Pre-norm MLA + (dense SwiGLU | routed MoE + shared experts)."""
 
   def __init__(self, config: DeepseekV2Config, layer: int, *, reroute: RerouteConfig,
-               impl: str, param_dtype, rngs: nnx.Rngs, norm_impl: str = "auto"):
+               impl: str, param_dtype, rngs: nnx.Rngs, attention_impl: str = "auto"):
     dim, kw = config.hidden_size, dict(param_dtype=param_dtype, rngs=rngs)
-    self.norm_impl = norm_impl
+    self.attention_impl = attention_impl
     self.input_layernorm = RMSNorm(dim, config.rms_norm_eps, param_dtype)
     self.self_attn = MlaAttention(config, **kw)
     self.post_attention_layernorm = RMSNorm(dim, config.rms_norm_eps, param_dtype)
@@ -363,11 +343,11 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
                cache: KVCache, mask: jax.Array, cache_index: jax.Array, decode: bool
                ) -> tuple[jax.Array, KVCache, policies.RerouteStats | None]:
-    norm_impl = layers.resolve_decode_impl(self.norm_impl, arg="norm_impl")
+    attention_impl = layers.resolve_attention_impl(self.attention_impl)
     h, cache = self.self_attn(self.input_layernorm(x), positions, cache, mask, cache_index,
-                              partials=norm_impl != "xla")
+                              impl=attention_impl)
     x, h = layers.add_and_norm(x, h, self.post_attention_layernorm,
-                               implementation=norm_impl)
+                               implementation=attention_impl)
     stats = None
     if isinstance(self.mlp, MoeBlock):
       y, stats = self.mlp(h, token_valid, decode=decode)
@@ -382,14 +362,14 @@ class DeepseekV2ForCausalLM(nnx.Module):
   """DeepSeek-V2 decoder with LM head; see `sere_jax.models.base` for the interface."""
 
   def __init__(self, config: DeepseekV2Config, *, reroute: RerouteConfig = NO_REROUTE,
-               impl: str = "auto", norm_impl: str = "auto", param_dtype=jnp.float32,
+               impl: str = "auto", attention_impl: str = "auto", param_dtype=jnp.float32,
                rngs: nnx.Rngs):
-    layers.resolve_decode_impl(norm_impl, arg="norm_impl")  # rejects unknown values
+    layers.resolve_attention_impl(attention_impl)  # rejects unknown values
     self.config = config
     self.embed_tokens = nnx.Param(nnx.initializers.normal(stddev=0.02)(
         rngs.params(), (config.vocab_size, config.hidden_size), param_dtype))
     self.layers = nnx.List([
-        DecoderLayer(config, i, reroute=reroute, impl=impl, norm_impl=norm_impl,
+        DecoderLayer(config, i, reroute=reroute, impl=impl, attention_impl=attention_impl,
                      param_dtype=param_dtype, rngs=rngs)
         for i in range(config.num_hidden_layers)])
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)

@@ -30,12 +30,13 @@ from sere_jax.kernels.residual_norm import api as residual_norm_api
 from sere_jax.numerics import gemm_dot, mixed_dot_operands, split_k_count, split_k_dot
 
 __all__ = ["KVCache", "Linear", "RMSNorm", "SwiGLU", "add_and_norm", "apply_rope",
-           "attend", "attention_mask", "cached_attention", "DECODE_IMPLS",
+           "ATTENTION_IMPLS", "attend", "attention_mask", "cached_attention",
            "linear_param", "masked_softmax", "projection_partials",
-           "resolve_decode_impl", "rms_norm", "rope_inv_freq"]
+           "resolve_attention_impl", "rms_norm", "rope_inv_freq"]
 
-# Backends of the models' fused decode kernels (attention, residual add + norm).
-DECODE_IMPLS = ("auto", "xla", "triton", "interpret")
+# A model's `attention_impl`: the backend of its fused decode-step kernels (attention,
+# residual add + norm); `xla` is the unfused path of jnp building blocks.
+ATTENTION_IMPLS = ("auto", "xla", "triton", "interpret")
 
 
 class KVCache(NamedTuple):
@@ -85,14 +86,15 @@ class Linear(nnx.Module):
     return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
-def resolve_decode_impl(impl: str, *, arg: str) -> str:
-  """Validates `impl` (one of `DECODE_IMPLS`; `arg` names the option in the error) and
-  maps `auto` to `triton` on GPUs and `xla` (the jnp references, with the unfused
-  model path) on other backends."""
-  if impl not in DECODE_IMPLS:
-    raise ValueError(f"{arg} must be one of {DECODE_IMPLS}, got {impl!r}")
-  if impl != "auto":
-    return impl
+def resolve_attention_impl(attention_impl: str) -> str:
+  """Validates a model's `attention_impl` (one of `ATTENTION_IMPLS`) and maps `auto` to
+  `triton` on GPUs and `xla` (the jnp references, with the unfused model path) on
+  other backends."""
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                     f"got {attention_impl!r}")
+  if attention_impl != "auto":
+    return attention_impl
   return "triton" if jax.default_backend() == "gpu" else "xla"
 
 

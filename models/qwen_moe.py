@@ -13,7 +13,8 @@ Layers listed in `mlp_only_layers`, or off the `decoder_sparse_step` grid, are d
 `attention_impl` chooses how a decode step (one new token) attends: `xla` (the model's
 building blocks, also used for prefill) or the fused Pallas kernel
 `sere_jax.kernels.decode_attention` (`triton` on GPUs, `interpret` anywhere); `auto`
-(the default) is `triton` on GPUs and `xla` elsewhere. With the kernel, the q/k/v and
+(the default) is `triton` on GPUs and `xla` elsewhere (`layers.ATTENTION_IMPLS`,
+`layers.resolve_attention_impl`). With the kernel, the q/k/v and
 output projections hand their split-K partials to the attention and `residual_norm`
 kernels, which sum them as they load them.
 """
@@ -38,12 +39,6 @@ from sere_jax.policies import RerouteStats
 
 ARCHITECTURES = ("qwen2_moe", "qwen3_moe")
 NO_REROUTE = RerouteConfig(policy="none")
-ATTENTION_IMPLS = layers.DECODE_IMPLS
-
-
-def resolve_attention_impl(attention_impl: str) -> str:
-  """Maps `auto` to `triton` on GPUs and `xla` on other backends."""
-  return layers.resolve_decode_impl(attention_impl, arg="attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +150,7 @@ class Attention(nnx.Module):
 
   def __init__(self, c: QwenMoeConfig, *, param_dtype, rngs: nnx.Rngs,
                attention_impl: str = "auto"):
-    resolve_attention_impl(attention_impl)  # rejects unknown values
+    layers.resolve_attention_impl(attention_impl)  # rejects unknown values
     kw = dict(param_dtype=param_dtype, rngs=rngs)
     self.attention_impl = attention_impl
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
@@ -182,7 +177,7 @@ class Attention(nnx.Module):
     else:
       norms, eps = (self.q_norm.weight[...], self.k_norm.weight[...]), self.q_norm.eps
     scale = self.head_dim ** -0.5
-    impl = resolve_attention_impl(self.attention_impl)
+    impl = layers.resolve_attention_impl(self.attention_impl)
     if impl != "xla" and l == 1:  # one new token: the fused kernel
       qkv, activation_dtype = self._decode_qkv(x[:, 0])
       out, k_cache, v_cache = attention_api.decode_attention(
@@ -246,7 +241,7 @@ class DecoderLayer(nnx.Module):
     h, cache = self.attn(self.input_norm(x), positions, cache, mask, cache_index)
     x, h = layers.add_and_norm(
         x, h, self.post_attn_norm,
-        implementation=resolve_attention_impl(self.attn.attention_impl))
+        implementation=layers.resolve_attention_impl(self.attn.attention_impl))
     if not isinstance(self.mlp, MoeBlock):
       return x + self.mlp(h), cache, None
     y, stats = self.mlp(h, token_valid, decode=decode)

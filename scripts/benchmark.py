@@ -92,6 +92,7 @@ from sere_jax import fileio
 from sere_jax import policy_spec
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 from sere_jax.kernels.gmm import tiles
+from sere_jax.models import layers
 
 _SUITE = flags.DEFINE_enum("suite", "kernels",
                            ["kernels", "gmm_sweep", "decode", "standard", "ep_model",
@@ -118,9 +119,10 @@ _SCALE = flags.DEFINE_enum("scale", "full", ["full", "qwen3_30b", "tiny"],
 _LAYERS = flags.DEFINE_integer("layers", 8, "Weight sets rotated through (defeats the L2).")
 _IMPL = flags.DEFINE_string("impl", "auto", "Our op's implementation (see moe_ffn.IMPLS).")
 _ATTENTION_IMPL = flags.DEFINE_enum(
-    "attention_impl", "auto", ["auto", "xla", "triton", "interpret"],
-    "decode: how Qwen models attend in a decode step: XLA, or the fused Pallas kernel "
-    "(sere_jax.kernels.decode_attention); auto: the kernel on GPUs, XLA elsewhere.")
+    "attention_impl", "auto", list(layers.ATTENTION_IMPLS),
+    "decode: a decode step's attention and residual-norm kernels: XLA, or the fused "
+    "Pallas kernels (sere_jax.kernels.decode_attention for the Qwen models, "
+    "latent_attention for DeepSeek-V2); auto: the kernels on GPUs, XLA elsewhere.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", "", "decode: also trace one pass per case with jax.profiler into this "
     "directory, add its per-step kernel list to the row and write the compiled decode "

@@ -92,10 +92,17 @@ def test_decode_suite_targets_and_report(tmp_path):
   assert not list(report_dir.glob("*.tmp"))
 
 
-def test_attention_kernel_is_refused_for_deepseek():
+def test_attention_impl_reaches_every_model():
+  """`attention_impl` builds DeepSeek-V2's latent-attention kernels as it does the Qwen
+  models' decode attention; an unknown name is refused before any weight is made."""
   from sere_jax.benchmarking import decode_models  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match="MLA attention has only the XLA path"):
-    decode_models.build_model("deepseek_v2_lite", "tiny", "auto", attention_impl="triton")
+  chosen = {"deepseek_v2_lite": lambda layer: layer.attention_impl,
+            "qwen3_30b_a3b": lambda layer: layer.attn.attention_impl}
+  for model, impl in chosen.items():
+    net, _, _ = decode_models.abstract_model(model, "tiny", attention_impl="interpret")
+    assert impl(net.layers[0]) == "interpret", model
+  with pytest.raises(ValueError, match="attention_impl must be one of"):
+    decode_models.build_model("deepseek_v2_lite", "tiny", "auto", attention_impl="flash")
 
 
 def test_peers_run_from_the_checkout(monkeypatch, tmp_path):

@@ -19,7 +19,6 @@ from sere_jax.kernels.decode_attention import triton as attention_triton
 from sere_jax.kernels.decode_attention.triton import decode_attention_triton
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.models import layers
-from sere_jax.models import qwen_moe
 from tests import kernel_backends
 from tests.random_models import random_qwen
 
@@ -418,9 +417,9 @@ def test_model_rejects_unknown_attention_impl():
 
 def test_auto_attention_is_the_kernel_on_gpu_only(monkeypatch):
   here = "triton" if jax.default_backend() == "gpu" else "xla"
-  assert qwen_moe.resolve_attention_impl("auto") == here  # this machine
+  assert layers.resolve_attention_impl("auto") == here  # this machine
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert qwen_moe.resolve_attention_impl("auto") == "xla"
+  assert layers.resolve_attention_impl("auto") == "xla"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert qwen_moe.resolve_attention_impl("auto") == "triton"
-  assert qwen_moe.resolve_attention_impl("xla") == "xla"
+  assert layers.resolve_attention_impl("auto") == "triton"
+  assert layers.resolve_attention_impl("xla") == "xla"

@@ -16,7 +16,6 @@ from safetensors.numpy import load_file, save_file
 
 from sere_jax.models import deepseek_v2 as ds
 from sere_jax.models import hf_import
-from sere_jax.models.layers import attend
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "parity")
 PARITY_MODELS = ("deepseek_v2", "deepseek_v2_lite")
@@ -149,30 +148,9 @@ def test_load_hf_names_bad_tensors(checkpoint_copy, edit, error, match):
 
 # --- the latent cache ---------------------------------------------------------------
 
-def test_latent_attention_matches_attention_over_expanded_keys_and_values():
-  b, l, s, h, rank, nope, rope, dv = 2, 1, 6, 3, 8, 4, 2, 5
-  keys = jax.random.split(jax.random.key(0), 6)
-  q_nope = jax.random.normal(keys[0], (b, l, h, nope))
-  q_pe = jax.random.normal(keys[1], (b, l, h, rope))
-  latent = jax.random.normal(keys[2], (b, s, 1, rank))
-  k_pe = jax.random.normal(keys[3], (b, s, 1, rope))
-  w_k = jax.random.normal(keys[4], (rank, h, nope))
-  w_v = jax.random.normal(keys[5], (rank, h, dv))
-  mask = jnp.asarray(np.random.default_rng(0).random((b, l, s)) < 0.7).at[1].set(False)
-  k = jnp.concatenate([jnp.einsum("bsr,rhn->bshn", latent[:, :, 0], w_k),
-                       jnp.broadcast_to(k_pe, (b, s, h, rope))], axis=-1)
-  v = jnp.einsum("bsr,rhv->bshv", latent[:, :, 0], w_v)
-  want = attend(jnp.concatenate([q_nope, q_pe], -1), k, v, mask, 0.3)
-  q_latent = jnp.einsum("blhn,rhn->blhr", q_nope, w_k)
-  got = jnp.einsum("blhr,rhv->blhv",
-                   ds.latent_attention(q_latent, q_pe, latent, k_pe, mask, 0.3), w_v)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(got[1], 0.0)  # no visible slot: zeros, not NaN
-
-
-def test_unknown_norm_impl_is_named():
-  with pytest.raises(ValueError, match="norm_impl must be one of"):
-    ds.DeepseekV2ForCausalLM(ds.DeepseekV2Config(**SMALL), norm_impl="cuda",
+def test_unknown_attention_impl_is_named():
+  with pytest.raises(ValueError, match="attention_impl must be one of"):
+    ds.DeepseekV2ForCausalLM(ds.DeepseekV2Config(**SMALL), attention_impl="cuda",
                              rngs=nnx.Rngs(0))
 
 
@@ -185,13 +163,13 @@ def test_cache_holds_the_latent_and_the_shared_rotated_key():
   assert cache[0].v.shape == (3, 7, 1, config.kv_lora_rank)
 
 
-@pytest.mark.parametrize("norm_impl", ["xla", "interpret"])
-def test_decode_steps_match_one_pass_over_the_sequence(norm_impl):
+@pytest.mark.parametrize("attention_impl", ["xla", "interpret"])
+def test_decode_steps_match_one_pass_over_the_sequence(attention_impl):
   """A token decoded over the latent cache scores as it does in a full-length pass,
-  with the residual add + norm after attention as XLA ops or as the residual_norm
-  kernel fed the output projection's split-K partials."""
+  with XLA's attention and residual add + norm, or with the latent-attention kernel
+  and the residual_norm kernel fed the output projection's split-K partials."""
   config = ds.DeepseekV2Config(**SMALL)
-  model = ds.DeepseekV2ForCausalLM(config, impl="xla_dense", norm_impl=norm_impl,
+  model = ds.DeepseekV2ForCausalLM(config, impl="xla_dense", attention_impl=attention_impl,
                                    rngs=nnx.Rngs(1))
   batch, length, prompt = 2, 6, 4
   tokens = jax.random.randint(jax.random.key(2), (batch, length), 0, config.vocab_size)

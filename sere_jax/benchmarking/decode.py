@@ -47,10 +47,10 @@ from sere_jax import profiling
 from sere_jax.benchmarking import bandwidth
 from sere_jax.benchmarking import memory
 from sere_jax.benchmarking import timing
-from sere_jax.benchmarking.decode_models import (build_model, byte_budget,
-                                                 resolve_attention_impl)
+from sere_jax.benchmarking.decode_models import build_model, byte_budget
 from sere_jax.benchmarking.report import add_speedups
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
+from sere_jax.models import layers
 from sere_jax.policy_spec import PolicySpec
 
 DEFAULT_POLICIES = ("none", "sere:1:0", "sere:1:0.3", "sere:2:0", "sere:2:0.3",
@@ -70,7 +70,8 @@ class DecodeBench:
   Args:
     model, scale: the `decode_models` model and scale (`full`, `tiny`).
     impl: the MoE op's implementation (`moe_ffn.IMPLS`).
-    attention_impl: how the Qwen models attend in a decode step.
+    attention_impl: the backend of a decode step's attention kernels
+      (`layers.ATTENTION_IMPLS`).
     seed: weights, and with the batch size the prompts of each batch.
     expert_devices: devices the experts are sharded over (1: one device).
   """
@@ -87,7 +88,7 @@ class DecodeBench:
     self.build_seconds = time.time() - start
     self.budget = byte_budget(self.net)
     self.impl = moe_ffn_lib.resolve_impl(impl)
-    self.attention_impl = resolve_attention_impl(self.hf["model_type"], attention_impl)
+    self.attention_impl = layers.resolve_attention_impl(attention_impl)
 
   def header(self) -> dict[str, Any]:
     """The model's part of a result: configs, implementations, build time, bytes."""

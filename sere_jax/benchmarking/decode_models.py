@@ -87,29 +87,16 @@ def hf_config(model: str, scale: str) -> dict[str, Any]:
   return config
 
 
-def resolve_attention_impl(model_type: str, attention_impl: str) -> str:
-  """The attention a decode step of `model_type` runs: DeepSeek-V2's MLA has only the
-  XLA path (and takes `auto` or `xla`); the Qwen models resolve `auto` themselves."""
-  if model_type != "deepseek_v2":
-    return qwen_moe.resolve_attention_impl(attention_impl)
-  if attention_impl not in ("auto", "xla"):
-    raise ValueError(f"attention_impl={attention_impl!r} is for the Qwen models; "
-                     "DeepSeek-V2's MLA attention has only the XLA path")
-  return "xla"
-
-
 def abstract_model(model: str, scale: str, impl: str = "auto", attention_impl: str = "auto"
                    ) -> tuple[nnx.Module, Any, dict[str, Any]]:
   """`build_model`'s model with shapes and dtypes only (`nnx.eval_shape`: nothing is
   allocated); `(model, our config, Hugging Face config dict)`."""
   hf = hf_config(model, scale)
-  options = dict(impl=impl, param_dtype=jnp.bfloat16)
-  resolve_attention_impl(hf["model_type"], attention_impl)  # rejects what cannot run
+  options = dict(impl=impl, attention_impl=attention_impl, param_dtype=jnp.bfloat16)
   if hf["model_type"] == "deepseek_v2":
     config, cls = deepseek_v2.DeepseekV2Config.from_hf(hf), deepseek_v2.DeepseekV2ForCausalLM
   else:
     config, cls = qwen_moe.QwenMoeConfig.from_hf(hf), qwen_moe.QwenMoeForCausalLM
-    options["attention_impl"] = attention_impl
   return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **options)), config, hf
 
 
@@ -117,8 +104,9 @@ def build_model(model: str, scale: str, impl: str, seed: int = 0,
                 attention_impl: str = "auto") -> tuple[nnx.Module, Any, dict[str, Any]]:
   """The model with random bf16 weights and synthetic similarities, made on the device.
 
-  `attention_impl` (`qwen_moe.ATTENTION_IMPLS`): how the Qwen models attend in a decode
-  step; DeepSeek-V2 (MLA) has only the XLA path and takes `auto` or `xla`. Returns
+  `attention_impl` (`layers.ATTENTION_IMPLS`): the backend of a decode step's
+  attention and residual-norm kernels (the Qwen models' decode attention, DeepSeek-V2's
+  latent attention), or `xla` for the unfused path. Returns
   `(model, our config, Hugging Face config dict)`.
   """
   net, config, hf = abstract_model(model, scale, impl, attention_impl)

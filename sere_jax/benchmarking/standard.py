@@ -41,6 +41,7 @@ from sere_jax.benchmarking import decode_models
 from sere_jax.benchmarking import kernels as kernels_lib
 from sere_jax.benchmarking import memory
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
+from sere_jax.models import layers
 
 SUITE = "standard"
 SUITE_VERSION = 3
@@ -140,7 +141,7 @@ def device_slug(env: dict[str, Any]) -> str:
 def kernel_backends(impl: str, attention_impl: str, models: Sequence[str]) -> dict[str, Any]:
   """Which implementation each kernel op runs with the MoE op's `impl` (resolved on
   this device): the MoE op, its schedule and grouped matmul, the router, and per model
-  the decode attention."""
+  the decode-step attention kernels (`attention_impl`)."""
   resolved = moe_ffn_lib.resolve_impl(impl)
   kernels = moe_ffn_lib.BACKENDS.get(resolved)
   return dict(
@@ -148,9 +149,7 @@ def kernel_backends(impl: str, attention_impl: str, models: Sequence[str]) -> di
       gmm=(kernels.gmm if kernels else resolved if resolved == "ragged_dot"
            else "none (dense einsum)"),
       router=(kernels.router if kernels else None) or "xla",
-      decode_attention={m: decode_models.resolve_attention_impl(
-          decode_models.hf_config(m, "tiny")["model_type"], attention_impl)
-                        for m in models})
+      decode_attention={m: layers.resolve_attention_impl(attention_impl) for m in models})
 
 
 def new_result(plan: Plan, env: dict[str, Any], command: str) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""Latent attention (one new token per sequence) in one Pallas Triton kernel.
+
+XLA runs MLA's decode attention in the latent space as five or more small kernels:
+two batched dots for the logits (latent and rotated parts), the softmax pieces and the
+probs·latent dot. `latent_attention_triton` does it in one launch. Grid: (batch, head
+block). A program loads its `block_h` heads' latent and rotated queries once and runs
+an online-softmax pass over the cache slots up to `cache_index`, reading each block of
+latents once for both of its dots (logits, then the weighted sum).
+
+Latent and rotary widths need not be powers of two: the program's tiles are padded
+to the next power of two (at least 16, as the tensor-core dots need) and the loads
+masked, so the padding adds zeros to every product.
+
+Its reference is `reference.latent_attention_reference`, with the same arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_NT = (((1,), (1,)), ((), ()))  # a [M, K] x b [N, K] -> [M, N]
+
+
+def _tile(n: int) -> int:
+  """The power of two of at least 16 that holds `n`."""
+  return max(16, 1 << (n - 1).bit_length())
+
+
+def _kernel(q_latent_ref, q_pe_ref, latent_ref, k_pe_ref, visible_ref, index_ref, out_ref,
+            *, heads, rank, rope, cache_len, block_h, block_s, scale, interpret):
+  b, g = pl.program_id(0), pl.program_id(1)
+  h = g * block_h + jnp.arange(block_h)
+  r, p = jnp.arange(_tile(rank)), jnp.arange(_tile(rope))
+  h_ok, r_ok, p_ok = h < heads, r < rank, p < rope
+  dtype = latent_ref.dtype
+
+  def operands(x, y):
+    """The dot's operands: CPU dots take no bf16 x bf16 -> f32 in interpret mode."""
+    return (x.astype(jnp.float32), y.astype(jnp.float32)) if interpret else (x, y)
+
+  q_latent = plt.load(q_latent_ref.at[b, h[:, None], r[None, :]],
+                      mask=h_ok[:, None] & r_ok[None, :], other=0).astype(dtype)
+  q_pe = plt.load(q_pe_ref.at[b, h[:, None], p[None, :]],
+                  mask=h_ok[:, None] & p_ok[None, :], other=0).astype(k_pe_ref.dtype)
+
+  def block(i, carry):
+    m, l, acc = carry
+    s = i * block_s + jnp.arange(block_s)
+    s_ok = s < cache_len
+    latent = plt.load(latent_ref.at[b, s[:, None], r[None, :]],
+                      mask=s_ok[:, None] & r_ok[None, :], other=0)  # [block_s, R]
+    k_pe = plt.load(k_pe_ref.at[b, s[:, None], p[None, :]],
+                    mask=s_ok[:, None] & p_ok[None, :], other=0)  # [block_s, P]
+    logits = (jax.lax.dot_general(*operands(q_latent, latent), _NT,
+                                  preferred_element_type=jnp.float32)
+              + jax.lax.dot_general(*operands(q_pe, k_pe), _NT,
+                                    preferred_element_type=jnp.float32)) * scale
+    seen = s_ok & (plt.load(visible_ref.at[b, s], mask=s_ok, other=0) != 0)
+    logits = jnp.where(seen[None, :], logits, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
+    probs = jnp.exp(logits - shift[:, None])
+    alpha = jnp.exp(m - shift)
+    acc = acc * alpha[:, None] + jnp.dot(*operands(probs.astype(dtype), latent),
+                                         preferred_element_type=jnp.float32)
+    return m_new, l * alpha + jnp.sum(probs, axis=1), acc
+
+  init = (jnp.full((block_h,), -jnp.inf, jnp.float32), jnp.zeros((block_h,), jnp.float32),
+          jnp.zeros((block_h, _tile(rank)), jnp.float32))
+  # No slot after the new token's is visible: the blocks up to its block.
+  blocks = jnp.minimum(index_ref[0] // block_s + 1, pl.cdiv(cache_len, block_s))
+  m, l, acc = jax.lax.fori_loop(0, blocks, block, init)
+  del m
+  out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+  plt.store(out_ref.at[b, h[:, None], r[None, :]], out.astype(out_ref.dtype),
+            mask=h_ok[:, None] & r_ok[None, :])
+
+
+def unsupported(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
+                k_pe: jax.Array) -> str | None:
+  """Why the kernel cannot take these inputs (None when it can): queries and caches
+  must be bfloat16, float16 or float32."""
+  for name, array in (("q_latent", q_latent), ("q_pe", q_pe), ("latent", latent),
+                      ("k_pe", k_pe)):
+    if array.dtype not in _DTYPES:
+      return f"takes bfloat16, float16 or float32 arrays, not {name} in {array.dtype}"
+  return None
+
+
+def _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s):
+  batch, heads, rank = q_latent.shape
+  cache_len, rope = latent.shape[1], k_pe.shape[-1]
+  want = {"q_pe": (q_pe, (batch, heads, rope)), "latent": (latent, (batch, cache_len, rank)),
+          "k_pe": (k_pe, (batch, cache_len, rope)), "visible": (visible, (batch, cache_len))}
+  for name, (array, shape) in want.items():
+    if array.shape != shape:
+      raise ValueError(f"{name} must be {list(shape)} for q_latent {list(q_latent.shape)}, "
+                       f"latent {list(latent.shape)} and k_pe {list(k_pe.shape)}, got "
+                       f"{list(array.shape)}")
+  for name, size in (("block_h", block_h), ("block_s", block_s)):
+    if size < 16 or size & (size - 1):
+      raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_h", "block_s", "num_warps",
+                                             "interpret"))
+def latent_attention_triton(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
+                            k_pe: jax.Array, visible: jax.Array, cache_index: jax.Array,
+                            *, scale: float, block_h: int = 16, block_s: int = 32,
+                            num_warps: int = 4, interpret: bool = False) -> jax.Array:
+  """Attention of one new token per sequence over a latent cache.
+
+  Args:
+    q_latent: `[B, H, R]`, each head's no-RoPE query in the latent space.
+    q_pe: `[B, H, P]`, each head's rotated query part.
+    latent, k_pe: the cache, `[B, S, R]` and `[B, S, P]` (the shared rotated key).
+    visible: `[B, S]` bool, the slots the new token attends to (none after
+      `cache_index`: the kernel reads the slots up to it only).
+    cache_index: the new token's slot (a scalar).
+    scale: the logit scale.
+    block_h: heads per program (rows of the dots, padded with masked rows);
+      block_s: cache slots per step of a program. Powers of two of at least 16.
+
+  Returns:
+    `[B, H, R]` in q_latent's dtype: the softmax-weighted sum of the visible latents.
+  """
+  _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s)
+  batch, heads, rank = q_latent.shape
+  cache_len, rope = latent.shape[1], k_pe.shape[-1]
+  kernel = functools.partial(
+      _kernel, heads=heads, rank=rank, rope=rope, cache_len=cache_len, block_h=block_h,
+      block_s=block_s, scale=scale, interpret=bool(interpret))
+  return pl.pallas_call(
+      kernel,
+      grid=(batch, pl.cdiv(heads, block_h)),
+      out_shape=jax.ShapeDtypeStruct(q_latent.shape, q_latent.dtype),
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
+      interpret=interpret,
+      name="sere_latent_attention",
+  )(q_latent, q_pe, latent, k_pe, visible.astype(jnp.int32),
+    jnp.reshape(cache_index, (1,)).astype(jnp.int32))
