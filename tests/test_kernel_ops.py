@@ -12,12 +12,13 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
 
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels import (decode_attention, gmm, moe_ffn, registry, residual_norm,
-                              router, schedule)
+from sere_jax.kernels import (decode_attention, gmm, latent_attention, moe_ffn, registry,
+                              residual_norm, router, schedule)
 from sere_jax.kernels.lowering_check import export_for
 
 REGISTRIES = {"schedule": schedule.REGISTRY, "gmm": gmm.REGISTRY, "router": router.REGISTRY,
               "decode_attention": decode_attention.REGISTRY, "moe_ffn": moe_ffn.REGISTRY,
+              "latent_attention": latent_attention.REGISTRY,
               "residual_norm": residual_norm.REGISTRY}
 KERNELS_DIR = pathlib.Path(registry.__file__).parent
 

@@ -15,6 +15,7 @@ import pytest
 
 from sere_jax.kernels import latent_attention as latent_op
 from sere_jax.kernels import registry
+from sere_jax.kernels.latent_attention import triton as latent_triton
 from sere_jax.kernels.latent_attention.triton import latent_attention_triton
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.models.layers import attend
@@ -38,24 +39,26 @@ def _case(rng, *, batch, heads, rank, rope, cache_len, index, dtype, cache_dtype
           jnp.int32(index))
 
 
-# heads, rank, rope, cache_len, block_s, index, dtype, cache dtype
+# heads, rank, rope, cache_len, block_s, splits, index, dtype, cache dtype
 CASES = {
-    "v2_lite_like_bf16": (16, 64, 16, 50, 16, 37, jnp.bfloat16, None),
-    "odd_widths_f32": (3, 24, 4, 21, 16, 20, jnp.float32, None),     # padded tiles
-    "many_heads_f32": (20, 16, 16, 40, 32, 39, jnp.float32, None),   # two head blocks
-    "first_slot_f32": (2, 32, 8, 24, 16, 0, jnp.float32, None),
-    "f32_queries_bf16_cache": (4, 32, 16, 33, 16, 32, jnp.float32, jnp.bfloat16),
+    "v2_lite_like_bf16": (16, 64, 16, 50, 16, 1, 37, jnp.bfloat16, None),
+    "odd_widths_f32": (3, 24, 4, 21, 16, 1, 20, jnp.float32, None),     # padded tiles
+    "many_heads_f32": (20, 16, 16, 40, 32, 1, 39, jnp.float32, None),   # two head blocks
+    "first_slot_f32": (2, 32, 8, 24, 16, 1, 0, jnp.float32, None),
+    "f32_queries_bf16_cache": (4, 32, 16, 33, 16, 1, 32, jnp.float32, jnp.bfloat16),
+    "three_splits_f32": (20, 24, 8, 70, 16, 3, 66, jnp.float32, None),
+    "splits_past_the_end_bf16": (4, 32, 16, 64, 16, 4, 17, jnp.bfloat16, None),
 }
 
 
 @kernel_backends.over_implementations(latent_op.REGISTRY)
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference(case, implementation):
-  heads, rank, rope, cache_len, block_s, index, dtype, cache_dtype = CASES[case]
+  heads, rank, rope, cache_len, block_s, splits, index, dtype, cache_dtype = CASES[case]
   rng = np.random.default_rng(sum(map(ord, case)))
   args = _case(rng, batch=3, heads=heads, rank=rank, rope=rope, cache_len=cache_len,
                index=index, dtype=dtype, cache_dtype=cache_dtype)
-  got = latent_op.latent_attention(*args, scale=SCALE, block_s=block_s,
+  got = latent_op.latent_attention(*args, scale=SCALE, block_s=block_s, splits=splits,
                                    implementation=implementation)
   want = latent_op.latent_attention_reference(*args, scale=SCALE)
   assert got.shape == want.shape == (3, heads, rank) and got.dtype == want.dtype == dtype
@@ -66,12 +69,14 @@ def test_matches_reference(case, implementation):
 
 
 @kernel_backends.over_implementations(latent_op.REGISTRY)
-def test_sequence_with_nothing_visible_is_zero(implementation):
+@pytest.mark.parametrize("splits", [1, 2])
+def test_sequence_with_nothing_visible_is_zero(splits, implementation):
   rng = np.random.default_rng(0)
-  args = list(_case(rng, batch=2, heads=4, rank=16, rope=16, cache_len=16, index=5,
+  args = list(_case(rng, batch=2, heads=4, rank=16, rope=16, cache_len=40, index=35,
                     dtype=jnp.float32))
   args[4] = args[4].at[1].set(False)  # sequence 1 sees no slot (not even its own)
-  got = latent_op.latent_attention(*args, scale=SCALE, implementation=implementation)
+  got = latent_op.latent_attention(*args, scale=SCALE, block_s=16, splits=splits,
+                                   implementation=implementation)
   np.testing.assert_array_equal(np.asarray(got[1]), 0.0)
   want = latent_op.latent_attention_reference(*args, scale=SCALE)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), **F32_TOLERANCE)
@@ -113,7 +118,7 @@ def test_reference_is_attention_over_expanded_keys_and_values():
   out = latent_op.latent_attention_reference(q_latent, q_pe, latent, k_pe, visible,
                                              jnp.int32(s - 1), scale=SCALE)
   got = jnp.einsum("bhr,rhv->bhv", out, w_v)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, want, **kernel_backends.f32_tolerance(rtol=1e-5, atol=1e-5))
   np.testing.assert_array_equal(got[1], 0.0)  # no visible slot: zeros, not NaN
 
 
@@ -123,6 +128,7 @@ def test_reference_is_attention_over_expanded_keys_and_values():
     (dict(visible=(2, 11)), r"visible must be \[2, 10\]"),
     (dict(block_s=24), "block_s must be a power of two >= 16, got 24"),
     (dict(block_h=8), "block_h must be a power of two >= 16, got 8"),
+    (dict(splits=0), "splits must be a positive integer, got 0"),
 ])
 def test_rejects_bad_input(edit, match):
   shapes = dict(q_latent=(2, 4, 16), q_pe=(2, 4, 16), latent=(2, 10, 16),
@@ -136,21 +142,39 @@ def test_rejects_bad_input(edit, match):
                             **options)
 
 
+def test_default_splits_fill_the_grid_with_whole_blocks():
+  programs, min_slots = latent_triton.SPLITS["programs"], latent_triton.SPLITS["min_slots"]
+  assert latent_triton.default_splits(1, 1, 160) == 160 // min_slots  # slots bound it
+  assert latent_triton.default_splits(programs, 1, 4096) == 1         # a full grid
+  assert latent_triton.default_splits(programs // 4, 2, 4096) == 2
+  assert latent_triton.default_splits(1, 1, min_slots - 1) == 1        # never zero
+
+
+def test_unsupported_names_the_array():
+  q, cache = jnp.zeros((2, 4, 16), jnp.bfloat16), jnp.zeros((2, 8, 16), jnp.float32)
+  assert latent_triton.unsupported(q, q, cache, cache) is None
+  assert "not latent in int8" in latent_triton.unsupported(q, q, cache.astype(jnp.int8),
+                                                          cache)
+
+
 @kernel_backends.over_implementations(latent_op.REGISTRY)
-def test_dtype_the_kernel_cannot_take_runs_xla_with_one_log_line(implementation, caplog):
-  rng = np.random.default_rng(2)
-  args = list(_case(rng, batch=2, heads=4, rank=16, rope=16, cache_len=16, index=7,
-                    dtype=jnp.float32))
-  args[2] = args[2].astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.int32)
+def test_inputs_the_kernel_cannot_take_run_xla_with_one_log_line(implementation, caplog,
+                                                                 monkeypatch):
+  """Whatever `unsupported` names (here every input), the op runs the reference and
+  says why, once."""
+  monkeypatch.setattr(latent_triton, "unsupported", lambda *arrays: "takes none of these")
+  args = _case(np.random.default_rng(2), batch=2, heads=4, rank=16, rope=16, cache_len=16,
+               index=7, dtype=jnp.float32)
   registry._LOGGED.clear()
   with caplog.at_level(logging.WARNING, logger="sere_jax.kernels"):
-    got = latent_op.latent_attention(*args, scale=SCALE, implementation=implementation)
+    got = [latent_op.latent_attention(*args, scale=SCALE, implementation=implementation)
+           for _ in range(2)]
   want = latent_op.latent_attention_reference(*args, scale=SCALE)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for g in got:
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
   logged = [r.getMessage() for r in caplog.records if "latent_attention" in r.getMessage()]
-  assert logged == [f"latent_attention ({implementation}): the Triton kernel takes "
-                    f"bfloat16, float16 or float32 arrays, not latent in {args[2].dtype}; "
-                    "running the XLA reference"]
+  assert logged == [f"latent_attention ({implementation}): the Triton kernel takes none "
+                    "of these; running the XLA reference"]
 
 
 def test_unknown_implementation_is_named():

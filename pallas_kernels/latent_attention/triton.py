@@ -23,7 +23,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from sere_jax.kernels.decode_attention.triton import combine_splits
+
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# How `default_splits` shares a cache among programs: splits of at least `min_slots`
+# slots are added until the grid has `programs` programs (about one per SM).
+SPLITS = dict(min_slots=32, programs=128)
 _NT = (((1,), (1,)), ((), ()))  # a [M, K] x b [N, K] -> [M, N]
 
 
@@ -33,8 +38,9 @@ def _tile(n: int) -> int:
 
 
 def _kernel(q_latent_ref, q_pe_ref, latent_ref, k_pe_ref, visible_ref, index_ref, out_ref,
-            *, heads, rank, rope, cache_len, block_h, block_s, scale, interpret):
-  b, g = pl.program_id(0), pl.program_id(1)
+            *stats_refs, heads, rank, rope, cache_len, block_h, block_s, splits, scale,
+            interpret):
+  b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   h = g * block_h + jnp.arange(block_h)
   r, p = jnp.arange(_tile(rank)), jnp.arange(_tile(rope))
   h_ok, r_ok, p_ok = h < heads, r < rank, p < rope
@@ -73,13 +79,21 @@ def _kernel(q_latent_ref, q_pe_ref, latent_ref, k_pe_ref, visible_ref, index_ref
 
   init = (jnp.full((block_h,), -jnp.inf, jnp.float32), jnp.zeros((block_h,), jnp.float32),
           jnp.zeros((block_h, _tile(rank)), jnp.float32))
-  # No slot after the new token's is visible: the blocks up to its block.
+  # No slot after the new token's is visible: the blocks up to its block, shared
+  # evenly among the splits (a split past the end has none).
   blocks = jnp.minimum(index_ref[0] // block_s + 1, pl.cdiv(cache_len, block_s))
-  m, l, acc = jax.lax.fori_loop(0, blocks, block, init)
-  del m
-  out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
-  plt.store(out_ref.at[b, h[:, None], r[None, :]], out.astype(out_ref.dtype),
-            mask=h_ok[:, None] & r_ok[None, :])
+  per_split = (blocks + splits - 1) // splits
+  first = split * per_split
+  m, l, acc = jax.lax.fori_loop(first, jnp.minimum(first + per_split, blocks), block, init)
+  hr_ok = h_ok[:, None] & r_ok[None, :]
+  if splits == 1:
+    out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+    plt.store(out_ref.at[b, h[:, None], r[None, :]], out.astype(out_ref.dtype), mask=hr_ok)
+  else:  # partial results, [B, splits, H, ...], merged by `combine_splits`
+    m_ref, l_ref = stats_refs
+    plt.store(out_ref.at[b, split, h[:, None], r[None, :]], acc, mask=hr_ok)
+    plt.store(m_ref.at[b, split, h], m, mask=h_ok)
+    plt.store(l_ref.at[b, split, h], l, mask=h_ok)
 
 
 def unsupported(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
@@ -91,6 +105,13 @@ def unsupported(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
     if array.dtype not in _DTYPES:
       return f"takes bfloat16, float16 or float32 arrays, not {name} in {array.dtype}"
   return None
+
+
+def default_splits(batch: int, head_blocks: int, cache_len: int) -> int:
+  """Splits of each sequence's cache (`SPLITS`): as many as bring the grid to
+  `programs` programs, each over `min_slots` slots or more."""
+  wanted = -(-SPLITS["programs"] // (batch * head_blocks))
+  return max(1, min(cache_len // SPLITS["min_slots"], wanted))
 
 
 def _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s):
@@ -108,12 +129,14 @@ def _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s):
       raise ValueError(f"{name} must be a power of two >= 16, got {size}")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_h", "block_s", "num_warps",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_h", "block_s", "splits",
+                                             "num_warps", "interpret"))
 def latent_attention_triton(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
                             k_pe: jax.Array, visible: jax.Array, cache_index: jax.Array,
                             *, scale: float, block_h: int = 16, block_s: int = 32,
-                            num_warps: int = 4, interpret: bool = False) -> jax.Array:
+                            splits: int | None = None, num_warps: int = 4,
+                            interpret: bool = False
+                            ) -> jax.Array:
   """Attention of one new token per sequence over a latent cache.
 
   Args:
@@ -126,6 +149,10 @@ def latent_attention_triton(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Ar
     scale: the logit scale.
     block_h: heads per program (rows of the dots, padded with masked rows);
       block_s: cache slots per step of a program. Powers of two of at least 16.
+    splits: programs per sequence and head block, each over an equal share of the
+      slots up to `cache_index`; their partial results are merged by
+      `decode_attention.triton.combine_splits` (one small XLA fusion). None:
+      `default_splits`.
 
   Returns:
     `[B, H, R]` in q_latent's dtype: the softmax-weighted sum of the visible latents.
@@ -133,15 +160,27 @@ def latent_attention_triton(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Ar
   _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s)
   batch, heads, rank = q_latent.shape
   cache_len, rope = latent.shape[1], k_pe.shape[-1]
+  if splits is None:
+    splits = default_splits(batch, pl.cdiv(heads, block_h), cache_len)
+  if not isinstance(splits, int) or splits < 1:
+    raise ValueError(f"splits must be a positive integer, got {splits!r}")
   kernel = functools.partial(
       _kernel, heads=heads, rank=rank, rope=rope, cache_len=cache_len, block_h=block_h,
-      block_s=block_s, scale=scale, interpret=bool(interpret))
-  return pl.pallas_call(
+      block_s=block_s, splits=splits, scale=scale, interpret=bool(interpret))
+  if splits == 1:
+    out_shape = jax.ShapeDtypeStruct(q_latent.shape, q_latent.dtype)
+  else:
+    f32 = jnp.float32
+    out_shape = (jax.ShapeDtypeStruct((batch, splits, heads, rank), f32),
+                 jax.ShapeDtypeStruct((batch, splits, heads), f32),
+                 jax.ShapeDtypeStruct((batch, splits, heads), f32))
+  results = pl.pallas_call(
       kernel,
-      grid=(batch, pl.cdiv(heads, block_h)),
-      out_shape=jax.ShapeDtypeStruct(q_latent.shape, q_latent.dtype),
+      grid=(batch, pl.cdiv(heads, block_h), splits),
+      out_shape=out_shape,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name="sere_latent_attention",
   )(q_latent, q_pe, latent, k_pe, visible.astype(jnp.int32),
     jnp.reshape(cache_index, (1,)).astype(jnp.int32))
+  return results if splits == 1 else combine_splits(*results, q_latent.dtype)
