@@ -13,9 +13,10 @@ and layer in V2-Lite against 5120 for per-head keys and values). One new token a
 in the latent space (`kv_b_proj` absorbed into the query and the output); longer
 chunks expand the cached latents into per-head keys and values. `attention_impl`
 chooses the decode step's kernels: `xla` (the model's building blocks) or the Pallas
-kernels `sere_jax.kernels.latent_attention` (the attention in the latent space) and
-`residual_norm`, fed the output projection's split-K partials (`triton` on GPUs,
-`interpret` anywhere); `auto` (the default) is `triton` on GPUs and `xla` elsewhere.
+kernels `sere_jax.kernels.latent_attention` (the attention in the latent space, from
+`LATENT_KERNEL_MIN_BATCH` sequences) and `residual_norm`, fed the output projection's
+split-K partials (`triton` on GPUs, `interpret` anywhere); `auto` (the default) is
+`triton` on GPUs and `xla` elsewhere.
 MoE layers route with softmax scores, greedy or group-limited greedy
 top-K (`DeepseekV2Config.topk_method`), and add `n_shared_experts` as one dense MLP.
 
@@ -50,6 +51,12 @@ NO_REROUTE = RerouteConfig(policy="none")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 ROPE_TYPES = ("default", "yarn")
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in HF
+# The smallest batch whose decode step runs the latent-attention kernel (with a kernel
+# `attention_impl`): on an H100 the kernel, one program per sequence, took 4-5 % more
+# GPU time per step than XLA's dots at B = 1, the same at B = 16 with five kernels per
+# layer fewer, and 1.2 % less at B = 64
+# (docs/benchmarks/experiments/deepseek_latent_attention_ab_h100.json).
+LATENT_KERNEL_MIN_BATCH = 16
 
 
 
@@ -281,8 +288,9 @@ class MlaAttention(nnx.Module):
                mask: jax.Array, cache_index: jax.Array, *, impl: str = "xla"
                ) -> tuple[jax.Array, KVCache]:
     """`x [B, L, D]` -> `(out [B, L, D], cache)`. One new token attends with the
-    `latent_attention` op's `impl` (a resolved `layers.ATTENTION_IMPLS` name); with a
-    kernel (not `xla`) and no output bias, `out` is the output projection's split-K
+    `latent_attention` op's `impl` (a resolved `layers.ATTENTION_IMPLS` name) from
+    `LATENT_KERNEL_MIN_BATCH` sequences, else with its XLA reference; with a kernel
+    `impl` (not `xla`) and no output bias, `out` is the output projection's split-K
     partials `[P, B, 1, D]` (`layers.add_and_norm`)."""
     c = self.config
     b, l, _ = x.shape
@@ -302,7 +310,8 @@ class MlaAttention(nnx.Module):
                             preferred_element_type=jnp.float32).astype(q.dtype)
       out = latent_attention_api.latent_attention(
           q_latent[:, 0], q_pe[:, 0], cache.v[:, :, 0], cache.k[:, :, 0], mask[:, 0],
-          cache_index, scale=softmax_scale(c), implementation=impl)[:, None]
+          cache_index, scale=softmax_scale(c),
+          implementation=impl if b >= LATENT_KERNEL_MIN_BATCH else "xla")[:, None]
       out = jnp.einsum("blhr,rhv->blhv", *mixed_dot_operands(out, w_v),
                        preferred_element_type=jnp.float32).astype(q.dtype)
       if impl != "xla" and self.o_proj.bias is None:

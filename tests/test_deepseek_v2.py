@@ -164,11 +164,15 @@ def test_cache_holds_the_latent_and_the_shared_rotated_key():
   assert cache[0].v.shape == (3, 7, 1, config.kv_lora_rank)
 
 
-@pytest.mark.parametrize("attention_impl", ["xla", "interpret"])
-def test_decode_steps_match_one_pass_over_the_sequence(attention_impl):
+@pytest.mark.parametrize("attention_impl,kernel_batch", [
+    ("xla", 1), ("interpret", 1), ("interpret", ds.LATENT_KERNEL_MIN_BATCH)])
+def test_decode_steps_match_one_pass_over_the_sequence(attention_impl, kernel_batch,
+                                                        monkeypatch):
   """A token decoded over the latent cache scores as it does in a full-length pass,
-  with XLA's attention and residual add + norm, or with the latent-attention kernel
-  and the residual_norm kernel fed the output projection's split-K partials."""
+  with XLA's attention and residual add + norm, or with the residual_norm kernel fed
+  the output projection's split-K partials and the latent-attention kernel (batch 2
+  runs it when it is the smallest batch that does, XLA's dots when it is not)."""
+  monkeypatch.setattr(ds, "LATENT_KERNEL_MIN_BATCH", kernel_batch)
   config = ds.DeepseekV2Config(**SMALL)
   model = ds.DeepseekV2ForCausalLM(config, impl="xla_dense", attention_impl=attention_impl,
                                    rngs=nnx.Rngs(1))

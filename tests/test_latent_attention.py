@@ -142,14 +142,6 @@ def test_rejects_bad_input(edit, match):
                             **options)
 
 
-def test_default_splits_fill_the_grid_with_whole_blocks():
-  programs, min_slots = latent_triton.SPLITS["programs"], latent_triton.SPLITS["min_slots"]
-  assert latent_triton.default_splits(1, 1, 160) == 160 // min_slots  # slots bound it
-  assert latent_triton.default_splits(programs, 1, 4096) == 1         # a full grid
-  assert latent_triton.default_splits(programs // 4, 2, 4096) == 2
-  assert latent_triton.default_splits(1, 1, min_slots - 1) == 1        # never zero
-
-
 def test_unsupported_names_the_array():
   q, cache = jnp.zeros((2, 4, 16), jnp.bfloat16), jnp.zeros((2, 8, 16), jnp.float32)
   assert latent_triton.unsupported(q, q, cache, cache) is None

@@ -3,9 +3,16 @@
 XLA runs MLA's decode attention in the latent space as five or more small kernels:
 two batched dots for the logits (latent and rotated parts), the softmax pieces and the
 probs·latent dot. `latent_attention_triton` does it in one launch. Grid: (batch, head
-block). A program loads its `block_h` heads' latent and rotated queries once and runs
-an online-softmax pass over the cache slots up to `cache_index`, reading each block of
-latents once for both of its dots (logits, then the weighted sum).
+block, split). A program loads its `block_h` heads' latent and rotated queries once
+and runs an online-softmax pass over its share of the cache slots up to
+`cache_index`, reading each block of latents once for both of its dots (logits, then
+the weighted sum). With one split (the default) it normalises its result in place;
+with more (flash-decoding) the programs' partial results are merged by one XLA fusion.
+
+On an H100 at DeepSeek-V2-Lite's shapes and 160 slots, one split took 13.8, 11.8 and
+13.5 µs per layer at B = 1, 16 and 64: the time of one program's pass, whatever the
+batch (`docs/decode.md`). More splits shorten that pass; they are not timed on a GPU
+yet (`tools/latent_attention_sweep.py` does).
 
 Latent and rotary widths need not be powers of two: the program's tiles are padded
 to the next power of two (at least 16, as the tensor-core dots need) and the loads
@@ -26,9 +33,6 @@ from jax.experimental.pallas import triton as plt
 from sere_jax.kernels.decode_attention.triton import combine_splits
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-# How `default_splits` shares a cache among programs: splits of at least `min_slots`
-# slots are added until the grid has `programs` programs (about one per SM).
-SPLITS = dict(min_slots=32, programs=128)
 _NT = (((1,), (1,)), ((), ()))  # a [M, K] x b [N, K] -> [M, N]
 
 
@@ -107,13 +111,6 @@ def unsupported(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
   return None
 
 
-def default_splits(batch: int, head_blocks: int, cache_len: int) -> int:
-  """Splits of each sequence's cache (`SPLITS`): as many as bring the grid to
-  `programs` programs, each over `min_slots` slots or more."""
-  wanted = -(-SPLITS["programs"] // (batch * head_blocks))
-  return max(1, min(cache_len // SPLITS["min_slots"], wanted))
-
-
 def _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s):
   batch, heads, rank = q_latent.shape
   cache_len, rope = latent.shape[1], k_pe.shape[-1]
@@ -134,7 +131,7 @@ def _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s):
 def latent_attention_triton(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
                             k_pe: jax.Array, visible: jax.Array, cache_index: jax.Array,
                             *, scale: float, block_h: int = 16, block_s: int = 32,
-                            splits: int | None = None, num_warps: int = 4,
+                            splits: int = 1, num_warps: int = 4,
                             interpret: bool = False
                             ) -> jax.Array:
   """Attention of one new token per sequence over a latent cache.
@@ -151,8 +148,8 @@ def latent_attention_triton(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Ar
       block_s: cache slots per step of a program. Powers of two of at least 16.
     splits: programs per sequence and head block, each over an equal share of the
       slots up to `cache_index`; their partial results are merged by
-      `decode_attention.triton.combine_splits` (one small XLA fusion). None:
-      `default_splits`.
+      `decode_attention.triton.combine_splits` (one small XLA fusion). The default,
+      one, is what the decode benchmark has timed (see `docs/decode.md`).
 
   Returns:
     `[B, H, R]` in q_latent's dtype: the softmax-weighted sum of the visible latents.
@@ -160,8 +157,6 @@ def latent_attention_triton(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Ar
   _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s)
   batch, heads, rank = q_latent.shape
   cache_len, rope = latent.shape[1], k_pe.shape[-1]
-  if splits is None:
-    splits = default_splits(batch, pl.cdiv(heads, block_h), cache_len)
   if not isinstance(splits, int) or splits < 1:
     raise ValueError(f"splits must be a positive integer, got {splits!r}")
   kernel = functools.partial(
