@@ -25,7 +25,7 @@ from sere_jax.kernels.latent_attention import reference
 from sere_jax.kernels.latent_attention import triton
 
 HEADS, RANK, ROPE, LAYERS, SCALE = 16, 512, 64, 8, 0.1
-BLOCK_S, WARPS, SPLITS = (32,), (4, 8), (1, 2, 4, 8)
+BLOCK_S, WARPS, SPLITS = (16, 32, 64), (4, 8), (1, 2, 4, 8)
 
 
 def main(argv):
