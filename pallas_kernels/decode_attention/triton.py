@@ -47,6 +47,23 @@ from sere_jax.kernels.decode_attention.reference import num_query_heads, qkv_par
 SPLITS = dict(min_slots=64, programs=256, wide_grid=64)
 
 
+def online_softmax_block(m: jax.Array, logits: jax.Array, seen: jax.Array
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One block of slots in an online softmax over rows (inside a kernel): `m [rows]`
+  the running maxima, `logits [rows, block]` (scaled), `seen [block]` the visible
+  slots. Returns `(new maxima, unnormalised probabilities [rows, block], the factor
+  [rows] that rescales the sums so far)`; rows that have seen nothing stay at zero."""
+  logits = jnp.where(seen[None, :], logits, -jnp.inf)
+  m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+  shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
+  return m_new, jnp.exp(logits - shift[:, None]), jnp.exp(m - shift)
+
+
+def normalise(acc: jax.Array, l: jax.Array) -> jax.Array:
+  """`acc [rows, D] / l [rows]`, an online softmax's result; zeros where `l` is 0."""
+  return jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+
+
 def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
             k_norm_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref, v_cache_ref,
             *stats_refs, num_heads, num_kv_heads, group, group_pad, head_dim, cache_len,
@@ -115,11 +132,7 @@ def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref
       lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
     logits = jnp.dot(lhs, rhs, preferred_element_type=jnp.float32) * scale
     seen = s_ok & (plt.load(visible_ref.at[b, s], mask=s_ok, other=0) != 0)
-    logits = jnp.where(seen[None, :], logits, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
-    p = jnp.exp(logits - shift[:, None])
-    alpha = jnp.exp(m - shift)
+    m_new, p, alpha = online_softmax_block(m, logits, seen)
     probs, vals = p.astype(values.dtype), values
     if interpret:
       probs, vals = probs.astype(jnp.float32), vals.astype(jnp.float32)
@@ -136,9 +149,8 @@ def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref
   first = split * per_split
   m, l, acc = jax.lax.fori_loop(first, jnp.minimum(first + per_split, blocks), block, init)
   if splits == 1:
-    out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
-    plt.store(out_ref.at[b, heads[:, None], d[None, :]], out.astype(out_ref.dtype),
-              mask=r_ok[:, None])
+    plt.store(out_ref.at[b, heads[:, None], d[None, :]],
+              normalise(acc, l).astype(out_ref.dtype), mask=r_ok[:, None])
   else:  # partial results, [B, splits, H, ...], merged by `combine_splits`
     m_ref, l_ref = stats_refs
     plt.store(out_ref.at[b, split, heads[:, None], d[None, :]], acc, mask=r_ok[:, None])

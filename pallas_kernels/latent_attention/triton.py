@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from sere_jax.kernels.decode_attention.triton import combine_splits
+from sere_jax.kernels.decode_attention.triton import (combine_splits, normalise,
+                                                      online_softmax_block)
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _NT = (((1,), (1,)), ((), ()))  # a [M, K] x b [N, K] -> [M, N]
@@ -72,11 +73,7 @@ def _kernel(q_latent_ref, q_pe_ref, latent_ref, k_pe_ref, visible_ref, index_ref
               + jax.lax.dot_general(*operands(q_pe, k_pe), _NT,
                                     preferred_element_type=jnp.float32)) * scale
     seen = s_ok & (plt.load(visible_ref.at[b, s], mask=s_ok, other=0) != 0)
-    logits = jnp.where(seen[None, :], logits, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
-    probs = jnp.exp(logits - shift[:, None])
-    alpha = jnp.exp(m - shift)
+    m_new, probs, alpha = online_softmax_block(m, logits, seen)
     acc = acc * alpha[:, None] + jnp.dot(*operands(probs.astype(dtype), latent),
                                          preferred_element_type=jnp.float32)
     return m_new, l * alpha + jnp.sum(probs, axis=1), acc
@@ -91,8 +88,8 @@ def _kernel(q_latent_ref, q_pe_ref, latent_ref, k_pe_ref, visible_ref, index_ref
   m, l, acc = jax.lax.fori_loop(first, jnp.minimum(first + per_split, blocks), block, init)
   hr_ok = h_ok[:, None] & r_ok[None, :]
   if splits == 1:
-    out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
-    plt.store(out_ref.at[b, h[:, None], r[None, :]], out.astype(out_ref.dtype), mask=hr_ok)
+    plt.store(out_ref.at[b, h[:, None], r[None, :]], normalise(acc, l).astype(out_ref.dtype),
+              mask=hr_ok)
   else:  # partial results, [B, splits, H, ...], merged by `combine_splits`
     m_ref, l_ref = stats_refs
     plt.store(out_ref.at[b, split, h[:, None], r[None, :]], acc, mask=hr_ok)
