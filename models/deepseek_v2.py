@@ -16,9 +16,9 @@ chooses the decode step's kernels: `xla` (the model's building blocks) or the Pa
 kernels `sere_jax.kernels.latent_attention` (the attention in the latent space, from
 `LATENT_KERNEL_MIN_BATCH` sequences) and `residual_norm`, fed the output projection's
 split-K partials (`triton` on GPUs, `interpret` anywhere); `auto` (the default) is
-`triton` on GPUs and `xla` elsewhere.
-MoE layers route with softmax scores, greedy or group-limited greedy
-top-K (`DeepseekV2Config.topk_method`), and add `n_shared_experts` as one dense MLP.
+`triton` on GPUs and `xla` elsewhere. MoE layers route with softmax scores, greedy or
+group-limited greedy top-K (`DeepseekV2Config.topk_method`), and add
+`n_shared_experts` as one dense MLP.
 
 Semantics follow DeepSeek's reference code, which the Hugging Face implementation
 matches for every released checkpoint; where they differ (transformers ignores
@@ -57,7 +57,6 @@ LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in 
 # layer fewer, and 1.2 % less at B = 64
 # (docs/benchmarks/experiments/deepseek_latent_attention_ab_h100.json).
 LATENT_KERNEL_MIN_BATCH = 16
-
 
 
 @dataclasses.dataclass(frozen=True)

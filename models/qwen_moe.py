@@ -14,9 +14,9 @@ Layers listed in `mlp_only_layers`, or off the `decoder_sparse_step` grid, are d
 building blocks, also used for prefill) or the fused Pallas kernel
 `sere_jax.kernels.decode_attention` (`triton` on GPUs, `interpret` anywhere); `auto`
 (the default) is `triton` on GPUs and `xla` elsewhere (`layers.ATTENTION_IMPLS`,
-`layers.resolve_attention_impl`). With the kernel, the q/k/v and
-output projections hand their split-K partials to the attention and `residual_norm`
-kernels, which sum them as they load them.
+`layers.resolve_attention_impl`). With the kernel, the q/k/v and output projections
+hand their split-K partials to the attention and `residual_norm` kernels, which sum
+them as they load them.
 """
 
 from __future__ import annotations
