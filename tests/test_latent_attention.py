@@ -176,10 +176,11 @@ def test_unknown_implementation_is_named():
                                scale=SCALE, implementation="cuda")
 
 
-def test_lowers_for_cuda():
+@pytest.mark.parametrize("splits", [1, 5])
+def test_lowers_for_cuda(splits):
   """DeepSeek-V2-Lite at B = 16 over 160 slots: 16 heads, latent 512, rotary 64."""
   spec = jax.ShapeDtypeStruct
-  fn = functools.partial(latent_attention_triton, scale=0.1)
+  fn = functools.partial(latent_attention_triton, scale=0.1, splits=splits)
   exported = export_for("cuda", fn, spec((16, 16, 512), jnp.bfloat16),
                         spec((16, 16, 64), jnp.bfloat16), spec((16, 160, 512), jnp.bfloat16),
                         spec((16, 160, 64), jnp.bfloat16), spec((16, 160), jnp.bool_),
