@@ -129,6 +129,7 @@ def test_reference_is_attention_over_expanded_keys_and_values():
     (dict(block_s=24), "block_s must be a power of two >= 16, got 24"),
     (dict(block_h=8), "block_h must be a power of two >= 16, got 8"),
     (dict(splits=0), "splits must be a positive integer, got 0"),
+    (dict(q_latent=(2, 16)), r"q_latent must be \[B, H, R\] and latent \[B, S, R\]"),
 ])
 def test_rejects_bad_input(edit, match):
   shapes = dict(q_latent=(2, 4, 16), q_pe=(2, 4, 16), latent=(2, 10, 16),

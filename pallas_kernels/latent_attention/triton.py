@@ -109,6 +109,9 @@ def unsupported(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
 
 
 def _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s):
+  if q_latent.ndim != 3 or latent.ndim != 3:
+    raise ValueError(f"q_latent must be [B, H, R] and latent [B, S, R], got "
+                     f"{list(q_latent.shape)} and {list(latent.shape)}")
   batch, heads, rank = q_latent.shape
   cache_len, rope = latent.shape[1], k_pe.shape[-1]
   want = {"q_pe": (q_pe, (batch, heads, rope)), "latent": (latent, (batch, cache_len, rank)),
