@@ -41,6 +41,14 @@ def log_once(message: str) -> None:
     logging.getLogger("sere_jax.kernels").warning(message)
 
 
+def log_triton_fallback(op: str, reason: str, *, interpret: bool,
+                        running: str = "the XLA reference") -> None:
+  """Logs once that `op`'s Triton kernel (`interpret`: in interpret mode) cannot take
+  its inputs (`reason`, from the backend's `unsupported`) and what runs instead."""
+  name = "interpret" if interpret else "triton"
+  log_once(f"{op} ({name}): the Triton kernel {reason}; running {running}")
+
+
 def current_platform() -> str:
   """The jax backend that code traced now is for: the target of
   `lowering_check.export_for`, else that of an abstract mesh with a device

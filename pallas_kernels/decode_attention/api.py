@@ -27,9 +27,8 @@ def _triton(qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_
             k_norm, *, eps, scale, activation_dtype=None, interpret=False, **options):
   reason = triton.unsupported(qkv, k_cache, v_cache, inv_freq, activation_dtype)
   if reason:
-    name = "interpret" if interpret else "triton"
-    registry.log_once(f"decode_attention ({name}): the Triton kernel {reason}; running "
-                      "the XLA attention")
+    registry.log_triton_fallback("decode_attention", reason, interpret=interpret,
+                                 running="the XLA attention")
     return decode_attention_reference(qkv, k_cache, v_cache, visible, cache_index,
                                       positions, inv_freq, q_norm, k_norm, eps=eps,
                                       scale=scale, activation_dtype=activation_dtype)

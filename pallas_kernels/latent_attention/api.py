@@ -25,9 +25,7 @@ def _triton(q_latent, q_pe, latent, k_pe, visible, cache_index, *, scale, interp
             **options):
   reason = triton.unsupported(q_latent, q_pe, latent, k_pe)
   if reason:
-    name = "interpret" if interpret else "triton"
-    registry.log_once(f"latent_attention ({name}): the Triton kernel {reason}; running "
-                      "the XLA reference")
+    registry.log_triton_fallback("latent_attention", reason, interpret=interpret)
     return latent_attention_reference(q_latent, q_pe, latent, k_pe, visible, cache_index,
                                       scale=scale)
   return triton.latent_attention_triton(q_latent, q_pe, latent, k_pe, visible,

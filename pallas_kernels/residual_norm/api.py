@@ -22,9 +22,7 @@ from sere_jax.kernels.residual_norm.reference import residual_norm_reference
 def _triton(residual, update, weight, *, eps, interpret=False, **options):
   reason = triton.unsupported(residual)
   if reason:
-    name = "interpret" if interpret else "triton"
-    registry.log_once(f"residual_norm ({name}): the Triton kernel {reason}; running "
-                      "the XLA reference")
+    registry.log_triton_fallback("residual_norm", reason, interpret=interpret)
     return residual_norm_reference(residual, update, weight, eps=eps)
   return triton.residual_norm_triton(residual, update, weight, eps=eps,
                                      interpret=interpret, **options)
