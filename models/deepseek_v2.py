@@ -6,7 +6,8 @@
 
 Multi-head latent attention (MLA): queries come from `q_proj` (or the low-rank
 `q_a_proj -> q_a_layernorm -> q_b_proj`), keys and values from a compressed latent
-(`kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj`) plus one decoupled RoPE key
+(`kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj`, whose key and value halves are
+kept apart as `k_b_proj` and `v_b_proj`) plus one decoupled RoPE key
 shared by all heads; RoPE may be YaRN-scaled. The cache holds what MLA compresses
 to, per token: the normalised latent and the rotated shared key (576 values per token
 and layer in V2-Lite against 5120 for per-head keys and values). One new token attends
@@ -262,8 +263,8 @@ class MlaAttention(nnx.Module):
   """Multi-head latent attention with decoupled RoPE and a compressed (latent) cache.
 
   The cache's `k [B, S, 1, qk_rope_head_dim]` holds the rotated shared key and its
-  `v [B, S, 1, kv_lora_rank]` the normalised latent, which `kv_b_proj` expands into
-  each head's no-RoPE key and value.
+  `v [B, S, 1, kv_lora_rank]` the normalised latent, which `k_b_proj` and `v_b_proj`
+  (HF's `kv_b_proj` split) expand into each head's no-RoPE key and value.
   """
 
   def __init__(self, config: DeepseekV2Config, *, param_dtype=jnp.float32,
@@ -280,7 +281,10 @@ class MlaAttention(nnx.Module):
     self.kv_a_proj_with_mqa = Linear(dim, c.kv_lora_rank + c.qk_rope_head_dim,
                                      bias=c.attention_bias, **kw)
     self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS, param_dtype)
-    self.kv_b_proj = Linear(c.kv_lora_rank, heads * (c.qk_nope_head_dim + c.v_head_dim), **kw)
+    # HF's `kv_b_proj`, kept as its key and value halves: decode's absorbed dots read
+    # each half in place, with no per-step copy of a strided slice of one weight.
+    self.k_b_proj = Linear(c.kv_lora_rank, heads * c.qk_nope_head_dim, **kw)
+    self.v_b_proj = Linear(c.kv_lora_rank, heads * c.v_head_dim, **kw)
     self.o_proj = Linear(heads * c.v_head_dim, dim, bias=c.attention_bias, **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache,
@@ -303,8 +307,8 @@ class MlaAttention(nnx.Module):
     k_pe = apply_rope(_deinterleave(k_pe[:, :, None, :]), positions, inv_freq, rope_scale)
     cache = cache.update(k_pe, self.kv_a_layernorm(latent)[:, :, None, :], cache_index)
     if l == 1:  # one new token: attend in the latent space
-      w = self.kv_b_proj.kernel[...].reshape(c.kv_lora_rank, heads, -1)
-      w_k, w_v = jnp.split(w.astype(q.dtype), [c.qk_nope_head_dim], -1)
+      w_k = self.k_b_proj.kernel[...].astype(q.dtype).reshape(c.kv_lora_rank, heads, -1)
+      w_v = self.v_b_proj.kernel[...].astype(q.dtype).reshape(c.kv_lora_rank, heads, -1)
       q_latent = jnp.einsum("blhn,rhn->blhr", *mixed_dot_operands(q_nope, w_k),
                             preferred_element_type=jnp.float32).astype(q.dtype)
       out = latent_attention_api.latent_attention(
@@ -317,8 +321,9 @@ class MlaAttention(nnx.Module):
         return layers.projection_partials(out.reshape(b, -1), self.o_proj), cache
     else:  # a chunk of tokens: expand every cached latent into per-head keys and values
       slots = cache.v.shape[1]
-      kv = self.kv_b_proj(cache.v[:, :, 0].astype(q.dtype)).reshape(b, slots, heads, -1)
-      k_nope, v = jnp.split(kv, [c.qk_nope_head_dim], -1)
+      latents = cache.v[:, :, 0].astype(q.dtype)
+      k_nope = self.k_b_proj(latents).reshape(b, slots, heads, c.qk_nope_head_dim)
+      v = self.v_b_proj(latents).reshape(b, slots, heads, c.v_head_dim)
       k = jnp.concatenate([k_nope, jnp.broadcast_to(cache.k.astype(k_nope.dtype),
                                                     (b, slots, heads, c.qk_rope_head_dim))],
                           axis=-1)
@@ -410,6 +415,18 @@ class DeepseekV2ForCausalLM(nnx.Module):
     return base.ForwardOutput(logits.astype(jnp.float32), new_cache, tuple(stats))
 
 
+def _load_kv_b_halves(load: hf_import.WeightLoader, attn: MlaAttention, name: str,
+                      config: DeepseekV2Config) -> None:
+  """HF's `kv_b_proj.weight [H·(nope + v), rank]` (per head: key rows, then value
+  rows) -> `attn.k_b_proj` and `attn.v_b_proj`."""
+  c, heads = config, config.num_attention_heads
+  per_head = c.qk_nope_head_dim + c.v_head_dim
+  w = load.reader.get(f"{name}.weight", (heads * per_head, c.kv_lora_rank))
+  w = w.reshape(heads, per_head, c.kv_lora_rank)
+  load.put(attn.k_b_proj.kernel, w[:, :c.qk_nope_head_dim].reshape(-1, c.kv_lora_rank).T)
+  load.put(attn.v_b_proj.kernel, w[:, c.qk_nope_head_dim:].reshape(-1, c.kv_lora_rank).T)
+
+
 def load_hf(directory: str, *, param_dtype=jnp.float32, reroute: RerouteConfig = NO_REROUTE,
             impl: str = "auto") -> DeepseekV2ForCausalLM:
   """Builds the model of a HF DeepSeek-V2 checkpoint directory and fills every weight.
@@ -435,8 +452,9 @@ def load_hf(directory: str, *, param_dtype=jnp.float32, reroute: RerouteConfig =
       load.linear(attn.q_a_proj, f"{name}.self_attn.q_a_proj")
       load.norm(attn.q_a_layernorm, f"{name}.self_attn.q_a_layernorm")
       load.linear(attn.q_b_proj, f"{name}.self_attn.q_b_proj")
-    for part in ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
+    for part in ("kv_a_proj_with_mqa", "o_proj"):
       load.linear(getattr(attn, part), f"{name}.self_attn.{part}")
+    _load_kv_b_halves(load, attn, f"{name}.self_attn.kv_b_proj", config)
     load.norm(attn.kv_a_layernorm, f"{name}.self_attn.kv_a_layernorm")
     if isinstance(layer.mlp, MoeBlock):
       load.moe(layer.mlp, f"{name}.mlp")

@@ -122,9 +122,14 @@ def test_load_hf_fills_every_parameter(checkpoint_copy):
   model = ds.load_hf(directory, impl="xla_dense")
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(isinstance(x, jax.Array) for x in leaves)
-  np.testing.assert_array_equal(
-      model.layers[1].self_attn.kv_b_proj.kernel[...],
-      tensors["model.layers.1.self_attn.kv_b_proj.weight"].T)
+  attn, c = model.layers[1].self_attn, model.config
+  kv_b = tensors["model.layers.1.self_attn.kv_b_proj.weight"].reshape(
+      c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+  k_half, v_half = np.split(kv_b, [c.qk_nope_head_dim], axis=1)
+  np.testing.assert_array_equal(attn.k_b_proj.kernel[...],
+                                k_half.reshape(-1, c.kv_lora_rank).T)
+  np.testing.assert_array_equal(attn.v_b_proj.kernel[...],
+                                v_half.reshape(-1, c.kv_lora_rank).T)
   np.testing.assert_array_equal(model.layers[2].mlp.w_down[...][3],
                                 tensors["model.layers.2.mlp.experts.3.down_proj.weight"].T)
 
