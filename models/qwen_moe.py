@@ -16,7 +16,9 @@ building blocks, also used for prefill) or the fused Pallas kernel
 (the default) is `triton` on GPUs and `xla` elsewhere (`layers.ATTENTION_IMPLS`,
 `layers.resolve_attention_impl`). With the kernel, the q/k/v and output projections
 hand their split-K partials to the attention and `residual_norm` kernels, which sum
-them as they load them.
+them as they load them; without q/k/v biases the layer's input RMSNorm is folded past
+the q/k/v dot (its scale into the dot's operand, its `1 / rms` into the attention
+kernel), so it runs no kernel of its own.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels.decode_attention import api as attention_api
+from sere_jax.kernels.decode_attention.reference import folded_norm_weight
 from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models import layers
@@ -166,8 +169,10 @@ class Attention(nnx.Module):
     self.k_norm = norm() if c.qk_norm else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: layers.KVCache,
-               mask: jax.Array, cache_index: jax.Array) -> tuple[jax.Array, layers.KVCache]:
-    """`x [B, L, D]` -> `(out, cache)`: `out [B, L, D]`, or, for one new token through the
+               mask: jax.Array, cache_index: jax.Array, input_norm: layers.RMSNorm
+               ) -> tuple[jax.Array, layers.KVCache]:
+    """`x [B, L, D]` (the residual stream, normalised here by the layer's `input_norm`)
+    -> `(out, cache)`: `out [B, L, D]`, or, for one new token through the
     decode-attention kernel without an output bias, the output projection's float32
     split-K partials `[P, B, 1, D]` (for `residual_norm`)."""
     b, l, _ = x.shape
@@ -179,16 +184,17 @@ class Attention(nnx.Module):
     scale = self.head_dim ** -0.5
     impl = layers.resolve_attention_impl(self.attention_impl)
     if impl != "xla" and l == 1:  # one new token: the fused kernel
-      qkv, activation_dtype = self._decode_qkv(x[:, 0])
+      qkv, activation_dtype, folded = self._decode_qkv(x[:, 0], input_norm)
       out, k_cache, v_cache = attention_api.decode_attention(
           qkv, cache.k, cache.v, mask[:, 0], cache_index, positions[:, 0], inv_freq,
           *norms, eps=eps, scale=scale, activation_dtype=activation_dtype,
-          implementation=impl)
+          implementation=impl, **folded)
       cache = layers.KVCache(k_cache, v_cache)
       if self.o_proj.bias is None:  # the residual_norm kernel sums the partials
         return layers.projection_partials(out.reshape(b, -1), self.o_proj), cache
       out = out[:, None]
     else:
+      x = input_norm(x)
       q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
       heads = lambda t: t.reshape(b, l, -1, self.head_dim)
       out, cache = layers.cached_attention(heads(q), heads(k), heads(v), cache, mask,
@@ -196,24 +202,32 @@ class Attention(nnx.Module):
                                            eps=eps, scale=scale)
     return self.o_proj(out.reshape(b, l, -1)), cache
 
-  def _decode_qkv(self, x: jax.Array) -> tuple[jax.Array, jnp.dtype | None]:
-    """The decode-attention kernel's `qkv` for one new token per sequence `x [B, dim]`,
-    and its `activation_dtype`.
+  def _decode_qkv(self, x: jax.Array, input_norm: layers.RMSNorm
+                  ) -> tuple[jax.Array, jnp.dtype | None, dict[str, Any]]:
+    """The decode-attention kernel's `qkv` for one new token per sequence, the
+    residual stream `x [B, dim]`, its `activation_dtype` and its folded-norm
+    arguments.
 
     XLA merges the three projection dots into one. Without biases the kernel takes
     that dot's float32 split-K partials `[P, B, H + 2 * Hkv, D]` and sums them as it
-    loads them (no reduction kernel in between); with biases (Qwen2), one
-    `[B, H + 2 * Hkv, D]` array, the merged dot's output.
+    loads them (no reduction kernel in between), and the input RMSNorm is folded past
+    the dot: the dot reads `x * weight` and the kernel divides by `rms(x)`. With
+    biases (Qwen2), one `[B, H + 2 * Hkv, D]` array, the merged dot of the normalised
+    `x`.
     """
     projections = (self.q_proj, self.k_proj, self.v_proj)
     heads = (x.shape[0], self.num_heads + 2 * self.num_kv_heads, self.head_dim)
     if any(p.bias is not None for p in projections):
-      return jnp.concatenate([p(x) for p in projections], axis=-1).reshape(heads), None
+      x = input_norm(x)
+      qkv = jnp.concatenate([p(x) for p in projections], axis=-1).reshape(heads)
+      return qkv, None, {}
+    scaled = folded_norm_weight(x, input_norm.weight[...])
     weights = [p.kernel[...].astype(x.dtype) for p in projections]
     splits = split_k_count(x.shape[-1], sum(w.shape[1] for w in weights))
-    qkv = jnp.concatenate([split_k_dot(*mixed_dot_operands(x, w), splits)
+    qkv = jnp.concatenate([split_k_dot(*mixed_dot_operands(scaled, w), splits)
                            for w in weights], axis=-1)
-    return qkv.reshape(-1, *heads), x.dtype
+    folded = dict(folded_norm_x=x, folded_norm_eps=input_norm.eps)
+    return qkv.reshape(-1, *heads), x.dtype, folded
 
 
 class DecoderLayer(nnx.Module):
@@ -238,7 +252,7 @@ class DecoderLayer(nnx.Module):
                cache: layers.KVCache, mask: jax.Array, cache_index: jax.Array, *,
                decode: bool) -> tuple[jax.Array, layers.KVCache, RerouteStats | None]:
     """`x [B, L, D]` -> `(x, cache, stats)`; `stats` is None on dense layers."""
-    h, cache = self.attn(self.input_norm(x), positions, cache, mask, cache_index)
+    h, cache = self.attn(x, positions, cache, mask, cache_index, self.input_norm)
     x, h = layers.add_and_norm(
         x, h, self.post_attn_norm,
         implementation=layers.resolve_attention_impl(self.attn.attention_impl))

@@ -14,11 +14,13 @@ import pytest
 
 from sere_jax import generation
 from sere_jax.kernels import decode_attention as attention_op
-from sere_jax.kernels.decode_attention.reference import decode_attention_reference
+from sere_jax.kernels.decode_attention.reference import (decode_attention_reference,
+                                                         folded_norm_weight, rms_norm)
 from sere_jax.kernels.decode_attention import triton as attention_triton
 from sere_jax.kernels.decode_attention.triton import decode_attention_triton
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.models import layers
+from sere_jax.numerics import mixed_dot_operands, split_k_dot
 from tests import kernel_backends
 from tests.random_models import random_qwen
 
@@ -143,6 +145,62 @@ def test_sums_split_k_partials_of_qkv(dtype, parts, splits, implementation):
                                   err_msg=name)
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
                                err_msg=name, rtol=2e-2, atol=2e-2)
+
+
+@kernel_backends.over_implementations(attention_op.REGISTRY)
+@pytest.mark.parametrize("dtype,parts,splits", [
+    (jnp.float32, 4, 1), (jnp.bfloat16, 4, 1), (jnp.float32, 1, 3), (jnp.bfloat16, 0, 1)])
+def test_input_norm_folded_past_the_projection(dtype, parts, splits, implementation):
+  """`qkv` of `x * g` with `folded_norm_x = x` gives the attention of `rms_norm(x, g)`'s
+  projections: as partials (the reference's and the unfolded op's result), as one
+  array (parts 0), and over a split cache."""
+  rng = np.random.default_rng(parts * 10 + splits)
+  batch, d_model, heads, kv_heads, head_dim = 3, 48, 8, 2, 32
+  args = list(_case(rng, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                    cache_len=40, index=21, dtype=dtype, qk_norm=True))
+  x = jnp.asarray(3 * rng.normal(size=(batch, d_model)), dtype)
+  weight = jnp.asarray(1 + 0.1 * rng.normal(size=d_model), dtype)
+  w = jnp.asarray(rng.normal(size=(d_model, (heads + 2 * kv_heads) * head_dim)) / 7, dtype)
+  project = lambda rows: (split_k_dot(*mixed_dot_operands(rows, w), max(parts, 1))
+                          .reshape(max(parts, 1), batch, -1, head_dim))
+  folded = project(folded_norm_weight(x, weight))
+  unfolded = project(rms_norm(x, weight, EPS))
+  if parts == 0:  # one array in the activation dtype
+    folded, unfolded, activation_dtype = folded[0].astype(dtype), unfolded[0].astype(dtype), None
+  else:
+    activation_dtype = dtype
+  kw = dict(eps=EPS, scale=SCALE, activation_dtype=activation_dtype)
+  got = attention_op.decode_attention(folded, *args[1:], folded_norm_x=x, folded_norm_eps=EPS,
+                                      block_s=16, splits=splits,
+                                      implementation=implementation, **kw)
+  reference = decode_attention_reference(folded, *args[1:], folded_norm_x=x,
+                                         folded_norm_eps=EPS, **kw)
+  normalised_first = decode_attention_reference(unfolded, *args[1:], **kw)
+  tol = F32_TOLERANCE if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  loose = (kernel_backends.f32_tolerance(rtol=1e-4, atol=1e-4) if dtype == jnp.float32
+           else dict(rtol=5e-2, atol=5e-2))  # the projections' inputs round differently
+  for name, g, r, n in zip(("out", "k_cache", "v_cache"), got, reference, normalised_first):
+    assert g.shape == r.shape == n.shape and g.dtype == r.dtype == n.dtype == dtype, name
+    g, r, n = (np.asarray(a, np.float32) for a in (g, r, n))
+    np.testing.assert_allclose(g, r, err_msg=name, **tol)
+    np.testing.assert_allclose(r, n, err_msg=name, **loose)
+
+
+def test_rejects_bad_folded_norm_arguments():
+  rng = np.random.default_rng(5)
+  args = list(_case(rng, batch=2, heads=4, kv_heads=2, head_dim=16, cache_len=16, index=5,
+                    dtype=jnp.float32, qk_norm=False))
+  x = jnp.ones((2, 24), jnp.float32)
+  for fn in (decode_attention_triton, decode_attention_reference):
+    call = functools.partial(fn, *args, eps=EPS, scale=SCALE)
+    with pytest.raises(ValueError, match="folded_norm_x must be"):
+      call(folded_norm_x=x[:1], folded_norm_eps=EPS)
+    with pytest.raises(ValueError, match="folded_norm_x must be"):
+      call(folded_norm_x=x[:, :, None], folded_norm_eps=EPS)
+    with pytest.raises(ValueError, match="needs its RMSNorm's folded_norm_eps"):
+      call(folded_norm_x=x)
+    with pytest.raises(ValueError, match="without folded_norm_x"):
+      call(folded_norm_eps=EPS)
 
 
 def test_rejects_bad_qkv_partials():
@@ -321,6 +379,25 @@ def test_qkv_partials_lower_for_cuda():
   assert exported.out_avals[0].dtype == bf16
 
 
+def test_folded_norm_lowers_for_cuda():
+  """Qwen3-30B-A3B at B = 16 with its input RMSNorm folded: the residual rows [16, 2048]
+  go into the kernel."""
+  spec = jax.ShapeDtypeStruct
+  bf16, i32 = jnp.bfloat16, jnp.int32
+  fn = functools.partial(decode_attention_triton, eps=EPS, scale=SCALE,
+                         activation_dtype=bf16, folded_norm_eps=EPS)
+  exported = export_for(
+      "cuda", lambda *a: fn(*a[:-1], folded_norm_x=a[-1]),
+      spec((4, 16, 32 + 2 * 4, 128), jnp.float32),
+      spec((16, 160, 4, 128), bf16), spec((16, 160, 4, 128), bf16),
+      spec((16, 160), jnp.bool_), spec((), i32), spec((16,), i32),
+      spec((64,), jnp.float32), spec((128,), bf16), spec((128,), bf16),
+      spec((16, 2048), bf16))
+  module = exported.mlir_module()
+  assert "__gpu$xla.gpu.triton" in module
+  assert "tensor<16x2048xbf16>" in module
+
+
 def test_split_cache_lowers_for_cuda():
   """B = 1 over a 4096-slot cache: the default splits the cache, and the kernel writes
   float32 partial sums for the merge."""
@@ -373,18 +450,25 @@ def test_model_generates_the_same_tokens(hf):
 
 def test_model_hands_the_kernel_qkv_partials_without_biases(monkeypatch):
   """Qwen3 (no q/k/v biases) gives the kernel its projection dot's split-K partials,
-  also for one sequence (its zero row's partials too); Qwen2 (biases) one summed
-  array. One sequence generates the XLA attention's tokens."""
+  also for one sequence (its zero row's partials too), with the input RMSNorm folded
+  past the dot (the residual rows go in); Qwen2 (biases) one summed array of the
+  normalised rows. One sequence generates the XLA attention's tokens."""
   seen = []
   kernel = attention_triton.decode_attention_triton
-  monkeypatch.setattr(attention_triton, "decode_attention_triton",
-                      lambda qkv, *a, **kw: seen.append(qkv.shape) or kernel(qkv, *a, **kw))
+
+  def spy(qkv, *args, **kw):
+    folded = kw.get("folded_norm_x")
+    seen.append((qkv.ndim, None if folded is None else folded.shape))
+    return kernel(qkv, *args, **kw)
+
+  monkeypatch.setattr(attention_triton, "decode_attention_triton", spy)
   for hf, ndim in ((_QWEN3, 4), (_QWEN2, 3)):
     for prompts in ([[1, 2, 3], [4]], [[5, 6, 7, 8]]):
       seen.clear()
       got = generation.generate(random_qwen(hf, attention_impl="interpret"), prompts,
                                 max_new_tokens=4)
-      assert seen and {len(shape) for shape in seen} == {ndim}, hf["model_type"]
+      folded = (len(prompts), hf["hidden_size"]) if ndim == 4 else None
+      assert seen and set(seen) == {(ndim, folded)}, hf["model_type"]
       if len(prompts) == 1:
         want = generation.generate(random_qwen(hf, attention_impl="xla"), prompts,
                                    max_new_tokens=4)

@@ -15,10 +15,15 @@ import jax.numpy as jnp
 from sere_jax.numerics import mixed_dot_operands, sum_partials
 
 
+def inverse_rms(x: jax.Array, eps: float) -> jax.Array:
+  """`1 / rms(x)` over the last axis in float32 (`rms_norm`'s factor)."""
+  xf = x.astype(jnp.float32)
+  return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + eps)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   """`weight * x / rms(x)` over the last axis, in float32, returned in x's dtype."""
-  xf = x.astype(jnp.float32)
-  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  xf = x.astype(jnp.float32) * inverse_rms(x, eps)[..., None]
   return (weight.astype(jnp.float32) * xf).astype(x.dtype)
 
 
@@ -127,24 +132,53 @@ def qkv_partials(qkv: jax.Array, activation_dtype=None) -> tuple[int, jnp.dtype]
   return 1, qkv.dtype
 
 
-def whole_qkv(qkv: jax.Array, activation_dtype=None) -> jax.Array:
+def folded_norm_weight(x: jax.Array, weight: jax.Array) -> jax.Array:
+  """`x * weight` in x's dtype: the input of a projection whose RMSNorm is folded past
+  the dot, `rms_norm(x, weight) @ W == (x * weight) @ W / rms(x)` (the row's factor
+  `1 / rms(x)` is applied to the dot's result: `folded_norm_x`)."""
+  return (x.astype(jnp.float32) * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def check_folded_norm(qkv: jax.Array, folded_norm_x: jax.Array | None,
+                      folded_norm_eps: float | None) -> None:
+  """Raises ValueError unless `folded_norm_x` is None (with no eps) or `[B, D_model]`
+  for `qkv`'s B, with an eps."""
+  if folded_norm_x is None:
+    if folded_norm_eps is not None:
+      raise ValueError("folded_norm_eps is given without folded_norm_x")
+    return
+  batch = qkv.shape[-3]
+  if folded_norm_x.ndim != 2 or folded_norm_x.shape[0] != batch:
+    raise ValueError(f"folded_norm_x must be [B, D_model] with B = {batch}, got "
+                     f"{folded_norm_x.shape}")
+  if folded_norm_eps is None:
+    raise ValueError("folded_norm_x needs its RMSNorm's folded_norm_eps")
+
+
+def whole_qkv(qkv: jax.Array, activation_dtype=None, folded_norm_x: jax.Array | None = None,
+              folded_norm_eps: float | None = None) -> jax.Array:
   """`[B, H + 2 * Hkv, D]` from either form of `qkv_partials`, partials summed in order
-  in float32 and rounded to `activation_dtype`."""
+  in float32, divided by `rms(folded_norm_x)` when given, and rounded to
+  `activation_dtype`."""
   _, dtype = qkv_partials(qkv, activation_dtype)
-  if qkv.ndim == 3:  # one array
-    return qkv
-  return sum_partials(qkv).astype(dtype)
+  check_folded_norm(qkv, folded_norm_x, folded_norm_eps)
+  if folded_norm_x is None:
+    return qkv if qkv.ndim == 3 else sum_partials(qkv).astype(dtype)
+  total = qkv.astype(jnp.float32) if qkv.ndim == 3 else sum_partials(qkv)
+  return (total * inverse_rms(folded_norm_x, folded_norm_eps)[:, None, None]).astype(dtype)
 
 
 def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                visible: jax.Array, cache_index: jax.Array,
                                positions: jax.Array, inv_freq: jax.Array,
                                q_norm: jax.Array | None, k_norm: jax.Array | None, *,
-                               eps: float, scale: float, activation_dtype=None
+                               eps: float, scale: float, activation_dtype=None,
+                               folded_norm_x: jax.Array | None = None,
+                               folded_norm_eps: float | None = None
                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`triton.decode_attention_triton`'s result by the models' XLA path
   (`attend_with_cache`) for one token per sequence."""
-  qkv = whole_qkv(qkv, activation_dtype)
+  qkv = whole_qkv(qkv, activation_dtype, folded_norm_x, folded_norm_eps)
   heads, kv_heads = num_query_heads(qkv, k_cache, v_cache), k_cache.shape[2]
   q, k, v = jnp.split(qkv[:, None], [heads, heads + kv_heads], axis=2)
   out, k_cache, v_cache = attend_with_cache(

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from sere_jax.kernels.decode_attention.reference import num_query_heads, qkv_partials
+from sere_jax.kernels.decode_attention.reference import (check_folded_norm, num_query_heads,
+                                                         qkv_partials)
 
 # How `default_splits` shares a cache among programs: splits of at least `min_slots`
 # slots are added until the grid has `programs` programs. From a sweep on an H100
@@ -65,9 +66,10 @@ def normalise(acc: jax.Array, l: jax.Array) -> jax.Array:
 
 
 def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
-            k_norm_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref, v_cache_ref,
-            *stats_refs, num_heads, num_kv_heads, group, group_pad, head_dim, cache_len,
-            block_s, splits, partials, dtype, eps, scale, qk_norm, interpret):
+            k_norm_ref, norm_x_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref,
+            v_cache_ref, *stats_refs, num_heads, num_kv_heads, group, group_pad, head_dim,
+            cache_len, block_s, splits, partials, dtype, eps, scale, qk_norm, norm_x_dim,
+            norm_x_eps, interpret):
   del k_cache_in, v_cache_in  # aliased to k_cache_ref, v_cache_ref
   b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   r = jnp.arange(group_pad)
@@ -93,13 +95,22 @@ def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref
       x_partner = (x_partner * inv * weight_partner).astype(dtype).astype(jnp.float32)
     return (x * cos + sign * x_partner * sin).astype(dtype)
 
+  if norm_x_dim:  # the input RMSNorm folded past the projection: its row factor
+    cols = jnp.arange(pl.next_power_of_2(norm_x_dim))
+    row = plt.load(norm_x_ref.at[b, cols], mask=cols < norm_x_dim, other=0)
+    row = row.astype(jnp.float32)
+    row_factor = jax.lax.rsqrt(jnp.sum(row * row) / norm_x_dim + norm_x_eps)
+
   def load_qkv(rows, cols, mask=None):
-    """The new token's projections at (rows, cols): split-K partials summed in order,
-    rounded to the activation dtype as the unsplit dot would be."""
+    """The new token's projections at (rows, cols): split-K partials summed in order
+    (and divided by the folded norm's rms), rounded to the activation dtype as the
+    unsplit dot would be."""
     other = None if mask is None else 0
     x = plt.load(qkv_ref.at[0, b, rows, cols], mask=mask, other=other)
     for p in range(1, partials):
       x += plt.load(qkv_ref.at[p, b, rows, cols], mask=mask, other=other)
+    if norm_x_dim:
+      x = x.astype(jnp.float32) * row_factor
     return x.astype(dtype)
 
   heads = g * group + r  # this program's query heads; its key and value heads follow H
@@ -166,10 +177,11 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                inv_freq: jax.Array, activation_dtype=None) -> str | None:
+                inv_freq: jax.Array, activation_dtype=None,
+                folded_norm_x: jax.Array | None = None) -> str | None:
   """Why the kernel cannot take these inputs (None when it can): the head dim must be a
-  power of two of at least 16, RoPE must rotate the whole head, and activations and
-  caches must be bfloat16, float16 or float32."""
+  power of two of at least 16, RoPE must rotate the whole head, and activations,
+  caches and the folded norm's input rows must be bfloat16, float16 or float32."""
   _, dtype = qkv_partials(qkv, activation_dtype)
   if dtype not in _DTYPES:
     return f"takes bfloat16, float16 or float32 activations, not {dtype}"
@@ -179,8 +191,10 @@ def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   if inv_freq.shape != (head_dim // 2,):
     return (f"rotates the whole head ({head_dim // 2} RoPE frequencies), not "
             f"{inv_freq.shape} frequencies")
-  for name, array in (("qkv", qkv), ("k_cache", k_cache), ("v_cache", v_cache)):
-    if array.dtype not in _DTYPES:
+  arrays = (("qkv", qkv), ("k_cache", k_cache), ("v_cache", v_cache),
+            ("folded_norm_x", folded_norm_x))
+  for name, array in arrays:
+    if array is not None and array.dtype not in _DTYPES:
       return f"takes bfloat16, float16 or float32 arrays, not {name} in {array.dtype}"
   return None
 
@@ -210,14 +224,16 @@ def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "scale", "block_s", "splits",
-                                             "num_warps", "activation_dtype", "interpret"))
+                                             "num_warps", "activation_dtype",
+                                             "folded_norm_eps", "interpret"))
 def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                             visible: jax.Array, cache_index: jax.Array,
                             positions: jax.Array, inv_freq: jax.Array,
                             q_norm: jax.Array | None, k_norm: jax.Array | None, *,
                             eps: float, scale: float, block_s: int = 64,
                             splits: int | None = None, num_warps: int = 4,
-                            activation_dtype=None, interpret: bool = False
+                            activation_dtype=None, folded_norm_x: jax.Array | None = None,
+                            folded_norm_eps: float | None = None, interpret: bool = False
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Attention of one new token per sequence over its KV cache.
 
@@ -237,6 +253,11 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
       dtype, read as stored and widened in the kernel (an `astype` here would be two
       extra XLA kernels per layer and step).
     eps: the RMSNorm epsilon; scale: the logit scale.
+    folded_norm_x: `[B, D_model]`, the layer's input rows, when `qkv` is the projection
+      of `reference.folded_norm_weight(x, norm weight)` rather than of `rms_norm(x)`:
+      the summed projections are divided by `rms(x)` (with `folded_norm_eps`) before
+      the rest. The input RMSNorm is then no kernel of its own (its scale goes into
+      the dot's operand, which XLA fuses into the dot).
     block_s: cache slots per step of a program; splits: programs per sequence and KV
       head, each over an equal share of the slots up to `cache_index` (None:
       `default_splits`).
@@ -247,6 +268,7 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     `H / Hkv` is padded to 16 rows for the tensor-core dots.
   """
   partials, dtype = qkv_partials(qkv, activation_dtype)
+  check_folded_norm(qkv, folded_norm_x, folded_norm_eps)
   qkv = qkv.reshape(partials, *qkv.shape[-3:])
   heads = num_query_heads(jax.ShapeDtypeStruct(qkv.shape[1:], dtype), k_cache, v_cache)
   batch, cache_len, kv_heads, head_dim = k_cache.shape
@@ -267,13 +289,16 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     raise ValueError("q_norm and k_norm must both be given or both be None")
   if not qk_norm:
     q_norm = k_norm = jnp.zeros((head_dim,), jnp.float32)  # unused placeholders
+  norm_x_dim = 0 if folded_norm_x is None else folded_norm_x.shape[1]
+  if folded_norm_x is None:
+    folded_norm_x = jnp.zeros((1, 1), jnp.float32)  # unused placeholder
   group = heads // kv_heads
   kernel = functools.partial(
       _kernel, num_heads=heads, num_kv_heads=kv_heads, group=group,
       group_pad=max(16, 1 << (group - 1).bit_length()), head_dim=head_dim,
       cache_len=cache_len, block_s=block_s, splits=splits, partials=partials,
-      dtype=dtype, eps=eps, scale=scale,
-      qk_norm=qk_norm, interpret=bool(interpret))
+      dtype=dtype, eps=eps, scale=scale, qk_norm=qk_norm, norm_x_dim=norm_x_dim,
+      norm_x_eps=folded_norm_eps, interpret=bool(interpret))
   caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
   if splits == 1:
@@ -287,13 +312,13 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
       kernel,
       grid=(batch, kv_heads, splits),
       out_shape=out_shape,
-      input_output_aliases={7: 1, 8: 2},
+      input_output_aliases={8: 1, 9: 2},
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name="sere_decode_attention",
   )(qkv, visible.astype(jnp.int32), jnp.reshape(cache_index, (1,)).astype(jnp.int32),
     positions.astype(jnp.int32), inv_freq.astype(jnp.float32),
-    q_norm, k_norm, k_cache, v_cache)
+    q_norm, k_norm, folded_norm_x, k_cache, v_cache)
   if splits == 1:
     return results
   acc, k_cache, v_cache, m, l = results
