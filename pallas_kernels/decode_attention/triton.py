@@ -19,7 +19,9 @@ The new token's projections come in one array `qkv [B, H + 2 * Hkv, D]` (query h
 then key heads, then value heads): the model builds it by concatenating the q, k and v
 projections, which XLA computes as one dot. They may also come as that dot's float32
 split-K partials `[P, B, H + 2 * Hkv, D]`, which each program sums for its heads as it
-loads them: then no reduction kernel runs between the dot and this one.
+loads them: then no reduction kernel runs between the dot and this one. And the layer's
+input RMSNorm may be folded past that dot (`folded_norm_x`): the dot reads the residual
+rows times the norm's weight, and each program divides the sums by its row's rms.
 
 Its reference is `reference.decode_attention_reference`, the models' XLA path for
 one token, with the kernel's arguments and results.
