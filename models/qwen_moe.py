@@ -16,9 +16,9 @@ building blocks, also used for prefill) or the fused Pallas kernel
 (the default) is `triton` on GPUs and `xla` elsewhere (`layers.ATTENTION_IMPLS`,
 `layers.resolve_attention_impl`). With the kernel, the q/k/v and output projections
 hand their split-K partials to the attention and `residual_norm` kernels, which sum
-them as they load them; without q/k/v biases the layer's input RMSNorm is folded past
-the q/k/v dot (its scale into the dot's operand, its `1 / rms` into the attention
-kernel), so it runs no kernel of its own.
+them as they load them, and the layer's input RMSNorm is folded past the q/k/v dot
+(its scale into the dot's operand, its `1 / rms` and the q/k/v biases into the
+attention kernel), so it runs no kernel of its own.
 """
 
 from __future__ import annotations
@@ -184,11 +184,10 @@ class Attention(nnx.Module):
     scale = self.head_dim ** -0.5
     impl = layers.resolve_attention_impl(self.attention_impl)
     if impl != "xla" and l == 1:  # one new token: the fused kernel
-      qkv, activation_dtype, folded = self._decode_qkv(x[:, 0], input_norm)
+      qkv, projection = self._decode_qkv(x[:, 0], input_norm)
       out, k_cache, v_cache = attention_api.decode_attention(
           qkv, cache.k, cache.v, mask[:, 0], cache_index, positions[:, 0], inv_freq,
-          *norms, eps=eps, scale=scale, activation_dtype=activation_dtype,
-          implementation=impl, **folded)
+          *norms, eps=eps, scale=scale, implementation=impl, **projection)
       cache = layers.KVCache(k_cache, v_cache)
       if self.o_proj.bias is None:  # the residual_norm kernel sums the partials
         return layers.projection_partials(out.reshape(b, -1), self.o_proj), cache
@@ -203,31 +202,28 @@ class Attention(nnx.Module):
     return self.o_proj(out.reshape(b, l, -1)), cache
 
   def _decode_qkv(self, x: jax.Array, input_norm: layers.RMSNorm
-                  ) -> tuple[jax.Array, jnp.dtype | None, dict[str, Any]]:
+                  ) -> tuple[jax.Array, dict[str, Any]]:
     """The decode-attention kernel's `qkv` for one new token per sequence, the
-    residual stream `x [B, dim]`, its `activation_dtype` and its folded-norm
-    arguments.
+    residual stream `x [B, dim]`, and the op's arguments that say what it holds.
 
-    XLA merges the three projection dots into one. Without biases the kernel takes
-    that dot's float32 split-K partials `[P, B, H + 2 * Hkv, D]` and sums them as it
-    loads them (no reduction kernel in between), and the input RMSNorm is folded past
-    the dot: the dot reads `x * weight` and the kernel divides by `rms(x)`. With
-    biases (Qwen2), one `[B, H + 2 * Hkv, D]` array, the merged dot of the normalised
-    `x`.
+    XLA merges the three projection dots into one; the kernel takes that dot's float32
+    split-K partials `[P, B, H + 2 * Hkv, D]` and sums them as it loads them (no
+    reduction kernel in between). The input RMSNorm is folded past the dot: the dot
+    reads `x * weight` and the kernel divides by `rms(x)`, then adds the biases
+    (Qwen2).
     """
     projections = (self.q_proj, self.k_proj, self.v_proj)
     heads = (x.shape[0], self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-    if any(p.bias is not None for p in projections):
-      x = input_norm(x)
-      qkv = jnp.concatenate([p(x) for p in projections], axis=-1).reshape(heads)
-      return qkv, None, {}
     scaled = folded_norm_weight(x, input_norm.weight[...])
     weights = [p.kernel[...].astype(x.dtype) for p in projections]
     splits = split_k_count(x.shape[-1], sum(w.shape[1] for w in weights))
     qkv = jnp.concatenate([split_k_dot(*mixed_dot_operands(scaled, w), splits)
                            for w in weights], axis=-1)
-    folded = dict(folded_norm_x=x, folded_norm_eps=input_norm.eps)
-    return qkv.reshape(-1, *heads), x.dtype, folded
+    bias = None
+    if self.q_proj.bias is not None:
+      bias = jnp.concatenate([p.bias[...] for p in projections]).reshape(heads[1:])
+    return qkv.reshape(-1, *heads), dict(activation_dtype=x.dtype, folded_norm_x=x,
+                                         folded_norm_eps=input_norm.eps, qkv_bias=bias)
 
 
 class DecoderLayer(nnx.Module):

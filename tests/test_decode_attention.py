@@ -148,12 +148,14 @@ def test_sums_split_k_partials_of_qkv(dtype, parts, splits, implementation):
 
 
 @kernel_backends.over_implementations(attention_op.REGISTRY)
-@pytest.mark.parametrize("dtype,parts,splits", [
-    (jnp.float32, 4, 1), (jnp.bfloat16, 4, 1), (jnp.float32, 1, 3), (jnp.bfloat16, 0, 1)])
-def test_input_norm_folded_past_the_projection(dtype, parts, splits, implementation):
-  """`qkv` of `x * g` with `folded_norm_x = x` gives the attention of `rms_norm(x, g)`'s
-  projections: as partials (the reference's and the unfolded op's result), as one
-  array (parts 0), and over a split cache."""
+@pytest.mark.parametrize("dtype,parts,splits,biased", [
+    (jnp.float32, 4, 1, False), (jnp.bfloat16, 4, 1, True), (jnp.float32, 1, 3, True),
+    (jnp.bfloat16, 0, 1, False)])
+def test_input_norm_folded_past_the_projection(dtype, parts, splits, biased,
+                                               implementation):
+  """`qkv` of `x * g` with `folded_norm_x = x` (and `qkv_bias`) gives the attention of
+  `rms_norm(x, g)`'s projections plus the bias: as partials, as one array (parts 0),
+  and over a split cache; the kernel as the reference, and both as normalising first."""
   rng = np.random.default_rng(parts * 10 + splits)
   batch, d_model, heads, kv_heads, head_dim = 3, 48, 8, 2, 32
   args = list(_case(rng, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -163,13 +165,15 @@ def test_input_norm_folded_past_the_projection(dtype, parts, splits, implementat
   w = jnp.asarray(rng.normal(size=(d_model, (heads + 2 * kv_heads) * head_dim)) / 7, dtype)
   project = lambda rows: (split_k_dot(*mixed_dot_operands(rows, w), max(parts, 1))
                           .reshape(max(parts, 1), batch, -1, head_dim))
+  bias = (jnp.asarray(rng.normal(size=(heads + 2 * kv_heads, head_dim)), dtype) if biased
+          else None)
   folded = project(folded_norm_weight(x, weight))
   unfolded = project(rms_norm(x, weight, EPS))
   if parts == 0:  # one array in the activation dtype
     folded, unfolded, activation_dtype = folded[0].astype(dtype), unfolded[0].astype(dtype), None
   else:
     activation_dtype = dtype
-  kw = dict(eps=EPS, scale=SCALE, activation_dtype=activation_dtype)
+  kw = dict(eps=EPS, scale=SCALE, activation_dtype=activation_dtype, qkv_bias=bias)
   got = attention_op.decode_attention(folded, *args[1:], folded_norm_x=x, folded_norm_eps=EPS,
                                       block_s=16, splits=splits,
                                       implementation=implementation, **kw)
@@ -186,7 +190,7 @@ def test_input_norm_folded_past_the_projection(dtype, parts, splits, implementat
     np.testing.assert_allclose(r, n, err_msg=name, **loose)
 
 
-def test_rejects_bad_folded_norm_arguments():
+def test_rejects_bad_projection_arguments():
   rng = np.random.default_rng(5)
   args = list(_case(rng, batch=2, heads=4, kv_heads=2, head_dim=16, cache_len=16, index=5,
                     dtype=jnp.float32, qk_norm=False))
@@ -201,6 +205,8 @@ def test_rejects_bad_folded_norm_arguments():
       call(folded_norm_x=x)
     with pytest.raises(ValueError, match="without folded_norm_x"):
       call(folded_norm_eps=EPS)
+    with pytest.raises(ValueError, match=r"qkv_bias must be \[H \+ 2 \* Hkv, D\]"):
+      call(qkv_bias=jnp.zeros((8, 8), jnp.float32))
 
 
 def test_rejects_bad_qkv_partials():
@@ -448,27 +454,29 @@ def test_model_generates_the_same_tokens(hf):
   np.testing.assert_allclose(got.decode_stats, want.decode_stats)
 
 
-def test_model_hands_the_kernel_qkv_partials_without_biases(monkeypatch):
-  """Qwen3 (no q/k/v biases) gives the kernel its projection dot's split-K partials,
-  also for one sequence (its zero row's partials too), with the input RMSNorm folded
-  past the dot (the residual rows go in); Qwen2 (biases) one summed array of the
-  normalised rows. One sequence generates the XLA attention's tokens."""
+def test_model_hands_the_kernel_qkv_partials_and_its_input_norm(monkeypatch):
+  """The Qwen models give the kernel their projection dot's split-K partials, also for
+  one sequence (its zero row's partials too), with the input RMSNorm folded past the
+  dot (the residual rows go in) and, for Qwen2, the q/k/v biases. One sequence
+  generates the XLA attention's tokens."""
   seen = []
   kernel = attention_triton.decode_attention_triton
 
   def spy(qkv, *args, **kw):
-    folded = kw.get("folded_norm_x")
-    seen.append((qkv.ndim, None if folded is None else folded.shape))
+    bias = kw["qkv_bias"]
+    seen.append((qkv.ndim, kw["folded_norm_x"].shape, None if bias is None else bias.shape))
     return kernel(qkv, *args, **kw)
 
   monkeypatch.setattr(attention_triton, "decode_attention_triton", spy)
-  for hf, ndim in ((_QWEN3, 4), (_QWEN2, 3)):
+  for hf in (_QWEN3, _QWEN2):
+    heads = hf["num_attention_heads"] + 2 * hf["num_key_value_heads"]
+    bias = (heads, hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]))
     for prompts in ([[1, 2, 3], [4]], [[5, 6, 7, 8]]):
       seen.clear()
       got = generation.generate(random_qwen(hf, attention_impl="interpret"), prompts,
                                 max_new_tokens=4)
-      folded = (len(prompts), hf["hidden_size"]) if ndim == 4 else None
-      assert seen and set(seen) == {(ndim, folded)}, hf["model_type"]
+      want_seen = (4, (len(prompts), hf["hidden_size"]), bias if hf is _QWEN2 else None)
+      assert seen and set(seen) == {want_seen}, hf["model_type"]
       if len(prompts) == 1:
         want = generation.generate(random_qwen(hf, attention_impl="xla"), prompts,
                                    max_new_tokens=4)

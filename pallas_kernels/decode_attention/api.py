@@ -23,25 +23,21 @@ from sere_jax.kernels.decode_attention import triton
 from sere_jax.kernels.decode_attention.reference import decode_attention_reference
 
 
+# The arguments that say what `qkv` holds (the reference takes them too).
+_PROJECTION_ARGS = ("activation_dtype", "folded_norm_x", "folded_norm_eps", "qkv_bias")
+
+
 def _triton(qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm,
-            k_norm, *, eps, scale, activation_dtype=None, folded_norm_x=None,
-            folded_norm_eps=None, interpret=False, **options):
-  reason = triton.unsupported(qkv, k_cache, v_cache, inv_freq, activation_dtype,
-                              folded_norm_x)
+            k_norm, *, eps, scale, interpret=False, **kw):
+  projection = {name: kw.pop(name, None) for name in _PROJECTION_ARGS}
+  reason = triton.unsupported(qkv, k_cache, v_cache, inv_freq, **projection)
+  args = (qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm, k_norm)
   if reason:
     registry.log_triton_fallback("decode_attention", reason, interpret=interpret,
                                  running="the XLA attention")
-    return decode_attention_reference(qkv, k_cache, v_cache, visible, cache_index,
-                                      positions, inv_freq, q_norm, k_norm, eps=eps,
-                                      scale=scale, activation_dtype=activation_dtype,
-                                      folded_norm_x=folded_norm_x,
-                                      folded_norm_eps=folded_norm_eps)
-  return triton.decode_attention_triton(qkv, k_cache, v_cache, visible, cache_index,
-                                        positions, inv_freq, q_norm, k_norm, eps=eps,
-                                        scale=scale, activation_dtype=activation_dtype,
-                                        folded_norm_x=folded_norm_x,
-                                        folded_norm_eps=folded_norm_eps,
-                                        interpret=interpret, **options)
+    return decode_attention_reference(*args, eps=eps, scale=scale, **projection)
+  return triton.decode_attention_triton(*args, eps=eps, scale=scale, interpret=interpret,
+                                        **projection, **kw)
 
 
 IMPLEMENTATIONS = {
@@ -58,8 +54,9 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      inv_freq: jax.Array, q_norm: jax.Array | None,
                      k_norm: jax.Array | None, *, eps: float, scale: float,
                      activation_dtype=None, folded_norm_x: jax.Array | None = None,
-                     folded_norm_eps: float | None = None, implementation: str = "auto",
-                     **options) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     folded_norm_eps: float | None = None, qkv_bias: jax.Array | None = None,
+                     implementation: str = "auto", **options
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Attention of one new token per sequence over its KV cache.
 
   Arguments and results as `triton.decode_attention_triton`: `qkv [B, H + 2 * Hkv, D]`
@@ -67,11 +64,13 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   dtype of their sum), caches `[B, S, Hkv, D]`, `visible [B, S]`, `positions [B]`,
   `inv_freq [D / 2]`, optional per-head norm weights `[D]`, and, with the layer's input
   RMSNorm folded past the projection dot, its input rows `folded_norm_x [B, D_model]`
-  and `folded_norm_eps`; returns `(out [B, H, D], k_cache, v_cache)`.
+  and `folded_norm_eps`, and the projections' biases `qkv_bias [H + 2 * Hkv, D]`;
+  returns `(out [B, H, D], k_cache, v_cache)`.
   `implementation` is one of `REGISTRY.names`; `**options` are the chosen backend's
   tuning knobs (`block_s`, `splits`, `num_warps` for the Triton kernel).
   """
   fn = REGISTRY.get(implementation)
   return fn(qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm,
             k_norm, eps=eps, scale=scale, activation_dtype=activation_dtype,
-            folded_norm_x=folded_norm_x, folded_norm_eps=folded_norm_eps, **options)
+            folded_norm_x=folded_norm_x, folded_norm_eps=folded_norm_eps,
+            qkv_bias=qkv_bias, **options)

@@ -139,10 +139,13 @@ def folded_norm_weight(x: jax.Array, weight: jax.Array) -> jax.Array:
   return (x.astype(jnp.float32) * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def check_folded_norm(qkv: jax.Array, folded_norm_x: jax.Array | None,
-                      folded_norm_eps: float | None) -> None:
+def check_projection_args(qkv: jax.Array, folded_norm_x: jax.Array | None,
+                          folded_norm_eps: float | None, qkv_bias: jax.Array | None) -> None:
   """Raises ValueError unless `folded_norm_x` is None (with no eps) or `[B, D_model]`
-  for `qkv`'s B, with an eps."""
+  for `qkv`'s B with an eps, and `qkv_bias` is None or `[H + 2 * Hkv, D]`."""
+  if qkv_bias is not None and qkv_bias.shape != qkv.shape[-2:]:
+    raise ValueError(f"qkv_bias must be [H + 2 * Hkv, D] = {qkv.shape[-2:]}, got "
+                     f"{qkv_bias.shape}")
   if folded_norm_x is None:
     if folded_norm_eps is not None:
       raise ValueError("folded_norm_eps is given without folded_norm_x")
@@ -156,16 +159,21 @@ def check_folded_norm(qkv: jax.Array, folded_norm_x: jax.Array | None,
 
 
 def whole_qkv(qkv: jax.Array, activation_dtype=None, folded_norm_x: jax.Array | None = None,
-              folded_norm_eps: float | None = None) -> jax.Array:
-  """`[B, H + 2 * Hkv, D]` from either form of `qkv_partials`, partials summed in order
-  in float32, divided by `rms(folded_norm_x)` when given, and rounded to
-  `activation_dtype`."""
+              folded_norm_eps: float | None = None, qkv_bias: jax.Array | None = None
+              ) -> jax.Array:
+  """`[B, H + 2 * Hkv, D]` from either form of `qkv_partials`: partials summed in order
+  in float32, divided by `rms(folded_norm_x)` and added `qkv_bias` when given, and
+  rounded to `activation_dtype`."""
   _, dtype = qkv_partials(qkv, activation_dtype)
-  check_folded_norm(qkv, folded_norm_x, folded_norm_eps)
-  if folded_norm_x is None:
+  check_projection_args(qkv, folded_norm_x, folded_norm_eps, qkv_bias)
+  if folded_norm_x is None and qkv_bias is None:
     return qkv if qkv.ndim == 3 else sum_partials(qkv).astype(dtype)
   total = qkv.astype(jnp.float32) if qkv.ndim == 3 else sum_partials(qkv)
-  return (total * inverse_rms(folded_norm_x, folded_norm_eps)[:, None, None]).astype(dtype)
+  if folded_norm_x is not None:
+    total = total * inverse_rms(folded_norm_x, folded_norm_eps)[:, None, None]
+  if qkv_bias is not None:
+    total = total + qkv_bias.astype(jnp.float32)
+  return total.astype(dtype)
 
 
 def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -174,11 +182,12 @@ def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.
                                q_norm: jax.Array | None, k_norm: jax.Array | None, *,
                                eps: float, scale: float, activation_dtype=None,
                                folded_norm_x: jax.Array | None = None,
-                               folded_norm_eps: float | None = None
+                               folded_norm_eps: float | None = None,
+                               qkv_bias: jax.Array | None = None
                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`triton.decode_attention_triton`'s result by the models' XLA path
   (`attend_with_cache`) for one token per sequence."""
-  qkv = whole_qkv(qkv, activation_dtype, folded_norm_x, folded_norm_eps)
+  qkv = whole_qkv(qkv, activation_dtype, folded_norm_x, folded_norm_eps, qkv_bias)
   heads, kv_heads = num_query_heads(qkv, k_cache, v_cache), k_cache.shape[2]
   q, k, v = jnp.split(qkv[:, None], [heads, heads + kv_heads], axis=2)
   out, k_cache, v_cache = attend_with_cache(

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from sere_jax.kernels.decode_attention.reference import (check_folded_norm, num_query_heads,
-                                                         qkv_partials)
+from sere_jax.kernels.decode_attention.reference import (check_projection_args,
+                                                         num_query_heads, qkv_partials)
 
 # How `default_splits` shares a cache among programs: splits of at least `min_slots`
 # slots are added until the grid has `programs` programs. From a sweep on an H100
@@ -68,10 +68,10 @@ def normalise(acc: jax.Array, l: jax.Array) -> jax.Array:
 
 
 def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
-            k_norm_ref, norm_x_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref,
+            k_norm_ref, norm_x_ref, bias_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref,
             v_cache_ref, *stats_refs, num_heads, num_kv_heads, group, group_pad, head_dim,
             cache_len, block_s, splits, partials, dtype, eps, scale, qk_norm, norm_x_dim,
-            norm_x_eps, interpret):
+            norm_x_eps, biased, interpret):
   del k_cache_in, v_cache_in  # aliased to k_cache_ref, v_cache_ref
   b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   r = jnp.arange(group_pad)
@@ -105,14 +105,17 @@ def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref
 
   def load_qkv(rows, cols, mask=None):
     """The new token's projections at (rows, cols): split-K partials summed in order
-    (and divided by the folded norm's rms), rounded to the activation dtype as the
-    unsplit dot would be."""
+    (divided by the folded norm's rms, the bias added), rounded to the activation
+    dtype as the unsplit dot would be."""
     other = None if mask is None else 0
     x = plt.load(qkv_ref.at[0, b, rows, cols], mask=mask, other=other)
     for p in range(1, partials):
       x += plt.load(qkv_ref.at[p, b, rows, cols], mask=mask, other=other)
     if norm_x_dim:
       x = x.astype(jnp.float32) * row_factor
+    if biased:
+      x = x.astype(jnp.float32) + plt.load(bias_ref.at[rows, cols], mask=mask,
+                                           other=other).astype(jnp.float32)
     return x.astype(dtype)
 
   heads = g * group + r  # this program's query heads; its key and value heads follow H
@@ -180,10 +183,13 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                 inv_freq: jax.Array, activation_dtype=None,
-                folded_norm_x: jax.Array | None = None) -> str | None:
+                folded_norm_x: jax.Array | None = None, folded_norm_eps: float | None = None,
+                qkv_bias: jax.Array | None = None) -> str | None:
   """Why the kernel cannot take these inputs (None when it can): the head dim must be a
   power of two of at least 16, RoPE must rotate the whole head, and activations,
-  caches and the folded norm's input rows must be bfloat16, float16 or float32."""
+  caches, the folded norm's input rows and the biases must be bfloat16, float16 or
+  float32. (`folded_norm_eps` is any float.)"""
+  del folded_norm_eps
   _, dtype = qkv_partials(qkv, activation_dtype)
   if dtype not in _DTYPES:
     return f"takes bfloat16, float16 or float32 activations, not {dtype}"
@@ -194,7 +200,7 @@ def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     return (f"rotates the whole head ({head_dim // 2} RoPE frequencies), not "
             f"{inv_freq.shape} frequencies")
   arrays = (("qkv", qkv), ("k_cache", k_cache), ("v_cache", v_cache),
-            ("folded_norm_x", folded_norm_x))
+            ("folded_norm_x", folded_norm_x), ("qkv_bias", qkv_bias))
   for name, array in arrays:
     if array is not None and array.dtype not in _DTYPES:
       return f"takes bfloat16, float16 or float32 arrays, not {name} in {array.dtype}"
@@ -235,7 +241,8 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
                             eps: float, scale: float, block_s: int = 64,
                             splits: int | None = None, num_warps: int = 4,
                             activation_dtype=None, folded_norm_x: jax.Array | None = None,
-                            folded_norm_eps: float | None = None, interpret: bool = False
+                            folded_norm_eps: float | None = None,
+                            qkv_bias: jax.Array | None = None, interpret: bool = False
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Attention of one new token per sequence over its KV cache.
 
@@ -260,6 +267,8 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
       the summed projections are divided by `rms(x)` (with `folded_norm_eps`) before
       the rest. The input RMSNorm is then no kernel of its own (its scale goes into
       the dot's operand, which XLA fuses into the dot).
+    qkv_bias: `[H + 2 * Hkv, D]`, the projections' biases (Qwen2), added to the sums
+      (after the folded norm's division), or None.
     block_s: cache slots per step of a program; splits: programs per sequence and KV
       head, each over an equal share of the slots up to `cache_index` (None:
       `default_splits`).
@@ -270,7 +279,7 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     `H / Hkv` is padded to 16 rows for the tensor-core dots.
   """
   partials, dtype = qkv_partials(qkv, activation_dtype)
-  check_folded_norm(qkv, folded_norm_x, folded_norm_eps)
+  check_projection_args(qkv, folded_norm_x, folded_norm_eps, qkv_bias)
   qkv = qkv.reshape(partials, *qkv.shape[-3:])
   heads = num_query_heads(jax.ShapeDtypeStruct(qkv.shape[1:], dtype), k_cache, v_cache)
   batch, cache_len, kv_heads, head_dim = k_cache.shape
@@ -294,13 +303,16 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
   norm_x_dim = 0 if folded_norm_x is None else folded_norm_x.shape[1]
   if folded_norm_x is None:
     folded_norm_x = jnp.zeros((1, 1), jnp.float32)  # unused placeholder
+  biased = qkv_bias is not None
+  if not biased:
+    qkv_bias = jnp.zeros((1, 1), jnp.float32)  # unused placeholder
   group = heads // kv_heads
   kernel = functools.partial(
       _kernel, num_heads=heads, num_kv_heads=kv_heads, group=group,
       group_pad=max(16, 1 << (group - 1).bit_length()), head_dim=head_dim,
       cache_len=cache_len, block_s=block_s, splits=splits, partials=partials,
       dtype=dtype, eps=eps, scale=scale, qk_norm=qk_norm, norm_x_dim=norm_x_dim,
-      norm_x_eps=folded_norm_eps, interpret=bool(interpret))
+      norm_x_eps=folded_norm_eps, biased=biased, interpret=bool(interpret))
   caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
   if splits == 1:
@@ -314,13 +326,13 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
       kernel,
       grid=(batch, kv_heads, splits),
       out_shape=out_shape,
-      input_output_aliases={8: 1, 9: 2},
+      input_output_aliases={9: 1, 10: 2},
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name="sere_decode_attention",
   )(qkv, visible.astype(jnp.int32), jnp.reshape(cache_index, (1,)).astype(jnp.int32),
     positions.astype(jnp.int32), inv_freq.astype(jnp.float32),
-    q_norm, k_norm, folded_norm_x, k_cache, v_cache)
+    q_norm, k_norm, folded_norm_x, qkv_bias, k_cache, v_cache)
   if splits == 1:
     return results
   acc, k_cache, v_cache, m, l = results
