@@ -40,12 +40,13 @@ import numpy as np
 from sere_jax import policies
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels.latent_attention import api as latent_attention_api
+from sere_jax.kernels.router.reference import summed_logits
 from sere_jax.models import base
 from sere_jax.models import hf_import
 from sere_jax.models import layers
 from sere_jax.models.layers import KVCache, Linear, RMSNorm, SwiGLU
 from sere_jax.models.layers import apply_rope, attend, attention_mask
-from sere_jax.moe import MoeBlock, Router
+from sere_jax.moe import MoeBlock, Router, softmax_router
 from sere_jax.numerics import gemm_dot, mixed_dot_operands
 
 NO_REROUTE = RerouteConfig(policy="none")
@@ -225,31 +226,34 @@ def softmax_scale(config: DeepseekV2Config) -> float:
   return scale
 
 
-def deepseek_router(config: DeepseekV2Config) -> Router:
+def deepseek_router(config: DeepseekV2Config, impl: str = "auto") -> Router:
   """Softmax scores -> (group-limited) greedy top-K -> normalised or scaled weights.
 
-  Under `group_limited_greedy`, each token keeps the `topk_group` groups of experts with
-  the highest maximum score; experts of other groups score 0 (as in DeepSeek's code).
   Weights are renormalised when `norm_topk_prob` (and K > 1), else multiplied by
-  `routed_scaling_factor`. The scores handed back are the masked softmax scores.
+  `routed_scaling_factor`. Greedy top-K is `moe.softmax_router` (the fused top-K
+  kernel where the MoE op `impl` has one). Under `group_limited_greedy`, in XLA, each
+  token keeps the `topk_group` groups of experts with the highest maximum score;
+  experts of other groups score 0 (as in DeepSeek's code), and the scores handed back
+  are the masked softmax scores. The logits may be split-K partials (`moe.Router`).
   """
   top_k, num_groups = config.num_experts_per_tok, config.n_group
+  normalize = config.norm_topk_prob and top_k > 1
+  scaling = 1.0 if normalize else config.routed_scaling_factor
+  if config.topk_method == "greedy":
+    return softmax_router(top_k, normalize, impl, scaling_factor=scaling)
 
   def route(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    if config.topk_method == "group_limited_greedy":
-      tokens, experts = scores.shape
-      group_max = jnp.max(scores.reshape(tokens, num_groups, -1), axis=-1)
-      _, top_groups = jax.lax.top_k(group_max, config.topk_group)
-      keep = jnp.zeros((tokens, num_groups), jnp.bool_).at[
-          jnp.arange(tokens)[:, None], top_groups].set(True)
-      scores = jnp.where(jnp.repeat(keep, experts // num_groups, axis=1), scores, 0.0)
+    scores = jax.nn.softmax(summed_logits(logits).astype(jnp.float32), axis=-1)
+    tokens, experts = scores.shape
+    group_max = jnp.max(scores.reshape(tokens, num_groups, -1), axis=-1)
+    _, top_groups = jax.lax.top_k(group_max, config.topk_group)
+    keep = jnp.zeros((tokens, num_groups), jnp.bool_).at[
+        jnp.arange(tokens)[:, None], top_groups].set(True)
+    scores = jnp.where(jnp.repeat(keep, experts // num_groups, axis=1), scores, 0.0)
     weights, ids = jax.lax.top_k(scores, top_k)
-    if config.norm_topk_prob and top_k > 1:
+    if normalize:
       weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    else:
-      weights = weights * config.routed_scaling_factor
-    return ids.astype(jnp.int32), weights, scores
+    return ids.astype(jnp.int32), weights * scaling, scores
 
   return route
 
@@ -346,7 +350,7 @@ class DecoderLayer(nnx.Module):
           dim, config.moe_intermediate_size, config.n_routed_experts,
           config.num_experts_per_tok, reroute=reroute,
           normalize=config.norm_topk_prob and config.num_experts_per_tok > 1,
-          router=deepseek_router(config), impl=impl, **kw)
+          router=deepseek_router(config, impl), impl=impl, **kw)
     else:
       self.mlp = SwiGLU(dim, config.intermediate_size, **kw)
     shared = config.moe_intermediate_size * config.n_shared_experts

@@ -47,8 +47,9 @@ from sere_jax.kernels.router import api as router_api
 from sere_jax.kernels.router import reference as router_reference
 from sere_jax.numerics import gemm_dot, mixed_dot_operands, split_k_count, split_k_dot
 
-# A router maps `[T, E]` logits to `(ids [T, K], weights [T, K], scores [T, E])`, where
-# `scores` are the per-expert scores on the weights' scale (for the `oea` policy).
+# A router maps `[T, E]` logits, or float32 split-K partials `[P, T, E]` that sum to them
+# (`router_reference.summed_logits`), to `(ids [T, K], weights [T, K], scores [T, E])`,
+# where `scores` are the per-expert scores on the weights' scale (for the `oea` policy).
 Router = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 NO_REROUTE = RerouteConfig(policy="none")
 # Policies that the MoE op re-routes itself (the fused schedule kernel's); the block
@@ -77,12 +78,13 @@ def fused_router(impl: str) -> str | None:
   return None if backends is None else backends.router
 
 
-def softmax_router(top_k: int, normalize: bool, impl: str = "auto") -> Router:
-  """Softmax scores, top-K, optionally renormalised (Qwen's `norm_topk_prob`).
+def softmax_router(top_k: int, normalize: bool, impl: str = "auto",
+                   scaling_factor: float = 1.0) -> Router:
+  """Softmax scores, top-K, optionally renormalised (Qwen's `norm_topk_prob`), the
+  weights multiplied by `scaling_factor` (DeepSeek's `routed_scaling_factor`).
 
-  The top-K is the `kernels.router` op where `fused_router(impl)` names one,
-  otherwise `routing.route`. Besides `[T, E]` logits the router takes float32 split-K
-  partials `[P, T, E]` of the router dot, which the fused kernel sums as it loads them.
+  The top-K is the `kernels.router` op where `fused_router(impl)` names one (split-K
+  partials are summed as the kernel loads them), otherwise `routing.route`.
   """
   def route(logits):
     kernel = fused_router(impl)
@@ -92,6 +94,8 @@ def softmax_router(top_k: int, normalize: bool, impl: str = "auto") -> Router:
     else:
       ids, weights = router_api.route(logits, top_k, normalize=normalize,
                                       implementation=kernel)
+    if scaling_factor != 1.0:
+      weights = weights * scaling_factor
     return ids, weights, jax.nn.softmax(summed.astype(jnp.float32), axis=-1)
   return route
 
@@ -122,7 +126,8 @@ class MoeBlock(nnx.Module):
     self.pool_scale = nnx.data(None)  # ExpertPoolStats [E, E] likewise
     self.reroute = reroute
     self.route = router or softmax_router(top_k, normalize, impl)
-    self.router_sums_partials = router is None and fused_router(impl) is not None
+    # With the fused top-K kernel the router dot hands on its split-K partials.
+    self.router_sums_partials = fused_router(impl) is not None
     self.impl = impl
     self.group_size = group_size
     self.mesh, self.expert_axis = mesh, expert_axis

@@ -106,6 +106,24 @@ def test_greedy_router_matches_plain_top_k_and_normalises():
   np.testing.assert_allclose(scores, probs, rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_router_takes_split_k_partials_and_greedy_runs_the_top_k_kernel(method):
+  """With the interpret MoE op, both routers take the router dot's split-K partials;
+  greedy runs the fused top-K kernel (scaled weights as the XLA router's), and a MoE
+  layer hands its router the partials."""
+  fields = dict(topk_method=method, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+  config = ds.DeepseekV2Config(**SMALL, **fields)
+  partials = jnp.asarray(np.random.default_rng(2).normal(size=(4, 32, 16)), jnp.float32)
+  want = ds.deepseek_router(config, "xla_dense")(partials.sum(0))
+  got = ds.deepseek_router(config, "interpret")(partials)
+  np.testing.assert_array_equal(got[0], want[0])
+  for g, w in zip(got[1:], want[1:]):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  layer = ds.DecoderLayer(config, 1, reroute=ds.NO_REROUTE, impl="interpret",
+                          param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert layer.mlp.router_sums_partials
+
+
 # --- import errors ------------------------------------------------------------------
 
 @pytest.fixture
