@@ -306,6 +306,11 @@ def test_unsupported_names_each_reason():
   assert "whole head" in attention_triton.unsupported(qkv, cache, cache, freq[:8])
   assert "v_cache in int8" in attention_triton.unsupported(qkv, cache, cache.astype(
       jnp.int8), freq)
+  rows = jnp.zeros((2, 24), jnp.int32)
+  assert "folded_norm_x in int32" in attention_triton.unsupported(
+      qkv, cache, cache, freq, folded_norm_x=rows)
+  assert "qkv_bias in int32" in attention_triton.unsupported(
+      qkv, cache, cache, freq, qkv_bias=jnp.zeros((8, 32), jnp.int32))
 
 
 def test_rejects_bad_shapes():

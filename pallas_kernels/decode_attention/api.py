@@ -30,7 +30,8 @@ _PROJECTION_ARGS = ("activation_dtype", "folded_norm_x", "folded_norm_eps", "qkv
 def _triton(qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm,
             k_norm, *, eps, scale, interpret=False, **kw):
   projection = {name: kw.pop(name, None) for name in _PROJECTION_ARGS}
-  reason = triton.unsupported(qkv, k_cache, v_cache, inv_freq, **projection)
+  reason = triton.unsupported(qkv, k_cache, v_cache, inv_freq, projection["activation_dtype"],
+                              projection["folded_norm_x"], projection["qkv_bias"])
   args = (qkv, k_cache, v_cache, visible, cache_index, positions, inv_freq, q_norm, k_norm)
   if reason:
     registry.log_triton_fallback("decode_attention", reason, interpret=interpret,

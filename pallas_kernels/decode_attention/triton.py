@@ -183,13 +183,12 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                 inv_freq: jax.Array, activation_dtype=None,
-                folded_norm_x: jax.Array | None = None, folded_norm_eps: float | None = None,
+                folded_norm_x: jax.Array | None = None,
                 qkv_bias: jax.Array | None = None) -> str | None:
   """Why the kernel cannot take these inputs (None when it can): the head dim must be a
   power of two of at least 16, RoPE must rotate the whole head, and activations,
   caches, the folded norm's input rows and the biases must be bfloat16, float16 or
-  float32. (`folded_norm_eps` is any float.)"""
-  del folded_norm_eps
+  float32."""
   _, dtype = qkv_partials(qkv, activation_dtype)
   if dtype not in _DTYPES:
     return f"takes bfloat16, float16 or float32 activations, not {dtype}"
