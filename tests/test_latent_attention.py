@@ -177,9 +177,21 @@ def test_unknown_implementation_is_named():
                                scale=SCALE, implementation="cuda")
 
 
-@pytest.mark.parametrize("splits", [1, 5])
+def test_default_config_fills_small_grids_with_splits():
+  """`(block_s, splits)`: 32-slot blocks split up to 64 programs, at most one split
+  per block of the cache; 64 programs or more run unsplit over 64-slot blocks."""
+  assert latent_triton.default_config(1, 1, 160) == (32, 5)
+  assert latent_triton.default_config(16, 1, 160) == (32, 4)
+  assert latent_triton.default_config(8, 2, 160) == (32, 4)
+  assert latent_triton.default_config(64, 1, 160) == (64, 1)
+  assert latent_triton.default_config(2, 1, 16) == (32, 1)
+  assert latent_triton.default_config(1, 1, 4096) == (32, 64)
+
+
+@pytest.mark.parametrize("splits", [None, 1, 5])
 def test_lowers_for_cuda(splits):
-  """DeepSeek-V2-Lite at B = 16 over 160 slots: 16 heads, latent 512, rotary 64."""
+  """DeepSeek-V2-Lite at B = 16 over 160 slots: 16 heads, latent 512, rotary 64 (None:
+  the default, 4 splits)."""
   spec = jax.ShapeDtypeStruct
   fn = functools.partial(latent_attention_triton, scale=0.1, splits=splits)
   exported = export_for("cuda", fn, spec((16, 16, 512), jnp.bfloat16),

@@ -7,7 +7,8 @@ DeepSeek-V2-Lite's shapes (16 heads, a 512-wide latent, a 64-wide rotary key, bf
 per batch size (default 1,16,64) over a cache of SLOTS slots (default 160, the
 decode benchmark's prompt of 128 and 32 new tokens), the new token in the last slot:
 µs per layer over 8 layers, each with its own cache (the chain's own update included,
-the same in every case). Kernel cases are named `block_s{N}_warps{W}_splits{P}`.
+the same in every case). Kernel cases are named `block_s{N}_warps{W}_splits{P}`;
+`default` is the kernel with `triton.default_config`'s block and splits.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def main(argv):
   batches = [int(b) for b in (argv[2] if len(argv) > 2 else "1,16,64").split(",")]
   slots = int(argv[3]) if len(argv) > 3 else 160
   index = jnp.int32(slots - 1)
-  cases = {"xla": reference.latent_attention_reference}
+  cases = {"xla": reference.latent_attention_reference,
+           "default": triton.latent_attention_triton}
   for block_s, warps, splits in itertools.product(BLOCK_S, WARPS, SPLITS):
     cases[f"block_s{block_s}_warps{warps}_splits{splits}"] = functools.partial(
         triton.latent_attention_triton, block_s=block_s, num_warps=warps, splits=splits)

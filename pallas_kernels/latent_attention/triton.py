@@ -6,13 +6,12 @@ probs·latent dot. `latent_attention_triton` does it in one launch. Grid: (batch
 block, split). A program loads its `block_h` heads' latent and rotated queries once
 and runs an online-softmax pass over its share of the cache slots up to
 `cache_index`, reading each block of latents once for both of its dots (logits, then
-the weighted sum). With one split (the default) it normalises its result in place;
-with more (flash-decoding) the programs' partial results are merged by one XLA fusion.
+the weighted sum). With one split it normalises its result in place; with more
+(flash-decoding) the programs' partial results are merged by one XLA fusion.
 
-On an H100 at DeepSeek-V2-Lite's shapes and 160 slots, one split took 13.8, 11.8 and
-13.5 µs per layer at B = 1, 16 and 64: the time of one program's pass, whatever the
-batch (`docs/decode.md`). More splits shorten that pass; they are not timed on a GPU
-yet (`tools/latent_attention_sweep.py` does).
+A program's pass over the slots bounds the kernel, whatever the batch: so small
+grids share the slots among more programs, and `default_config` picks the block of
+slots and the splits from the grid (`TUNING`).
 
 Latent and rotary widths need not be powers of two: the program's tiles are padded
 to the next power of two (at least 16, as the tensor-core dots need) and the loads
@@ -34,6 +33,27 @@ from sere_jax.kernels.decode_attention.triton import (combine_splits, normalise,
                                                       online_softmax_block)
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+# How `default_config` picks `(block_s, splits)`: an unsplit grid of fewer than
+# `programs` programs (sequences x head blocks) gets `narrow_block_s`-slot blocks and
+# splits until it has `programs`, at most one per block of the cache; a wider grid runs
+# unsplit with `wide_block_s`-slot blocks. From the sweep on an H100
+# (docs/benchmarks/latent_attention_sweep_h100.json; DeepSeek-V2-Lite's 16 heads over
+# 160 slots; µs per layer with the sweep's own cache update): B = 1 took 16.99 µs
+# with one 32-slot program and 10.02 with 8 splits; B = 16 19.46 and 14.50 (4 splits);
+# B = 64 (64 programs) 24.03 with 32-slot and 20.55 with 64-slot blocks, more splits
+# being slower there.
+TUNING = dict(programs=64, narrow_block_s=32, wide_block_s=64)
+
+
+def default_config(batch: int, head_blocks: int, cache_len: int) -> tuple[int, int]:
+  """`(block_s, splits)` for a grid of `batch * head_blocks` unsplit programs over a
+  cache of `cache_len` slots (`TUNING`)."""
+  unsplit = batch * head_blocks
+  if unsplit >= TUNING["programs"]:
+    return TUNING["wide_block_s"], 1
+  block_s = TUNING["narrow_block_s"]
+  return block_s, max(1, min(-(-TUNING["programs"] // unsplit), -(-cache_len // block_s)))
 _NT = (((1,), (1,)), ((), ()))  # a [M, K] x b [N, K] -> [M, N]
 
 
@@ -108,7 +128,7 @@ def unsupported(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
   return None
 
 
-def _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s):
+def _check_shapes(q_latent, q_pe, latent, k_pe, visible):
   if q_latent.ndim != 3 or latent.ndim != 3:
     raise ValueError(f"q_latent must be [B, H, R] and latent [B, S, R], got "
                      f"{list(q_latent.shape)} and {list(latent.shape)}")
@@ -121,17 +141,20 @@ def _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s):
       raise ValueError(f"{name} must be {list(shape)} for q_latent {list(q_latent.shape)}, "
                        f"latent {list(latent.shape)} and k_pe {list(k_pe.shape)}, got "
                        f"{list(array.shape)}")
-  for name, size in (("block_h", block_h), ("block_s", block_s)):
-    if size < 16 or size & (size - 1):
-      raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+
+
+def _check_block(name: str, size: int) -> None:
+  if size < 16 or size & (size - 1):
+    raise ValueError(f"{name} must be a power of two >= 16, got {size}")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_h", "block_s", "splits",
                                              "num_warps", "interpret"))
 def latent_attention_triton(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Array,
                             k_pe: jax.Array, visible: jax.Array, cache_index: jax.Array,
-                            *, scale: float, block_h: int = 16, block_s: int = 32,
-                            splits: int = 1, num_warps: int = 4,
+                            *, scale: float, block_h: int = 16,
+                            block_s: int | None = None, splits: int | None = None,
+                            num_warps: int = 4,
                             interpret: bool = False
                             ) -> jax.Array:
   """Attention of one new token per sequence over a latent cache.
@@ -147,16 +170,21 @@ def latent_attention_triton(q_latent: jax.Array, q_pe: jax.Array, latent: jax.Ar
     block_h: heads per program (rows of the dots, padded with masked rows);
       block_s: cache slots per step of a program. Powers of two of at least 16.
     splits: programs per sequence and head block, each over an equal share of the
-      slots up to `cache_index`; their partial results are merged by
-      `decode_attention.triton.combine_splits` (one small XLA fusion). The default,
-      one, is what the decode benchmark has timed (see `docs/decode.md`).
+      blocks of slots up to `cache_index`; their partial results are merged by
+      `decode_attention.triton.combine_splits` (one small XLA fusion).
+    `block_s` and `splits` left None are `default_config`'s.
 
   Returns:
     `[B, H, R]` in q_latent's dtype: the softmax-weighted sum of the visible latents.
   """
-  _check_shapes(q_latent, q_pe, latent, k_pe, visible, block_h, block_s)
+  _check_shapes(q_latent, q_pe, latent, k_pe, visible)
+  _check_block("block_h", block_h)
   batch, heads, rank = q_latent.shape
   cache_len, rope = latent.shape[1], k_pe.shape[-1]
+  tuned_block_s, tuned_splits = default_config(batch, pl.cdiv(heads, block_h), cache_len)
+  block_s = tuned_block_s if block_s is None else block_s
+  splits = tuned_splits if splits is None else splits
+  _check_block("block_s", block_s)
   if not isinstance(splits, int) or splits < 1:
     raise ValueError(f"splits must be a positive integer, got {splits!r}")
   kernel = functools.partial(
