@@ -390,23 +390,25 @@ def test_qkv_partials_lower_for_cuda():
   assert exported.out_avals[0].dtype == bf16
 
 
-def test_folded_norm_lowers_for_cuda():
+@pytest.mark.parametrize("biased", [False, True])
+def test_folded_norm_lowers_for_cuda(biased):
   """Qwen3-30B-A3B at B = 16 with its input RMSNorm folded: the residual rows [16, 2048]
-  go into the kernel."""
+  go into the kernel (and, as for Qwen1.5, q/k/v biases [40, 128])."""
   spec = jax.ShapeDtypeStruct
   bf16, i32 = jnp.bfloat16, jnp.int32
   fn = functools.partial(decode_attention_triton, eps=EPS, scale=SCALE,
                          activation_dtype=bf16, folded_norm_eps=EPS)
+  extra = [spec((16, 2048), bf16)] + ([spec((40, 128), bf16)] if biased else [])
   exported = export_for(
-      "cuda", lambda *a: fn(*a[:-1], folded_norm_x=a[-1]),
+      "cuda", lambda *a: fn(*a[:9], folded_norm_x=a[9], qkv_bias=a[10] if biased else None),
       spec((4, 16, 32 + 2 * 4, 128), jnp.float32),
       spec((16, 160, 4, 128), bf16), spec((16, 160, 4, 128), bf16),
       spec((16, 160), jnp.bool_), spec((), i32), spec((16,), i32),
-      spec((64,), jnp.float32), spec((128,), bf16), spec((128,), bf16),
-      spec((16, 2048), bf16))
+      spec((64,), jnp.float32), spec((128,), bf16), spec((128,), bf16), *extra)
   module = exported.mlir_module()
   assert "__gpu$xla.gpu.triton" in module
   assert "tensor<16x2048xbf16>" in module
+  assert ("tensor<40x128xbf16>" in module) == biased
 
 
 def test_split_cache_lowers_for_cuda():
