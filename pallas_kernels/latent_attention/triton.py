@@ -33,6 +33,7 @@ from sere_jax.kernels.decode_attention.triton import (combine_splits, normalise,
                                                       online_softmax_block)
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_NT = (((1,), (1,)), ((), ()))  # a [M, K] x b [N, K] -> [M, N]
 
 # How `default_config` picks `(block_s, splits)`: an unsplit grid of fewer than
 # `programs` programs (sequences x head blocks) gets `narrow_block_s`-slot blocks and
@@ -54,7 +55,6 @@ def default_config(batch: int, head_blocks: int, cache_len: int) -> tuple[int, i
     return TUNING["wide_block_s"], 1
   block_s = TUNING["narrow_block_s"]
   return block_s, max(1, min(-(-TUNING["programs"] // unsplit), -(-cache_len // block_s)))
-_NT = (((1,), (1,)), ((), ()))  # a [M, K] x b [N, K] -> [M, N]
 
 
 def _tile(n: int) -> int:
