@@ -220,8 +220,8 @@ class Attention(nnx.Module):
     qkv = jnp.concatenate([split_k_dot(*mixed_dot_operands(scaled, w), splits)
                            for w in weights], axis=-1)
     bias = None
-    if self.q_proj.bias is not None:
-      bias = jnp.concatenate([p.bias[...] for p in projections]).reshape(heads[1:])
+    if self.q_proj.bias is not None:  # three arrays: no concatenation in every step
+      bias = tuple(p.bias[...].reshape(-1, self.head_dim) for p in projections)
     return qkv.reshape(-1, *heads), dict(activation_dtype=x.dtype, folded_norm_x=x,
                                          folded_norm_eps=input_norm.eps, qkv_bias=bias)
 

@@ -165,8 +165,8 @@ def test_input_norm_folded_past_the_projection(dtype, parts, splits, biased,
   w = jnp.asarray(rng.normal(size=(d_model, (heads + 2 * kv_heads) * head_dim)) / 7, dtype)
   project = lambda rows: (split_k_dot(*mixed_dot_operands(rows, w), max(parts, 1))
                           .reshape(max(parts, 1), batch, -1, head_dim))
-  bias = (jnp.asarray(rng.normal(size=(heads + 2 * kv_heads, head_dim)), dtype) if biased
-          else None)
+  bias = (tuple(jnp.asarray(rng.normal(size=(rows, head_dim)), dtype)
+                for rows in (heads, kv_heads, kv_heads)) if biased else None)
   folded = project(folded_norm_weight(x, weight))
   unfolded = project(rms_norm(x, weight, EPS))
   if parts == 0:  # one array in the activation dtype
@@ -205,8 +205,13 @@ def test_rejects_bad_projection_arguments():
       call(folded_norm_x=x)
     with pytest.raises(ValueError, match="without folded_norm_x"):
       call(folded_norm_eps=EPS)
-    with pytest.raises(ValueError, match=r"qkv_bias must be \[H \+ 2 \* Hkv, D\]"):
-      call(qkv_bias=jnp.zeros((8, 8), jnp.float32))
+    bias = lambda *rows: tuple(jnp.zeros((r, 16), jnp.float32) for r in rows)
+    # qkv has H + 2 * Hkv = 4 + 2 * 2 heads of D = 16.
+    for wrong in (jnp.zeros((8, 16), jnp.float32), bias(4, 2), bias(4, 2, 2, 0),
+                  bias(4, 1, 3), tuple(jnp.zeros((r, 8), jnp.float32) for r in (4, 2, 2)),
+                  bias(6, 1, 1), bias(2, 3, 3)):  # the last two: Hkv not the caches' 2
+      with pytest.raises(ValueError, match="qkv_bias must be the query, key and value"):
+        call(qkv_bias=wrong)
 
 
 def test_rejects_bad_qkv_partials():
@@ -309,8 +314,9 @@ def test_unsupported_names_each_reason():
   rows = jnp.zeros((2, 24), jnp.int32)
   assert "folded_norm_x in int32" in attention_triton.unsupported(
       qkv, cache, cache, freq, folded_norm_x=rows)
+  f32, i32 = jnp.zeros((4, 32), jnp.float32), jnp.zeros((2, 32), jnp.int32)
   assert "qkv_bias in int32" in attention_triton.unsupported(
-      qkv, cache, cache, freq, qkv_bias=jnp.zeros((8, 32), jnp.int32))
+      qkv, cache, cache, freq, qkv_bias=(f32, f32[:2], i32))
 
 
 def test_rejects_bad_shapes():
@@ -393,14 +399,16 @@ def test_qkv_partials_lower_for_cuda():
 @pytest.mark.parametrize("biased", [False, True])
 def test_folded_norm_lowers_for_cuda(biased):
   """Qwen3-30B-A3B at B = 16 with its input RMSNorm folded: the residual rows [16, 2048]
-  go into the kernel (and, as for Qwen1.5, q/k/v biases [40, 128])."""
+  go into the kernel (and, as for Qwen1.5, the q, k and v biases [32 | 4 | 4, 128])."""
   spec = jax.ShapeDtypeStruct
   bf16, i32 = jnp.bfloat16, jnp.int32
   fn = functools.partial(decode_attention_triton, eps=EPS, scale=SCALE,
                          activation_dtype=bf16, folded_norm_eps=EPS)
-  extra = [spec((16, 2048), bf16)] + ([spec((40, 128), bf16)] if biased else [])
+  biases = [spec((32, 128), bf16), spec((4, 128), bf16), spec((4, 128), bf16)]
+  extra = [spec((16, 2048), bf16)] + (biases if biased else [])
   exported = export_for(
-      "cuda", lambda *a: fn(*a[:9], folded_norm_x=a[9], qkv_bias=a[10] if biased else None),
+      "cuda", lambda *a: fn(*a[:9], folded_norm_x=a[9],
+                            qkv_bias=tuple(a[10:13]) if biased else None),
       spec((4, 16, 32 + 2 * 4, 128), jnp.float32),
       spec((16, 160, 4, 128), bf16), spec((16, 160, 4, 128), bf16),
       spec((16, 160), jnp.bool_), spec((), i32), spec((16,), i32),
@@ -408,7 +416,8 @@ def test_folded_norm_lowers_for_cuda(biased):
   module = exported.mlir_module()
   assert "__gpu$xla.gpu.triton" in module
   assert "tensor<16x2048xbf16>" in module
-  assert ("tensor<40x128xbf16>" in module) == biased
+  assert ("tensor<32x128xbf16>" in module) == biased
+  assert ("tensor<4x128xbf16>" in module) == biased
 
 
 def test_split_cache_lowers_for_cuda():
@@ -471,13 +480,15 @@ def test_model_hands_the_kernel_qkv_partials_and_its_input_norm(monkeypatch):
 
   def spy(qkv, *args, **kw):
     bias = kw["qkv_bias"]
-    seen.append((qkv.ndim, kw["folded_norm_x"].shape, None if bias is None else bias.shape))
+    seen.append((qkv.ndim, kw["folded_norm_x"].shape,
+                 None if bias is None else tuple(b.shape for b in bias)))
     return kernel(qkv, *args, **kw)
 
   monkeypatch.setattr(attention_triton, "decode_attention_triton", spy)
   for hf in (_QWEN3, _QWEN2):
-    heads = hf["num_attention_heads"] + 2 * hf["num_key_value_heads"]
-    bias = (heads, hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]))
+    head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    bias = tuple((heads, head_dim) for heads in (
+        hf["num_attention_heads"], hf["num_key_value_heads"], hf["num_key_value_heads"]))
     for prompts in ([[1, 2, 3], [4]], [[5, 6, 7, 8]]):
       seen.clear()
       got = generation.generate(random_qwen(hf, attention_impl="interpret"), prompts,

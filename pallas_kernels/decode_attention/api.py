@@ -20,7 +20,8 @@ import jax
 
 from sere_jax.kernels import registry
 from sere_jax.kernels.decode_attention import triton
-from sere_jax.kernels.decode_attention.reference import decode_attention_reference
+from sere_jax.kernels.decode_attention.reference import (QkvBias,
+                                                         decode_attention_reference)
 
 
 # The arguments that say what `qkv` holds (the reference takes them too).
@@ -55,7 +56,7 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      inv_freq: jax.Array, q_norm: jax.Array | None,
                      k_norm: jax.Array | None, *, eps: float, scale: float,
                      activation_dtype=None, folded_norm_x: jax.Array | None = None,
-                     folded_norm_eps: float | None = None, qkv_bias: jax.Array | None = None,
+                     folded_norm_eps: float | None = None, qkv_bias: QkvBias | None = None,
                      implementation: str = "auto", **options
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Attention of one new token per sequence over its KV cache.
@@ -65,7 +66,8 @@ def decode_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   dtype of their sum), caches `[B, S, Hkv, D]`, `visible [B, S]`, `positions [B]`,
   `inv_freq [D / 2]`, optional per-head norm weights `[D]`, and, with the layer's input
   RMSNorm folded past the projection dot, its input rows `folded_norm_x [B, D_model]`
-  and `folded_norm_eps`, and the projections' biases `qkv_bias [H + 2 * Hkv, D]`;
+  and `folded_norm_eps`, and the projections' biases `qkv_bias` (`([H, D], [Hkv, D],
+  [Hkv, D])`);
   returns `(out [B, H, D], k_cache, v_cache)`.
   `implementation` is one of `REGISTRY.names`; `**options` are the chosen backend's
   tuning knobs (`block_s`, `splits`, `num_warps` for the Triton kernel).

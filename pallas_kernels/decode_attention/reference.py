@@ -14,6 +14,11 @@ import jax.numpy as jnp
 
 from sere_jax.numerics import mixed_dot_operands, sum_partials
 
+# The q/k/v projections' biases as the model holds them, `(q [H, D], k [Hkv, D],
+# v [Hkv, D])`: three arrays, since concatenating them would be one more kernel in
+# every decode step (XLA keeps that concatenation inside the decode loop on GPUs).
+QkvBias = tuple[jax.Array, jax.Array, jax.Array]
+
 
 def inverse_rms(x: jax.Array, eps: float) -> jax.Array:
   """`1 / rms(x)` over the last axis in float32 (`rms_norm`'s factor)."""
@@ -139,13 +144,30 @@ def folded_norm_weight(x: jax.Array, weight: jax.Array) -> jax.Array:
   return (x.astype(jnp.float32) * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+def _check_bias(qkv_bias: QkvBias, rows: int, head_dim: int, kv_heads: int | None) -> None:
+  """Raises ValueError unless `qkv_bias` is `([H, D], [Hkv, D], [Hkv, D])` with
+  `H + 2 * Hkv = rows` (and `Hkv = kv_heads` where given)."""
+  shapes = (tuple(getattr(b, "shape", None) for b in qkv_bias)
+            if isinstance(qkv_bias, (tuple, list)) else getattr(qkv_bias, "shape", None))
+  ok = (isinstance(shapes, tuple) and len(shapes) == 3
+        and all(isinstance(s, tuple) and len(s) == 2 and s[1] == head_dim for s in shapes)
+        and shapes[1] == shapes[2] and sum(s[0] for s in shapes) == rows
+        and kv_heads in (None, shapes[1][0]))
+  if not ok:
+    raise ValueError(f"qkv_bias must be the query, key and value biases ([H, D], [Hkv, D], "
+                     f"[Hkv, D]) of qkv's H + 2 * Hkv = {rows} heads of D = {head_dim}, "
+                     f"got {shapes}")
+
+
 def check_projection_args(qkv: jax.Array, folded_norm_x: jax.Array | None,
-                          folded_norm_eps: float | None, qkv_bias: jax.Array | None) -> None:
+                          folded_norm_eps: float | None,
+                          qkv_bias: QkvBias | None, kv_heads: int | None = None) -> None:
   """Raises ValueError unless `folded_norm_x` is None (with no eps) or `[B, D_model]`
-  for `qkv`'s B with an eps, and `qkv_bias` is None or `[H + 2 * Hkv, D]`."""
-  if qkv_bias is not None and qkv_bias.shape != qkv.shape[-2:]:
-    raise ValueError(f"qkv_bias must be [H + 2 * Hkv, D] = {qkv.shape[-2:]}, got "
-                     f"{qkv_bias.shape}")
+  for `qkv`'s B with an eps, and `qkv_bias` is None or the query, key and value biases
+  `([H, D], [Hkv, D], [Hkv, D])` of `qkv`'s `H + 2 * Hkv` heads (`Hkv` = `kv_heads`
+  where given)."""
+  if qkv_bias is not None:
+    _check_bias(qkv_bias, *qkv.shape[-2:], kv_heads)
   if folded_norm_x is None:
     if folded_norm_eps is not None:
       raise ValueError("folded_norm_eps is given without folded_norm_x")
@@ -159,7 +181,7 @@ def check_projection_args(qkv: jax.Array, folded_norm_x: jax.Array | None,
 
 
 def whole_qkv(qkv: jax.Array, activation_dtype=None, folded_norm_x: jax.Array | None = None,
-              folded_norm_eps: float | None = None, qkv_bias: jax.Array | None = None
+              folded_norm_eps: float | None = None, qkv_bias: QkvBias | None = None
               ) -> jax.Array:
   """`[B, H + 2 * Hkv, D]` from either form of `qkv_partials`: partials summed in order
   in float32, divided by `rms(folded_norm_x)` and added `qkv_bias` when given, and
@@ -172,7 +194,7 @@ def whole_qkv(qkv: jax.Array, activation_dtype=None, folded_norm_x: jax.Array | 
   if folded_norm_x is not None:
     total = total * inverse_rms(folded_norm_x, folded_norm_eps)[:, None, None]
   if qkv_bias is not None:
-    total = total + qkv_bias.astype(jnp.float32)
+    total = total + jnp.concatenate(qkv_bias).astype(jnp.float32)
   return total.astype(dtype)
 
 
@@ -183,10 +205,11 @@ def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.
                                eps: float, scale: float, activation_dtype=None,
                                folded_norm_x: jax.Array | None = None,
                                folded_norm_eps: float | None = None,
-                               qkv_bias: jax.Array | None = None
+                               qkv_bias: QkvBias | None = None
                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`triton.decode_attention_triton`'s result by the models' XLA path
   (`attend_with_cache`) for one token per sequence."""
+  check_projection_args(qkv, folded_norm_x, folded_norm_eps, qkv_bias, k_cache.shape[2])
   qkv = whole_qkv(qkv, activation_dtype, folded_norm_x, folded_norm_eps, qkv_bias)
   heads, kv_heads = num_query_heads(qkv, k_cache, v_cache), k_cache.shape[2]
   q, k, v = jnp.split(qkv[:, None], [heads, heads + kv_heads], axis=2)

@@ -22,6 +22,8 @@ split-K partials `[P, B, H + 2 * Hkv, D]`, which each program sums for its heads
 loads them: then no reduction kernel runs between the dot and this one. And the layer's
 input RMSNorm may be folded past that dot (`folded_norm_x`): the dot reads the residual
 rows times the norm's weight, and each program divides the sums by its row's rms.
+The projections' biases, where the model has them, come as its three arrays and are
+added after that.
 
 Its reference is `reference.decode_attention_reference`, the models' XLA path for
 one token, with the kernel's arguments and results.
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from sere_jax.kernels.decode_attention.reference import (check_projection_args,
+from sere_jax.kernels.decode_attention.reference import (QkvBias, check_projection_args,
                                                          num_query_heads, qkv_partials)
 
 # How `default_splits` shares a cache among programs: splits of at least `min_slots`
@@ -68,7 +70,8 @@ def normalise(acc: jax.Array, l: jax.Array) -> jax.Array:
 
 
 def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
-            k_norm_ref, norm_x_ref, bias_ref, k_cache_in, v_cache_in, out_ref, k_cache_ref,
+            k_norm_ref, norm_x_ref, q_bias_ref, k_bias_ref, v_bias_ref, k_cache_in,
+            v_cache_in, out_ref, k_cache_ref,
             v_cache_ref, *stats_refs, num_heads, num_kv_heads, group, group_pad, head_dim,
             cache_len, block_s, splits, partials, dtype, eps, scale, qk_norm, norm_x_dim,
             norm_x_eps, biased, interpret):
@@ -103,10 +106,10 @@ def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref
     row = row.astype(jnp.float32)
     row_factor = jax.lax.rsqrt(jnp.sum(row * row) / norm_x_dim + norm_x_eps)
 
-  def load_qkv(rows, cols, mask=None):
+  def load_qkv(rows, cols, bias_ref, bias_rows, mask=None):
     """The new token's projections at (rows, cols): split-K partials summed in order
-    (divided by the folded norm's rms, the bias added), rounded to the activation
-    dtype as the unsplit dot would be."""
+    (divided by the folded norm's rms, the bias at (bias_rows, cols) of `bias_ref`
+    added), rounded to the activation dtype as the unsplit dot would be."""
     other = None if mask is None else 0
     x = plt.load(qkv_ref.at[0, b, rows, cols], mask=mask, other=other)
     for p in range(1, partials):
@@ -114,18 +117,20 @@ def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref
     if norm_x_dim:
       x = x.astype(jnp.float32) * row_factor
     if biased:
-      x = x.astype(jnp.float32) + plt.load(bias_ref.at[rows, cols], mask=mask,
+      x = x.astype(jnp.float32) + plt.load(bias_ref.at[bias_rows, cols], mask=mask,
                                            other=other).astype(jnp.float32)
     return x.astype(dtype)
 
   heads = g * group + r  # this program's query heads; its key and value heads follow H
   k_head, v_head = num_heads + g, num_heads + num_kv_heads + g
-  q = norm_rope(load_qkv(heads[:, None], d[None, :], r_ok[:, None]),
-                load_qkv(heads[:, None], partner[None, :], r_ok[:, None]),
+  q_rows, q_ok = heads[:, None], r_ok[:, None]
+  q = norm_rope(load_qkv(q_rows, d[None, :], q_bias_ref, q_rows, q_ok),
+                load_qkv(q_rows, partner[None, :], q_bias_ref, q_rows, q_ok),
                 q_norm_ref, dtype).astype(k_cache_ref.dtype)  # [group_pad, D]
-  k_new = norm_rope(load_qkv(k_head, d), load_qkv(k_head, partner),
+  k_new = norm_rope(load_qkv(k_head, d, k_bias_ref, g),
+                    load_qkv(k_head, partner, k_bias_ref, g),
                     k_norm_ref, dtype).astype(k_cache_ref.dtype)
-  v_new = load_qkv(v_head, d).astype(v_cache_ref.dtype)
+  v_new = load_qkv(v_head, d, v_bias_ref, g).astype(v_cache_ref.dtype)
 
   @pl.when(split == 0)
   def _():
@@ -184,7 +189,7 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                 inv_freq: jax.Array, activation_dtype=None,
                 folded_norm_x: jax.Array | None = None,
-                qkv_bias: jax.Array | None = None) -> str | None:
+                qkv_bias: QkvBias | None = None) -> str | None:
   """Why the kernel cannot take these inputs (None when it can): the head dim must be a
   power of two of at least 16, RoPE must rotate the whole head, and activations,
   caches, the folded norm's input rows and the biases must be bfloat16, float16 or
@@ -199,7 +204,8 @@ def unsupported(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     return (f"rotates the whole head ({head_dim // 2} RoPE frequencies), not "
             f"{inv_freq.shape} frequencies")
   arrays = (("qkv", qkv), ("k_cache", k_cache), ("v_cache", v_cache),
-            ("folded_norm_x", folded_norm_x), ("qkv_bias", qkv_bias))
+            ("folded_norm_x", folded_norm_x),
+            *(("qkv_bias", bias) for bias in qkv_bias or ()))
   for name, array in arrays:
     if array is not None and array.dtype not in _DTYPES:
       return f"takes bfloat16, float16 or float32 arrays, not {name} in {array.dtype}"
@@ -241,7 +247,7 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
                             splits: int | None = None, num_warps: int = 4,
                             activation_dtype=None, folded_norm_x: jax.Array | None = None,
                             folded_norm_eps: float | None = None,
-                            qkv_bias: jax.Array | None = None, interpret: bool = False
+                            qkv_bias: QkvBias | None = None, interpret: bool = False
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Attention of one new token per sequence over its KV cache.
 
@@ -266,8 +272,9 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
       the summed projections are divided by `rms(x)` (with `folded_norm_eps`) before
       the rest. The input RMSNorm is then no kernel of its own (its scale goes into
       the dot's operand, which XLA fuses into the dot).
-    qkv_bias: `[H + 2 * Hkv, D]`, the projections' biases (Qwen2), added to the sums
-      (after the folded norm's division), or None.
+    qkv_bias: the query, key and value projections' biases `([H, D], [Hkv, D],
+      [Hkv, D])` (Qwen2), added to the sums (after the folded norm's division), or
+      None. Three arrays as the model holds them (`reference.QkvBias`).
     block_s: cache slots per step of a program; splits: programs per sequence and KV
       head, each over an equal share of the slots up to `cache_index` (None:
       `default_splits`).
@@ -278,9 +285,9 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     `H / Hkv` is padded to 16 rows for the tensor-core dots.
   """
   partials, dtype = qkv_partials(qkv, activation_dtype)
-  check_projection_args(qkv, folded_norm_x, folded_norm_eps, qkv_bias)
   qkv = qkv.reshape(partials, *qkv.shape[-3:])
   heads = num_query_heads(jax.ShapeDtypeStruct(qkv.shape[1:], dtype), k_cache, v_cache)
+  check_projection_args(qkv, folded_norm_x, folded_norm_eps, qkv_bias, k_cache.shape[2])
   batch, cache_len, kv_heads, head_dim = k_cache.shape
   if visible.shape != (batch, cache_len):
     raise ValueError(f"visible must be [B, S] = {(batch, cache_len)}, got {visible.shape}")
@@ -304,7 +311,7 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     folded_norm_x = jnp.zeros((1, 1), jnp.float32)  # unused placeholder
   biased = qkv_bias is not None
   if not biased:
-    qkv_bias = jnp.zeros((1, 1), jnp.float32)  # unused placeholder
+    qkv_bias = (jnp.zeros((1, 1), jnp.float32),) * 3  # unused placeholders
   group = heads // kv_heads
   kernel = functools.partial(
       _kernel, num_heads=heads, num_kv_heads=kv_heads, group=group,
@@ -325,13 +332,13 @@ def decode_attention_triton(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
       kernel,
       grid=(batch, kv_heads, splits),
       out_shape=out_shape,
-      input_output_aliases={9: 1, 10: 2},
+      input_output_aliases={11: 1, 12: 2},
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name="sere_decode_attention",
   )(qkv, visible.astype(jnp.int32), jnp.reshape(cache_index, (1,)).astype(jnp.int32),
     positions.astype(jnp.int32), inv_freq.astype(jnp.float32),
-    q_norm, k_norm, folded_norm_x, qkv_bias, k_cache, v_cache)
+    q_norm, k_norm, folded_norm_x, *qkv_bias, k_cache, v_cache)
   if splits == 1:
     return results
   acc, k_cache, v_cache, m, l = results
