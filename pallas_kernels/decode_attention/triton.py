@@ -71,10 +71,10 @@ def normalise(acc: jax.Array, l: jax.Array) -> jax.Array:
 
 def _kernel(qkv_ref, visible_ref, index_ref, positions_ref, freq_ref, q_norm_ref,
             k_norm_ref, norm_x_ref, q_bias_ref, k_bias_ref, v_bias_ref, k_cache_in,
-            v_cache_in, out_ref, k_cache_ref,
-            v_cache_ref, *stats_refs, num_heads, num_kv_heads, group, group_pad, head_dim,
-            cache_len, block_s, splits, partials, dtype, eps, scale, qk_norm, norm_x_dim,
-            norm_x_eps, biased, interpret):
+            v_cache_in, out_ref, k_cache_ref, v_cache_ref, *stats_refs, num_heads,
+            num_kv_heads, group, group_pad, head_dim, cache_len, block_s, splits,
+            partials, dtype, eps, scale, qk_norm, norm_x_dim, norm_x_eps, biased,
+            interpret):
   del k_cache_in, v_cache_in  # aliased to k_cache_ref, v_cache_ref
   b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   r = jnp.arange(group_pad)
