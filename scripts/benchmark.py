@@ -137,6 +137,9 @@ _POLICIES = flags.DEFINE_list("policies", list(decode_lib.DEFAULT_POLICIES),
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "decode: new tokens per sequence.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "decode: timed passes of new_tokens-1 steps.")
+_STEPS_PER_CHECK = flags.DEFINE_integer(
+    "steps_per_check", 1, "decode: steps between checks of the decode loop's condition "
+    "(generation.decode_loop); pick new_tokens - 1 a multiple of it.", lower_bound=1)
 _HF_PEER = flags.DEFINE_bool("hf_peer", True, "decode: time transformers generate() too "
                              "(child process; skipped, with the reason, without torch/CUDA).")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", sys.executable,
@@ -326,7 +329,7 @@ def decode(command):
         model=_MODEL.value, scale=scale, batches=batches, policies=policies,
         prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value, impl=_IMPL.value,
         attention_impl=_ATTENTION_IMPL.value, profile_dir=_PROFILE_DIR.value,
-        repeats=_REPEATS.value,
+        repeats=_REPEATS.value, steps_per_check=_STEPS_PER_CHECK.value,
         bandwidth_bytes=(64 << 20) if scale == "tiny" else (4 << 30), peer=peer,
         write_partial=lambda r: write_result(dict(r, command=command)),
         expert_devices=_EXPERT_DEVICES.value, bandwidth_probe=probe)

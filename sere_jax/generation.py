@@ -263,13 +263,15 @@ def _accept(acc: Accepted, token: jax.Array, *, eos_ids: tuple[int, ...],
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens",
-                                             "eos_ids", "stop_sequences", "pad_id"),
+                                             "eos_ids", "stop_sequences", "pad_id",
+                                             "steps_per_check"),
                    donate_argnames=("cache", "cache_valid"))
 def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.Array,
                 cache: Any, cache_valid: jax.Array, prompt_len: jax.Array,
                 base_key: jax.Array, *, sampling: SamplingConfig, max_new_tokens: int,
                 eos_ids: tuple[int, ...], stop_sequences: tuple[tuple[int, ...], ...],
-                pad_id: int) -> tuple[Accepted, jax.Array, jax.Array, Any, jax.Array]:
+                pad_id: int, steps_per_check: int = 1
+                ) -> tuple[Accepted, jax.Array, jax.Array, Any, jax.Array]:
   """Every decode step of `generate` in one jitted call (a `lax.while_loop`) over the
   `nnx.split` model `(graphdef, state)`; the cache is donated.
 
@@ -280,7 +282,16 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
   steps: int32, stats [max(max_new_tokens - 1, 1), num_moe_layers, 5], cache,
   cache_valid)`; rows of `stats` past `steps` are zero. (The cache is returned so that
   the donated input buffers become the loop's, without a copy.)
+
+  On GPUs the loop's condition goes to the host after every iteration, and the GPU
+  waits for the host to launch the next one. With `steps_per_check = k > 1` an
+  iteration runs k steps (an inner loop of known trip count, which XLA runs without
+  that round trip); a step that starts when the loop should already have stopped is
+  a padding step that changes no output, only the returned cache after the last step
+  (an unused slot, or the last slot once `max_new_tokens` is reached): at most k - 1
+  steps are wasted.
   """
+  validation.check_int("steps_per_check", steps_per_check, 1)
   accept = functools.partial(_accept, eos_ids=eos_ids, stop_sequences=stop_sequences,
                              max_new_tokens=max_new_tokens)
   batch = first_token.shape[0]
@@ -297,18 +308,34 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
     step, _, acc, *_ = carry
     return (step < max_new_tokens - 1) & jnp.any(acc.reason == RUNNING)
 
-  def decode_step(carry):
+  def decode_step(carry, last_slot=None):
     step, token, acc, cache, cache_valid, stats = carry
     alive = acc.reason == RUNNING
+    slot = prompt_len + step
+    if last_slot is not None:
+      slot = jnp.minimum(slot, last_slot)
     token, cache, cache_valid, step_stats = _forward_and_sample(
         model, jnp.where(alive, token, pad_id)[:, None], (lengths + step)[:, None],
-        alive[:, None], cache, cache_valid, prompt_len + step,
+        alive[:, None], cache, cache_valid, slot,
         jax.random.fold_in(base_key, step + 1), sampling, decode=True)
     stats = jax.lax.dynamic_update_index_in_dim(stats, step_stats, step, 0)
     return step + 1, token, accept(acc, token), cache, cache_valid, stats
 
+  def step_or_pad(_, carry):
+    """`decode_step` while the loop goes on, else a padding step: no sequence is
+    running, so it writes only an unused cache slot (within the cache)."""
+    go_on = running(carry)
+    step, token, acc, _, last_valid, stats = carry
+    _, new_token, new_acc, cache, cache_valid, new_stats = decode_step(
+        carry, last_slot=last_valid.shape[1] - 1)
+    keep = lambda new, old: jnp.where(go_on, new, old)
+    return (step + go_on.astype(jnp.int32), keep(new_token, token),
+            jax.tree.map(keep, new_acc, acc), cache, cache_valid, keep(new_stats, stats))
+
+  body = decode_step if steps_per_check == 1 else (
+      lambda carry: jax.lax.fori_loop(0, steps_per_check, step_or_pad, carry))
   steps, _, acc, cache, cache_valid, stats = jax.lax.while_loop(
-      running, decode_step,
+      running, body,
       (jnp.asarray(0, jnp.int32), first_token, acc, cache, cache_valid, stats))
   return acc, steps, stats, cache, cache_valid
 
@@ -317,7 +344,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
              sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] = (),
              stop_sequences: Sequence[Sequence[int]] = (), cache_length: int | None = None,
              pad_id: int = 0, cache_dtype: Any = None, length_multiple: int = 1,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> GenerationResult:
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+             steps_per_check: int = 1) -> GenerationResult:
   """Generates up to `max_new_tokens` tokens for each prompt (see the module docstring).
 
   A sequence stops at any of `eos_ids` (reason "eos") or when its new tokens end with
@@ -332,12 +360,15 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   limit) is padded further to a multiple of it and prefilled chunk by chunk, which
   changes no token either (a prefill that re-routes, `decode_only=False`, re-routes
   each chunk's tokens together; `prefill_stats` are means over the chunks).
+  `steps_per_check` decode steps run between two checks of whether the loop is done
+  (`decode_loop`); it changes no output.
   """
   prompts = [list(p) for p in prompts]
   eos_ids = tuple(sorted({int(e) for e in eos_ids}))
   stop_sequences = tuple(tuple(int(t) for t in s) for s in stop_sequences)
   _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length,
             length_multiple, prefill_chunk)
+  validation.check_int("steps_per_check", steps_per_check, 1)
   moe.check_calibrated(model)
 
   batch = len(prompts)
@@ -374,7 +405,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
       graphdef, state, first_token, jnp.asarray(lengths), cache, cache_valid,
       jnp.asarray(prompt_len, jnp.int32), base_key, sampling=sampling_static,
       max_new_tokens=max_new_tokens, eos_ids=eos_ids, stop_sequences=stop_sequences,
-      pad_id=pad_id)
+      pad_id=pad_id, steps_per_check=steps_per_check)
 
   out, count, reason = (np.asarray(a) for a in acc)
   generated = [out[i, :count[i]].tolist() for i in range(batch)]

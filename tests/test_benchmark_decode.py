@@ -30,7 +30,7 @@ def test_decode_suite_targets_and_report(tmp_path):
   out, summary = tmp_path / "decode_cpu", tmp_path / "targets.json"
   _run(["sere_jax.scripts.benchmark", "--suite=decode", "--model=qwen3_30b_a3b",
         "--scale=tiny", "--prompt_len=8", "--new_tokens=4", "--batch=1,16,64",
-        "--policies=none,sere:2", "--repeats=1",
+        "--policies=none,sere:2", "--repeats=1", "--steps_per_check=3",
         f"--peer_python={sys.executable}", "--attention_impl=interpret",
         f"--profile_dir={tmp_path / 'profile'}", "--processes=2",
         f"--bandwidth_bytes={4 << 20}", f"--out={out}", f"--targets_out={summary}"],
@@ -45,6 +45,7 @@ def test_decode_suite_targets_and_report(tmp_path):
   assert result["model_config"]["architecture"] == "qwen3_moe"
   assert result["hf_config"]["model_type"] == "qwen3_moe"
   assert result["protocol"]["prompt_len"] == 8 and result["protocol"]["new_tokens"] == 4
+  assert result["protocol"]["steps_per_check"] == 3  # the 3 steps between two checks
   assert result["copy_bandwidth_tbs"] > 0
   # No torch in this environment (or no CUDA): the peer is skipped with its reason.
   assert result["peer"].get("skipped") or result["peer"].get("env")

@@ -102,8 +102,8 @@ class DecodeBench:
                 new_tokens: int, repeats: int, copy_bandwidth: float,
                 read_bandwidth: float, peer_row: dict[str, Any] | None = None,
                 profile_dir: str = "",
-                on_row: Callable[[dict[str, Any]], None] | None = None
-                ) -> list[dict[str, Any]]:
+                on_row: Callable[[dict[str, Any]], None] | None = None,
+                steps_per_check: int = 1) -> list[dict[str, Any]]:
     """One prefill of `batch` random prompts, then every policy's timed decode loops;
     one row per policy (`on_row(row)` after each). Rooflines use the given bandwidths
     (bytes/s); `peer_row` (the transformers peer's row of this batch) joins the rows.
@@ -126,8 +126,8 @@ class DecodeBench:
     loop_args = (jax.ShapeDtypeStruct((batch,), jnp.int32), lengths, cache0, valid0,
                  first_slot, loop_key)
     tic = time.perf_counter()
-    (prefill_state, prefill), loops = _compile_programs(net, policies, prefill_args,
-                                                        loop_args, sampling, new_tokens)
+    (prefill_state, prefill), loops = _compile_programs(
+        net, policies, prefill_args, loop_args, sampling, new_tokens, steps_per_check)
     compile_s = time.perf_counter() - tic
     print(f"{self.model} B={batch}: compiled the prefill and {len(policies)} decode loops "
           f"in {compile_s:.0f} s", flush=True)
@@ -214,11 +214,14 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
                  write_partial: Callable[[dict[str, Any]], None], seed: int = 0,
                  attention_impl: str = "auto", profile_dir: str = "",
                  expert_devices: int = 1,
-                 bandwidth_probe: dict[str, Any] | None = None) -> dict[str, Any]:
+                 bandwidth_probe: dict[str, Any] | None = None,
+                 steps_per_check: int = 1) -> dict[str, Any]:
   """Runs the protocol (module docstring) on `model` at `scale` (`decode_models`);
   `peer` is `peers.run_hf_peer`'s result (or None); `write_partial(result)` is called
   after every case. The rooflines divide by `bandwidth_probe` (e.g. from
   `bandwidth.across_processes`) or, without it, by a `bandwidth.probe` of this process.
+  `steps_per_check` goes to `generation.decode_loop` (with `new_tokens - 1` not a
+  multiple of it, the padding steps at the end count in the timed steps).
 
   Before anything is built, `memory.check_fits` stops a batch size the device cannot
   hold (`memory.DoesNotFitError`, naming the bytes needed and the device's).
@@ -238,7 +241,7 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
                 protocol=dict(prompt_len=prompt_len, new_tokens=new_tokens,
                               batches=list(batches), policies=[p.text for p in policies],
                               repeats=repeats, sampling="greedy", dtype="bfloat16",
-                              seed=seed),
+                              seed=seed, steps_per_check=steps_per_check),
                 copy_bandwidth_tbs=copy_bw / 1e12, read_bandwidth_tbs=read_bw / 1e12,
                 bandwidth=probe,
                 rows=[])
@@ -254,12 +257,14 @@ def decode_suite(*, model: str, scale: str, batches: Sequence[int],
     bench.run_batch(batch, policies=policies, prompt_len=prompt_len,
                     new_tokens=new_tokens, repeats=repeats, copy_bandwidth=copy_bw,
                     read_bandwidth=read_bw, peer_row=peer_rows.get(batch),
-                    profile_dir=profile_dir, on_row=on_row)
+                    profile_dir=profile_dir, on_row=on_row,
+                    steps_per_check=steps_per_check)
   add_speedups(result["rows"])
   return result
 
 
-def _compile_programs(net, policies, prefill_args, loop_args, sampling, new_tokens):
+def _compile_programs(net, policies, prefill_args, loop_args, sampling, new_tokens,
+                      steps_per_check):
   """The prefill (policy `none`) and one `generation.decode_loop` per policy, each as `(state,
   compiled)`: traced one after another, compiled in parallel threads (XLA compilation
   releases the GIL; a 48-layer model's loop takes tens of seconds to compile). A
@@ -277,7 +282,7 @@ def _compile_programs(net, policies, prefill_args, loop_args, sampling, new_toke
     graphdef, state = split(pol)
     lowered.append((state, generation.decode_loop.lower(
         graphdef, state, *loop_args, sampling=sampling, max_new_tokens=new_tokens,
-        eos_ids=(), stop_sequences=(), pad_id=0)))
+        eos_ids=(), stop_sequences=(), pad_id=0, steps_per_check=steps_per_check)))
   with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
     compiled = list(pool.map(lambda item: item[1].compile(), lowered))
   programs = [(state, fn) for (state, _), fn in zip(lowered, compiled)]
