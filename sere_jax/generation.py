@@ -322,8 +322,10 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
     return step + 1, token, accept(acc, token), cache, cache_valid, stats
 
   def step_or_pad(_, carry):
-    """`decode_step` while the loop goes on, else a padding step: no sequence is
-    running, so it writes only an unused cache slot (within the cache)."""
+    """`decode_step` while the loop goes on, else a padding step that keeps the carry
+    but for the cache: no sequence is running, so it writes an unused slot, or the
+    last one once `max_new_tokens` is reached (its slot index is clamped to the
+    cache)."""
     go_on = running(carry)
     step, token, acc, _, last_valid, stats = carry
     _, new_token, new_acc, cache, cache_valid, new_stats = decode_step(

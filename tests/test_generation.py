@@ -291,19 +291,23 @@ def test_stop_sequence(model):
 def test_steps_per_check_changes_no_output(model):
   """Three decode steps per check of the loop's condition: the same tokens, finish
   reasons and decode stats (so the same number of steps) when the batch runs to the
-  length limit in the middle of a group of steps (the padding step then writes the
-  cache's last slot) and when its sequences end by EOS and stop sequence earlier."""
-  free = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE)
-  # Every sequence ends by its third token: at an EOS or, earlier, a stop sequence.
-  ends = dict(eos_ids=tuple(sorted({t[2] for t in free.tokens})),
-              stop_sequences=[free.tokens[1][:2]])
-  for kwargs in ({}, ends):
-    want = free if not kwargs else generation.generate(
-        model, PROMPTS, max_new_tokens=6, cache_length=CACHE, **kwargs)
-    got = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE,
-                              steps_per_check=3, **kwargs)
+  length limit in the middle of a group of steps (5 steps; in a cache of exactly the
+  slots needed, the padding step's slot is past the end and clamped to the last one)
+  and when its sequences end by EOS and stop sequence earlier."""
+  for cache_length in (None, CACHE):
+    want = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=cache_length)
+    got = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=cache_length,
+                              steps_per_check=3)
     assert got.tokens == want.tokens and got.finish_reason == want.finish_reason
     np.testing.assert_array_equal(got.decode_stats, want.decode_stats)
+  # Every sequence ends by its third token: at an EOS or, earlier, a stop sequence.
+  ends = dict(eos_ids=tuple(sorted({t[2] for t in want.tokens})),
+              stop_sequences=[want.tokens[1][:2]])
+  want = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE, **ends)
+  got = generation.generate(model, PROMPTS, max_new_tokens=6, cache_length=CACHE,
+                            steps_per_check=3, **ends)
+  assert got.tokens == want.tokens and got.finish_reason == want.finish_reason
+  np.testing.assert_array_equal(got.decode_stats, want.decode_stats)
   assert want.decode_stats.shape[0] < 4, "the batch does not end before the length limit"
   with pytest.raises(ValueError, match="steps_per_check"):
     generation.generate(model, PROMPTS, max_new_tokens=6, steps_per_check=0)
