@@ -182,8 +182,9 @@ def padded_prompt_length(prompts: Sequence[Sequence[int]], length_multiple: int 
 
 
 def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length,
-              length_multiple, prefill_chunk):
+              length_multiple, prefill_chunk, steps_per_check):
   validation.check_int("max_new_tokens", max_new_tokens, 1)
+  validation.check_int("steps_per_check", steps_per_check, 1)
   if not prompts:
     raise ValueError("prompts is empty: give at least one prompt")
   vocab = getattr(model.config, "vocab_size", None)
@@ -308,12 +309,11 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
     step, _, acc, *_ = carry
     return (step < max_new_tokens - 1) & jnp.any(acc.reason == RUNNING)
 
-  def decode_step(carry, last_slot=None):
+  def decode_step(carry):
     step, token, acc, cache, cache_valid, stats = carry
     alive = acc.reason == RUNNING
-    slot = prompt_len + step
-    if last_slot is not None:
-      slot = jnp.minimum(slot, last_slot)
+    # Within the cache: only a padding step past `max_new_tokens` (below) would leave it.
+    slot = jnp.minimum(prompt_len + step, cache_valid.shape[1] - 1)
     token, cache, cache_valid, step_stats = _forward_and_sample(
         model, jnp.where(alive, token, pad_id)[:, None], (lengths + step)[:, None],
         alive[:, None], cache, cache_valid, slot,
@@ -327,9 +327,8 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
     last one once `max_new_tokens` is reached (its slot index is clamped to the
     cache)."""
     go_on = running(carry)
-    step, token, acc, _, last_valid, stats = carry
-    _, new_token, new_acc, cache, cache_valid, new_stats = decode_step(
-        carry, last_slot=last_valid.shape[1] - 1)
+    step, token, acc, _, _, stats = carry
+    _, new_token, new_acc, cache, cache_valid, new_stats = decode_step(carry)
     keep = lambda new, old: jnp.where(go_on, new, old)
     return (step + go_on.astype(jnp.int32), keep(new_token, token),
             jax.tree.map(keep, new_acc, acc), cache, cache_valid, keep(new_stats, stats))
@@ -369,8 +368,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   eos_ids = tuple(sorted({int(e) for e in eos_ids}))
   stop_sequences = tuple(tuple(int(t) for t in s) for s in stop_sequences)
   _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_length,
-            length_multiple, prefill_chunk)
-  validation.check_int("steps_per_check", steps_per_check, 1)
+            length_multiple, prefill_chunk, steps_per_check)
   moe.check_calibrated(model)
 
   batch = len(prompts)

@@ -181,13 +181,13 @@ def check_projection_args(qkv: jax.Array, folded_norm_x: jax.Array | None,
 
 
 def whole_qkv(qkv: jax.Array, activation_dtype=None, folded_norm_x: jax.Array | None = None,
-              folded_norm_eps: float | None = None, qkv_bias: QkvBias | None = None
-              ) -> jax.Array:
+              folded_norm_eps: float | None = None, qkv_bias: QkvBias | None = None,
+              kv_heads: int | None = None) -> jax.Array:
   """`[B, H + 2 * Hkv, D]` from either form of `qkv_partials`: partials summed in order
   in float32, divided by `rms(folded_norm_x)` and added `qkv_bias` when given, and
-  rounded to `activation_dtype`."""
+  rounded to `activation_dtype` (arguments checked by `check_projection_args`)."""
   _, dtype = qkv_partials(qkv, activation_dtype)
-  check_projection_args(qkv, folded_norm_x, folded_norm_eps, qkv_bias)
+  check_projection_args(qkv, folded_norm_x, folded_norm_eps, qkv_bias, kv_heads)
   if folded_norm_x is None and qkv_bias is None:
     return qkv if qkv.ndim == 3 else sum_partials(qkv).astype(dtype)
   total = qkv.astype(jnp.float32) if qkv.ndim == 3 else sum_partials(qkv)
@@ -209,8 +209,8 @@ def decode_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.
                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`triton.decode_attention_triton`'s result by the models' XLA path
   (`attend_with_cache`) for one token per sequence."""
-  check_projection_args(qkv, folded_norm_x, folded_norm_eps, qkv_bias, k_cache.shape[2])
-  qkv = whole_qkv(qkv, activation_dtype, folded_norm_x, folded_norm_eps, qkv_bias)
+  qkv = whole_qkv(qkv, activation_dtype, folded_norm_x, folded_norm_eps, qkv_bias,
+                  k_cache.shape[2])
   heads, kv_heads = num_query_heads(qkv, k_cache, v_cache), k_cache.shape[2]
   q, k, v = jnp.split(qkv[:, None], [heads, heads + kv_heads], axis=2)
   out, k_cache, v_cache = attend_with_cache(
