@@ -9,7 +9,7 @@
 `last_only=True` applies the LM head to the last position only: a prefill that samples
 the next token needs no more, and the full float32 logits of 64 prompts of 128 tokens
 over a 152k vocabulary take 4.6 GiB. `model.init_cache(batch, length, dtype)` makes an
-empty cache; `model.config` is the model's frozen config (with `vocab_size` and
+empty cache, every leaf of it batch-major (`[B, ...]`); `model.config` is the model's frozen config (with `vocab_size` and
 `architecture`).
 """
 

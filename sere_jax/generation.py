@@ -221,6 +221,10 @@ def _validate(model, prompts, max_new_tokens, eos_ids, stop_sequences, cache_len
 
 # Finish reasons on the device: index into FINISH_REASONS, or RUNNING.
 RUNNING = -1
+# Rows the decode loop runs at least (`decode_loop`'s `min_rows`): a single sequence
+# decodes beside a padding row, so that its dots stay matrix products without padding
+# each one (`numerics.gemm_dot`).
+MIN_DECODE_ROWS = 2
 _EOS, _STOP, _LENGTH = (FINISH_REASONS.index(r) for r in ("eos", "stop", "length"))
 
 
@@ -265,13 +269,13 @@ def _accept(acc: Accepted, token: jax.Array, *, eos_ids: tuple[int, ...],
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens",
                                              "eos_ids", "stop_sequences", "pad_id",
-                                             "steps_per_check"),
+                                             "steps_per_check", "min_rows"),
                    donate_argnames=("cache", "cache_valid"))
 def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.Array,
                 cache: Any, cache_valid: jax.Array, prompt_len: jax.Array,
                 base_key: jax.Array, *, sampling: SamplingConfig, max_new_tokens: int,
                 eos_ids: tuple[int, ...], stop_sequences: tuple[tuple[int, ...], ...],
-                pad_id: int, steps_per_check: int = 1
+                pad_id: int, steps_per_check: int = 1, min_rows: int = MIN_DECODE_ROWS
                 ) -> tuple[Accepted, jax.Array, jax.Array, Any, jax.Array]:
   """Every decode step of `generate` in one jitted call (a `lax.while_loop`) over the
   `nnx.split` model `(graphdef, state)`; the cache is donated.
@@ -291,14 +295,25 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
   a padding step that changes no output, only the returned cache after the last step
   (an unused slot, or the last slot once `max_new_tokens` is reached): at most k - 1
   steps are wasted.
+
+  A batch of fewer than `min_rows` sequences decodes beside padding rows: copies of
+  its first sequence's cache that are finished from the start, so they feed padding
+  with `token_valid = False`, add no experts and change no output (every dot then has
+  two rows at least; XLA's GPU compiler turns a one-row dot into a slower multiply and
+  reduction, which `numerics.gemm_dot` avoids by padding each dot on its own, one
+  launch more per dot). They cost one copy of the cache per call.
   """
   validation.check_int("steps_per_check", steps_per_check, 1)
+  validation.check_int("min_rows", min_rows, 1)
   accept = functools.partial(_accept, eos_ids=eos_ids, stop_sequences=stop_sequences,
                              max_new_tokens=max_new_tokens)
   batch = first_token.shape[0]
-  acc = accept(Accepted(jnp.zeros((batch, max_new_tokens), jnp.int32),
-                        jnp.zeros((batch,), jnp.int32),
-                        jnp.full((batch,), RUNNING, jnp.int32)), first_token)
+  rows = max(batch, min_rows)
+  first_token, lengths, cache, cache_valid = (
+      _pad_rows(a, rows) for a in (first_token, lengths, cache, cache_valid))
+  reason = jnp.where(jnp.arange(rows) < batch, RUNNING, _LENGTH).astype(jnp.int32)
+  acc = accept(Accepted(jnp.zeros((rows, max_new_tokens), jnp.int32),
+                        jnp.zeros((rows,), jnp.int32), reason), first_token)
   model = nnx.merge(graphdef, state)
   num_layers = len(moe.moe_blocks(model))
   # One row at least: the body is traced even when it never runs (max_new_tokens = 1).
@@ -338,7 +353,17 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
   steps, _, acc, cache, cache_valid, stats = jax.lax.while_loop(
       running, body,
       (jnp.asarray(0, jnp.int32), first_token, acc, cache, cache_valid, stats))
+  acc, cache, cache_valid = jax.tree.map(lambda a: a[:batch], (acc, cache, cache_valid))
   return acc, steps, stats, cache, cache_valid
+
+
+def _pad_rows(tree: Any, rows: int) -> Any:
+  """Every leaf of `tree` (batch-major) with copies of its first row appended up to
+  `rows` rows."""
+  def pad(a):
+    extra = rows - a.shape[0]
+    return a if extra <= 0 else jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)])
+  return jax.tree.map(pad, tree)
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

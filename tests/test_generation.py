@@ -313,6 +313,52 @@ def test_steps_per_check_changes_no_output(model):
     generation.generate(model, PROMPTS, max_new_tokens=6, steps_per_check=0)
 
 
+def _decode_one_prompt(model, prompt, *, min_rows, max_new_tokens=6, **loop_args):
+  """The prefill of one prompt, then `decode_loop` with `min_rows` rows at least."""
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(1, CACHE, jnp.float32)
+  cache_valid = jnp.zeros((1, CACHE), jnp.bool_)
+  tokens = jnp.asarray([prompt], jnp.int32)
+  positions = jnp.arange(len(prompt), dtype=jnp.int32)[None, :]
+  key = jax.random.PRNGKey(7)
+  sampling = SamplingConfig(temperature=1.0, top_k=20)
+  first, cache, cache_valid, _ = generation.model_step(
+      graphdef, state, tokens, positions, jnp.ones_like(tokens, jnp.bool_), cache,
+      cache_valid, jnp.asarray(0, jnp.int32), key, sampling=sampling, decode=False)
+  return generation.decode_loop(
+      graphdef, state, first, jnp.asarray([len(prompt)], jnp.int32), cache, cache_valid,
+      jnp.asarray(len(prompt), jnp.int32), key, sampling=sampling,
+      max_new_tokens=max_new_tokens, pad_id=0, min_rows=min_rows, **loop_args)
+
+
+@pytest.mark.parametrize("reroute", [moe.NO_REROUTE,
+                                     RerouteConfig(policy="sere", select_top_k=1)])
+def test_single_sequence_decodes_beside_a_padding_row(reroute):
+  """One sequence decodes beside a padding row (`MIN_DECODE_ROWS`): the same sampled
+  tokens, finish reasons, decode stats (the padding adds no experts) and cache as
+  decoding it alone, with one step per check and with several."""
+  assert generation.MIN_DECODE_ROWS == 2
+  model = make_model(reroute=reroute, calibrate=True)
+  ends = dict(eos_ids=(), stop_sequences=())
+  for steps_per_check in (1, 4):
+    want = _decode_one_prompt(model, PROMPTS[0], min_rows=1, **ends,
+                              steps_per_check=steps_per_check)
+    got = _decode_one_prompt(model, PROMPTS[0], min_rows=2, **ends,
+                             steps_per_check=steps_per_check)
+    (want_acc, want_steps, want_stats, want_cache, want_valid) = want
+    (got_acc, got_steps, got_stats, got_cache, got_valid) = got
+    for w, g in zip(want_acc, got_acc):
+      np.testing.assert_array_equal(g, w)
+    assert got_acc.tokens.shape == (1, 6) and int(got_steps) == int(want_steps) == 5
+    np.testing.assert_array_equal(got_stats, want_stats)
+    np.testing.assert_array_equal(got_valid, want_valid)
+    for w, g in zip(jax.tree.leaves(want_cache), jax.tree.leaves(got_cache)):
+      assert g.shape == w.shape
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="min_rows"):
+    _decode_one_prompt(model, PROMPTS[0], min_rows=0, **ends)
+
+
 def _host_accept(streams, eos_ids, stop_sequences, max_new_tokens):
   """Plain-Python reference of the decode loop's stopping rules, per sequence."""
   tokens, reasons = [], []
