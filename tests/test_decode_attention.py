@@ -471,10 +471,10 @@ def test_model_generates_the_same_tokens(hf):
 
 
 def test_model_hands_the_kernel_qkv_partials_and_its_input_norm(monkeypatch):
-  """The Qwen models give the kernel their projection dot's split-K partials, also for
-  one sequence (its zero row's partials too), with the input RMSNorm folded past the
-  dot (the residual rows go in) and, for Qwen2, the q/k/v biases. One sequence
-  generates the XLA attention's tokens."""
+  """The Qwen models give the kernel their projection dot's split-K partials, with the
+  input RMSNorm folded past the dot (the residual rows go in) and, for Qwen2, the
+  q/k/v biases. One sequence decodes beside a padding row
+  (`generation.MIN_DECODE_ROWS`) and generates the XLA attention's tokens."""
   seen = []
   kernel = attention_triton.decode_attention_triton
 
@@ -493,7 +493,8 @@ def test_model_hands_the_kernel_qkv_partials_and_its_input_norm(monkeypatch):
       seen.clear()
       got = generation.generate(random_qwen(hf, attention_impl="interpret"), prompts,
                                 max_new_tokens=4)
-      want_seen = (4, (len(prompts), hf["hidden_size"]), bias if hf is _QWEN2 else None)
+      rows = max(len(prompts), generation.MIN_DECODE_ROWS)
+      want_seen = (4, (rows, hf["hidden_size"]), bias if hf is _QWEN2 else None)
       assert seen and set(seen) == {want_seen}, hf["model_type"]
       if len(prompts) == 1:
         want = generation.generate(random_qwen(hf, attention_impl="xla"), prompts,
