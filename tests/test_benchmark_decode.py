@@ -46,6 +46,7 @@ def test_decode_suite_targets_and_report(tmp_path):
   assert result["hf_config"]["model_type"] == "qwen3_moe"
   assert result["protocol"]["prompt_len"] == 8 and result["protocol"]["new_tokens"] == 4
   assert result["protocol"]["steps_per_check"] == 3  # the 3 steps between two checks
+  assert result["protocol"]["min_decode_rows"] == 2  # B = 1 decodes beside a padding row
   assert result["copy_bandwidth_tbs"] > 0
   # No torch in this environment (or no CUDA): the peer is skipped with its reason.
   assert result["peer"].get("skipped") or result["peer"].get("env")
