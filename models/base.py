@@ -9,8 +9,8 @@
 `last_only=True` applies the LM head to the last position only: a prefill that samples
 the next token needs no more, and the full float32 logits of 64 prompts of 128 tokens
 over a 152k vocabulary take 4.6 GiB. `model.init_cache(batch, length, dtype)` makes an
-empty cache, every leaf of it batch-major (`[B, ...]`); `model.config` is the model's frozen config (with `vocab_size` and
-`architecture`).
+empty cache, every leaf of it batch-major (`[B, ...]`); `model.config` is the model's
+frozen config (with `vocab_size` and `architecture`).
 """
 
 from __future__ import annotations
