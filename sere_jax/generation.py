@@ -299,9 +299,9 @@ def decode_loop(graphdef: Any, state: Any, first_token: jax.Array, lengths: jax.
   A batch of fewer than `min_rows` sequences decodes beside padding rows: copies of
   its first sequence's cache that are finished from the start, so they feed padding
   with `token_valid = False`, add no experts and change no output (every dot then has
-  `min_rows` rows at least; XLA's GPU compiler turns a one-row dot into a slower multiply and
-  reduction, which `numerics.gemm_dot` avoids by padding each dot on its own, one
-  launch more per dot). They cost one copy of the cache per call.
+  `min_rows` rows at least; XLA's GPU compiler turns a one-row dot into a slower
+  multiply and reduction, which `numerics.gemm_dot` avoids by padding each dot on its
+  own, one launch more per dot). They cost one copy of the cache per call.
   """
   validation.check_int("steps_per_check", steps_per_check, 1)
   validation.check_int("min_rows", min_rows, 1)

@@ -313,8 +313,9 @@ def test_steps_per_check_changes_no_output(model):
     generation.generate(model, PROMPTS, max_new_tokens=6, steps_per_check=0)
 
 
-def _decode_one_prompt(model, prompt, *, min_rows, max_new_tokens=6, **loop_args):
-  """The prefill of one prompt, then `decode_loop` with `min_rows` rows at least."""
+def _decode_one_prompt(model, prompt, *, min_rows, steps_per_check=1):
+  """The prefill of one prompt, then 5 steps of `decode_loop` with `min_rows` rows at
+  least."""
   graphdef, state = nnx.split(model)
   cache = model.init_cache(1, CACHE, jnp.float32)
   cache_valid = jnp.zeros((1, CACHE), jnp.bool_)
@@ -327,8 +328,9 @@ def _decode_one_prompt(model, prompt, *, min_rows, max_new_tokens=6, **loop_args
       cache_valid, jnp.asarray(0, jnp.int32), key, sampling=sampling, decode=False)
   return generation.decode_loop(
       graphdef, state, first, jnp.asarray([len(prompt)], jnp.int32), cache, cache_valid,
-      jnp.asarray(len(prompt), jnp.int32), key, sampling=sampling,
-      max_new_tokens=max_new_tokens, pad_id=0, min_rows=min_rows, **loop_args)
+      jnp.asarray(len(prompt), jnp.int32), key, sampling=sampling, max_new_tokens=6,
+      eos_ids=(), stop_sequences=(), pad_id=0, steps_per_check=steps_per_check,
+      min_rows=min_rows)
 
 
 @pytest.mark.parametrize("reroute", [moe.NO_REROUTE,
@@ -339,14 +341,11 @@ def test_single_sequence_decodes_beside_a_padding_row(reroute):
   decoding it alone, with one step per check and with several."""
   assert generation.MIN_DECODE_ROWS == 2
   model = make_model(reroute=reroute, calibrate=True)
-  ends = dict(eos_ids=(), stop_sequences=())
   for steps_per_check in (1, 4):
-    want = _decode_one_prompt(model, PROMPTS[0], min_rows=1, **ends,
-                              steps_per_check=steps_per_check)
-    got = _decode_one_prompt(model, PROMPTS[0], min_rows=2, **ends,
-                             steps_per_check=steps_per_check)
-    (want_acc, want_steps, want_stats, want_cache, want_valid) = want
-    (got_acc, got_steps, got_stats, got_cache, got_valid) = got
+    want_acc, want_steps, want_stats, want_cache, want_valid = _decode_one_prompt(
+        model, PROMPTS[0], min_rows=1, steps_per_check=steps_per_check)
+    got_acc, got_steps, got_stats, got_cache, got_valid = _decode_one_prompt(
+        model, PROMPTS[0], min_rows=2, steps_per_check=steps_per_check)
     for w, g in zip(want_acc, got_acc):
       np.testing.assert_array_equal(g, w)
     assert got_acc.tokens.shape == (1, 6) and int(got_steps) == int(want_steps) == 5
@@ -356,7 +355,7 @@ def test_single_sequence_decodes_beside_a_padding_row(reroute):
       assert g.shape == w.shape
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="min_rows"):
-    _decode_one_prompt(model, PROMPTS[0], min_rows=0, **ends)
+    _decode_one_prompt(model, PROMPTS[0], min_rows=0)
 
 
 def _host_accept(streams, eos_ids, stop_sequences, max_new_tokens):
