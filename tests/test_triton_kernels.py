@@ -298,6 +298,6 @@ def test_moe_ffn_lowers_for_cuda():
       _spec((experts, f, d), jnp.bfloat16), _spec((tokens,), jnp.bool_),
       _spec((experts, experts), jnp.float32))
   _assert_triton(exported)
-  assert exported.mlir_module().count(_TRITON_CALL) >= 2  # schedule + fused FFN
+  assert exported.mlir_module().count(_TRITON_CALL) >= 3  # schedule + two matmuls
   assert exported.out_avals[0].shape == (tokens, d)
   assert exported.out_avals[0].dtype == jnp.bfloat16

@@ -25,14 +25,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 
-class ItemTable:
+class _ItemTable:
   """The work items of one call, from the `[E + 1]` group offsets.
 
   Items are the row blocks of every expert with rows, in expert order. An expert's
   tile is the smallest of `row_tiles` that holds all its rows (one item), else the
   largest (several items). Every program builds the table from the offsets (a prefix
-  sum over the experts), so the schedule need not know the tiling. Shared with the
-  fused FFN kernel (`moe_ffn.triton`).
+  sum over the experts), so the schedule need not know the tiling.
   """
 
   def __init__(self, offsets_ref, *, num_experts, row_tiles):
@@ -66,7 +65,7 @@ def _gmm_kernel(offsets_ref, row_token_ref, x_ref, w_ref, out_ref, *, num_expert
                 row_tiles, block_n, block_k, chunks_per_split, num_chunks, contract, n,
                 gather, swiglu, item_programs, interpret):
   n_block, split, program = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  items = ItemTable(offsets_ref, num_experts=num_experts, row_tiles=row_tiles)
+  items = _ItemTable(offsets_ref, num_experts=num_experts, row_tiles=row_tiles)
   cols = n_block * block_n + jnp.arange(block_n)
   col_ok = cols < n
   # The weight columns each accumulator reads: the block, and with `swiglu` the up

@@ -33,7 +33,6 @@ from sere_jax.kernels import registry
 # Imported eagerly: importing Pallas backends registers config state, and doing it
 # during a first trace would change the tracing context and force a recompile.
 from sere_jax.kernels.gmm import api as gmm_api
-from sere_jax.kernels.moe_ffn import triton as fused_ffn
 from sere_jax.kernels.moe_ffn.reference import combine, dense_ffn, ragged_dot_ffn
 from sere_jax.kernels.schedule import api as schedule_api
 from sere_jax.kernels.schedule import reference as schedule_lib
@@ -59,12 +58,6 @@ BACKENDS = {
 }
 
 
-# The impls whose FFN is the fused kernel (`triton.fused_ffn_triton`: both grouped
-# matmuls, the SwiGLU and the combine in one launch), and whether in interpret mode.
-FUSED_FFN = {"triton": False, "interpret": True}
-FUSED_FFN_TILES: dict = {}
-
-
 class MoeOutput(NamedTuple):
   """`y [T, D]`, the re-routed `ids [T, K]` and `weights [T, K]`, and statistics."""
 
@@ -75,22 +68,8 @@ class MoeOutput(NamedTuple):
 
 
 def _grouped_ffn(impl, x, ids, weights, valid, sched, w_gate_up, w_down, out_dtype=None):
-  """The FFN with the kernels of `impl` over the schedule's rows: the fused FFN kernel
-  where `impl` has one and it takes the inputs, else the grouped matmuls and `combine`."""
+  """The FFN with the grouped-matmul kernels of `impl` over the schedule's rows."""
   del ids  # the schedule holds them
-  if impl in FUSED_FFN:
-    reason = fused_ffn.unsupported(x, w_gate_up, w_down)
-    if reason is None:
-      out = fused_ffn.fused_ffn_triton(
-          x, w_gate_up, w_down, sched.group_offsets, sched.row_token, weights,
-          sched.slot_row, valid, out_dtype=out_dtype or x.dtype,
-          interpret=FUSED_FFN[impl], **FUSED_FFN_TILES)
-      if FUSED_FFN_TILES.get("combine", True):
-        return out
-      return combine(jnp.sum(out, axis=0), weights, valid, sched.slot_row,
-                     out_dtype or x.dtype)
-    registry.log_triton_fallback("moe_ffn", reason, interpret=FUSED_FFN[impl],
-                                 running="the grouped matmuls")
   matmul = functools.partial(gmm_api.gmm, implementation=BACKENDS[impl].gmm,
                              active_experts=sched.active_experts,
                              num_active=sched.num_distinct)
