@@ -284,7 +284,8 @@ def main(argv):
       if not runs[name]:
         raise ValueError(f"no --merge file holds a study of {name!r}")
       result = study_report.merge_runs(runs[name])
-      fileio.write_json_atomic(os.path.join(_OUT.value, f"quality_{name}.json"), result)
+      fileio.write_atomic(os.path.join(_OUT.value, f"quality_{name}.json"),
+                          fileio.compact_json(result))
       results.append(result)
   else:
     if not 0 <= _GREEDY.value < _SEQ_LEN.value:
@@ -299,11 +300,12 @@ def main(argv):
       path = os.path.join(_OUT.value, f"quality_{name}.json")
       results.append(_study_model(
           model_dir, documents, print,
-          lambda result, path=path: fileio.write_json_atomic(path, result)))
+          lambda result, path=path: fileio.write_atomic(path, fileio.compact_json(result))))
   for result in results:
     _render(result)
   summary = [row for result in results for row in _summary_rows(result)]
-  fileio.write_json_atomic(os.path.join(_OUT.value, "quality_summary.json"), summary)
+  fileio.write_atomic(os.path.join(_OUT.value, "quality_summary.json"),
+                      fileio.compact_json(summary))
   print(json.dumps({"rows": len(summary)}))
 
 
