@@ -284,8 +284,8 @@ def main(argv):
       if not runs[name]:
         raise ValueError(f"no --merge file holds a study of {name!r}")
       result = study_report.merge_runs(runs[name])
-      fileio.write_atomic(os.path.join(_OUT.value, f"quality_{name}.json"),
-                          fileio.compact_json(result))
+      fileio.write_json_atomic(os.path.join(_OUT.value, f"quality_{name}.json"), result,
+                               compact=True)
       results.append(result)
   else:
     if not 0 <= _GREEDY.value < _SEQ_LEN.value:
@@ -300,12 +300,12 @@ def main(argv):
       path = os.path.join(_OUT.value, f"quality_{name}.json")
       results.append(_study_model(
           model_dir, documents, print,
-          lambda result, path=path: fileio.write_atomic(path, fileio.compact_json(result))))
+          lambda result, path=path: fileio.write_json_atomic(path, result, compact=True)))
   for result in results:
     _render(result)
   summary = [row for result in results for row in _summary_rows(result)]
-  fileio.write_atomic(os.path.join(_OUT.value, "quality_summary.json"),
-                      fileio.compact_json(summary))
+  fileio.write_json_atomic(os.path.join(_OUT.value, "quality_summary.json"), summary,
+                           compact=True)
   print(json.dumps({"rows": len(summary)}))
 
 

@@ -53,9 +53,9 @@ def compact_json(data: Any) -> str:
   return json.dumps(data, separators=(",", ":")) + "\n"
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-  """`write_atomic` of `data` as indented JSON."""
-  write_atomic(path, json.dumps(data, indent=2) + "\n")
+def write_json_atomic(path: str, data: Any, *, compact: bool = False) -> None:
+  """`write_atomic` of `data` as indented JSON, or as `compact_json` with `compact`."""
+  write_atomic(path, compact_json(data) if compact else json.dumps(data, indent=2) + "\n")
 
 
 def check_writable(path: str, *, overwrite: bool = False, directory: bool = False

@@ -137,9 +137,9 @@ def main(argv: list[str]) -> None:
     except Exception as err:  # pylint: disable=broad-except
       rows[variant] = dict(error=f"{type(err).__name__}: {err}"[:600])
     print(variant, rows[variant], flush=True)
-  fileio.write_atomic(argv[1], fileio.compact_json(dict(
+  fileio.write_json_atomic(argv[1], dict(
       command="python tools/kernel_boundary_cost.py " + " ".join(argv[1:]),
-      env=benchmarking.environment(), rows=rows)))
+      env=benchmarking.environment(), rows=rows), compact=True)
 
 
 if __name__ == "__main__":
