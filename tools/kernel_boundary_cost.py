@@ -23,9 +23,7 @@ against jnp); a variant that fails records its error and the others go on.
 from __future__ import annotations
 
 import functools
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +33,7 @@ from jax.experimental.pallas import triton as plt
 
 from sere_jax import benchmarking
 from sere_jax import fileio
+from sere_jax.benchmarking import timing
 
 ROWS, COLS = 32, 256
 SHORT, LONG, ROUNDS = 8, 64, 50
@@ -109,14 +108,9 @@ def chain(variant: str, length: int):
                  static_argnums=1, compiler_options=options)
 
 
-def _seconds(fn, x, repeats: int = 7) -> float:
-  jax.block_until_ready(fn(x, ROUNDS))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(x, ROUNDS))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _seconds(fn, x) -> float:
+  jax.block_until_ready(fn(x, ROUNDS))  # compiles and warms up
+  return timing.median_seconds(lambda: fn(x, ROUNDS), 7)
 
 
 def measure(variant: str) -> dict:

@@ -106,7 +106,8 @@ def _git_commit() -> str | None:
   return commit + ("+dirty" if dirty else "")
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """The median wall time of `repeats` calls of `fn`, each waited for on the device."""
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -181,9 +182,9 @@ class LayerChain:
 
     self.layer_args = args if self._carry_args else None
     jax.block_until_ready(call(1))  # compile + warm up
-    once = _median_seconds(lambda: call(1), 3)
+    once = median_seconds(lambda: call(1), 3)
     rounds = max(1, int(np.ceil(min_seconds / max(once, 1e-6))))
-    total = _median_seconds(lambda: call(rounds), repeats)
+    total = median_seconds(lambda: call(rounds), repeats)
     return total / (rounds * len(args))
 
 
