@@ -1,0 +1,223 @@
+"""Times two dependent weight-streaming phases as two kernels and as one, on a GPU.
+
+    python tools/phase_boundary_cost.py OUT.json [SIZES_MB]
+
+A decode layer is a chain of phases that each stream a weight, and each phase needs
+the whole previous phase's result. Today every phase is a kernel of its own, and each
+costs a fixed part beyond its bytes (`tools/weight_stream_cost.py`). A persistent
+layer kernel would instead keep its programs running and wait at a grid-wide barrier
+between phases. This tool measures what that changes for the simplest such pair: each
+of 128 programs sums its share of a weight `W1` of S MB (default 4, 16, 32), and then
+its share of `W2` (S MB) plus the sum of every program's `W1` share, in
+`[64, 256]` bf16 tiles (3 pipeline stages). Variants, each in a chain of 8 layers
+with their own weights inside one jitted loop (`benchmarking.LayerChain`, carrying
+each layer's barrier counters):
+  two_kernels       phase 1 and phase 2 as two kernels (the second reads the first's
+                    partial sums);
+  barrier           one kernel: after phase 1 each program publishes its sum, arrives
+                    at a grid-wide barrier (an atomic count; the last to arrive opens
+                    it) and waits, then runs phase 2;
+  barrier_prefetch  the same, with phase 2's first tile loaded before the wait;
+  one_stream        one kernel that streams `W1` and `W2` with no barrier (the bound).
+The JSON holds µs per layer (chain update subtracted) and each variant's largest
+error against the same sums in jnp. All 128 programs must be resident at once for the
+barrier (one per SM); a wait gives up after 2^22 polls and the run then fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from sere_jax import benchmarking
+from sere_jax import fileio
+
+TOKENS, DIM, LAYERS = 16, 2048, 8
+PROGRAMS, TILE_ROWS, TILE_COLS = 128, 64, 256
+MIN_MB = PROGRAMS * TILE_ROWS * TILE_COLS * 2 // 2 ** 20  # one tile per program
+MAX_POLLS = 1 << 22
+ARRIVED, GENERATION, GAVE_UP = range(3)  # the counters
+
+
+def _stream(w_ref, tiles, first=None):
+  """This program's share of `w_ref`, summed over `[64, 256]` tiles; `first` is its
+  first tile when already loaded."""
+  program = pl.program_id(0)
+  cols = jnp.arange(TILE_COLS)
+
+  def tile(i):
+    rows = (program * tiles + i) * TILE_ROWS + jnp.arange(TILE_ROWS)
+    return plt.load(w_ref.at[rows[:, None], cols[None, :]]).astype(jnp.float32)
+
+  def body(i, acc):
+    return acc + jnp.sum(tile(i), axis=0)
+
+  start = 0 if first is None else 1
+  acc = jnp.zeros((TILE_COLS,), jnp.float32)
+  if first is not None:
+    acc += jnp.sum(first.astype(jnp.float32), axis=0)
+  return jnp.sum(jax.lax.fori_loop(start, tiles, body, acc))
+
+
+def _first_tile(w_ref, tiles):
+  rows = pl.program_id(0) * tiles * TILE_ROWS + jnp.arange(TILE_ROWS)
+  return plt.load(w_ref.at[rows[:, None], jnp.arange(TILE_COLS)[None, :]])
+
+
+def _write(x_ref, y_ref, value, scale):
+  share = x_ref.shape[0] // PROGRAMS
+  index = pl.program_id(0) * share + jnp.arange(share)
+  plt.store(y_ref.at[index], plt.load(x_ref.at[index]) + value * scale)
+
+
+def _grid_barrier(counters_ref):
+  """Waits until every program has arrived. Sense by generation: a program reads the
+  generation before it arrives, the last to arrive resets the count and advances the
+  generation, and the others poll (volatile loads) until it moves; one atomic read
+  then acquires what the others wrote before arriving."""
+  zero = pl.program_id(0) * 0
+  generation = plt.load(counters_ref.at[zero + GENERATION], volatile=True)
+  plt.debug_barrier()  # this program's stores before its arrival
+  arrived = plt.atomic_add(counters_ref, (zero + ARRIVED,), zero + 1)
+
+  @pl.when(arrived == PROGRAMS - 1)
+  def _():
+    plt.atomic_xchg(counters_ref, (zero + ARRIVED,), zero)
+    plt.atomic_add(counters_ref, (zero + GENERATION,), zero + 1)
+
+  def pending(carry):
+    now, polls = carry
+    return (now == generation) & (polls < MAX_POLLS)
+
+  def poll(carry):
+    return plt.load(counters_ref.at[zero + GENERATION], volatile=True), carry[1] + 1
+
+  _, polls = jax.lax.while_loop(pending, poll, (generation, zero))
+  plt.atomic_add(counters_ref, (zero + GENERATION,), zero)  # acquire
+
+  @pl.when(polls >= MAX_POLLS)
+  def _():
+    plt.atomic_add(counters_ref, (zero + GAVE_UP,), zero + 1)
+
+
+def _phase_kernel(w_ref, x_ref, partials_in_ref, y_ref, partials_ref, *, tiles, scale):
+  """One phase: this program's share of `w` plus (when given) all earlier partials."""
+  total = 0.0
+  if partials_in_ref is not None:
+    total = jnp.sum(plt.load(partials_in_ref.at[jnp.arange(PROGRAMS)]))
+  own = _stream(w_ref, tiles)
+  plt.store(partials_ref.at[pl.program_id(0)], own)
+  _write(x_ref, y_ref, own + total, scale)
+
+
+def _barrier_kernel(w1_ref, w2_ref, x_ref, counters_in_ref, y_ref, partials_ref,
+                    counters_ref, *, tiles, scale, prefetch):
+  del counters_in_ref  # aliased to counters_ref
+  plt.store(partials_ref.at[pl.program_id(0)], _stream(w1_ref, tiles))
+  first = _first_tile(w2_ref, tiles) if prefetch else None
+  _grid_barrier(counters_ref)
+  total = jnp.sum(plt.load(partials_ref.at[jnp.arange(PROGRAMS)], volatile=True))
+  _write(x_ref, y_ref, _stream(w2_ref, tiles, first) + total, scale)
+
+
+def _one_stream_kernel(w1_ref, w2_ref, x_ref, y_ref, *, tiles, scale):
+  _write(x_ref, y_ref, _stream(w1_ref, tiles) + _stream(w2_ref, tiles), scale)
+
+
+def _call(kernel, out_shape, *args, **kw):
+  return pl.pallas_call(kernel, grid=(PROGRAMS,), out_shape=out_shape,
+                        compiler_params=plt.CompilerParams(num_warps=4, num_stages=3),
+                        interpret=jax.default_backend() == "cpu", **kw)(*args)
+
+
+def phases(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array,
+           counters: jax.Array, scale: float = 1e-30) -> tuple[jax.Array, jax.Array]:
+  """`variant`'s two phases: `(x (float32) + scale * (sum(w1) + the program's share of
+  w2) per program share, counters)`."""
+  tiles = w1.shape[0] // (PROGRAMS * TILE_ROWS)
+  flat = x.reshape(-1).astype(jnp.float32)
+  f32 = jnp.float32
+  y_shape = jax.ShapeDtypeStruct(flat.shape, f32)
+  partial_shape = jax.ShapeDtypeStruct((PROGRAMS,), f32)
+  if variant == "two_kernels":
+    kernel = functools.partial(_phase_kernel, tiles=tiles, scale=scale)
+    _, partials = _call(lambda w, x, y, p: kernel(w, x, None, y, p),
+                        (y_shape, partial_shape), w1, flat)
+    y, _ = _call(kernel, (y_shape, partial_shape), w2, flat, partials)
+  elif variant in ("barrier", "barrier_prefetch"):
+    kernel = functools.partial(_barrier_kernel, tiles=tiles, scale=scale,
+                               prefetch=variant == "barrier_prefetch")
+    y, _, counters = _call(
+        kernel, (y_shape, partial_shape, jax.ShapeDtypeStruct(counters.shape, jnp.int32)),
+        w1, w2, flat, counters, input_output_aliases={3: 2})
+  elif variant == "one_stream":
+    y = _call(functools.partial(_one_stream_kernel, tiles=tiles, scale=scale), y_shape,
+              w1, w2, flat)
+  else:
+    raise ValueError(f"unknown variant {variant!r}; one of {VARIANTS}")
+  return y.reshape(x.shape), counters
+
+
+VARIANTS = ("two_kernels", "barrier", "barrier_prefetch", "one_stream")
+
+
+def expected(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
+  """`phases(..., scale=1)` in jnp."""
+  own1, own2 = (w.astype(jnp.float32).reshape(PROGRAMS, -1).sum(axis=1) for w in (w1, w2))
+  total = jnp.sum(own1) if variant != "one_stream" else 0.0
+  per_program = own2 + total + (own1 if variant == "one_stream" else 0.0)
+  return (x.astype(jnp.float32).reshape(PROGRAMS, -1) + per_program[:, None]).reshape(x.shape)
+
+
+def weight(megabytes: int, key: jax.Array) -> jax.Array:
+  return jax.random.normal(key, (megabytes * 2 ** 20 // (2 * TILE_COLS), TILE_COLS),
+                           jnp.bfloat16)
+
+
+def main(argv: list[str]) -> None:
+  out_path = argv[1]
+  sizes = [int(s) for s in (argv[2] if len(argv) > 2 else "4,16,32").split(",")]
+  if jax.default_backend() != "gpu":
+    raise ValueError("the barrier variants need a GPU (interpret mode runs programs one "
+                     f"by one), found {jax.default_backend()}")
+  if any(s <= 0 or s % MIN_MB for s in sizes):
+    raise ValueError(f"sizes must be positive multiples of {MIN_MB} MB, got {sizes}")
+  fileio.check_writable(out_path, overwrite=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (TOKENS, DIM), jnp.bfloat16)
+  overhead_us = benchmarking.chain_overhead(x, LAYERS) * 1e6
+  rows = []
+  for megabytes in sizes:
+    keys = jax.random.split(jax.random.PRNGKey(megabytes), 2 * LAYERS)
+    w = [(weight(megabytes, keys[2 * i]), weight(megabytes, keys[2 * i + 1]))
+         for i in range(LAYERS)]
+    row = dict(mb_per_phase=megabytes)
+    for variant in VARIANTS:
+      counters = jnp.zeros((3,), jnp.int32)
+      y, counters = phases(variant, x, *w[0], counters, scale=1.0)
+      error = float(jnp.max(jnp.abs(y - expected(variant, x, *w[0]))
+                            / jnp.max(jnp.abs(expected(variant, x, *w[0])))))
+      step = lambda x, w1, w2, c, v=variant: (lambda y, c: (y, (w1, w2, c)))(
+          *phases(v, x, w1, w2, c))
+      chain = benchmarking.LayerChain(step, carry_args=True)
+      args = [(w1, w2, jnp.zeros((3,), jnp.int32)) for w1, w2 in w]
+      us = chain.seconds_per_layer(x, args) * 1e6 - overhead_us
+      gave_up = sum(int(a[2][GAVE_UP]) for a in chain.layer_args) + int(counters[GAVE_UP])
+      w = [a[:2] for a in chain.layer_args]
+      row[variant] = dict(us=us, relative_error=error, gave_up=gave_up)
+      print(megabytes, variant, row[variant], flush=True)
+      if gave_up:
+        raise RuntimeError(f"{variant}: a barrier gave up waiting ({gave_up} programs)")
+    rows.append(row)
+  fileio.write_json_atomic(out_path, dict(
+      command="python tools/phase_boundary_cost.py " + " ".join(argv[1:]),
+      env=benchmarking.environment(), chain_overhead_us=overhead_us, rows=rows),
+      compact=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
