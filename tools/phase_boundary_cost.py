@@ -44,29 +44,26 @@ MAX_POLLS = 1 << 22
 ARRIVED, GENERATION, GAVE_UP = range(3)  # the counters
 
 
-def _stream(w_ref, tiles, first=None):
-  """This program's share of `w_ref`, summed over `[64, 256]` tiles; `first` is its
-  first tile when already loaded."""
-  program = pl.program_id(0)
-  cols = jnp.arange(TILE_COLS)
+def _tile(w_ref, program, tiles, i):
+  """Tile `i` of `program`'s share of `w_ref` (`tiles` tiles of `[64, 256]`). The
+  caller reads `pl.program_id` outside any loop (interpret mode cannot inside one)."""
+  rows = (program * tiles + i) * TILE_ROWS + jnp.arange(TILE_ROWS)
+  return plt.load(w_ref.at[rows[:, None], jnp.arange(TILE_COLS)[None, :]])
 
-  def tile(i):
-    rows = (program * tiles + i) * TILE_ROWS + jnp.arange(TILE_ROWS)
-    return plt.load(w_ref.at[rows[:, None], cols[None, :]]).astype(jnp.float32)
+
+def _stream(w_ref, tiles, first=None):
+  """This program's share of `w_ref`, summed over its tiles; `first` is its first
+  tile when already loaded."""
+  program = pl.program_id(0)
 
   def body(i, acc):
-    return acc + jnp.sum(tile(i), axis=0)
+    return acc + jnp.sum(_tile(w_ref, program, tiles, i).astype(jnp.float32), axis=0)
 
   start = 0 if first is None else 1
   acc = jnp.zeros((TILE_COLS,), jnp.float32)
   if first is not None:
     acc += jnp.sum(first.astype(jnp.float32), axis=0)
   return jnp.sum(jax.lax.fori_loop(start, tiles, body, acc))
-
-
-def _first_tile(w_ref, tiles):
-  rows = pl.program_id(0) * tiles * TILE_ROWS + jnp.arange(TILE_ROWS)
-  return plt.load(w_ref.at[rows[:, None], jnp.arange(TILE_COLS)[None, :]])
 
 
 def _write(x_ref, y_ref, value, scale):
@@ -119,7 +116,7 @@ def _barrier_kernel(w1_ref, w2_ref, x_ref, counters_in_ref, y_ref, partials_ref,
                     counters_ref, *, tiles, scale, prefetch):
   del counters_in_ref  # aliased to counters_ref
   plt.store(partials_ref.at[pl.program_id(0)], _stream(w1_ref, tiles))
-  first = _first_tile(w2_ref, tiles) if prefetch else None
+  first = _tile(w2_ref, pl.program_id(0), tiles, 0) if prefetch else None
   _grid_barrier(counters_ref)
   total = jnp.sum(plt.load(partials_ref.at[jnp.arange(PROGRAMS)], volatile=True))
   _write(x_ref, y_ref, _stream(w2_ref, tiles, first) + total, scale)
@@ -141,9 +138,8 @@ def phases(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array,
   w2) per program share, counters)`."""
   tiles = w1.shape[0] // (PROGRAMS * TILE_ROWS)
   flat = x.reshape(-1).astype(jnp.float32)
-  f32 = jnp.float32
-  y_shape = jax.ShapeDtypeStruct(flat.shape, f32)
-  partial_shape = jax.ShapeDtypeStruct((PROGRAMS,), f32)
+  y_shape = jax.ShapeDtypeStruct(flat.shape, jnp.float32)
+  partial_shape = jax.ShapeDtypeStruct((PROGRAMS,), jnp.float32)
   if variant == "two_kernels":
     kernel = functools.partial(_phase_kernel, tiles=tiles, scale=scale)
     _, partials = _call(lambda w, x, y, p: kernel(w, x, None, y, p),
@@ -179,6 +175,14 @@ def weight(megabytes: int, key: jax.Array) -> jax.Array:
                            jnp.bfloat16)
 
 
+def _carried_step(variant: str):
+  """`phases` as a `LayerChain` step that carries its weights and counters."""
+  def step(x, w1, w2, counters):
+    y, counters = phases(variant, x, w1, w2, counters)
+    return y, (w1, w2, counters)
+  return step
+
+
 def main(argv: list[str]) -> None:
   out_path = argv[1]
   sizes = [int(s) for s in (argv[2] if len(argv) > 2 else "4,16,32").split(",")]
@@ -199,11 +203,9 @@ def main(argv: list[str]) -> None:
     for variant in VARIANTS:
       counters = jnp.zeros((3,), jnp.int32)
       y, counters = phases(variant, x, *w[0], counters, scale=1.0)
-      error = float(jnp.max(jnp.abs(y - expected(variant, x, *w[0]))
-                            / jnp.max(jnp.abs(expected(variant, x, *w[0])))))
-      step = lambda x, w1, w2, c, v=variant: (lambda y, c: (y, (w1, w2, c)))(
-          *phases(v, x, w1, w2, c))
-      chain = benchmarking.LayerChain(step, carry_args=True)
+      want = expected(variant, x, *w[0])
+      error = float(jnp.max(jnp.abs(y - want) / jnp.max(jnp.abs(want))))
+      chain = benchmarking.LayerChain(_carried_step(variant), carry_args=True)
       args = [(w1, w2, jnp.zeros((3,), jnp.int32)) for w1, w2 in w]
       us = chain.seconds_per_layer(x, args) * 1e6 - overhead_us
       gave_up = sum(int(a[2][GAVE_UP]) for a in chain.layer_args) + int(counters[GAVE_UP])

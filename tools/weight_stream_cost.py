@@ -89,7 +89,7 @@ def triton_sum_error(x: jax.Array, megabytes: int) -> float:
 
 def weights(kind: str, megabytes: int, key: jax.Array) -> jax.Array:
   """One layer's bf16 weight of `megabytes` MB in `kind`'s layout."""
-  elements = int(megabytes * 2 ** 20) // 2
+  elements = megabytes * 2 ** 20 // 2
   shape = (DIM, elements // DIM) if kind == "xla_dot" else (elements // TILE_COLS, TILE_COLS)
   return jax.random.normal(key, shape, jnp.bfloat16)
 
