@@ -18,6 +18,9 @@ each layer's barrier counters):
                     at a grid-wide barrier (an atomic count; the last to arrive opens
                     it) and waits, then runs phase 2;
   barrier_prefetch  the same, with phase 2's first tile loaded before the wait;
+  barrier_count     the barrier as one count that only grows: a program waits until
+                    it reaches the next multiple of 128 after its own arrival, then
+                    one fence (no reset, no generation, no atomic read);
   one_stream        one kernel that streams `W1` and `W2` with no barrier (the bound).
 The JSON holds µs per layer (chain update subtracted) and each variant's largest
 error against the same sums in jnp. All 128 programs must be resident at once for the
@@ -102,6 +105,40 @@ def _grid_barrier(counters_ref):
     plt.atomic_add(counters_ref, (zero + GAVE_UP,), zero + 1)
 
 
+def _fence(value: jax.Array) -> jax.Array:
+  """`value` after a GPU-scope acquire-release fence (PTX), as a dependency for what
+  is loaded next."""
+  lanes = jnp.full((1,), value)  # inline asm takes tensors, not scalars
+  (lanes,) = plt.elementwise_inline_asm(
+      "fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", args=[lanes], constraints="=r,r", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(lanes.shape, lanes.dtype)])
+  return jnp.sum(lanes)
+
+
+def _count_barrier(counters_ref) -> jax.Array:
+  """Waits until the count of arrivals reaches the next multiple of `PROGRAMS` after
+  this program's own; returns a zero that depends on the fence after the wait."""
+  zero = pl.program_id(0) * 0
+  plt.debug_barrier()  # this program's stores before its arrival
+  old = plt.atomic_add(counters_ref, (zero + ARRIVED,), zero + 1)
+  target = (old // PROGRAMS + 1) * PROGRAMS
+
+  def pending(carry):
+    now, polls = carry
+    return (now < target) & (polls < MAX_POLLS)
+
+  def poll(carry):
+    return plt.load(counters_ref.at[zero + ARRIVED], volatile=True), carry[1] + 1
+
+  now, polls = jax.lax.while_loop(pending, poll, (old + 1, zero))
+
+  @pl.when(polls >= MAX_POLLS)
+  def _():
+    plt.atomic_add(counters_ref, (zero + GAVE_UP,), zero + 1)
+
+  return _fence(now) * 0
+
+
 def _phase_kernel(w_ref, x_ref, partials_in_ref, y_ref, partials_ref, *, tiles, scale):
   """One phase: this program's share of `w` plus (when given) all earlier partials."""
   total = 0.0
@@ -113,12 +150,16 @@ def _phase_kernel(w_ref, x_ref, partials_in_ref, y_ref, partials_ref, *, tiles, 
 
 
 def _barrier_kernel(w1_ref, w2_ref, x_ref, counters_in_ref, y_ref, partials_ref,
-                    counters_ref, *, tiles, scale, prefetch):
+                    counters_ref, *, tiles, scale, prefetch, counting):
   del counters_in_ref  # aliased to counters_ref
   plt.store(partials_ref.at[pl.program_id(0)], _stream(w1_ref, tiles))
   first = _tile(w2_ref, pl.program_id(0), tiles, 0) if prefetch else None
-  _grid_barrier(counters_ref)
-  total = jnp.sum(plt.load(partials_ref.at[jnp.arange(PROGRAMS)], volatile=True))
+  offset = 0
+  if counting:
+    offset = _count_barrier(counters_ref)
+  else:
+    _grid_barrier(counters_ref)
+  total = jnp.sum(plt.load(partials_ref.at[jnp.arange(PROGRAMS) + offset], volatile=True))
   _write(x_ref, y_ref, _stream(w2_ref, tiles, first) + total, scale)
 
 
@@ -145,9 +186,10 @@ def phases(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array,
     _, partials = _call(lambda w, x, y, p: kernel(w, x, None, y, p),
                         (y_shape, partial_shape), w1, flat)
     y, _ = _call(kernel, (y_shape, partial_shape), w2, flat, partials)
-  elif variant in ("barrier", "barrier_prefetch"):
+  elif variant in ("barrier", "barrier_prefetch", "barrier_count"):
     kernel = functools.partial(_barrier_kernel, tiles=tiles, scale=scale,
-                               prefetch=variant == "barrier_prefetch")
+                               prefetch=variant == "barrier_prefetch",
+                               counting=variant == "barrier_count")
     y, _, counters = _call(
         kernel, (y_shape, partial_shape, jax.ShapeDtypeStruct(counters.shape, jnp.int32)),
         w1, w2, flat, counters, input_output_aliases={3: 2})
@@ -159,7 +201,7 @@ def phases(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array,
   return y.reshape(x.shape), counters
 
 
-VARIANTS = ("two_kernels", "barrier", "barrier_prefetch", "one_stream")
+VARIANTS = ("two_kernels", "barrier", "barrier_prefetch", "barrier_count", "one_stream")
 
 
 def expected(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
