@@ -21,6 +21,10 @@ each layer's barrier counters):
   barrier_count     the barrier as one count that only grows: a program waits until
                     it reaches the next multiple of 128 after its own arrival, then
                     one fence (no reset, no generation, no atomic read);
+  neighbour_flag    no barrier: phase 2 of program i adds only program i+1's `W1`
+                    sum (mod 128), waiting on that program's flag (a count that only
+                    grows) and one fence: a dependency on one other program instead
+                    of all of them, as per-tile dataflow would have;
   one_stream        one kernel that streams `W1` and `W2` with no barrier (the bound).
 The JSON holds µs per layer (chain update subtracted) and each variant's largest
 error against the same sums in jnp. All 128 programs must be resident at once for the
@@ -44,7 +48,8 @@ TOKENS, DIM, LAYERS = 16, 2048, 8
 PROGRAMS, TILE_ROWS, TILE_COLS = 128, 64, 256
 MIN_MB = PROGRAMS * TILE_ROWS * TILE_COLS * 2 // 2 ** 20  # one tile per program
 MAX_POLLS = 1 << 22
-ARRIVED, GENERATION, GAVE_UP = range(3)  # the counters
+ARRIVED, GENERATION, GAVE_UP, FLAGS = range(4)  # the counters; FLAGS: one per program
+COUNTERS = FLAGS + PROGRAMS
 
 
 def _tile(w_ref, program, tiles, i):
@@ -115,28 +120,44 @@ def _fence(value: jax.Array) -> jax.Array:
   return jnp.sum(lanes)
 
 
-def _count_barrier(counters_ref) -> jax.Array:
-  """Waits until the count of arrivals reaches the next multiple of `PROGRAMS` after
-  this program's own; returns a zero that depends on the fence after the wait."""
+def _wait(counters_ref, index, target, now) -> jax.Array:
+  """Polls `counters_ref[index]`, last seen at `now`, until it reaches `target` (or
+  gives up, counted); returns a zero that depends on a fence after the wait."""
   zero = pl.program_id(0) * 0
-  plt.debug_barrier()  # this program's stores before its arrival
-  old = plt.atomic_add(counters_ref, (zero + ARRIVED,), zero + 1)
-  target = (old // PROGRAMS + 1) * PROGRAMS
 
   def pending(carry):
     now, polls = carry
     return (now < target) & (polls < MAX_POLLS)
 
   def poll(carry):
-    return plt.load(counters_ref.at[zero + ARRIVED], volatile=True), carry[1] + 1
+    return plt.load(counters_ref.at[index], volatile=True), carry[1] + 1
 
-  now, polls = jax.lax.while_loop(pending, poll, (old + 1, zero))
+  now, polls = jax.lax.while_loop(pending, poll, (now, zero))
 
   @pl.when(polls >= MAX_POLLS)
   def _():
     plt.atomic_add(counters_ref, (zero + GAVE_UP,), zero + 1)
 
   return _fence(now) * 0
+
+
+def _count_barrier(counters_ref) -> jax.Array:
+  """Waits until the count of arrivals reaches the next multiple of `PROGRAMS` after
+  this program's own; returns a zero that depends on the fence after the wait."""
+  zero = pl.program_id(0) * 0
+  plt.debug_barrier()  # this program's stores before its arrival
+  old = plt.atomic_add(counters_ref, (zero + ARRIVED,), zero + 1)
+  return _wait(counters_ref, zero + ARRIVED, (old // PROGRAMS + 1) * PROGRAMS, old + 1)
+
+
+def _neighbour_flag(counters_ref) -> jax.Array:
+  """Raises this program's flag and waits until program i+1's has risen as far;
+  returns i+1 (mod `PROGRAMS`) plus a zero that depends on the fence after the wait."""
+  program = pl.program_id(0)
+  neighbour = (program + 1) % PROGRAMS
+  plt.debug_barrier()  # this program's stores before its flag
+  old = plt.atomic_add(counters_ref, (program + FLAGS,), program * 0 + 1)
+  return neighbour + _wait(counters_ref, neighbour + FLAGS, old + 1, old)
 
 
 def _phase_kernel(w_ref, x_ref, partials_in_ref, y_ref, partials_ref, *, tiles, scale):
@@ -150,16 +171,17 @@ def _phase_kernel(w_ref, x_ref, partials_in_ref, y_ref, partials_ref, *, tiles, 
 
 
 def _barrier_kernel(w1_ref, w2_ref, x_ref, counters_in_ref, y_ref, partials_ref,
-                    counters_ref, *, tiles, scale, prefetch, counting):
+                    counters_ref, *, tiles, scale, prefetch, sync):
   del counters_in_ref  # aliased to counters_ref
   plt.store(partials_ref.at[pl.program_id(0)], _stream(w1_ref, tiles))
   first = _tile(w2_ref, pl.program_id(0), tiles, 0) if prefetch else None
-  offset = 0
-  if counting:
-    offset = _count_barrier(counters_ref)
+  if sync == "neighbour":
+    total = plt.load(partials_ref.at[_neighbour_flag(counters_ref)], volatile=True)
   else:
-    _grid_barrier(counters_ref)
-  total = jnp.sum(plt.load(partials_ref.at[jnp.arange(PROGRAMS) + offset], volatile=True))
+    offset = _count_barrier(counters_ref) if sync == "count" else 0
+    if sync == "generation":
+      _grid_barrier(counters_ref)
+    total = jnp.sum(plt.load(partials_ref.at[jnp.arange(PROGRAMS) + offset], volatile=True))
   _write(x_ref, y_ref, _stream(w2_ref, tiles, first) + total, scale)
 
 
@@ -175,8 +197,8 @@ def _call(kernel, out_shape, *args, **kw):
 
 def phases(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array,
            counters: jax.Array, scale: float = 1e-30) -> tuple[jax.Array, jax.Array]:
-  """`variant`'s two phases: `(x (float32) + scale * (sum(w1) + the program's share of
-  w2) per program share, counters)`."""
+  """`variant`'s two phases: `(x (float32) + scale * (what `expected` adds to each
+  program's share), counters)`."""
   tiles = w1.shape[0] // (PROGRAMS * TILE_ROWS)
   flat = x.reshape(-1).astype(jnp.float32)
   y_shape = jax.ShapeDtypeStruct(flat.shape, jnp.float32)
@@ -186,10 +208,9 @@ def phases(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array,
     _, partials = _call(lambda w, x, y, p: kernel(w, x, None, y, p),
                         (y_shape, partial_shape), w1, flat)
     y, _ = _call(kernel, (y_shape, partial_shape), w2, flat, partials)
-  elif variant in ("barrier", "barrier_prefetch", "barrier_count"):
+  elif variant in _SYNC:
     kernel = functools.partial(_barrier_kernel, tiles=tiles, scale=scale,
-                               prefetch=variant == "barrier_prefetch",
-                               counting=variant == "barrier_count")
+                               prefetch=variant == "barrier_prefetch", sync=_SYNC[variant])
     y, _, counters = _call(
         kernel, (y_shape, partial_shape, jax.ShapeDtypeStruct(counters.shape, jnp.int32)),
         w1, w2, flat, counters, input_output_aliases={3: 2})
@@ -201,14 +222,20 @@ def phases(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array,
   return y.reshape(x.shape), counters
 
 
-VARIANTS = ("two_kernels", "barrier", "barrier_prefetch", "barrier_count", "one_stream")
+_SYNC = dict(barrier="generation", barrier_prefetch="generation", barrier_count="count",
+             neighbour_flag="neighbour")  # how each one-kernel variant waits
+VARIANTS = ("two_kernels", *_SYNC, "one_stream")
 
 
 def expected(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array) -> jax.Array:
   """`phases(..., scale=1)` in jnp."""
   own1, own2 = (w.astype(jnp.float32).reshape(PROGRAMS, -1).sum(axis=1) for w in (w1, w2))
-  total = jnp.sum(own1) if variant != "one_stream" else 0.0
-  per_program = own2 + total + (own1 if variant == "one_stream" else 0.0)
+  if variant == "one_stream":
+    per_program = own2 + own1
+  elif variant == "neighbour_flag":
+    per_program = own2 + jnp.roll(own1, -1)
+  else:
+    per_program = own2 + jnp.sum(own1)
   return (x.astype(jnp.float32).reshape(PROGRAMS, -1) + per_program[:, None]).reshape(x.shape)
 
 
@@ -243,12 +270,12 @@ def main(argv: list[str]) -> None:
          for i in range(LAYERS)]
     row = dict(mb_per_phase=megabytes)
     for variant in VARIANTS:
-      counters = jnp.zeros((3,), jnp.int32)
+      counters = jnp.zeros((COUNTERS,), jnp.int32)
       y, counters = phases(variant, x, *w[0], counters, scale=1.0)
       want = expected(variant, x, *w[0])
       error = float(jnp.max(jnp.abs(y - want) / jnp.max(jnp.abs(want))))
       chain = benchmarking.LayerChain(_carried_step(variant), carry_args=True)
-      args = [(w1, w2, jnp.zeros((3,), jnp.int32)) for w1, w2 in w]
+      args = [(w1, w2, jnp.zeros((COUNTERS,), jnp.int32)) for w1, w2 in w]
       us = chain.seconds_per_layer(x, args) * 1e6 - overhead_us
       gave_up = sum(int(a[2][GAVE_UP]) for a in chain.layer_args) + int(counters[GAVE_UP])
       w = [a[:2] for a in chain.layer_args]
