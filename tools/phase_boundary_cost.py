@@ -170,8 +170,10 @@ def _phase_kernel(w_ref, x_ref, partials_in_ref, y_ref, partials_ref, *, tiles, 
   _write(x_ref, y_ref, own + total, scale)
 
 
-def _barrier_kernel(w1_ref, w2_ref, x_ref, counters_in_ref, y_ref, partials_ref,
-                    counters_ref, *, tiles, scale, prefetch, sync):
+def _synced_kernel(w1_ref, w2_ref, x_ref, counters_in_ref, y_ref, partials_ref,
+                   counters_ref, *, tiles, scale, prefetch, sync):
+  """Both phases in one kernel; phase 2 starts after `sync`: a grid-wide barrier
+  (`generation` or `count`) or the flag of one other program (`neighbour`)."""
   del counters_in_ref  # aliased to counters_ref
   plt.store(partials_ref.at[pl.program_id(0)], _stream(w1_ref, tiles))
   first = _tile(w2_ref, pl.program_id(0), tiles, 0) if prefetch else None
@@ -209,7 +211,7 @@ def phases(variant: str, x: jax.Array, w1: jax.Array, w2: jax.Array,
                         (y_shape, partial_shape), w1, flat)
     y, _ = _call(kernel, (y_shape, partial_shape), w2, flat, partials)
   elif variant in _SYNC:
-    kernel = functools.partial(_barrier_kernel, tiles=tiles, scale=scale,
+    kernel = functools.partial(_synced_kernel, tiles=tiles, scale=scale,
                                prefetch=variant == "barrier_prefetch", sync=_SYNC[variant])
     y, _, counters = _call(
         kernel, (y_shape, partial_shape, jax.ShapeDtypeStruct(counters.shape, jnp.int32)),
