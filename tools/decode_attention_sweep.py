@@ -54,6 +54,9 @@ def main(argv):
   lengths = [int(n) for n in (argv[3] if len(argv) > 3 else "160,1024,4096,16384").split(",")]
   block_sizes = [int(n) for n in (argv[4] if len(argv) > 4 else "64").split(",")]
   read_bw = bandwidth.probe()["read"]["tbs"] * 1e12
+  header = dict(command="python tools/decode_attention_sweep.py " + " ".join(argv[1:]),
+                env=benchmarking.environment(), read_bandwidth_tbs=read_bw / 1e12,
+                splits_table=attention_triton.SPLITS)
   rows = []
   for batch in batches:
     x = jax.random.normal(jax.random.PRNGKey(batch), (batch, D), jnp.bfloat16)
@@ -81,10 +84,7 @@ def main(argv):
           print(rows[-1], flush=True)
       del caches
       # Rewritten after each cache length, so a run cut short keeps what it measured.
-      fileio.write_json_atomic(out_path, dict(
-          command="python tools/decode_attention_sweep.py " + " ".join(argv[1:]),
-          env=benchmarking.environment(), read_bandwidth_tbs=read_bw / 1e12,
-          splits_table=attention_triton.SPLITS, rows=rows), compact=True)
+      fileio.write_json_atomic(out_path, dict(header, rows=rows), compact=True)
 
 
 if __name__ == "__main__":

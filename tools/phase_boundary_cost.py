@@ -80,6 +80,27 @@ def _write(x_ref, y_ref, value, scale):
   plt.store(y_ref.at[index], plt.load(x_ref.at[index]) + value * scale)
 
 
+def _poll(counters_ref, index, done, now) -> jax.Array:
+  """Volatile loads of `counters_ref[index]`, last seen at `now`, until `done(value)`
+  (or `MAX_POLLS` of them, counted in `GAVE_UP`); returns the last value."""
+  zero = pl.program_id(0) * 0
+
+  def pending(carry):
+    now, polls = carry
+    return jnp.logical_not(done(now)) & (polls < MAX_POLLS)
+
+  def poll(carry):
+    return plt.load(counters_ref.at[index], volatile=True), carry[1] + 1
+
+  now, polls = jax.lax.while_loop(pending, poll, (now, zero))
+
+  @pl.when(polls >= MAX_POLLS)
+  def _():
+    plt.atomic_add(counters_ref, (zero + GAVE_UP,), zero + 1)
+
+  return now
+
+
 def _grid_barrier(counters_ref):
   """Waits until every program has arrived. Sense by generation: a program reads the
   generation before it arrives, the last to arrive resets the count and advances the
@@ -95,19 +116,8 @@ def _grid_barrier(counters_ref):
     plt.atomic_xchg(counters_ref, (zero + ARRIVED,), zero)
     plt.atomic_add(counters_ref, (zero + GENERATION,), zero + 1)
 
-  def pending(carry):
-    now, polls = carry
-    return (now == generation) & (polls < MAX_POLLS)
-
-  def poll(carry):
-    return plt.load(counters_ref.at[zero + GENERATION], volatile=True), carry[1] + 1
-
-  _, polls = jax.lax.while_loop(pending, poll, (generation, zero))
+  _poll(counters_ref, zero + GENERATION, lambda now: now != generation, generation)
   plt.atomic_add(counters_ref, (zero + GENERATION,), zero)  # acquire
-
-  @pl.when(polls >= MAX_POLLS)
-  def _():
-    plt.atomic_add(counters_ref, (zero + GAVE_UP,), zero + 1)
 
 
 def _fence(value: jax.Array) -> jax.Array:
@@ -121,24 +131,9 @@ def _fence(value: jax.Array) -> jax.Array:
 
 
 def _wait(counters_ref, index, target, now) -> jax.Array:
-  """Polls `counters_ref[index]`, last seen at `now`, until it reaches `target` (or
-  gives up, counted); returns a zero that depends on a fence after the wait."""
-  zero = pl.program_id(0) * 0
-
-  def pending(carry):
-    now, polls = carry
-    return (now < target) & (polls < MAX_POLLS)
-
-  def poll(carry):
-    return plt.load(counters_ref.at[index], volatile=True), carry[1] + 1
-
-  now, polls = jax.lax.while_loop(pending, poll, (now, zero))
-
-  @pl.when(polls >= MAX_POLLS)
-  def _():
-    plt.atomic_add(counters_ref, (zero + GAVE_UP,), zero + 1)
-
-  return _fence(now) * 0
+  """`_poll` until `counters_ref[index]` reaches `target`; returns a zero that depends
+  on a fence after the wait."""
+  return _fence(_poll(counters_ref, index, lambda value: value >= target, now)) * 0
 
 
 def _count_barrier(counters_ref) -> jax.Array:
