@@ -140,6 +140,32 @@ def test_gmm_swiglu_rejects_a_k_split_or_odd_columns():
     gmm_triton(x, jnp.zeros((4, 8, 7)), offsets, swiglu=True, k_splits=1, interpret=True)
 
 
+def test_gmm_num_cols_reads_the_leading_columns_of_a_padded_weight():
+  """`num_cols=n` over a `[E, D, n + pad]` weight: the product with its first n
+  columns, as if the weight were stored unpadded (n = 20 ends mid-block)."""
+  rng = np.random.default_rng(5)
+  padded = jnp.asarray(rng.normal(size=(E, 40, 29)), jnp.float32)
+  for kind in SCENARIOS:
+    sched, x, row_token, rows_option = kernel_backends.gmm_case(kind, rng, T, K, E, 40,
+                                                                jnp.float32, True)
+    rows = int(sched.stats[4])
+    out = gmm_triton(x, padded, sched.group_offsets, row_token, num_cols=20,
+                     interpret=True, row_tiles=(16,), block_n=16, block_k=16, k_splits=2,
+                     **rows_option)
+    assert out.shape == (T * K, 20), kind
+    want = gmm_reference(x, padded[:, :, :20], sched.group_offsets, row_token, T * K)
+    np.testing.assert_allclose(np.asarray(out[:rows]), np.asarray(want[:rows]),
+                               err_msg=kind,
+                               **kernel_backends.f32_tolerance(rtol=1e-5, atol=1e-4))
+
+
+@pytest.mark.parametrize("num_cols, swiglu", [(0, False), (9, False), (4, True)])
+def test_gmm_rejects_bad_num_cols(num_cols, swiglu):
+  with pytest.raises(ValueError, match="num_cols must be in"):
+    gmm_triton(jnp.zeros((6, 8)), jnp.zeros((4, 8, 8)), jnp.zeros((5,), jnp.int32),
+               num_cols=num_cols, swiglu=swiglu, k_splits=1, interpret=True)
+
+
 @pytest.mark.parametrize("tiles", [dict(row_tiles=(16,)), dict(row_tiles=(16, 32)),
                                    dict(row_tiles=(16, 32, 64)),
                                    dict(row_tiles=(16,), max_programs=2 * 2 * 2)],

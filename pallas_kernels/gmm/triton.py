@@ -128,13 +128,14 @@ def _pow2_at_least(x: int, low: int) -> int:
 @functools.partial(jax.jit, static_argnames=("num_rows", "swiglu", "out_dtype",
                                              "row_tiles", "block_n", "block_k",
                                              "k_splits", "num_warps", "num_stages",
-                                             "max_programs", "interpret"))
+                                             "max_programs", "interpret", "num_cols"))
 def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
                row_token: jax.Array | None = None, *, num_rows: int | None = None,
                swiglu: bool = False, out_dtype=jnp.float32,
                row_tiles: tuple[int, ...] = (16,), block_n: int = 128, block_k: int = 64,
                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3,
-               max_programs: int | None = None, interpret: bool = False) -> jax.Array:
+               max_programs: int | None = None, interpret: bool = False,
+               num_cols: int | None = None) -> jax.Array:
   """Grouped matmul over experts with rows only; see `reference.gmm_reference`.
 
   Args:
@@ -158,6 +159,11 @@ def gmm_triton(x: jax.Array, w: jax.Array, group_offsets: jax.Array,
     are unspecified.
   """
   num_experts, contract, n = w.shape
+  if num_cols is not None:
+    if swiglu or not 0 < num_cols <= n:
+      raise ValueError(f"num_cols must be in [1, {n}] for w of shape {w.shape}, and "
+                       f"without swiglu; got {num_cols} (swiglu={swiglu})")
+    n = num_cols
   if swiglu:
     if n % 2 or k_splits != 1:
       raise ValueError("swiglu needs an even number of weight columns (gate, then up) "
