@@ -9,10 +9,10 @@ of two for the down weight, 4 KiB) or its contraction depth sets that rate. For 
 columns and padded down weights whose first 2048 columns are computed (`num_cols`), it
 times the kernel with the tuned table (`tiles.TILES`) and with one K split, on
 expert-sorted rows (8 per token) at B = 16 and 64, over exactly 8, 26, 77 and 128
-distinct experts (`kernels.forced_ids`), each in a chain of LAYERS weight sets (default
-6) inside one jitted loop (`benchmarking.LayerChain`, whose update is subtracted). A
-straight line through the four counts per (shape, B, tiling) gives the time per
-expert (`us_per_expert`) and so the rate at which the kernel streams the computed
+distinct experts, each in a chain of LAYERS weight sets (default 6) inside one jitted
+loop, as the tile sweep times a layer (`gmm_sweep.seconds_per_layer`, less the chain's
+update). A straight line through the four counts per (shape, B, tiling) gives the time
+per expert (`us_per_expert`) and so the rate at which the kernel streams the computed
 columns' bytes (`slope_tbs`); the rows' own rates include the fixed part. The JSON also
 holds the 4 GiB read probe (`read_tbs`). SHAPES (comma-separated names, default all)
 and TILINGS (a JSON list of overrides of the table, as `benchmark --gmm_variants`
@@ -22,6 +22,7 @@ there is named by its JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -32,12 +33,12 @@ import numpy as np
 from sere_jax import benchmarking
 from sere_jax import fileio
 from sere_jax.benchmarking import bandwidth
-from sere_jax.benchmarking.kernels import forced_ids
+from sere_jax.benchmarking import gmm_sweep
 from sere_jax.kernels.gmm import tiles
 from sere_jax.kernels.gmm.triton import gmm_triton
-from sere_jax.kernels.schedule import reference as schedule_lib
 
 EXPERTS, TOP_K, BATCHES, DISTINCT = 128, 8, (16, 64), (8, 26, 77, 128)
+MIN_SECONDS = 0.03  # per timed span, as `LayerChain` times by default
 SHAPES = (  # name, K, N, columns computed (None: all)
     ("down_768x2048", 768, 2048, None),
     ("down_pad2176_valid2048", 768, 2176, 2048),
@@ -99,18 +100,13 @@ def main(argv: list[str]) -> None:
       x = jax.random.normal(jax.random.PRNGKey(batch + 1), (batch, 2048), jnp.bfloat16)
       overhead = benchmarking.chain_overhead(x, layers)
       for n in DISTINCT:
-        scheds = [schedule_lib.build_schedule(
-            jnp.asarray(forced_ids(rng, batch, TOP_K, EXPERTS, n)),
-            jnp.ones((batch,), bool), EXPERTS) for _ in weights]
-        layer_args = [(s.group_offsets, w) for s, w in zip(scheds, weights)]
+        scheds = gmm_sweep.forced_schedules(rng, batch, TOP_K, EXPERTS, n, layers)
+        layer_args = [(s.group_offsets, None, w, lhs) for s, w in zip(scheds, weights)]
         for variant, override in variants:
-          options = dict(tiles.TILES, **override)
-
-          def step(x, offsets, w, options=options):
-            out = gmm_triton(lhs, w, offsets, None, num_cols=cols, **options)
-            return x + jnp.sum(out[:1, :1]).astype(x.dtype) * 0
-
-          seconds = benchmarking.LayerChain(step).seconds_per_layer(x, layer_args) - overhead
+          kernel = functools.partial(gmm_triton, num_cols=cols,
+                                     **dict(tiles.TILES, **override))
+          seconds = gmm_sweep.seconds_per_layer(kernel, x, layer_args,
+                                                min_seconds=MIN_SECONDS) - overhead
           rows.append(dict(shape=name, K=contract, N=width, batch=batch, distinct=n,
                            variant=variant, us=seconds * 1e6,
                            tbs=n * contract * (cols or width) * 2 / seconds / 1e12))

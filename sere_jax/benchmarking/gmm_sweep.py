@@ -48,6 +48,26 @@ def kernel_table(impl: str) -> str:
   return KERNELS[impl][0]
 
 
+def forced_schedules(rng: np.random.Generator, batch: int, top_k: int, experts: int,
+                     distinct: int, layers: int) -> list[schedule_lib.Schedule]:
+  """One reference schedule per layer, each routing `batch` tokens to exactly
+  `distinct` experts (`kernels.forced_ids`)."""
+  return [schedule_lib.build_schedule(jnp.asarray(forced_ids(rng, batch, top_k, experts,
+                                                             distinct)),
+                                      jnp.ones((batch,), bool), experts)
+          for _ in range(layers)]
+
+
+def seconds_per_layer(kernel: Any, x: jax.Array, layer_args: Sequence[tuple], *,
+                      min_seconds: float) -> float:
+  """Seconds per layer of `kernel(lhs, w, offsets, row_token)` in a `timing.LayerChain`
+  over `layer_args` of `(offsets, row_token, w, lhs)` (the chain's update included)."""
+  def step(x, offsets, row_token, w, lhs):
+    out = kernel(lhs, w, offsets, row_token)
+    return x + jnp.sum(out[:1, :1]).astype(x.dtype) * 0
+  return timing.LayerChain(step).seconds_per_layer(x, layer_args, min_seconds=min_seconds)
+
+
 def gmm_sweep(env: dict[str, Any], *, impl: str, scale: str, batches: Sequence[int],
               distinct: Sequence[int], matmuls: Sequence[str],
               variants: Sequence[dict[str, Any]], layers: int,
@@ -76,9 +96,7 @@ def gmm_sweep(env: dict[str, Any], *, impl: str, scale: str, batches: Sequence[i
     for n in distinct:
       if not k <= n <= min(e, batch * k):
         continue
-      scheds = [schedule_lib.build_schedule(jnp.asarray(forced_ids(rng, batch, k, e, n)),
-                                            jnp.ones((batch,), bool), e)
-                for _ in weights]
+      scheds = forced_schedules(rng, batch, k, e, n, len(weights))
       for matmul in matmuls:
         if matmul == "gate_up":
           layer_args = [(s.group_offsets, s.row_token, wg, x)
@@ -89,13 +107,10 @@ def gmm_sweep(env: dict[str, Any], *, impl: str, scale: str, batches: Sequence[i
                         for s, (_, wd) in zip(scheds, weights)]
           roofline = n * f * d * 2 / read_bw
         for cfg in configs:
-          def step(x, offsets, row_token, w, lhs, cfg=cfg):
-            out = kernel(lhs, w, offsets, row_token, **cfg)
-            return x + jnp.sum(out[:1, :1]).astype(x.dtype) * 0
           row = dict(batch=batch, distinct=n, matmul=matmul, roofline_us=roofline * 1e6)
           try:
-            t = timing.LayerChain(step).seconds_per_layer(
-                x, layer_args, min_seconds=min_seconds) - overhead
+            t = seconds_per_layer(functools.partial(kernel, **cfg), x, layer_args,
+                                  min_seconds=min_seconds) - overhead
           except (ValueError, RuntimeError) as err:  # e.g. shared memory overflows
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
           else:
