@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from sere_jax.benchmarking import layer_costs
 from sere_jax.benchmarking import report
 from sere_jax.benchmarking import targets
 
@@ -82,6 +83,15 @@ def test_decode_suite_targets_and_report(tmp_path):
   by_case = {(r["batch"], r["label"]): r for r in rows}
   assert got["b16_sere2_speedup"] == by_case[16, "sere:2:0"]["speedup_over_none"]
   assert got["b1_none_ms"] == by_case[1, "none"]["ms_per_token"]
+  # The per-layer costs of the same profiles (no GPU events on a CPU: zero busy time,
+  # so every part's excess is minus its floor).
+  costs = layer_costs.layer_costs(result)
+  assert [(c["batch"], c["policy"]) for c in costs["cases"]] == list(by_case)
+  for case in costs["cases"]:
+    split = case["split"]
+    assert split["total"]["us"] == 0 and split["experts"]["floor_us"] > 0
+    assert split["total"]["excess_us"] == pytest.approx(-split["total"]["floor_us"])
+  assert costs["gmm_fits"] == []
 
   report_dir = tmp_path / "report"
   _run(["sere_jax.scripts.report", f"--inputs={out}.json", f"--out_dir={report_dir}"],
@@ -169,6 +179,82 @@ def test_targets_summary_values():
   unprofiled = [dict(r, profile=None) for r in result["rows"]]
   with pytest.raises(ValueError, match="B=16 none row has no profile"):
     targets.decode_targets(dict(result, rows=unprofiled))
+
+
+def _costs_result(layers=4, fixed=(6.0, 3.0), per_expert=(1.5, 0.8)):
+  """A decode result of one B = 16 row per distinct count (4, 8, 16) whose grouped
+  matmuls take exactly `fixed + per_expert * distinct` µs per call, and an unprofiled
+  B = 1 row."""
+  expert_bytes, read_tbs = 9e6, 4.0
+
+  def profile(distinct):
+    gmm = [f + s * distinct for f, s in zip(fixed, per_expert)]
+    kernels = [dict(name="sere_gmm", count=layers, total_us=gmm[0] * layers,
+                    mean_us=gmm[0]),
+               dict(name="sere_gmm__1", count=layers, total_us=gmm[1] * layers,
+                    mean_us=gmm[1]),
+               dict(name="attention", count=layers, total_us=10.0 * layers,
+                    mean_us=10.0),
+               dict(name="residual_norm", count=layers - 1, total_us=2.0 * (layers - 1),
+                    mean_us=2.0),
+               dict(name="lm_head", count=1, total_us=30.0, mean_us=30.0)]
+    groups = [dict(name="sere_gmm", total_us=kernels[0]["total_us"]),
+              dict(name="sere_gmm_", total_us=kernels[1]["total_us"])]
+    return dict(gpu_events=3.0 * layers + 1, kernels=kernels, groups=groups,
+                gpu_busy_us=sum(k["total_us"] for k in kernels))
+
+  def row(batch, distinct, profiled=True):
+    return dict(batch=batch, label=f"d{distinct}", ms_per_token=1.0,
+                distinct_experts=distinct, expert_gb=distinct * expert_bytes * layers / 1e9,
+                dense_gb=0.4, kv_gb=0.1, profile=profile(distinct) if profiled else None)
+
+  return dict(suite="decode", hf_config=dict(num_hidden_layers=layers),
+              read_bandwidth_tbs=read_tbs,
+              bytes=dict(expert_bytes_per_layer=[0.0] + [expert_bytes] * (layers - 1)),
+              rows=[row(1, 8, profiled=False)] + [row(16, d) for d in (4, 8, 16)])
+
+
+def test_layer_costs_split_each_step_against_its_bytes():
+  result = _costs_result()
+  costs = layer_costs.layer_costs(result)
+  assert costs["layers"] == 4 and [c["distinct"] for c in costs["cases"]] == [4, 8, 16]
+  case = costs["cases"][1]  # 8 experts: gate/up 18 µs, down 9.4 µs per call
+  # Per-layer kernels (at least 3/4 of the layers) largest first; the LM head is not one.
+  assert list(case["us_per_layer"]) == ["sere_gmm", "attention", "sere_gmm__1",
+                                        "residual_norm"]
+  assert case["us_per_layer"]["residual_norm"] == pytest.approx(2.0 * 3 / 4)
+  assert case["kernels_per_layer"] == pytest.approx(13 / 4)
+  split = case["split"]
+  assert split["experts"]["us"] == pytest.approx(18.0 + 9.4)
+  assert split["experts"]["floor_us"] == pytest.approx(8 * 9e6 / 4e12 * 1e6)  # 18 µs
+  assert split["other"]["us"] == pytest.approx(10.0 + 1.5 + 30.0 / 4)
+  assert split["other"]["floor_us"] == pytest.approx(0.5e9 / 4e12 * 1e6 / 4)
+  for part in split.values():
+    assert part["excess_us"] == pytest.approx(part["us"] - part["floor_us"])
+  assert split["total"]["us"] == pytest.approx(split["experts"]["us"]
+                                               + split["other"]["us"])
+  # One line per grouped matmul through the three B = 16 rows, in call order.
+  fits = costs["gmm_fits"]
+  assert [(f["batch"], f["matmul"], f["kernel"]) for f in fits] == [
+      (16, "gate_up", "sere_gmm"), (16, "down", "sere_gmm__1")]
+  for fit, fixed, slope, share in zip(fits, (6.0, 3.0), (1.5, 0.8), (2 / 3, 1 / 3)):
+    assert fit["fixed_us"] == pytest.approx(fixed)
+    assert fit["us_per_expert"] == pytest.approx(slope)
+    assert fit["max_residual_us"] == pytest.approx(0.0, abs=1e-9)
+    assert fit["slope_tbs"] == pytest.approx(share * 9e6 / slope / 1e6)
+
+
+def test_layer_costs_refuse_what_they_cannot_read():
+  result = _costs_result()
+  with pytest.raises(ValueError, match="not a decode-suite result"):
+    layer_costs.layer_costs(dict(result, suite="kernels"))
+  unprofiled = [dict(r, profile=None) for r in result["rows"]]
+  with pytest.raises(ValueError, match="no profiled row"):
+    layer_costs.layer_costs(dict(result, rows=unprofiled))
+  third = result["rows"][1]["profile"]["kernels"][0]
+  result["rows"][1]["profile"]["kernels"].append(dict(third, name="sere_gmm__2"))
+  with pytest.raises(ValueError, match="at most 2 grouped-matmul kernels"):
+    layer_costs.layer_costs(result)
 
 
 def test_decode_report_adds_the_datasheet_ratio_where_the_device_has_one():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from sere_jax.benchmarking import layer_costs
 from sere_jax.kernels import moe_ffn as moe_ffn_lib
 
 KEYS = ("bandwidth_tbps", "bandwidth_spread_pct", "kernels_per_layer_b16",
@@ -32,8 +33,6 @@ KEYS = ("bandwidth_tbps", "bandwidth_spread_pct", "kernels_per_layer_b16",
         "b64_sere2_speedup", "gmm_backend_default")
 BATCHES = (1, 16, 64)
 POLICIES = ("none", "sere:2:0")
-# Kernel-name prefix of the grouped matmuls (the Triton and the Mosaic GPU kernel).
-EXPERT_KERNELS = "sere_gmm"
 
 
 def check_plan(batches, policies, profile_dir: str) -> None:
@@ -65,14 +64,13 @@ def decode_targets(result: Mapping[str, Any]) -> dict[str, Any]:
   profile = _row(rows, 16, "none").get("profile")
   if not profile:
     raise ValueError("the B=16 none row has no profile: run with --profile_dir")
-  expert_us = sum(g["total_us"] for g in profile["groups"]
-                  if g["name"].startswith(EXPERT_KERNELS))
   kernels = moe_ffn_lib.BACKENDS.get(result["impl"])
   values = dict(
       bandwidth_tbps=probe["tbs"],
       bandwidth_spread_pct=probe["spread"] * 50,
       kernels_per_layer_b16=profile["gpu_events"] / layers,
-      non_expert_us_per_layer_b16=(profile["gpu_busy_us"] - expert_us) / layers,
+      non_expert_us_per_layer_b16=(profile["gpu_busy_us"]
+                                   - layer_costs.expert_us(profile)) / layers,
       b1_none_ms=_row(rows, 1, "none")["ms_per_token"],
       b1_none_x_roofline=_row(rows, 1, "none")["measured_over_roofline"],
       b16_none_x_roofline=_row(rows, 16, "none")["measured_over_roofline"],
