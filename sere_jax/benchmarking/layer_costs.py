@@ -70,8 +70,7 @@ def _case(row: Mapping[str, Any], layers: int, read_bps: float) -> dict[str, Any
                  total=_part(busy, expert_floor + other_floor)))
 
 
-def _fits(cases: list[dict[str, Any]], expert_bytes: float,
-          read_bps: float) -> list[dict[str, Any]]:
+def _fits(cases: list[dict[str, Any]], expert_bytes: float) -> list[dict[str, Any]]:
   names = sorted({n for c in cases for n in c["us_per_expert_call"]},
                  key=lambda n: (len(n), n))
   if len(names) > len(MATMULS):
@@ -91,8 +90,7 @@ def _fits(cases: list[dict[str, Any]], expert_bytes: float,
                       fixed_us=float(intercept), us_per_expert=float(slope),
                       slope_tbs=(share * expert_bytes / (slope * 1e-6) / 1e12
                                  if slope > 0 else None),
-                      max_residual_us=float(np.max(np.abs(residual))),
-                      read_tbs=read_bps / 1e12))
+                      max_residual_us=float(np.max(np.abs(residual)))))
   return out
 
 
@@ -112,4 +110,4 @@ def layer_costs(result: Mapping[str, Any]) -> dict[str, Any]:
   # An MoE layer's experts; a dense layer (DeepSeek-V2's first) lists 0.
   expert_bytes = float(max(result["bytes"]["expert_bytes_per_layer"]))
   return dict(layers=layers, read_bandwidth_tbs=result["read_bandwidth_tbs"],
-              cases=cases, gmm_fits=_fits(cases, expert_bytes, read_bps))
+              cases=cases, gmm_fits=_fits(cases, expert_bytes))
