@@ -42,8 +42,8 @@ SWIGLU_TILES = None
 # the other tilings were slower (64-column blocks 1.17x, K splits 1.07-1.14x, two stages
 # 1.26x, 128-deep steps 1.07x). Even so, the MoE layer with this kernel took 1.04-1.17x
 # the time with the Triton kernel at every measured shape
-# (docs/benchmarks/moe_layer_variants_h100.json; 1.03-1.37x over the 20 cases of the
-# standard suite's MoE-layer table), so `auto` runs the Triton kernel.
+# (docs/benchmarks/moe_layer_variants_h100.json; 1.06-1.31x over the 20 cases of the
+# H100 standard suite's MoE-layer table), so `auto` runs the Triton kernel.
 MOSAIC_GPU_TILES = dict(block_n=128, block_k=64, k_splits=1, max_concurrent_steps=6)
 
 # The tilings a sweep times when none are named: the tuned table, then around it other
