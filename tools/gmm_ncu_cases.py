@@ -4,13 +4,13 @@
         python tools/gmm_ncu_cases.py K:N:DISTINCT [K:N:DISTINCT ...]
 
 Each case is a weight `[128, K, N]` with the tuned tiles (`tiles.TILES`) and 16 tokens
-of 8 expert-sorted rows routed to exactly DISTINCT experts (`gmm_sweep.forced_schedules`,
-one draw per case in order from one generator). The kernel is jitted and called twice
-per case (the first call compiles), so a profiler that skips nothing sees 2 launches
-per case, in the order given. Weights and rows are constant arrays: the values do not
-change a memory-bound kernel's traffic. Run it with XLA's command buffers off
-(`XLA_FLAGS=--xla_gpu_enable_command_buffer=`), or the kernels are graph nodes the
-profiler does not see one by one. Only a GPU runs the Triton kernel.
+of 8 expert-sorted rows routed to exactly DISTINCT experts
+(`gmm_sweep.forced_schedules`, one draw per case in order from one generator). The
+kernel is jitted and called twice per case (the first call compiles), so a profiler that
+skips nothing sees 2 launches per case, in the order given. Weights and rows are
+constant arrays: the values do not change a memory-bound kernel's traffic. Run it with
+XLA's command buffers off (`XLA_FLAGS=--xla_gpu_enable_command_buffer=`), or the kernels
+are graph nodes the profiler does not see one by one. Only a GPU runs the Triton kernel.
 """
 
 from __future__ import annotations

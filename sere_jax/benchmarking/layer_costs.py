@@ -41,7 +41,7 @@ PER_LAYER_SHARE = 0.75  # a kernel launched in at least this share of the layers
 
 
 def expert_us(profile: Mapping[str, Any]) -> float:
-  """GPU time per step of the grouped matmuls in a `profiling.summarize_trace` profile."""
+  """GPU µs per step of the grouped matmuls in a `profiling.summarize_trace` profile."""
   return sum(g["total_us"] for g in profile["groups"]
              if g["name"].startswith(EXPERT_KERNELS))
 
