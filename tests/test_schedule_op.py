@@ -105,3 +105,58 @@ def test_non_finite_similarity_is_least_similar(implementation):
       want = kernel_backends.jitted_reference_schedule(config, num_experts)(
           ids, valid, jnp.asarray(np.where(np.isfinite(bad), bad, lowest)))
       kernel_backends.check_schedule(got, want, np.asarray(valid), f"{config} case {case}")
+
+
+# (T, K, E, partials, logits dtype): Qwen3-30B-A3B at B = 16 with the router dot's two
+# split-K partials; K = 6 (DeepSeek-V2-Lite), whose 66 slots cross the 64-slot chunk
+# within a token; one token; bf16 logits with E not a power of two (Qwen1.5).
+ROUTE_SHAPES = {
+    "qwen3_b16": (16, 8, 128, 2, jnp.float32),
+    "k6_two_chunks": (11, 6, 64, 1, jnp.float32),
+    "one_token": (1, 4, 16, 3, jnp.float32),
+    "bf16_e60": (9, 4, 60, 0, jnp.bfloat16),
+}
+
+
+@kernel_backends.over_implementations(schedule_op.ROUTE_REGISTRY)
+@pytest.mark.parametrize("shape", ROUTE_SHAPES)
+def test_route_schedule_matches_reference(implementation, shape):
+  """Routing inside the schedule kernel: the router's ids and weights equal
+  `route_reference`'s and the schedule `reference_schedule`'s. Even cases draw logits
+  on a grid of 5 values (ties at every place), odd ones continuous."""
+  num_tokens, top_k, num_experts, partials, dtype = ROUTE_SHAPES[shape]
+  rng = np.random.default_rng(num_tokens * top_k)
+  for config in (CONFIGS[0], CONFIGS[3], CONFIGS[4], CONFIGS[8]):
+    for case in range(2):
+      size = (max(partials, 1), num_tokens, num_experts)
+      logits = (rng.integers(0, 5, size) * 0.5 if case % 2 == 0
+                else rng.normal(size=size) * 2)
+      logits = jnp.asarray(logits if partials else logits[0], dtype)
+      _, valid, sim = kernel_backends.schedule_case(rng, num_tokens, top_k, num_experts,
+                                                    case + 1)
+      run = functools.partial(schedule_op.route_schedule, config=config, top_k=top_k,
+                              normalize=case == 0)
+      ids, weights, got = run(logits, valid, sim, implementation=implementation)
+      want_ids, want_weights, want = run(logits, valid, sim, implementation="xla")
+      np.testing.assert_array_equal(ids, want_ids, err_msg=f"{config} case {case}")
+      np.testing.assert_allclose(weights, want_weights, rtol=1e-6, atol=1e-7)
+      kernel_backends.check_schedule(got, want, np.asarray(valid), f"{config} case {case}")
+      assert int(got.stats[0]) > 0 or not np.any(valid)  # the routing reached the schedule
+
+
+@pytest.mark.parametrize("implementation", [
+    *kernel_backends.implementations(schedule_op.ROUTE_REGISTRY), "xla"])
+def test_route_schedule_rejects_bad_inputs(implementation):
+  logits, valid = jnp.zeros((2, 5, 8)), jnp.ones((5,), bool)
+  run = functools.partial(schedule_op.route_schedule, implementation=implementation)
+  sere = RerouteConfig(select_top_k=1)
+  with pytest.raises(ValueError, match=r"\[T, E\] logits or float32"):
+    run(logits.astype(jnp.bfloat16), valid, None, CONFIGS[0], top_k=2)
+  with pytest.raises(ValueError, match="valid must be"):
+    run(logits, valid[:4], None, CONFIGS[0], top_k=2)
+  with pytest.raises(ValueError, match="top_k must be in"):
+    run(logits, valid, None, CONFIGS[0], top_k=9)
+  with pytest.raises(ValueError, match="similarity"):
+    run(logits, valid, jnp.eye(7), sere, top_k=2)
+  with pytest.raises(ValueError, match="oea"):
+    run(logits, valid, jnp.eye(8), RerouteConfig(policy="oea", select_top_k=1), top_k=2)
