@@ -260,9 +260,8 @@ def route_moe_ffn(x: jax.Array, router_logits: jax.Array, w_gate_up: jax.Array,
   valid = jnp.ones(x.shape[:1], jnp.bool_) if valid is None else valid.astype(jnp.bool_)
   similarity, invalid_similarity = _kernel_similarity(similarity, num_experts, config,
                                                       top_k)
-  ids, weights, sched = schedule_api.route_schedule(
-      router_logits, valid, similarity, config, top_k=top_k, normalize=normalize,
-      implementation=BACKENDS[impl].schedule)
+  ids, weights, sched = kernel_route_schedule(impl, router_logits, valid, similarity,
+                                              config, top_k, normalize)
   weights = weights * scaling_factor
   validation.check_ffn_inputs(x, ids, weights, valid, w_gate_up, w_down)
   return _scheduled_ffn(impl, x, weights, valid, sched, invalid_similarity, config,
@@ -275,6 +274,17 @@ def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
   """The fused re-routing + schedule kernel of `impl` (policies `none`, `sere`)."""
   return schedule_api.schedule(ids, valid, similarity, config, num_experts=num_experts,
                                implementation=BACKENDS[impl].schedule)
+
+
+def kernel_route_schedule(impl: str, router_logits: jax.Array, valid: jax.Array,
+                          similarity: jax.Array | None, config: RerouteConfig, top_k: int,
+                          normalize: bool
+                          ) -> tuple[jax.Array, jax.Array, schedule_lib.Schedule]:
+  """Routing + `kernel_schedule` in the schedule kernel of `impl`, where
+  `routes_in_schedule(impl)`: `(router ids, router weights, Schedule)`."""
+  return schedule_api.route_schedule(router_logits, valid, similarity, config,
+                                     top_k=top_k, normalize=normalize,
+                                     implementation=BACKENDS[impl].schedule)
 
 
 def routed_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, slot_valid: jax.Array,
