@@ -78,40 +78,26 @@ def fused_router(impl: str) -> str | None:
   return None if backends is None else backends.router
 
 
-@dataclasses.dataclass(frozen=True)
-class SoftmaxRouter:
+def softmax_router(top_k: int, normalize: bool, impl: str = "auto",
+                   scaling_factor: float = 1.0) -> Router:
   """Softmax scores, top-K, optionally renormalised (Qwen's `norm_topk_prob`), the
-  weights multiplied by `scaling_factor` (DeepSeek's `routed_scaling_factor`); a
-  `Router`.
+  weights multiplied by `scaling_factor` (DeepSeek's `routed_scaling_factor`).
 
   The top-K is the `kernels.router` op where `fused_router(impl)` names one (split-K
-  partials are summed as the kernel loads them), otherwise `routing.route`. A
-  `MoeBlock` with this router and policy `none` or `sere` hands the logits to the MoE
-  op instead (`moe_ffn.route_moe_ffn`), whose schedule kernel then routes too.
+  partials are summed as the kernel loads them), otherwise `routing.route`.
   """
-
-  top_k: int
-  normalize: bool
-  impl: str = "auto"
-  scaling_factor: float = 1.0
-
-  def __call__(self, logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    kernel = fused_router(self.impl)
+  def route(logits):
+    kernel = fused_router(impl)
     summed = router_reference.summed_logits(logits)
     if kernel is None:
-      ids, weights = routing.route(summed, self.top_k, normalize=self.normalize)
+      ids, weights = routing.route(summed, top_k, normalize=normalize)
     else:
-      ids, weights = router_api.route(logits, self.top_k, normalize=self.normalize,
+      ids, weights = router_api.route(logits, top_k, normalize=normalize,
                                       implementation=kernel)
-    if self.scaling_factor != 1.0:
-      weights = weights * self.scaling_factor
+    if scaling_factor != 1.0:
+      weights = weights * scaling_factor
     return ids, weights, jax.nn.softmax(summed.astype(jnp.float32), axis=-1)
-
-
-def softmax_router(top_k: int, normalize: bool, impl: str = "auto",
-                   scaling_factor: float = 1.0) -> SoftmaxRouter:
-  """`SoftmaxRouter(top_k, normalize, impl, scaling_factor)`."""
-  return SoftmaxRouter(top_k, normalize, impl, scaling_factor)
+  return route
 
 
 class MoeBlock(nnx.Module):
@@ -204,20 +190,13 @@ class MoeBlock(nnx.Module):
       logits = split_k_dot(*operands, split_k_count(*self.router_kernel.shape))
     else:
       logits = gemm_dot(*operands, preferred_element_type=jnp.float32)
-    stepwise = decode and (self.group_size > 0 or (x.ndim == 3 and x.shape[1] > 1))
-    fused = not stepwise and config.policy in FUSED_POLICIES and self.mesh is None
-    similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
-    if fused and isinstance(self.route, SoftmaxRouter) and moe_ffn_lib.routes_in_schedule(
-        self.impl):  # the schedule kernel routes too
-      out, ids = moe_ffn_lib.route_moe_ffn(
-          flat, logits, self.w_gate_up[...], self.w_down[...], top_k=self.top_k,
-          normalize=self.route.normalize, scaling_factor=self.route.scaling_factor,
-          valid=flat_valid, similarity=similarity, config=config, impl=self.impl)
-      self._record_load_balance(logits, ids, flat_valid)
-      return out.y.reshape(x.shape), out.stats
     ids, weights, scores = self.route(logits)
-    self._record_load_balance(logits, ids, flat_valid)
-    if fused:
+    logits = router_reference.summed_logits(logits)
+    self._record(CAPTURE_LOAD_BALANCE,
+                 routing.load_balancing_loss(logits, ids, flat_valid))
+    stepwise = decode and (self.group_size > 0 or (x.ndim == 3 and x.shape[1] > 1))
+    if not stepwise and config.policy in FUSED_POLICIES and self.mesh is None:
+      similarity = self.similarity[...] if config.policy in SIMILARITY_POLICIES else None
       out = self._ffn(flat, ids, weights, flat_valid, similarity, config, scores)
       return out.y.reshape(x.shape), out.stats
     expert_out = None
@@ -252,11 +231,6 @@ class MoeBlock(nnx.Module):
     hidden, w_down = mixed_dot_operands(moe_ffn_lib.swiglu(gate_up).astype(w_down.dtype),
                                         w_down)
     return jnp.einsum("tef,efd->ted", hidden, w_down, preferred_element_type=jnp.float32)
-
-  def _record_load_balance(self, logits: jax.Array, ids: jax.Array,
-                           valid: jax.Array) -> None:
-    self._record(CAPTURE_LOAD_BALANCE, routing.load_balancing_loss(
-        router_reference.summed_logits(logits), ids, valid))
 
   def _record(self, name: str, value: jax.Array) -> None:
     """`sow`s `value` inside `nnx.capture` only. (Checked by hand: flax 0.12.10, the

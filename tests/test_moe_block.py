@@ -85,28 +85,3 @@ def test_values_are_recorded_only_inside_capture():
   _, sown = nnx.capture(lambda b: b(x, valid, decode=True), nnx.Intermediate)(block)
   names = {path[-1] for path, _ in nnx.to_flat_state(sown)}
   assert names == {moe.CAPTURE_INPUT, moe.CAPTURE_VALID, moe.CAPTURE_LOAD_BALANCE}
-
-
-@pytest.mark.parametrize("policy,scaling", [("sere", 1.0), ("none", 2.5)])
-def test_schedule_kernel_routes_for_the_fused_policies(policy, scaling):
-  """With a kernel impl, a softmax router and policy none or sere, the block hands its
-  router partials to the schedule kernel (no router kernel of its own) and computes
-  what routing first computes; a router of another kind routes first."""
-  block = moe.MoeBlock(DIM, 16, EXPERTS, 4, reroute=RerouteConfig(policy, select_top_k=2),
-                       normalize=scaling == 1.0, impl="interpret", rngs=nnx.Rngs(0))
-  block.route = moe.softmax_router(4, scaling == 1.0, "interpret", scaling_factor=scaling)
-  block.similarity[...] = _block().similarity[...]
-  x, valid = _inputs(batch=8, length=1)
-  x, valid = x[:, 0], valid[:, 0].at[5].set(False)
-  jaxpr = str(jax.make_jaxpr(lambda x: block(x, valid, decode=True)[0])(x))
-  assert "sere_route_schedule" in jaxpr and "sere_router" not in jaxpr
-  y, stats = block(x, valid, decode=True)
-  router = block.route
-  block.route = lambda logits: router(logits)  # not a SoftmaxRouter: routes first
-  assert "sere_router" in str(jax.make_jaxpr(lambda x: block(x, valid, decode=True)[0])(x))
-  want_y, want_stats = block(x, valid, decode=True)
-  np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
-  for got, want in zip(stats, want_stats):
-    np.testing.assert_array_equal(got, want)
-  if policy == "sere":
-    assert int(stats.distinct_after) < int(stats.distinct_before)

@@ -11,9 +11,7 @@ import pytest
 
 from sere_jax import policies
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels.moe_ffn import (BACKENDS, REGISTRY, moe_ffn, resolve_impl, route_moe_ffn,
-                                     routes_in_schedule)
-from sere_jax.kernels.router import route_reference
+from sere_jax.kernels.moe_ffn import REGISTRY, moe_ffn, resolve_impl
 from tests import kernel_backends
 
 T, K, E, D, F = 8, 4, 8, 24, 20  # 32 rows; D and F are not powers of two
@@ -201,44 +199,3 @@ def test_device_backend_off_its_device_raises(impl):
                                        rf"{'gpu' if impl == 'triton' else 'tpu'} devices, "
                                        "not on this 'cpu' device"):
     moe_ffn(p["x"], p["ids"], p["weights"], p["w_gate_up"], p["w_down"], impl=impl)
-
-
-@pytest.mark.parametrize("policy", ["none", "sere_rho05", "topk_truncate"])
-@pytest.mark.parametrize("impl", [*KERNELS, "xla_dense"])
-def test_route_moe_ffn_is_routing_then_moe_ffn(policy, impl):
-  """From router logits (two split-K partials), with a routing-weight scale: the
-  output, re-routed ids, weights and statistics of `route_reference` then `moe_ffn`;
-  with the Triton impls the schedule kernel routes (policies none, sere)."""
-  p = {k: jnp.asarray(v) for k, v in _problem().items()}
-  logits = jnp.asarray(np.random.default_rng(4).normal(size=(2, T, E)), jnp.float32)
-  config = CONFIGS[policy]
-  out, router_ids = jax.block_until_ready(route_moe_ffn(
-      p["x"], logits, p["w_gate_up"], p["w_down"], top_k=K, normalize=True,
-      scaling_factor=2.5, valid=p["valid"], similarity=p["similarity"], config=config,
-      impl=impl))
-  ids, weights = route_reference(logits, K, normalize=True)
-  want = moe_ffn(p["x"], ids, weights * 2.5, p["w_gate_up"], p["w_down"],
-                 valid=p["valid"], similarity=p["similarity"], config=config,
-                 router_scores=jax.nn.softmax(logits.sum(0)), renormalize=True, impl=impl)
-  np.testing.assert_array_equal(router_ids, ids)
-  np.testing.assert_array_equal(out.ids, want.ids)
-  np.testing.assert_allclose(out.weights, want.weights, rtol=1e-6)
-  np.testing.assert_allclose(out.y, want.y, **F32_TOLERANCE)
-  for got_stat, want_stat in zip(out.stats, want.stats):
-    np.testing.assert_array_equal(got_stat, want_stat)
-  fused = routes_in_schedule(impl) and policy != "topk_truncate"
-  jaxpr = str(jax.make_jaxpr(lambda lg: route_moe_ffn(
-      p["x"], lg, p["w_gate_up"], p["w_down"], top_k=K, valid=p["valid"],
-      similarity=p["similarity"], config=config, impl=impl)[0].y)(logits))
-  assert ("sere_route_schedule" in jaxpr) == fused
-  router_kernel = impl in BACKENDS and BACKENDS[impl].router is not None
-  assert ("sere_router" in jaxpr) == (router_kernel and not fused)
-
-
-def test_route_moe_ffn_rejects_logits_of_another_shape():
-  p = {k: jnp.asarray(v) for k, v in _problem().items()}
-  with pytest.raises(ValueError, match=r"router_logits must end in \[T, E\]"):
-    route_moe_ffn(p["x"], jnp.zeros((T, E + 1)), p["w_gate_up"], p["w_down"], top_k=K)
-  with pytest.raises(ValueError, match=r"float32 \[P, T, E\] partials"):
-    route_moe_ffn(p["x"], jnp.zeros((2, T, E), jnp.bfloat16), p["w_gate_up"],
-                  p["w_down"], top_k=K)

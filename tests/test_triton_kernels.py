@@ -22,8 +22,8 @@ from sere_jax.kernels.gmm.tiles import TILES
 from sere_jax.kernels.gmm.triton import gmm_triton
 from sere_jax.kernels.lowering_check import export_for
 from sere_jax.kernels.moe_ffn import moe_ffn
-from sere_jax.kernels.schedule.reference import build_schedule, reference_route_schedule
-from sere_jax.kernels.schedule.triton import route_schedule_triton, schedule_triton
+from sere_jax.kernels.schedule.reference import build_schedule
+from sere_jax.kernels.schedule.triton import schedule_triton
 from tests import kernel_backends
 
 T, K, E = 16, 3, 8  # grouped-matmul batches: 48 rows over 8 experts
@@ -263,35 +263,6 @@ def test_schedule_rejects_bad_chunks(option):
                     num_experts=8, interpret=True, **option)
 
 
-@pytest.mark.parametrize("tokens,top_k,options", [
-    (40, 4, dict(max_route_tokens=16)),  # 3 routing steps (the last one partial), 3 chunks
-    (11, 6, dict(max_route_tokens=4, max_scan_chunk=64, max_place_chunk=64)),
-])
-def test_route_schedule_options_match_reference(tokens, top_k, options):
-  """The routing stage over several token steps and programs, each program writing
-  only its own slots' router ids and weights."""
-  num_experts, config = 20, SCHEDULE_CONFIGS[4]
-  rng = np.random.default_rng(tokens)
-  for case in range(2):
-    logits = jnp.asarray(rng.normal(size=(2, tokens, num_experts)), jnp.float32)
-    _, valid, sim = kernel_backends.schedule_case(rng, tokens, top_k, num_experts, case + 1)
-    ids, weights, got = route_schedule_triton(logits, valid, sim, config, top_k=top_k,
-                                              interpret=True, **options)
-    want_ids, want_weights, want = reference_route_schedule(logits, valid, sim, config,
-                                                            top_k=top_k)
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(weights, want_weights, rtol=1e-6, atol=1e-7)
-    kernel_backends.check_schedule(got, want, np.asarray(valid), f"case {case}")
-
-
-@pytest.mark.parametrize("max_route_tokens", [0, 12])
-def test_route_schedule_rejects_bad_route_tokens(max_route_tokens):
-  with pytest.raises(ValueError, match="max_route_tokens must be a power of two"):
-    route_schedule_triton(jnp.zeros((4, 8)), jnp.ones((4,), bool), None,
-                          RerouteConfig(policy="none"), top_k=2,
-                          max_route_tokens=max_route_tokens, interpret=True)
-
-
 # ---------------------------------------------------------------- CUDA lowering
 
 
@@ -337,18 +308,6 @@ def test_schedule_lowers_for_cuda(tokens):
   fn = lambda ids, valid, sim: schedule_triton(ids, valid, sim, config, num_experts=128)
   _assert_triton(export_for("cuda", fn, _spec((tokens, 8)), _spec((tokens,), jnp.bool_),
                             _spec((128, 128), jnp.float32)))
-
-
-@pytest.mark.parametrize("tokens", [1, 16, 256])
-def test_route_schedule_lowers_for_cuda(tokens):
-  """Qwen3-30B-A3B's router partials (two split-K partials over 128 experts)."""
-  config = RerouteConfig(select_top_k=2, threshold=0.3)
-  fn = lambda logits, valid, sim: route_schedule_triton(logits, valid, sim, config,
-                                                        top_k=8, normalize=True)
-  exported = export_for("cuda", fn, _spec((2, tokens, 128), jnp.float32),
-                        _spec((tokens,), jnp.bool_), _spec((128, 128), jnp.float32))
-  _assert_triton(exported)
-  assert exported.mlir_module().count(_TRITON_CALL) == 1
 
 
 def test_moe_ffn_lowers_for_cuda():

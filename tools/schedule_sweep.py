@@ -1,7 +1,6 @@
 """Times the Triton schedule kernel alone over its launch options on a GPU.
 
   python tools/schedule_sweep.py OUT.json [BATCH ...]
-  python tools/schedule_sweep.py OUT.json --routing [BATCH ...]
 
 Qwen3-30B-A3B routing shapes (E = 128, K = 8), natural routing, policies `none` and
 `sere` S=2 rho=0.3; µs per call inside one jit over 8 layers (chain update
@@ -9,11 +8,6 @@ subtracted). Writes one JSON row per (batch, policy, max_chunk, max_scan_chunk,
 max_place_chunk, num_warps); max_scan_chunk 64 runs the marking and re-routing passes
 in 64-slot steps and max_place_chunk 64 the placing pass in 64-slot steps (the
 kernel's earlier, slower settings, kept for comparison).
-
-With `--routing` it times routing + schedule from the router dot's two float32 split-K
-partials instead: the router kernel followed by the schedule kernel (`separate`), and
-the schedule kernel that routes too (`route_schedule_triton`) with 16, 64 and 256
-tokens per routing step; rows `(batch, policy, routing, max_route_tokens, us)`.
 """
 
 import sys
@@ -25,8 +19,7 @@ from sere_jax import benchmarking
 from sere_jax import fileio
 from sere_jax import routing
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels.router.triton import route_triton
-from sere_jax.kernels.schedule.triton import route_schedule_triton, schedule_triton
+from sere_jax.kernels.schedule.triton import schedule_triton
 
 # (max_chunk, max_scan_chunk, max_place_chunk, num_warps)
 OPTIONS = [(64, 2048, 512, 4), (64, 2048, 64, 4), (64, 2048, 256, 4), (64, 2048, 1024, 4),
@@ -35,33 +28,9 @@ POLICIES = {"none": RerouteConfig(policy="none"),
             "sere2": RerouteConfig(select_top_k=2, threshold=0.3)}
 
 
-ROUTE_TOKENS = (16, 64, 256)  # max_route_tokens of the routing schedule kernel
-
-
-def _routing_rows(batch, config, partials, sims, x, overhead):
-  """Router kernel + schedule kernel, then the schedule kernel that routes too."""
-  valid = jnp.ones((batch,), bool)
-  variants = [("separate", None)] + [("in_kernel", t) for t in ROUTE_TOKENS]
-  rows = []
-  for name, route_tokens in variants:
-    def step(x, logits, sim, route_tokens=route_tokens):
-      if route_tokens is None:
-        ids, _ = route_triton(logits, 8)
-        sched = schedule_triton(ids, valid, sim, config, num_experts=128)
-      else:
-        _, _, sched = route_schedule_triton(logits, valid, sim, config, top_k=8,
-                                            max_route_tokens=route_tokens)
-      return jnp.broadcast_to(sched.stats[1].astype(x.dtype) * 1e-9, x.shape)
-    t = benchmarking.LayerChain(step).seconds_per_layer(
-        x, list(zip(partials, sims))) - overhead
-    rows.append(dict(routing=name, max_route_tokens=route_tokens, us=t * 1e6))
-  return rows
-
-
 def main():
   out = sys.argv[1]
-  with_routing = "--routing" in sys.argv[2:]
-  batches = [int(b) for b in sys.argv[2:] if b != "--routing"] or [1, 16, 64, 128, 256]
+  batches = [int(b) for b in sys.argv[2:]] or [1, 16, 64, 128, 256]
   experts, top_k, layers = 128, 8, 8
   rng = np.random.default_rng(0)
   sims = [jnp.asarray(rng.random((experts, experts)), jnp.float32) for _ in range(layers)]
@@ -69,14 +38,6 @@ def main():
   for batch in batches:
     x = jnp.ones((batch, 256), jnp.bfloat16)
     overhead = benchmarking.chain_overhead(x, layers)
-    if with_routing:
-      partials = [jnp.asarray(rng.normal(size=(2, batch, experts)), jnp.float32)
-                  for _ in range(layers)]
-      for name, config in POLICIES.items():
-        for row in _routing_rows(batch, config, partials, sims, x, overhead):
-          rows.append(dict(batch=batch, policy=name, **row))
-          print(rows[-1], flush=True)
-      continue
     ids = [routing.route(jnp.asarray(rng.normal(size=(batch, experts)), jnp.float32),
                          top_k)[0] for _ in range(layers)]
     valid = jnp.ones((batch,), bool)

@@ -1,10 +1,7 @@
 """The MoE FFN op: re-routing -> schedule -> grouped matmuls -> weighted combine.
 
-`moe_ffn` is the entry point; `route_moe_ffn` starts from the router logits instead of
-the top-K (with the Triton kernels the schedule kernel then routes too: one launch for
-routing, re-routing and the schedule); `routed_ffn` runs the FFN of an already
-re-routed batch on a subset of its slots (one device's experts under expert
-parallelism). Implementations
+`moe_ffn` is the entry point; `routed_ffn` runs the FFN of an already re-routed batch on
+a subset of its slots (one device's experts under expert parallelism). Implementations
 (`impl`, or its alias `implementation`; `IMPLS`, `REGISTRY`):
   triton     Pallas Triton kernels (NVIDIA GPUs): fused schedule kernel and an
              expert-skipping grouped matmul; weights of inactive experts are not read.
@@ -37,8 +34,6 @@ from sere_jax.kernels import registry
 # during a first trace would change the tracing context and force a recompile.
 from sere_jax.kernels.gmm import api as gmm_api
 from sere_jax.kernels.moe_ffn.reference import combine, dense_ffn, ragged_dot_ffn
-from sere_jax.kernels.router import api as router_api
-from sere_jax.kernels.router import reference as router_reference
 from sere_jax.kernels.schedule import api as schedule_api
 from sere_jax.kernels.schedule import reference as schedule_lib
 
@@ -161,9 +156,14 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
   valid = jnp.ones(x.shape[:1], jnp.bool_) if valid is None else valid.astype(jnp.bool_)
   validation.check_ffn_inputs(x, ids, weights, valid, w_gate_up, w_down)
 
-  if impl in _KERNEL_IMPLS and _kernel_policy(config, ids.shape[1]):
-    similarity, invalid_similarity = _kernel_similarity(similarity, num_experts, config,
-                                                        ids.shape[1])
+  active = config.is_active(ids.shape[1])
+  if impl in _KERNEL_IMPLS and (config.policy in ("none", "sere") or not active):
+    invalid_similarity = jnp.zeros((), jnp.int32)
+    if active and config.policy == "sere":
+      # The schedule kernels read non-finite entries as the least similar value
+      # themselves: no select over [E, E] in XLA, only the flag.
+      similarity, invalid_similarity = validation.similarity_for_routing(
+          similarity, num_experts, config.policy, sanitize=False)
     sched = kernel_schedule(impl, ids, valid, similarity, config, num_experts)
   else:
     ids, weights, stats = policies.reroute(
@@ -175,97 +175,12 @@ def moe_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Arr
     invalid_similarity = stats.invalid_similarity
     sched = schedule_lib.build_schedule(ids, valid, num_experts, stats)
 
-  return _scheduled_ffn(impl, x, weights, valid, sched, invalid_similarity, config,
-                        w_gate_up, w_down)
-
-
-def _kernel_policy(config: RerouteConfig, top_k: int) -> bool:
-  """Whether the schedule kernels re-route for `config` (`none`, `sere`, or any
-  policy that leaves the top-K unchanged)."""
-  return config.policy in ("none", "sere") or not config.is_active(top_k)
-
-
-def _kernel_similarity(similarity, num_experts, config, top_k):
-  """The similarity the schedule kernels read, and the invalid-similarity flag: they
-  read non-finite entries as the least similar value themselves, so XLA only sets the
-  flag (no select over [E, E])."""
-  if config.policy == "sere" and config.is_active(top_k):
-    return validation.similarity_for_routing(similarity, num_experts, config.policy,
-                                             sanitize=False)
-  return similarity, jnp.zeros((), jnp.int32)
-
-
-def _scheduled_ffn(impl, x, weights, valid, sched, invalid_similarity, config, w_gate_up,
-                   w_down) -> MoeOutput:
-  """The FFN of a kernel `impl` over a built schedule, with the layer's statistics."""
   y = IMPLEMENTATIONS[impl](x, sched.ids, weights, valid, sched, w_gate_up, w_down)
   stats = policies.RerouteStats(
       *(sched.stats[i] for i in range(4)), invalid_similarity,
-      policies.max_device_distinct(sched.ids, valid, w_gate_up.shape[0],
-                                   config.expert_devices, sched.num_distinct))
+      policies.max_device_distinct(sched.ids, valid, num_experts, config.expert_devices,
+                                   sched.num_distinct))
   return MoeOutput(y, sched.ids, weights, stats)
-
-
-def routes_in_schedule(impl: str) -> bool:
-  """Whether the MoE op `impl` (`IMPLS`) routes inside its schedule kernel in
-  `route_moe_ffn` (for policies `none` and `sere`)."""
-  backends = BACKENDS.get(resolve_impl(impl))
-  return (backends is not None and backends.router is not None
-          and backends.schedule in schedule_api.ROUTE_REGISTRY.kernels)
-
-
-def route_moe_ffn(x: jax.Array, router_logits: jax.Array, w_gate_up: jax.Array,
-                  w_down: jax.Array, *, top_k: int, normalize: bool = False,
-                  scaling_factor: float = 1.0, valid: jax.Array | None = None,
-                  similarity: jax.Array | None = None,
-                  config: RerouteConfig = _NO_REROUTE, key: jax.Array | None = None,
-                  impl: str = "auto") -> tuple[MoeOutput, jax.Array]:
-  """One MoE layer from its router logits: softmax top-K routing, then `moe_ffn`.
-
-  Where `routes_in_schedule(impl)` holds and the policy is `none` or `sere`, the
-  schedule kernel does the top-K as well (`schedule.route_schedule`); otherwise the
-  `router` op of `impl` (`BACKENDS`; `routing.route` without one) routes and `moe_ffn`
-  follows, with the softmax scores for policies that read them.
-
-  Args:
-    router_logits: `[T, E]` logits, or float32 split-K partials `[P, T, E]` that sum
-      to them.
-    top_k, normalize: the router's K and whether its weights sum to 1.
-    scaling_factor: multiplies the routing weights (DeepSeek's
-      `routed_scaling_factor`).
-    x, w_gate_up, w_down, valid, similarity, config, key, impl: as for `moe_ffn`.
-
-  Returns:
-    `(MoeOutput, router ids [T, K])`, the second before re-routing.
-  """
-  impl = resolve_impl(impl)
-  REGISTRY.check(impl)
-  router_reference.check_logits(router_logits)
-  validation.check_expert_weights(x, w_gate_up, w_down)
-  num_experts = w_gate_up.shape[0]
-  if router_logits.shape[-2:] != (x.shape[0], num_experts):
-    raise ValueError(f"router_logits must end in [T, E] = [{x.shape[0]}, {num_experts}]"
-                     f" for x {x.shape} and w_gate_up {w_gate_up.shape}, got "
-                     f"{router_logits.shape}")
-  if not (routes_in_schedule(impl) and _kernel_policy(config, top_k)):
-    router = BACKENDS[impl].router if impl in BACKENDS else None
-    ids, weights = router_api.route(router_logits, top_k, normalize=normalize,
-                                    implementation=router or "xla")
-    scores = jax.nn.softmax(router_reference.summed_logits(router_logits)
-                            .astype(jnp.float32), axis=-1)
-    out = moe_ffn(x, ids, weights * scaling_factor, w_gate_up, w_down, valid=valid,
-                  similarity=similarity, config=config, router_scores=scores,
-                  renormalize=normalize, key=key, impl=impl)
-    return out, ids
-  valid = jnp.ones(x.shape[:1], jnp.bool_) if valid is None else valid.astype(jnp.bool_)
-  similarity, invalid_similarity = _kernel_similarity(similarity, num_experts, config,
-                                                      top_k)
-  ids, weights, sched = kernel_route_schedule(impl, router_logits, valid, similarity,
-                                              config, top_k, normalize)
-  weights = weights * scaling_factor
-  validation.check_ffn_inputs(x, ids, weights, valid, w_gate_up, w_down)
-  return _scheduled_ffn(impl, x, weights, valid, sched, invalid_similarity, config,
-                        w_gate_up, w_down), ids
 
 
 def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
@@ -274,17 +189,6 @@ def kernel_schedule(impl: str, ids: jax.Array, valid: jax.Array,
   """The fused re-routing + schedule kernel of `impl` (policies `none`, `sere`)."""
   return schedule_api.schedule(ids, valid, similarity, config, num_experts=num_experts,
                                implementation=BACKENDS[impl].schedule)
-
-
-def kernel_route_schedule(impl: str, router_logits: jax.Array, valid: jax.Array,
-                          similarity: jax.Array | None, config: RerouteConfig, top_k: int,
-                          normalize: bool
-                          ) -> tuple[jax.Array, jax.Array, schedule_lib.Schedule]:
-  """Routing + `kernel_schedule` in the schedule kernel of `impl`, where
-  `routes_in_schedule(impl)`: `(router ids, router weights, Schedule)`."""
-  return schedule_api.route_schedule(router_logits, valid, similarity, config,
-                                     top_k=top_k, normalize=normalize,
-                                     implementation=BACKENDS[impl].schedule)
 
 
 def routed_ffn(x: jax.Array, ids: jax.Array, weights: jax.Array, slot_valid: jax.Array,

@@ -27,13 +27,15 @@ from jax.experimental.pallas import triton as plt
 from sere_jax.kernels.router import reference
 
 
-def top_k_rows(logits, lanes, top_k: int, normalize: bool):
-  """The K best lanes of each row of `logits [R, L]` (padding lanes -inf) and their
-  softmax weights: `(ids, weights)`, K vectors `[R]` each, by descending logit (ties:
-  the lower lane, as `lax.top_k`). `lanes` is `arange(L)[None, :]`. Rows that are all
-  -inf give NaN weights; callers do not store them. Shared by the router kernel and
-  the schedule kernel's routing stage (`kernels.schedule.triton`).
-  """
+def _router_kernel(logits_ref, ids_ref, weights_ref, *, num_tokens, num_experts,
+                   experts_pad, top_k, normalize, block_t, partials):
+  tokens = pl.program_id(0) * block_t + jnp.arange(block_t)
+  token_ok = tokens < num_tokens
+  lanes = jnp.arange(experts_pad)[None, :]
+  ok = token_ok[:, None] & (lanes < num_experts)
+  logits = plt.load(logits_ref.at[0, tokens[:, None], lanes], mask=ok, other=-jnp.inf)
+  for p in range(1, partials):  # split-K partials, summed in order
+    logits += plt.load(logits_ref.at[p, tokens[:, None], lanes], mask=ok, other=0.0)
   # The serial chain: one argmax per round (Triton's keeps the first of equal maxima).
   remaining, ids = logits, []
   for _ in range(top_k):
@@ -41,6 +43,7 @@ def top_k_rows(logits, lanes, top_k: int, normalize: bool):
     ids.append(pick)
     remaining = jnp.where(lanes == pick[:, None], -jnp.inf, remaining)
   # Off the chain: each pick's logit by an independent masked sum, then its weight.
+  # Padding rows (all -inf) give NaN here; they are never stored.
   top = jnp.max(logits, axis=1)
   denom = jnp.sum(jnp.exp(logits - top[:, None]), axis=1)
   weights = [jnp.exp(jnp.sum(jnp.where(lanes == pick[:, None], logits, 0.0), axis=1)
@@ -48,26 +51,6 @@ def top_k_rows(logits, lanes, top_k: int, normalize: bool):
   if normalize:
     total = functools.reduce(jnp.add, weights)
     weights = [w / total for w in weights]
-  return ids, weights
-
-
-def load_logits(logits_ref, tokens, token_ok, lanes, num_experts: int, partials: int):
-  """`[R, L]` float32 logits of `tokens` from `[P, T, E]` split-K partials (summed in
-  order), -inf on padding lanes and rows."""
-  ok = token_ok[:, None] & (lanes < num_experts)
-  logits = plt.load(logits_ref.at[0, tokens[:, None], lanes], mask=ok, other=-jnp.inf)
-  for p in range(1, partials):
-    logits += plt.load(logits_ref.at[p, tokens[:, None], lanes], mask=ok, other=0.0)
-  return logits
-
-
-def _router_kernel(logits_ref, ids_ref, weights_ref, *, num_tokens, num_experts,
-                   experts_pad, top_k, normalize, block_t, partials):
-  tokens = pl.program_id(0) * block_t + jnp.arange(block_t)
-  token_ok = tokens < num_tokens
-  lanes = jnp.arange(experts_pad)[None, :]
-  logits = load_logits(logits_ref, tokens, token_ok, lanes, num_experts, partials)
-  ids, weights = top_k_rows(logits, lanes, top_k, normalize)
   for j in range(top_k):
     plt.store(ids_ref.at[tokens, j], ids[j].astype(jnp.int32), mask=token_ok)
     plt.store(weights_ref.at[tokens, j], weights[j], mask=token_ok)

@@ -1,9 +1,7 @@
 """The fused re-routing + expert-skip schedule op: `schedule(..., implementation=)`.
 
 Re-routes `ids [T, K]` with policy `none` or `sere` and sorts the slots by expert
-(`reference.Schedule`). `route_schedule` does the same from router logits, routing
-included (`ROUTE_REGISTRY`: `triton`, `interpret`, `xla`, `auto`; the Triton kernel
-then routes too). Implementations of `schedule` (`IMPLEMENTATIONS`, `REGISTRY`):
+(`reference.Schedule`). Implementations (`IMPLEMENTATIONS`, `REGISTRY`):
   triton         Pallas Triton kernel (NVIDIA GPUs), `triton.schedule_triton`.
   tpu            Pallas Mosaic kernel (TPUs), `tpu.schedule_tpu`.
   interpret      the Triton kernel in Pallas interpret mode (any backend).
@@ -21,11 +19,9 @@ from jax.experimental.pallas import tpu as pltpu
 from sere_jax import validation
 from sere_jax.config import RerouteConfig
 from sere_jax.kernels import registry
-from sere_jax.kernels.router.reference import check_logits
-from sere_jax.kernels.schedule.reference import (Schedule, reference_route_schedule,
-                                                 reference_schedule)
+from sere_jax.kernels.schedule.reference import Schedule, reference_schedule
 from sere_jax.kernels.schedule.tpu import schedule_tpu
-from sere_jax.kernels.schedule.triton import route_schedule_triton, schedule_triton
+from sere_jax.kernels.schedule.triton import schedule_triton
 
 
 def _reference(ids, valid, similarity, config, *, num_experts):
@@ -68,44 +64,3 @@ def schedule(ids: jax.Array, valid: jax.Array, similarity: jax.Array | None,
   if config.policy == "sere" and config.is_active(ids.shape[1]):
     validation.check_similarity(similarity, num_experts)
   return fn(ids, valid, similarity, config, num_experts=num_experts, **options)
-
-
-ROUTE_IMPLEMENTATIONS = {
-    "triton": route_schedule_triton,
-    "interpret": lambda *args, **kw: route_schedule_triton(*args, interpret=True, **kw),
-    "xla": reference_route_schedule,
-}
-ROUTE_REGISTRY = registry.Registry("route_schedule", ROUTE_IMPLEMENTATIONS,
-                                   references=("xla",), fallback="xla")
-
-
-def route_schedule(router_logits: jax.Array, valid: jax.Array,
-                   similarity: jax.Array | None, config: RerouteConfig, *, top_k: int,
-                   normalize: bool = False, implementation: str = "auto", **options
-                   ) -> tuple[jax.Array, jax.Array, Schedule]:
-  """Softmax top-K routing, then `schedule`: one kernel with `triton`.
-
-  Args:
-    router_logits: `[T, E]` logits, or float32 split-K partials `[P, T, E]` that sum
-      to them.
-    valid, similarity, config: as for `schedule`.
-    top_k, normalize: the router's K and whether its weights sum to 1
-      (`kernels.router.route`).
-    implementation: one of `ROUTE_REGISTRY.names`.
-    **options: tuning knobs of the chosen backend (see its function).
-
-  Returns:
-    `(ids [T, K] int32, weights [T, K] float32, Schedule)`: the router's top-K ids
-    and weights (before re-routing) and the schedule of the re-routed batch.
-  """
-  fn = ROUTE_REGISTRY.get(implementation)
-  check_logits(router_logits)
-  num_tokens, num_experts = router_logits.shape[-2:]
-  if valid.shape != (num_tokens,):
-    raise ValueError(f"valid must be [T] = ({num_tokens},), got shape {valid.shape}")
-  if not 0 < top_k <= num_experts:
-    raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-  if config.policy == "sere" and config.is_active(top_k):
-    validation.check_similarity(similarity, num_experts)
-  return fn(router_logits, valid, similarity, config, top_k=top_k, normalize=normalize,
-            **options)

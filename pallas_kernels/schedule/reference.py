@@ -4,8 +4,7 @@ A batch's `T*K` (token, slot) pairs become rows sorted by expert. Slots of inval
 tokens (or invalid slots, given a `[T, K]` mask) get no row. `Schedule` is the data
 every grouped-matmul backend consumes; `reference_schedule` (re-routing with `none` or
 `sere`, then `build_schedule`) is the definition that the kernels in `triton.py` and
-`tpu.py` must reproduce exactly; `reference_route_schedule` (the router's top-K, then
-`reference_schedule`) is that of the Triton kernel that also routes.
+`tpu.py` must reproduce exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import jax.numpy as jnp
 
 from sere_jax import policies
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels.router.reference import route_reference
 
 # Layout of `Schedule.stats`.
 STAT_NAMES = ("distinct_before", "distinct_after", "critical_kept", "slots_rerouted",
@@ -123,15 +121,3 @@ def reference_schedule(ids: jax.Array, weights: jax.Array, valid: jax.Array,
     before = policies.count_distinct(ids, valid.astype(jnp.bool_), num_experts)
     stats = policies.RerouteStats(before, before, jnp.int32(0), jnp.int32(0))
   return build_schedule(ids, valid, num_experts, stats)
-
-
-def reference_route_schedule(router_logits: jax.Array, valid: jax.Array,
-                             similarity: jax.Array | None, config: RerouteConfig, *,
-                             top_k: int, normalize: bool = False
-                             ) -> tuple[jax.Array, jax.Array, Schedule]:
-  """Softmax top-K routing of `[T, E]` logits (or `[P, T, E]` partials), then
-  `reference_schedule`: `(router ids, router weights, Schedule)`."""
-  ids, weights = route_reference(router_logits, top_k, normalize=normalize)
-  num_experts = router_logits.shape[-1]
-  return ids, weights, reference_schedule(ids, weights, valid, similarity, config,
-                                          num_experts)

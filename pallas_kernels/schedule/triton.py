@@ -17,12 +17,6 @@ the offsets outside the kernel (and dropped by XLA where nothing reads it). A
 non-finite similarity entry counts as the least similar value, as the reference's
 `validation.similarity_for_routing` defines; the kernel applies that rule on load.
 
-With router logits instead of ids (`route_schedule_triton`) the kernel first routes
-the batch itself: every program sums the router dot's split-K partials and picks each
-token's top K by repeated argmax (`kernels.router.triton.top_k_rows`, the router
-kernel's own code) into its scratch, and writes the ids and softmax weights of its own
-slots. One launch per layer then does routing, re-routing and the schedule.
-
 Programs share nothing: each repeats the batch-wide steps (latency-bound work done in
 parallel) instead of waiting on a grid-wide barrier, which Triton lacks. Within a
 program, `debug_barrier` orders its scratch writes before the reads.
@@ -39,16 +33,11 @@ from jax.experimental.pallas import triton as plt
 
 from sere_jax import validation
 from sere_jax.config import RerouteConfig
-from sere_jax.kernels.router import reference as router_reference
-from sere_jax.kernels.router.triton import load_logits, top_k_rows
 from sere_jax.kernels.schedule import reference as schedule_lib
 
-# Rows of a program's scratch, each `experts_pad` wide, followed by two slot-indexed
-# regions (`slots_pad` wide): the re-routed ids and, when the kernel routes, the
-# router's ids.
+# Rows of a program's scratch, each `experts_pad` wide, followed by the new ids.
 _PRIMARY, _SECONDARY, _TARGET, _USED_AFTER = range(4)
 _SCRATCH_ROWS = 4
-_NEW_IDS, _ROUTED_IDS = range(2)
 
 
 def _pow2_at_least(x: int) -> int:
@@ -70,28 +59,20 @@ def _over_chunks(num_chunks: int, body, carry):
   return jax.lax.fori_loop(0, num_chunks, body, carry)
 
 
-def _schedule_kernel(source_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
-                     row_token_ref, offsets_ref, stats_ref, scratch_ref, *routed_refs,
-                     num_tokens, top_k, num_experts, select_top_k, threshold, min_batch,
-                     chunk, num_chunks, scan_chunk, place_chunk, experts_pad,
-                     expert_slice, routing, interpret):
-  """`source_ref` holds the `[T*K]` ids, or with `routing = (partials, normalize,
-  route_tokens)` the `[P, T, E]` router partials; then `routed_refs` are the router's
-  `[T*K]` ids and weights (outputs)."""
+def _schedule_kernel(ids_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
+                     row_token_ref, offsets_ref, stats_ref, scratch_ref, *, num_tokens,
+                     top_k, num_experts, select_top_k, threshold, min_batch, chunk,
+                     num_chunks, scan_chunk, place_chunk, experts_pad, expert_slice,
+                     interpret):
   num_slots = num_tokens * top_k
   program = pl.program_id(0)
   expert = jnp.arange(experts_pad)
   real = expert < num_experts
-  slots_pad = num_chunks * chunk
-  scratch_width = _scratch_width(experts_pad, slots_pad, routing)
+  scratch_width = _SCRATCH_ROWS * experts_pad + num_chunks * chunk
 
   def scratch(row, index):
-    """This program's scratch at `index` of the expert-indexed `row`."""
+    """This program's scratch at `index` of `row` (row `_SCRATCH_ROWS`: new ids)."""
     return scratch_ref.at[program, row * experts_pad + index]
-
-  def slot_scratch(region, slot):
-    """This program's scratch at `slot` of the slot-indexed `region`."""
-    return scratch_ref.at[program, _SCRATCH_ROWS * experts_pad + region * slots_pad + slot]
 
   def barrier():
     # Interpret mode runs a program's lanes in order (and has no barrier primitive).
@@ -104,11 +85,7 @@ def _schedule_kernel(source_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
     slot = c * size + jnp.arange(size)
     in_range = slot < num_slots
     token = slot // top_k
-    if routing:
-      ids = plt.load(slot_scratch(_ROUTED_IDS, slot), mask=in_range, other=0,
-                     volatile=True)
-    else:
-      ids = plt.load(source_ref.at[slot], mask=in_range, other=0)
+    ids = plt.load(ids_ref.at[slot], mask=in_range, other=0)
     valid = (plt.load(valid_ref.at[token], mask=in_range, other=0) != 0) & in_range
     return slot, in_range, ids, token, slot % top_k, valid
 
@@ -120,30 +97,6 @@ def _schedule_kernel(source_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
 
   def flags(row):
     return plt.load(scratch(row, expert), volatile=True) > 0
-
-  if routing:  # every token's top K into the scratch; this program's slots out
-    partials, normalize, route_tokens = routing
-    router_ids_ref, router_weights_ref = routed_refs
-    lanes = expert[None, :]
-    own_first = program * chunk
-
-    def route(b, carry):
-      tokens = b * route_tokens + jnp.arange(route_tokens)
-      token_ok = tokens < num_tokens
-      logits = load_logits(source_ref, tokens, token_ok, lanes, num_experts, partials)
-      ids, weights = top_k_rows(logits, lanes, top_k, normalize)
-      for j in range(top_k):
-        slot = tokens * top_k + j
-        ids_j = ids[j].astype(jnp.int32)
-        plt.store(slot_scratch(_ROUTED_IDS, slot), ids_j, mask=token_ok)
-        own = token_ok & (slot >= own_first) & (slot < own_first + chunk)
-        out = jnp.where(own, slot, num_slots)  # masked-off lanes point past the end
-        plt.store(router_ids_ref.at[out], ids_j, mask=own)
-        plt.store(router_weights_ref.at[out], weights[j], mask=own)
-      return carry
-
-    _over_chunks(pl.cdiv(num_tokens, route_tokens), route, 0)
-    barrier()
 
   reroute = select_top_k > 0
   num_scans = pl.cdiv(num_slots, scan_chunk)
@@ -187,7 +140,7 @@ def _schedule_kernel(source_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
       slot, in_range, ids, _, j, valid = load_chunk(c, scan_chunk)
       mapped = plt.load(scratch(_TARGET, ids), mask=in_range, other=0, volatile=True)
       new_ids = jnp.where(j >= select_top_k, mapped, ids)
-      plt.store(slot_scratch(_NEW_IDS, slot), new_ids, mask=in_range)
+      plt.store(scratch(_SCRATCH_ROWS, slot), new_ids, mask=in_range)
       return rerouted + _count(valid & (new_ids != ids))
 
     slots_rerouted = _over_chunks(num_scans, reroute_chunk, jnp.int32(0))
@@ -196,8 +149,7 @@ def _schedule_kernel(source_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
   def rerouted_chunk(c, size=chunk):
     slot, in_range, ids, token, _, valid = load_chunk(c, size)
     if reroute:
-      ids = plt.load(slot_scratch(_NEW_IDS, slot), mask=in_range, other=0,
-                     volatile=True)
+      ids = plt.load(scratch(_SCRATCH_ROWS, slot), mask=in_range, other=0, volatile=True)
     return slot, in_range, ids, token, valid
 
   # This program's slots and experts: a slot's row is the number of valid slots
@@ -241,69 +193,9 @@ def _schedule_kernel(source_ref, valid_ref, sim_ref, new_ids_ref, slot_row_ref,
               mask=stat_index < len(schedule_lib.STAT_NAMES))
 
 
-def _scratch_width(experts_pad: int, slots_pad: int, routing) -> int:
-  return _SCRATCH_ROWS * experts_pad + (2 if routing else 1) * slots_pad
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "config", "num_experts", "top_k", "routing", "max_chunk", "max_scan_chunk",
-    "max_place_chunk", "num_warps", "interpret"))
-def _schedule_call(source, valid, similarity, *, config, num_experts, top_k, routing,
-                   max_chunk, max_scan_chunk, max_place_chunk, num_warps, interpret):
-  """The kernel over `source` (`[T*K]` ids, or `[P, T, E]` router partials with
-  `routing`): `(Schedule, router ids, router weights)`, the last two None without
-  `routing`."""
-  num_tokens = valid.shape[0]
-  select_top_k, threshold, min_batch = schedule_lib.sere_kernel_config(config, top_k)
-  for name, value in (("max_chunk", max_chunk), ("max_scan_chunk", max_scan_chunk),
-                      ("max_place_chunk", max_place_chunk)):
-    if value < 64 or value & (value - 1):
-      raise ValueError(f"{name} must be a power of two >= 64, got {value}")
-  # Triton tiles hold a power of two of elements; tiny slot tiles mis-lowered on an
-  # H200 (T=1, K=8), so a chunk holds at least 64 slots and at most `max_chunk`.
-  num_slots = num_tokens * top_k
-  chunk = min(max(64, _pow2_at_least(num_slots)), max_chunk)
-  num_chunks = pl.cdiv(num_slots, chunk)
-  scan_chunk = max(chunk, min(_pow2_at_least(num_slots), max_scan_chunk))
-  place_chunk = max(chunk, min(_pow2_at_least(num_slots), max_place_chunk))
-  experts_pad = max(16, _pow2_at_least(num_experts))
-  # Each program counts the offsets of a slice of the experts (at least 16 lanes);
-  # the slices together cover every expert.
-  expert_slice = max(16, _pow2_at_least(pl.cdiv(experts_pad, num_chunks)))
-  if similarity is None or not select_top_k:
-    similarity = jnp.zeros((1, 1), jnp.float32)
-  kernel = functools.partial(
-      _schedule_kernel, num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
-      select_top_k=select_top_k, threshold=threshold, min_batch=min_batch,
-      chunk=chunk, num_chunks=num_chunks, scan_chunk=scan_chunk, place_chunk=place_chunk,
-      experts_pad=experts_pad, expert_slice=expert_slice, routing=routing,
-      interpret=bool(interpret))
-  i32 = jnp.int32
-  slots = jax.ShapeDtypeStruct((num_slots,), i32)
-  scratch_width = _scratch_width(experts_pad, num_chunks * chunk, routing)
-  out_shape = (slots, slots, slots,
-               jax.ShapeDtypeStruct((num_experts + 1,), i32),
-               jax.ShapeDtypeStruct((len(schedule_lib.STAT_NAMES),), i32),
-               jax.ShapeDtypeStruct((num_chunks, scratch_width), i32))  # per program
-  if routing:
-    out_shape += (slots, jax.ShapeDtypeStruct((num_slots,), jnp.float32))
-  new_ids, slot_row, row_token, offsets, stats, _, *routed = pl.pallas_call(
-      kernel,
-      grid=(num_chunks,),
-      out_shape=out_shape,
-      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret,
-      name="sere_route_schedule" if routing else "sere_schedule",
-  )(source, valid.astype(i32), similarity.astype(jnp.float32))
-  sched = schedule_lib.Schedule(new_ids.reshape(num_tokens, top_k),
-                                slot_row.reshape(num_tokens, top_k), row_token, offsets,
-                                schedule_lib.active_experts_from_offsets(offsets), stats)
-  if not routing:
-    return sched, None, None
-  router_ids, router_weights = (r.reshape(num_tokens, top_k) for r in routed)
-  return sched, router_ids, router_weights
-
-
+@functools.partial(jax.jit, static_argnames=("config", "num_experts", "max_chunk",
+                                             "max_scan_chunk", "max_place_chunk",
+                                             "num_warps", "interpret"))
 def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | None,
                     config: RerouteConfig, *, num_experts: int, max_chunk: int = 64,
                     max_scan_chunk: int = 2048, max_place_chunk: int = 512,
@@ -329,54 +221,45 @@ def schedule_triton(ids: jax.Array, valid: jax.Array, similarity: jax.Array | No
   of 64-slot steps took SERE S=2 from 14.2 to 10.6 us at B = 64 and from 38.6 to 30.0
   at B = 256; 8 warps then 10.4 and 26.8.
   """
-  sched, _, _ = _schedule_call(
-      ids.reshape(-1).astype(jnp.int32), valid, similarity, config=config,
-      num_experts=num_experts, top_k=ids.shape[1], routing=None, max_chunk=max_chunk,
-      max_scan_chunk=max_scan_chunk, max_place_chunk=max_place_chunk,
-      num_warps=num_warps, interpret=interpret)
-  return sched
-
-
-def route_schedule_triton(router_logits: jax.Array, valid: jax.Array,
-                          similarity: jax.Array | None, config: RerouteConfig, *,
-                          top_k: int, normalize: bool = False, max_chunk: int = 64,
-                          max_scan_chunk: int = 2048, max_place_chunk: int = 512,
-                          max_route_tokens: int = 64, num_warps: int = 8,
-                          interpret: bool = False
-                          ) -> tuple[jax.Array, jax.Array, schedule_lib.Schedule]:
-  """Routes, re-routes (policy `none` or `sere`) and builds the schedule in one kernel.
-
-  Args:
-    router_logits: `[T, E]` logits or float32 split-K partials `[P, T, E]` that sum
-      to them (`kernels.router.reference.check_logits`).
-    valid: `[T]` bool mask of real tokens.
-    similarity: `[E, E]` similarity (ignored when the config does not re-route).
-    config: the re-routing config.
-    top_k, normalize: the router's K and whether its weights sum to 1.
-    max_chunk: slots per program (a power of two of at least 64).
-    max_scan_chunk: slots per step of the batch-wide element-wise passes (marking the
-      primary set, re-routing); a power of two, raised to the program's chunk.
-    max_place_chunk: slots compared with a program's own per step of the placing
-      pass (a power of two, raised to the program's chunk).
-    num_warps: warps per program.
-    max_route_tokens: tokens per step of the routing stage (a power of two).
-
-  Returns:
-    `(ids [T, K] int32, weights [T, K] float32, Schedule)`: the router's top-K
-    (`kernels.router.reference.route_reference`) and the schedule of the re-routed
-    batch (`reference.reference_schedule`).
-  """
-  partials = router_reference.check_logits(router_logits)
-  num_tokens, num_experts = router_logits.shape[-2:]
-  if not 0 < top_k <= num_experts:
-    raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-  if max_route_tokens < 1 or max_route_tokens & (max_route_tokens - 1):
-    raise ValueError(f"max_route_tokens must be a power of two, got {max_route_tokens}")
-  route_tokens = min(_pow2_at_least(num_tokens), max_route_tokens)
-  logits = router_logits.astype(jnp.float32).reshape(partials, num_tokens, num_experts)
-  sched, ids, weights = _schedule_call(
-      logits, valid, similarity, config=config, num_experts=num_experts, top_k=top_k,
-      routing=(partials, bool(normalize), route_tokens), max_chunk=max_chunk,
-      max_scan_chunk=max_scan_chunk, max_place_chunk=max_place_chunk,
-      num_warps=num_warps, interpret=interpret)
-  return ids, weights, sched
+  num_tokens, top_k = ids.shape
+  select_top_k, threshold, min_batch = schedule_lib.sere_kernel_config(config, top_k)
+  for name, value in (("max_chunk", max_chunk), ("max_scan_chunk", max_scan_chunk),
+                      ("max_place_chunk", max_place_chunk)):
+    if value < 64 or value & (value - 1):
+      raise ValueError(f"{name} must be a power of two >= 64, got {value}")
+  # Triton tiles hold a power of two of elements; tiny slot tiles mis-lowered on an
+  # H200 (T=1, K=8), so a chunk holds at least 64 slots and at most `max_chunk`.
+  num_slots = num_tokens * top_k
+  chunk = min(max(64, _pow2_at_least(num_slots)), max_chunk)
+  num_chunks = pl.cdiv(num_slots, chunk)
+  scan_chunk = max(chunk, min(_pow2_at_least(num_slots), max_scan_chunk))
+  place_chunk = max(chunk, min(_pow2_at_least(num_slots), max_place_chunk))
+  experts_pad = _pow2_at_least(num_experts)
+  # Each program counts the offsets of a slice of the experts (at least 16 lanes);
+  # the slices together cover every expert.
+  expert_slice = max(16, _pow2_at_least(pl.cdiv(experts_pad, num_chunks)))
+  if similarity is None or not select_top_k:
+    similarity = jnp.zeros((1, 1), jnp.float32)
+  kernel = functools.partial(
+      _schedule_kernel, num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
+      select_top_k=select_top_k, threshold=threshold, min_batch=min_batch,
+      chunk=chunk, num_chunks=num_chunks, scan_chunk=scan_chunk, place_chunk=place_chunk,
+      experts_pad=experts_pad, expert_slice=expert_slice, interpret=bool(interpret))
+  i32 = jnp.int32
+  scratch_width = _SCRATCH_ROWS * experts_pad + num_chunks * chunk
+  new_ids, slot_row, row_token, offsets, stats, _ = pl.pallas_call(
+      kernel,
+      grid=(num_chunks,),
+      out_shape=(jax.ShapeDtypeStruct((num_slots,), i32),
+                 jax.ShapeDtypeStruct((num_slots,), i32),
+                 jax.ShapeDtypeStruct((num_slots,), i32),
+                 jax.ShapeDtypeStruct((num_experts + 1,), i32),
+                 jax.ShapeDtypeStruct((len(schedule_lib.STAT_NAMES),), i32),
+                 jax.ShapeDtypeStruct((num_chunks, scratch_width), i32)),  # per program
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="sere_schedule",
+  )(ids.reshape(-1).astype(i32), valid.astype(i32), similarity.astype(jnp.float32))
+  return schedule_lib.Schedule(new_ids.reshape(num_tokens, top_k),
+                               slot_row.reshape(num_tokens, top_k), row_token, offsets,
+                               schedule_lib.active_experts_from_offsets(offsets), stats)

@@ -103,15 +103,11 @@ class KernelSweep:
     if key not in self._chains:
       impl, e = self.impl, self.shape["experts"]
       route = self._route
-      if name == "schedule":  # routing + schedule, as the MoE block runs them
+      if name == "schedule":
         def step(x, logits, sim):
-          valid = jnp.ones(logits.shape[:1], bool)
-          if moe_ffn_lib.routes_in_schedule(impl):
-            _, _, sched = moe_ffn_lib.kernel_route_schedule(
-                impl, logits, valid, sim, config, route.top_k, route.normalize)
-          else:
-            ids, _, _ = route(logits)
-            sched = moe_ffn_lib.kernel_schedule(impl, ids, valid, sim, config, e)
+          ids, _, _ = route(logits)
+          sched = moe_ffn_lib.kernel_schedule(impl, ids, jnp.ones(ids.shape[:1], bool),
+                                              sim, config, e)
           return jnp.broadcast_to(sched.stats[1].astype(x.dtype) * 1e-9, x.shape)
       else:
         def step(x, ids, w, wg, wd, sim):
